@@ -1,0 +1,216 @@
+//! `qat-lab bench`: steady-state training and eval throughput of ResNet-20 (float and W4/A4 QAT) at a
+//! given batch size, peak memory, and — when PyTorch is installed — the same model in PyTorch, measured
+//! in the same invocation, with the ratio.
+
+use crate::config::{Arch, DeviceKind, Regularizer};
+use crate::model::resnet::NetSpec;
+use crate::model::ResNet;
+use crate::train::optim::Adam;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch: usize,
+    /// Timed training steps (after warm-up).
+    pub steps: usize,
+    pub warmup: usize,
+    pub device: DeviceKind,
+    pub arch: Arch,
+    /// Run the bundled PyTorch reference when `python3 -c 'import torch'` works.
+    pub torch: bool,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub name: String,
+    pub train_images_per_sec: f64,
+    pub eval_images_per_sec: f64,
+}
+
+fn sync(device: &Device) -> Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+/// Training and eval throughput of one network configuration on random data.
+pub fn measure(name: &str, reg: &Regularizer, opts: &BenchOptions, device: &Device) -> Result<BenchResult> {
+    let spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10 };
+    let net = ResNet::new(spec, reg, device, 0);
+    let mut opt = Adam::new(&net.params.entries, 1e-3, 0.0)?;
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, 3, 32, 32), device)?;
+    let labels: Vec<u32> = (0..opts.batch as u32).map(|i| i % 10).collect();
+    let y = Tensor::new(labels.as_slice(), device)?;
+    let step = |opt: &mut Adam| -> Result<()> {
+        let logits = net.forward(&x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        opt.step(&loss.backward()?)?;
+        Ok(())
+    };
+    for _ in 0..opts.warmup {
+        step(&mut opt)?;
+    }
+    sync(device)?;
+    let t = Instant::now();
+    for _ in 0..opts.steps {
+        step(&mut opt)?;
+    }
+    sync(device)?;
+    let train = (opts.steps * opts.batch) as f64 / t.elapsed().as_secs_f64();
+
+    for _ in 0..opts.warmup.max(1) {
+        net.forward(&x, false)?;
+    }
+    sync(device)?;
+    let t = Instant::now();
+    let eval_steps = opts.steps * 2;
+    for _ in 0..eval_steps {
+        net.forward(&x, false)?;
+    }
+    sync(device)?;
+    let eval = (eval_steps * opts.batch) as f64 / t.elapsed().as_secs_f64();
+    Ok(BenchResult { name: name.into(), train_images_per_sec: train, eval_images_per_sec: eval })
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+pub fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Runs the bundled PyTorch reference script; `None` when torch is not importable.
+pub fn torch_reference(opts: &BenchOptions) -> Option<String> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_reference.py");
+    let ok = std::process::Command::new("python3").args(["-c", "import torch"]).output().ok()?.status.success();
+    if !ok {
+        return None;
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "0".into());
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args([
+            "--batch",
+            &opts.batch.to_string(),
+            "--steps",
+            &opts.steps.to_string(),
+            "--warmup",
+            &opts.warmup.to_string(),
+        ])
+        .args(["--threads", &threads, "--depth", &(6 * opts.arch.blocks_per_stage() + 2).to_string()])
+        .args(["--device", if opts.device == DeviceKind::Cuda { "cuda" } else { "cpu" }])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Parses `name train eval` lines printed by the reference script.
+pub fn parse_reference(text: &str) -> Vec<BenchResult> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let tag = it.next()?;
+            if tag != "RESULT" {
+                return None;
+            }
+            let name = it.next()?.to_string();
+            let train = it.next()?.parse().ok()?;
+            let eval = it.next()?.parse().ok()?;
+            Some(BenchResult { name, train_images_per_sec: train, eval_images_per_sec: eval })
+        })
+        .collect()
+}
+
+/// The `bench` command: prints a table of figures and ratios.
+pub fn run(opts: &BenchOptions) -> Result<()> {
+    let device = crate::train::trainer::device_for(opts.device)?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "?".into());
+    println!(
+        "ResNet-{} on 3x32x32, batch {}, {} timed steps after {} warm-up, device {:?}, {} threads",
+        6 * opts.arch.blocks_per_stage() + 2,
+        opts.batch,
+        opts.steps,
+        opts.warmup,
+        opts.device,
+        threads
+    );
+    let q = Regularizer::Quantization {
+        weight_bits: 4,
+        act_bits: 4,
+        first_last_bits: 8,
+        bn: crate::config::BnMode::Fold,
+        ema_momentum: 0.9,
+    };
+    let q_keep = Regularizer::Quantization {
+        weight_bits: 4,
+        act_bits: 4,
+        first_last_bits: 8,
+        bn: crate::config::BnMode::Keep,
+        ema_momentum: 0.9,
+    };
+    let only = std::env::var("QAT_BENCH_ONLY").unwrap_or_default();
+    let mut ours = Vec::new();
+    for (name, reg) in [("float", Regularizer::None), ("w4a4-fold", q), ("w4a4-keep", q_keep)] {
+        if only.is_empty() || only == name {
+            ours.push(measure(name, &reg, opts, &device)?);
+        }
+    }
+    println!("\n{:<22} {:>14} {:>14}", "qat-lab (candle)", "train img/s", "eval img/s");
+    for r in &ours {
+        println!("{:<22} {:>14.0} {:>14.0}", r.name, r.train_images_per_sec, r.eval_images_per_sec);
+    }
+    let float = &ours[0];
+    for r in ours.iter().skip(1) {
+        println!(
+            "QAT cost ({}): train {:+.1}%, eval {:+.1}% vs float",
+            r.name,
+            (float.train_images_per_sec / r.train_images_per_sec - 1.0) * 100.0,
+            (float.eval_images_per_sec / r.eval_images_per_sec - 1.0) * 100.0
+        );
+    }
+    if let Some(mib) = peak_memory_mib() {
+        println!("peak memory (VmHWM): {mib:.0} MiB");
+    }
+    if opts.torch {
+        match torch_reference(opts) {
+            None => println!(
+                "\nPyTorch reference: skipped (`python3 -c 'import torch'` fails; see BENCHMARKS.md to install it)"
+            ),
+            Some(text) => {
+                let refs = parse_reference(&text);
+                if refs.is_empty() {
+                    println!("\nPyTorch reference failed:\n{text}");
+                }
+                println!(
+                    "\n{:<22} {:>14} {:>14} {:>12} {:>12}",
+                    "PyTorch", "train img/s", "eval img/s", "ours/train", "ours/eval"
+                );
+                let best_train = refs.iter().map(|r| r.train_images_per_sec).fold(0.0, f64::max);
+                let best_eval = refs.iter().map(|r| r.eval_images_per_sec).fold(0.0, f64::max);
+                for r in &refs {
+                    println!(
+                        "{:<22} {:>14.0} {:>14.0} {:>11.2}x {:>11.2}x",
+                        r.name,
+                        r.train_images_per_sec,
+                        r.eval_images_per_sec,
+                        float.train_images_per_sec / r.train_images_per_sec,
+                        float.eval_images_per_sec / r.eval_images_per_sec
+                    );
+                }
+                if best_train > 0.0 {
+                    println!(
+                        "ratio vs PyTorch's best layout: float train {:.2}x, W4/A4 train {:.2}x, eval {:.2}x",
+                        float.train_images_per_sec / best_train,
+                        ours.get(1).map(|q| q.train_images_per_sec).unwrap_or(0.0) / best_train,
+                        float.eval_images_per_sec / best_eval
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

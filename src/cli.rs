@@ -1,0 +1,427 @@
+//! Command line: the lab (default), headless runs and sweeps, data fetching, reports.
+
+use crate::config::{self, Experiment};
+use crate::runs;
+use crate::train::{self, RunOptions, Status, Summary, TrainEvent};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qat-lab",
+    version,
+    about = "Watch, live, whether quantization-aware training stops a network from memorising noisy labels"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open the interactive lab (the default).
+    Lab {
+        /// Folder of run records to show and write.
+        #[arg(long, default_value_os_t = runs::default_root())]
+        runs: PathBuf,
+    },
+    /// Train one experiment headless, with a progress bar and a summary.
+    Run {
+        /// Preset name (see --list) or path to a TOML file.
+        preset: Option<String>,
+        /// Override any field, e.g. --set train.epochs=4 --set regularizer.kind=quantization.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Folder that receives the run record.
+        #[arg(long, default_value_os_t = runs::default_root())]
+        out: PathBuf,
+        /// List the presets, one line each.
+        #[arg(long)]
+        list: bool,
+        /// Print one line per epoch instead of a progress bar.
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Train every combination of the preset's [sweep] values (and --vary) headless, then print tables.
+    Sweep {
+        /// Preset with a [sweep] table, e.g. fig2-noise-sweep.
+        preset: String,
+        /// KEY=V1,V2,... ; repeat for a grid, e.g. --vary data.noise.rate=0,0.2,0.4.
+        #[arg(long = "vary", value_name = "KEY=V1,V2,...")]
+        vary: Vec<String>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long, default_value_os_t = runs::default_root())]
+        out: PathBuf,
+    },
+    /// Compare finished or running runs side by side in the lab.
+    Compare {
+        /// Run folders (runs/<id>).
+        runs: Vec<PathBuf>,
+        /// Print the comparison table as Markdown instead of opening the lab.
+        #[arg(long)]
+        table: bool,
+    },
+    /// Tables (Markdown) of the runs in a folder: final/best metrics, accuracy vs noise rate.
+    Report {
+        #[arg(default_value_os_t = runs::default_root())]
+        runs: PathBuf,
+    },
+    /// Training and eval throughput of ResNet-20 (float, W4/A4), peak memory, and the PyTorch ratio.
+    Bench {
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: BenchDevice,
+        /// resnet8, resnet14 or resnet20.
+        #[arg(long, default_value = "resnet20")]
+        arch: String,
+        /// Skip the PyTorch reference even when torch is installed.
+        #[arg(long)]
+        no_torch: bool,
+    },
+    /// Datasets that need a download.
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
+}
+
+/// Device for `bench`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataAction {
+    /// Download and verify a dataset archive (resumes an interrupted download).
+    Fetch {
+        /// Dataset name: cifar10.
+        dataset: String,
+        /// Folder to put the archive in.
+        #[arg(long, default_value = crate::data::cifar10::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Download from this address instead of the official one (same checksum required).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command.unwrap_or(Command::Lab { runs: runs::default_root() }) {
+        Command::Lab { runs } => {
+            crate::threads::configure(true);
+            open_lab(crate::ui::LabStart::Setup, runs)
+        }
+        Command::Run { list: true, .. } => {
+            print_presets();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { preset: None, .. } => {
+            print_presets();
+            bail!("name a preset: qat-lab run PRESET (the list is above)")
+        }
+        Command::Run { preset: Some(preset), set, out, plain, .. } => {
+            crate::threads::configure(false);
+            let exp = Experiment::load(&config::resolve_preset(&preset), &set)?;
+            let summary = run_headless(&exp, &out, plain || !std::io::stderr().is_terminal())?;
+            print_summary(&summary);
+            Ok(exit_for(&summary))
+        }
+        Command::Sweep { preset, vary, set, out } => {
+            crate::threads::configure(false);
+            sweep(&preset, &vary, &set, &out)
+        }
+        Command::Compare { runs: dirs, table } => {
+            if dirs.is_empty() {
+                bail!("name run folders to compare, e.g. qat-lab compare runs/<id-a> runs/<id-b>");
+            }
+            let records = dirs.iter().map(|d| runs::load(d)).collect::<Result<Vec<_>>>()?;
+            if table {
+                println!("{}", crate::report::comparison_table(&records));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let root = dirs[0].parent().map(PathBuf::from).unwrap_or_else(runs::default_root);
+            open_lab(crate::ui::LabStart::Compare(records), root)
+        }
+        Command::Report { runs: root } => {
+            let records = runs::list(&root);
+            if records.is_empty() {
+                bail!("no run records under {}: train some with `qat-lab run` or the lab", root.display());
+            }
+            println!("{}", crate::report::comparison_table(&records));
+            println!("{}", crate::report::noise_sweep_table(&records));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { batch, steps, warmup, device, arch, no_torch } => {
+            crate::threads::configure(false);
+            let arch = match arch.as_str() {
+                "resnet8" => crate::config::Arch::Resnet8,
+                "resnet14" => crate::config::Arch::Resnet14,
+                "resnet20" => crate::config::Arch::Resnet20,
+                other => bail!("unknown --arch {other}; allowed: resnet8, resnet14, resnet20"),
+            };
+            let device = match device {
+                BenchDevice::Cpu => crate::config::DeviceKind::Cpu,
+                BenchDevice::Cuda => crate::config::DeviceKind::Cuda,
+            };
+            crate::bench::run(&crate::bench::BenchOptions { batch, steps, warmup, device, arch, torch: !no_torch })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data { action: DataAction::Fetch { dataset, dir, url } } => {
+            if dataset != "cifar10" {
+                bail!("unknown dataset `{dataset}` to fetch; allowed: cifar10 (digits and shapes need no download)");
+            }
+            let mut remote = crate::data::fetch::cifar10();
+            if let Some(u) = url {
+                remote.url = u;
+            }
+            let dest = dir.join(crate::data::cifar10::ARCHIVE_NAME);
+            let path = crate::data::fetch::download(&remote, &dest, std::io::stderr().is_terminal())?;
+            println!("CIFAR-10 ready at {} (sha256 verified); presets read it from there", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn open_lab(start: crate::ui::LabStart, runs_root: PathBuf) -> Result<ExitCode> {
+    if !std::io::stdout().is_terminal() {
+        bail!(
+            "the lab needs a terminal, but stdout is not one (a pipe or a file). For scripts use `qat-lab run PRESET` \
+             (headless, see `qat-lab run --list`) or `qat-lab sweep`"
+        );
+    }
+    crate::ui::run_lab(start, runs_root)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exit_for(summary: &Summary) -> ExitCode {
+    match summary.status {
+        Status::Completed | Status::EarlyStopped => ExitCode::SUCCESS,
+        Status::Stopped => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn print_presets() {
+    let presets = config::list_presets();
+    if presets.is_empty() {
+        println!("no presets found in {}", config::presets_dir().display());
+    }
+    for p in presets {
+        let name = p.path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        match p.experiment {
+            Ok(e) => println!("{name:<28} {}", e.description),
+            Err(err) => println!("{name:<28} INVALID: {err}"),
+        }
+    }
+}
+
+/// Trains with a progress bar (or plain lines) on stderr; Ctrl-C stops the run cleanly and keeps its record.
+pub fn run_headless(exp: &Experiment, out: &std::path::Path, plain: bool) -> Result<Summary> {
+    let opts = RunOptions { runs_root: out.to_path_buf(), batch_events_every: if plain { 0 } else { 1 } };
+    let (control, mut rx, handle) = train::spawn(exp.clone(), opts);
+    let ctrlc_control = control.clone();
+    // A second Ctrl-C falls through to the default handler (immediate exit).
+    let _ = ctrlc::set_handler(move || {
+        if ctrlc_control.is_stopping() {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this batch (Ctrl-C again to quit at once)...");
+        ctrlc_control.stop();
+    });
+    let bar =
+        if plain { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(exp.train.epochs as u64) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:25}] epoch {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{} [{}]", exp.name, exp.regularizer.label()));
+    let say = |line: String| {
+        if plain {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+    let mut last_epoch_line = String::new();
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            TrainEvent::Started(info) => {
+                say(format!(
+                    "run {} -> {}\n{} ({} train / {} val / {} test), noise {:.0}% requested, {:.1}% of labels wrong; {} parameters, {:.1}M MACs/image",
+                    info.run_id,
+                    info.dir.display(),
+                    info.dataset,
+                    info.train_size,
+                    info.val_size,
+                    info.test_size,
+                    info.noise_rate * 100.0,
+                    info.measured_noise_rate * 100.0,
+                    info.params,
+                    info.macs as f64 / 1e6
+                ));
+            }
+            TrainEvent::Batch(b) => {
+                bar.set_message(format!(
+                    "batch {}/{} loss {:.3} {:.0} img/s {}",
+                    b.batch, b.batches, b.loss, b.images_per_sec, last_epoch_line
+                ));
+            }
+            TrainEvent::Epoch(m) => {
+                last_epoch_line = format!(
+                    "| train {:.3} eval {:.3} acc {:.1}% memorised {:.1}%",
+                    m.train_loss,
+                    m.eval_loss,
+                    m.eval_acc * 100.0,
+                    m.memorized * 100.0
+                );
+                if plain {
+                    eprintln!(
+                        "epoch {:>3}: train loss {:.4}  eval loss {:.4}  eval acc {:.2}%  memorised {:.1}%  clean fit {:.1}%  gap {:+.3}  {:.0} img/s",
+                        m.epoch,
+                        m.train_loss,
+                        m.eval_loss,
+                        m.eval_acc * 100.0,
+                        m.memorized * 100.0,
+                        m.clean_fit * 100.0,
+                        m.gap,
+                        m.images_per_sec
+                    );
+                }
+                bar.set_position(m.epoch as u64);
+                bar.set_message(last_epoch_line.clone());
+            }
+            TrainEvent::Log(msg) => say(msg),
+            TrainEvent::Finished(_) => break,
+        }
+    }
+    bar.finish_and_clear();
+    handle.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))
+}
+
+fn print_summary(s: &Summary) {
+    println!(
+        "\n== {} [{}]: {} after {} epochs in {:.1}s ==",
+        s.name,
+        s.label,
+        s.status.name(),
+        s.epochs_run,
+        s.wall_secs
+    );
+    if let Some(msg) = &s.message {
+        println!("   {msg}");
+    }
+    if let Some(m) = &s.last {
+        println!(
+            "   last epoch:  eval acc {:.2}%  eval loss {:.4}  train loss {:.4}  gap {:+.3}  memorised {:.1}%  {:.0} img/s",
+            m.eval_acc * 100.0,
+            m.eval_loss,
+            m.train_loss,
+            m.gap,
+            m.memorized * 100.0,
+            m.images_per_sec
+        );
+    }
+    if let Some(b) = &s.best {
+        println!("   best epoch:  {} with eval acc {:.2}% (looks at the test set)", b.epoch, b.eval_acc * 100.0);
+    }
+    if let (Some(e), Some(acc)) = (s.restored_epoch, s.final_eval_acc) {
+        println!("   kept weights of epoch {e} (best validation): eval acc {:.2}%", acc * 100.0);
+    }
+    println!(
+        "   noise: {:.0}% requested, {:.1}% of labels wrong; {} parameters{}",
+        s.noise_rate * 100.0,
+        s.measured_noise_rate * 100.0,
+        s.params,
+        match (s.pruned_params, s.pruned_macs) {
+            (Some(p), Some(m)) => format!(" ({p} after pruning, {:.1}x fewer MACs)", s.macs as f64 / m.max(1) as f64),
+            _ => String::new(),
+        }
+    );
+    if !s.run_id.is_empty() {
+        println!("   record: {}", s.run_id);
+    }
+}
+
+fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path) -> Result<ExitCode> {
+    let path = config::resolve_preset(preset);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut axes = config::sweep_axes(&text, &path.display().to_string())?;
+    for v in vary {
+        let (key, values) = v
+            .split_once('=')
+            .with_context(|| format!("--vary {v}: expected KEY=V1,V2,... e.g. data.noise.rate=0,0.2,0.4"))?;
+        let values: Vec<String> = values.split(',').map(|s| s.trim().to_string()).collect();
+        match axes.iter_mut().find(|(k, _)| k == key) {
+            Some(axis) => axis.1 = values,
+            None => axes.push((key.to_string(), values)),
+        }
+    }
+    if axes.is_empty() {
+        bail!("{} has no [sweep] table and no --vary was given: nothing to sweep", path.display());
+    }
+    // `regularizer.kind` first, so that the other regularizer keys apply to the chosen kind.
+    axes.sort_by_key(|(k, _)| k != "regularizer.kind");
+    let mut grid: Vec<Vec<String>> = vec![Vec::new()];
+    for (key, values) in &axes {
+        let mut next = Vec::new();
+        for base in &grid {
+            for value in values {
+                let mut o = base.clone();
+                o.push(format!("{key}={value}"));
+                next.push(o);
+            }
+        }
+        grid = next;
+    }
+    for o in &mut grid {
+        o.extend(set.iter().cloned());
+    }
+    // Validate every combination before training any.
+    let exps = grid
+        .iter()
+        .map(|o| Experiment::from_toml(&text, &path.display().to_string(), o))
+        .collect::<Result<Vec<_>, _>>()?;
+    eprintln!("sweep: {} runs", exps.len());
+    let mut summaries = Vec::new();
+    for (i, exp) in exps.iter().enumerate() {
+        eprintln!("[{}/{}] {}", i + 1, exps.len(), grid[i].join(" "));
+        let s = run_headless(exp, out, true)?;
+        let stopped = s.status == Status::Stopped;
+        summaries.push(s);
+        if stopped {
+            break;
+        }
+    }
+    let records: Vec<_> = summaries
+        .iter()
+        .filter(|s| !s.run_id.is_empty())
+        .filter_map(|s| runs::load(&out.join(&s.run_id)).ok())
+        .collect();
+    println!("{}", crate::report::comparison_table(&records));
+    println!("{}", crate::report::noise_sweep_table(&records));
+    Ok(ExitCode::SUCCESS)
+}

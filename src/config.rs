@@ -1,0 +1,706 @@
+//! Experiments as data: the TOML presets in `presets/`, `--set key=value` overrides, and validation.
+//!
+//! Every field has a default, so a preset only states what differs from the paper's setting. Unknown keys
+//! and out-of-range values are rejected with the file, the key and what is allowed.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One complete, re-runnable experiment: data, model, regularizer and training schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Experiment {
+    /// Short label, used in run folder names and on screen.
+    pub name: String,
+    /// One line saying what the experiment shows (listed by `qat-lab run --list`).
+    pub description: String,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub regularizer: Regularizer,
+    pub train: TrainConfig,
+}
+
+impl Default for Experiment {
+    fn default() -> Self {
+        Self {
+            name: "experiment".into(),
+            description: String::new(),
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            regularizer: Regularizer::None,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// Which data, how much of it, and how its training labels are corrupted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub dataset: DatasetKind,
+    /// Folder or archive for `cifar10` / `folder`; empty means the default location (`data/cifar10`).
+    pub path: String,
+    /// Use only the first N training images (after a seeded shuffle); 0 = all.
+    pub train_subset: usize,
+    /// Use only the first N test images; 0 = all.
+    pub test_subset: usize,
+    /// Fraction of the (noisy) training set held out for validation; early stopping needs it.
+    pub val_fraction: f64,
+    /// Pad-4 random crop and horizontal flip during training.
+    pub augment: bool,
+    /// Side of the square images the `folder` dataset is resized to.
+    pub image_size: usize,
+    pub noise: NoiseConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Digits,
+            path: String::new(),
+            train_subset: 0,
+            test_subset: 0,
+            val_fraction: 0.0,
+            augment: false,
+            image_size: 32,
+            noise: NoiseConfig::default(),
+        }
+    }
+}
+
+/// The datasets qat-lab can load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    /// UCI handwritten digits, 8x8, bundled in the binary.
+    Digits,
+    /// Procedural coloured shapes, 10 classes, 32x32 RGB, generated from a seed.
+    Shapes,
+    /// CIFAR-10 in the official binary layout (folder or `.tar.gz`).
+    Cifar10,
+    /// One sub-folder per class of image files.
+    Folder,
+}
+
+impl DatasetKind {
+    pub const ALL: [DatasetKind; 4] = [Self::Digits, Self::Shapes, Self::Cifar10, Self::Folder];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Digits => "digits",
+            Self::Shapes => "shapes",
+            Self::Cifar10 => "cifar10",
+            Self::Folder => "folder",
+        }
+    }
+}
+
+/// Label noise injected into the training labels (the test set is never corrupted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoiseConfig {
+    pub kind: NoiseKind,
+    /// Fraction s of training examples that are re-annotated.
+    pub rate: f64,
+    pub seed: u64,
+}
+
+impl Default for NoiseConfig {
+    fn default() -> Self {
+        Self { kind: NoiseKind::Uniform, rate: 0.0, seed: 1 }
+    }
+}
+
+/// How a re-annotated label is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseKind {
+    /// The paper's: a label drawn uniformly from all C classes (it may equal the true one).
+    Uniform,
+    /// Always a different class, uniformly.
+    Flip,
+    /// Class c becomes c+1 (mod C).
+    Pair,
+}
+
+impl NoiseKind {
+    pub const ALL: [NoiseKind; 3] = [Self::Uniform, Self::Flip, Self::Pair];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uniform => "uniform",
+            Self::Flip => "flip",
+            Self::Pair => "pair",
+        }
+    }
+}
+
+/// Network architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Channel multiplier (1.0 = 16/32/64 channels as in He et al.).
+    pub width: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { arch: Arch::Resnet20, width: 1.0 }
+    }
+}
+
+/// CIFAR-style ResNets of He et al. 2016: depth 6n+2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    Resnet8,
+    Resnet14,
+    Resnet20,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 3] = [Self::Resnet8, Self::Resnet14, Self::Resnet20];
+    /// Residual blocks per stage (n in depth = 6n + 2).
+    pub fn blocks_per_stage(self) -> usize {
+        match self {
+            Self::Resnet8 => 1,
+            Self::Resnet14 => 2,
+            Self::Resnet20 => 3,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resnet8 => "resnet8",
+            Self::Resnet14 => "resnet14",
+            Self::Resnet20 => "resnet20",
+        }
+    }
+}
+
+/// The one regularizer a run uses (`none` is the paper's baseline).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Regularizer {
+    None,
+    EarlyStopping {
+        /// Epochs without a better validation loss before training stops.
+        #[serde(default = "default_patience")]
+        patience: usize,
+    },
+    WeightDecay {
+        #[serde(default = "default_weight_decay")]
+        value: f64,
+        /// AdamW-style decoupled decay (paper); `false` adds an L2 penalty to the loss instead.
+        #[serde(default = "default_true")]
+        decoupled: bool,
+    },
+    Dropout {
+        #[serde(default = "default_dropout")]
+        p: f64,
+        #[serde(default)]
+        position: DropoutPosition,
+    },
+    LabelSmoothing {
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+    },
+    Pruning {
+        /// Fraction of output channels removed in every prunable layer.
+        #[serde(default = "default_prune_ratio")]
+        ratio: f64,
+        /// Train dense for this many epochs ("F is pre-trained"), then prune and keep training.
+        #[serde(default = "default_prune_epoch")]
+        at_epoch: usize,
+        #[serde(default)]
+        criterion: PruneCriterion,
+    },
+    Quantization {
+        #[serde(default = "default_bits")]
+        weight_bits: u32,
+        #[serde(default = "default_bits")]
+        act_bits: u32,
+        /// Bits of the first and last layers (weights and activations).
+        #[serde(default = "default_first_last_bits")]
+        first_last_bits: u32,
+        #[serde(default)]
+        bn: BnMode,
+        /// Momentum of the moving average of activation scales used in eval.
+        #[serde(default = "default_ema")]
+        ema_momentum: f64,
+    },
+}
+
+fn default_patience() -> usize {
+    10
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_true() -> bool {
+    true
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_alpha() -> f64 {
+    0.1
+}
+fn default_prune_ratio() -> f64 {
+    0.75
+}
+fn default_prune_epoch() -> usize {
+    5
+}
+fn default_bits() -> u32 {
+    4
+}
+fn default_first_last_bits() -> u32 {
+    8
+}
+fn default_ema() -> f64 {
+    0.9
+}
+
+impl Regularizer {
+    /// Every kind with its default parameters, in the order the paper lists them.
+    pub fn all_defaults() -> Vec<Regularizer> {
+        ["none", "early_stopping", "weight_decay", "dropout", "label_smoothing", "pruning", "quantization"]
+            .iter()
+            .map(|k| Self::default_for(k).expect("known kind"))
+            .collect()
+    }
+
+    /// The regularizer `kind` with its default parameters.
+    pub fn default_for(kind: &str) -> Result<Regularizer, String> {
+        let mut t = toml::Table::new();
+        t.insert("kind".into(), toml::Value::String(kind.into()));
+        Regularizer::deserialize(toml::Value::Table(t))
+            .map_err(|_| format!("unknown regularizer `{kind}`; allowed: {}", REGULARIZER_KINDS.join(", ")))
+    }
+
+    /// The `kind` tag as written in presets.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::EarlyStopping { .. } => "early_stopping",
+            Self::WeightDecay { .. } => "weight_decay",
+            Self::Dropout { .. } => "dropout",
+            Self::LabelSmoothing { .. } => "label_smoothing",
+            Self::Pruning { .. } => "pruning",
+            Self::Quantization { .. } => "quantization",
+        }
+    }
+
+    /// Short human label, e.g. `W4/A4 fold`, `dropout p=0.1`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::None => "baseline".into(),
+            Self::EarlyStopping { patience } => format!("early stop p={patience}"),
+            Self::WeightDecay { value, decoupled } => {
+                format!("wd {value}{}", if *decoupled { "" } else { " (L2)" })
+            }
+            Self::Dropout { p, .. } => format!("dropout p={p}"),
+            Self::LabelSmoothing { alpha } => format!("smooth a={alpha}"),
+            Self::Pruning { ratio, .. } => format!("prune {:.0}%", ratio * 100.0),
+            Self::Quantization { weight_bits, act_bits, .. } => {
+                if *act_bits >= 32 {
+                    format!("W{weight_bits}/Afloat")
+                } else {
+                    format!("W{weight_bits}/A{act_bits}")
+                }
+            }
+        }
+    }
+}
+
+/// Regularizer kinds accepted in `regularizer.kind`.
+pub const REGULARIZER_KINDS: [&str; 7] =
+    ["none", "early_stopping", "weight_decay", "dropout", "label_smoothing", "pruning", "quantization"];
+
+/// Where dropout is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropoutPosition {
+    /// On the pooled features, before the classifier (default).
+    #[default]
+    Classifier,
+    /// After every residual block.
+    Blocks,
+}
+
+/// Which channels structured pruning removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneCriterion {
+    /// Remove the channels with the lowest L1 norm (the paper's reasoning; default).
+    #[default]
+    LowestL1,
+    /// Remove the channels with the highest L1 norm (the paper's literal text).
+    HighestL1,
+}
+
+/// Batch-norm handling under quantization-aware training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BnMode {
+    /// BN folded into the conv weights before they are quantized (Jacob et al. 2018; the paper's CIFAR setting).
+    #[default]
+    Fold,
+    /// BN kept after the quantized convolution (the paper's AU setting).
+    Keep,
+}
+
+/// Optimisation schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    /// Seed of weight initialisation, shuffling, augmentation and dropout.
+    pub seed: u64,
+    pub device: DeviceKind,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self { epochs: 20, batch_size: 128, optimizer: OptimizerKind::Adam, lr: 1e-3, seed: 0, device: DeviceKind::Cpu }
+    }
+}
+
+/// Optimiser; `weight_decay` regularizers pick the decay style themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Adam,
+    Adamw,
+}
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// A preset that could not be read, parsed or validated; the message names the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    /// File (or `--set`) the problem comes from.
+    pub source_name: String,
+    pub message: String,
+}
+
+impl Experiment {
+    /// Reads a preset file and applies `--set key=value` overrides in order.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            message: format!("cannot read the preset ({e}); `qat-lab run --list` shows the presets"),
+        })?;
+        Self::from_toml(&text, &name, overrides)
+    }
+
+    /// Parses TOML text (named `source_name` in errors) and applies overrides.
+    pub fn from_toml(text: &str, source_name: &str, overrides: &[String]) -> Result<Experiment, ConfigError> {
+        let err = |message: String| ConfigError { source_name: source_name.to_string(), message };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+        // `[sweep]` belongs to `qat-lab sweep` (see [`sweep_axes`]); a single run ignores it.
+        table.remove("sweep");
+        // Parse once before the overrides so that an error is blamed on the right source.
+        Experiment::deserialize(toml::Value::Table(table.clone())).map_err(|e| err(clean_serde(e)))?;
+        for o in overrides {
+            apply_override(&mut table, o).map_err(|m| ConfigError { source_name: format!("--set {o}"), message: m })?;
+        }
+        let exp = Experiment::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let name = if overrides.is_empty() { source_name.to_string() } else { format!("{source_name} with --set") };
+            ConfigError { source_name: name, message: clean_serde(e) }
+        })?;
+        exp.validate().map_err(err)?;
+        Ok(exp)
+    }
+
+    /// The experiment as TOML, as stored in run records.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("experiment serialises")
+    }
+
+    /// Checks value ranges that the types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = &self.data;
+        check_range("data.noise.rate", d.noise.rate, 0.0, 1.0)?;
+        check_range("data.val_fraction", d.val_fraction, 0.0, 0.9)?;
+        if !(4..=256).contains(&d.image_size) {
+            return Err(format!("data.image_size = {} is out of range; allowed: 4..=256", d.image_size));
+        }
+        if !(self.model.width > 0.0 && self.model.width <= 8.0) {
+            return Err(format!("model.width = {} is out of range; allowed: (0, 8]", self.model.width));
+        }
+        let t = &self.train;
+        if t.epochs == 0 || t.epochs > 100_000 {
+            return Err(format!("train.epochs = {} is out of range; allowed: 1..=100000", t.epochs));
+        }
+        if t.batch_size == 0 || t.batch_size > 65_536 {
+            return Err(format!("train.batch_size = {} is out of range; allowed: 1..=65536", t.batch_size));
+        }
+        if !(t.lr > 0.0 && t.lr < 10.0) {
+            return Err(format!("train.lr = {} is out of range; allowed: (0, 10)", t.lr));
+        }
+        match &self.regularizer {
+            Regularizer::EarlyStopping { patience } => {
+                if *patience == 0 {
+                    return Err("regularizer.patience must be at least 1".into());
+                }
+                if d.val_fraction <= 0.0 {
+                    return Err("early stopping needs a validation split: set data.val_fraction (e.g. 0.1)".into());
+                }
+            }
+            Regularizer::WeightDecay { value, .. } => check_range("regularizer.value", *value, 0.0, 1.0)?,
+            Regularizer::Dropout { p, .. } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(format!("regularizer.p = {p} is out of range; allowed: [0, 1)"));
+                }
+            }
+            Regularizer::LabelSmoothing { alpha } => check_range("regularizer.alpha", *alpha, 0.0, 1.0)?,
+            Regularizer::Pruning { ratio, at_epoch, .. } => {
+                if !(0.0..1.0).contains(ratio) {
+                    return Err(format!("regularizer.ratio = {ratio} is out of range; allowed: [0, 1)"));
+                }
+                if *at_epoch >= t.epochs {
+                    return Err(format!(
+                        "regularizer.at_epoch = {at_epoch} must be below train.epochs = {} (pruning happens during training)",
+                        t.epochs
+                    ));
+                }
+            }
+            Regularizer::Quantization { weight_bits, act_bits, first_last_bits, ema_momentum, .. } => {
+                for (key, bits) in [
+                    ("regularizer.weight_bits", weight_bits),
+                    ("regularizer.act_bits", act_bits),
+                    ("regularizer.first_last_bits", first_last_bits),
+                ] {
+                    if !(2..=16).contains(bits) && *bits != 32 {
+                        return Err(format!("{key} = {bits} is out of range; allowed: 2..=16, or 32 for float"));
+                    }
+                }
+                check_range("regularizer.ema_momentum", *ema_momentum, 0.0, 0.9999)?;
+            }
+            Regularizer::None => {}
+        }
+        Ok(())
+    }
+}
+
+fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(format!("{key} = {v} is out of range; allowed: {lo} to {hi}"))
+    }
+}
+
+/// serde's messages name the field but not always the section; keep them but drop the trailing noise.
+fn clean_serde(e: toml::de::Error) -> String {
+    e.to_string().trim().replace('\n', " ")
+}
+
+/// Applies one `a.b.c=value` to a TOML table. The value is read as TOML (numbers, booleans) and
+/// otherwise taken as a string. Changing `regularizer.kind` drops the old kind's parameters.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (key, raw) =
+        assignment.split_once('=').ok_or_else(|| "expected key=value, e.g. --set train.epochs=4".to_string())?;
+    let key = key.trim();
+    let raw = raw.trim();
+    if key.is_empty() {
+        return Err("empty key; e.g. --set data.noise.rate=0.4".into());
+    }
+    let value = parse_value(raw);
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts == ["regularizer", "kind"] {
+        let kind = value.as_str().unwrap_or(raw).to_string();
+        let reg = Regularizer::default_for(&kind)?;
+        let prev = table.get("regularizer").and_then(|r| r.get("kind")).and_then(|k| k.as_str());
+        if prev != Some(kind.as_str()) {
+            let v = toml::Value::try_from(&reg).map_err(|e| e.to_string())?;
+            table.insert("regularizer".into(), v);
+        }
+        return Ok(());
+    }
+    let mut cur = table;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            cur.insert(part.to_string(), value);
+            return Ok(());
+        }
+        let entry = cur.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("`{}` is a value, not a section", parts[..=i].join(".")))?;
+    }
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let probe = format!("v = {raw}");
+    match probe.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+/// The `[sweep]` table of a preset: `key = [v1, v2, ...]` axes whose product `qat-lab sweep` trains,
+/// as `key=value` overrides, in file order.
+pub fn sweep_axes(text: &str, source_name: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError { source_name: source_name.into(), message: e.to_string() })?;
+    let Some(sweep) = table.get("sweep") else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| ConfigError { source_name: source_name.into(), message: m };
+    let sweep = sweep.as_table().ok_or_else(|| bad("`sweep` must be a table of key = [values]".into()))?;
+    let mut axes = Vec::new();
+    flatten_axes("", sweep, &mut axes).map_err(bad)?;
+    Ok(axes)
+}
+
+fn flatten_axes(prefix: &str, t: &toml::Table, out: &mut Vec<(String, Vec<String>)>) -> Result<(), String> {
+    for (k, v) in t {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(inner) => flatten_axes(&key, inner, out)?,
+            toml::Value::Array(values) => out.push((
+                key,
+                values
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            )),
+            _ => return Err(format!("sweep.{key} must be a list of values, e.g. [0.0, 0.2, 0.4]")),
+        }
+    }
+    Ok(())
+}
+
+/// A preset found on disk.
+#[derive(Debug, Clone)]
+pub struct PresetEntry {
+    pub path: PathBuf,
+    pub experiment: Result<Experiment, String>,
+}
+
+/// The folder presets are read from: `QAT_LAB_PRESETS`, else `presets/` beside the working directory,
+/// else the one in the source tree this binary was built from.
+pub fn presets_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("QAT_LAB_PRESETS") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from("presets");
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets")
+}
+
+/// Resolves `NAME` or `NAME.toml` to a file in the presets folder, or takes a path as it is.
+pub fn resolve_preset(name: &str) -> PathBuf {
+    let p = PathBuf::from(name);
+    if p.exists() || name.contains('/') {
+        return p;
+    }
+    let dir = presets_dir();
+    let with_ext = if name.ends_with(".toml") { name.to_string() } else { format!("{name}.toml") };
+    dir.join(with_ext)
+}
+
+/// All presets in the presets folder, sorted by file name; broken ones carry their error.
+pub fn list_presets() -> Vec<PresetEntry> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(presets_dir()) {
+        let mut paths: Vec<PathBuf> =
+            rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+        paths.sort();
+        for path in paths {
+            let experiment = Experiment::load(&path, &[]).map_err(|e| e.message);
+            out.push(PresetEntry { path, experiment });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let e = Experiment::default();
+        let back = Experiment::from_toml(&e.to_toml(), "t", &[]).unwrap();
+        assert_eq!(e, back);
+    }
+
+    #[test]
+    fn overrides_change_nested_fields_and_regularizer_kind() {
+        let e = Experiment::from_toml(
+            "[regularizer]\nkind = \"dropout\"\np = 0.3\n",
+            "t.toml",
+            &[
+                "train.epochs=4".into(),
+                "regularizer.kind=quantization".into(),
+                "regularizer.weight_bits=2".into(),
+                "data.noise.rate=0.4".into(),
+                "data.dataset=shapes".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(e.train.epochs, 4);
+        assert_eq!(e.data.noise.rate, 0.4);
+        assert_eq!(e.data.dataset, DatasetKind::Shapes);
+        match e.regularizer {
+            Regularizer::Quantization { weight_bits, act_bits, first_last_bits, .. } => {
+                assert_eq!((weight_bits, act_bits, first_last_bits), (2, 4, 8));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_file_and_key() {
+        let err = Experiment::from_toml("[train]\nepoks = 3\n", "presets/x.toml", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("presets/x.toml"), "{msg}");
+        assert!(msg.contains("epoks") && msg.contains("epochs"), "{msg}");
+
+        let err = Experiment::from_toml("", "p.toml", &["regularizer.kind=magic".into()]).unwrap_err();
+        assert!(err.to_string().contains("quantization"), "{err}");
+
+        let err = Experiment::from_toml("", "p.toml", &["data.dataset=mnist".into()]).unwrap_err();
+        assert!(err.to_string().contains("digits"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_the_allowed_range() {
+        let err = Experiment::from_toml("", "p.toml", &["data.noise.rate=1.5".into()]).unwrap_err();
+        assert!(err.to_string().contains("data.noise.rate") && err.to_string().contains("0 to 1"), "{err}");
+        let err =
+            Experiment::from_toml("[regularizer]\nkind='quantization'\nweight_bits=1\n", "p.toml", &[]).unwrap_err();
+        assert!(err.to_string().contains("weight_bits"), "{err}");
+        let err = Experiment::from_toml("[regularizer]\nkind='early_stopping'\n", "p.toml", &[]).unwrap_err();
+        assert!(err.to_string().contains("val_fraction"), "{err}");
+    }
+
+    #[test]
+    fn every_bundled_preset_is_valid() {
+        let presets = list_presets();
+        assert!(presets.len() >= 5, "presets folder should hold the paper presets");
+        for p in presets {
+            if let Err(e) = &p.experiment {
+                panic!("{}: {e}", p.path.display());
+            }
+        }
+    }
+}

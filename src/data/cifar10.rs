@@ -1,0 +1,204 @@
+//! CIFAR-10 in the official binary layout: `data_batch_{1..5}.bin` and `test_batch.bin`, 3,073 bytes a
+//! record (label, then 1,024 red, green and blue bytes), read from a folder or straight from the `.tar.gz`.
+
+use super::{RawDataset, Split};
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Where `qat-lab data fetch cifar10` puts the archive and where presets look by default.
+pub const DEFAULT_DIR: &str = "data/cifar10";
+/// File name of the official archive.
+pub const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";
+pub const CLASSES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+const RECORD: usize = 3073;
+const PIXELS: usize = 3072;
+
+/// Loads from a `.tar.gz`, a folder holding the `.bin` files (or a `cifar-10-batches-bin` folder), or a
+/// folder holding the archive.
+pub fn load(path: &Path) -> Result<RawDataset> {
+    if !path.exists() {
+        bail!(
+            "CIFAR-10 not found at {}: run `qat-lab data fetch cifar10` (downloads {ARCHIVE_NAME}, 163 MiB), \
+             or set data.path to a folder with the .bin files or to the .tar.gz",
+            path.display()
+        );
+    }
+    if path.is_file() {
+        return load_archive(path);
+    }
+    for dir in [path.to_path_buf(), path.join("cifar-10-batches-bin")] {
+        if dir.join("test_batch.bin").is_file() {
+            return load_folder(&dir);
+        }
+    }
+    let archive = path.join(ARCHIVE_NAME);
+    if archive.is_file() {
+        return load_archive(&archive);
+    }
+    // Any other .tar.gz in the folder (e.g. the sample archive).
+    if let Some(p) =
+        std::fs::read_dir(path)?.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+    {
+        return load_archive(&p);
+    }
+    bail!(
+        "{} holds neither test_batch.bin nor a CIFAR-10 .tar.gz: run `qat-lab data fetch cifar10` or point data.path at the data",
+        path.display()
+    )
+}
+
+fn load_folder(dir: &Path) -> Result<RawDataset> {
+    let mut train = Split::default();
+    let mut batches: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("data_batch_")))
+        .collect();
+    batches.sort();
+    if batches.is_empty() {
+        bail!("{}: no data_batch_*.bin files", dir.display());
+    }
+    for b in &batches {
+        let bytes = std::fs::read(b).with_context(|| format!("reading {}", b.display()))?;
+        parse_records(&bytes, &b.display().to_string(), &mut train)?;
+    }
+    let mut test = Split::default();
+    let tb = dir.join("test_batch.bin");
+    parse_records(&std::fs::read(&tb)?, &tb.display().to_string(), &mut test)?;
+    Ok(dataset(train, test))
+}
+
+fn load_archive(path: &Path) -> Result<RawDataset> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+    let mut train_parts: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut test = Split::default();
+    let corrupt = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "{} is not a readable .tar.gz ({e}); it may be truncated: delete it and run `qat-lab data fetch cifar10` again",
+            path.display()
+        )
+    };
+    for entry in archive.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        let name = entry.path().map_err(corrupt)?.to_string_lossy().to_string();
+        let file = name.rsplit('/').next().unwrap_or("").to_string();
+        if file.starts_with("data_batch_") && file.ends_with(".bin") || file == "test_batch.bin" {
+            let mut buf = Vec::new();
+            entry.read_to_end(&mut buf).map_err(corrupt)?;
+            if file == "test_batch.bin" {
+                parse_records(&buf, &name, &mut test)?;
+            } else {
+                train_parts.push((file, buf));
+            }
+        }
+    }
+    if train_parts.is_empty() || test.is_empty() {
+        bail!("{} holds no data_batch_*.bin or no test_batch.bin: not a CIFAR-10 binary archive", path.display());
+    }
+    train_parts.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut train = Split::default();
+    for (name, bytes) in &train_parts {
+        parse_records(bytes, name, &mut train)?;
+    }
+    Ok(dataset(train, test))
+}
+
+fn dataset(train: Split, test: Split) -> RawDataset {
+    RawDataset {
+        name: "cifar10".into(),
+        classes: CLASSES.iter().map(|s| s.to_string()).collect(),
+        shape: [3, 32, 32],
+        train,
+        test,
+    }
+}
+
+/// Appends the records of one batch file to `out`, checking length and labels.
+pub fn parse_records(bytes: &[u8], name: &str, out: &mut Split) -> Result<()> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
+        bail!(
+            "{name}: {} bytes is not a whole number of 3,073-byte CIFAR-10 records (corrupt or wrong file)",
+            bytes.len()
+        );
+    }
+    for rec in bytes.chunks_exact(RECORD) {
+        if rec[0] > 9 {
+            bail!("{name}: label {} is not a CIFAR-10 class (0-9): corrupt file", rec[0]);
+        }
+        out.labels.push(rec[0] as u32);
+        out.images.extend(rec[1..].iter().map(|&b| b as f32 / 255.0));
+    }
+    debug_assert_eq!(out.images.len(), out.labels.len() * PIXELS);
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Writes `n` records whose label is i % 10 and whose pixels encode the label.
+    pub fn fake_batch(n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * RECORD);
+        for i in 0..n {
+            v.push((i % 10) as u8);
+            v.extend(std::iter::repeat_n((i % 10) as u8 * 20, PIXELS));
+        }
+        v
+    }
+
+    pub fn write_fake_archive(path: &Path, n_train: usize, n_test: usize) {
+        let f = std::fs::File::create(path).unwrap();
+        let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        for (name, n) in [("data_batch_1.bin", n_train), ("test_batch.bin", n_test)] {
+            let data = fake_batch(n);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("cifar-10-batches-bin/{name}"), &data[..]).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn reads_archive_and_folder_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join(ARCHIVE_NAME);
+        write_fake_archive(&archive, 30, 10);
+        let a = load(&archive).unwrap();
+        let b = load(dir.path()).unwrap();
+        assert_eq!(a.train.len(), 30);
+        assert_eq!(a.test.len(), 10);
+        assert_eq!(a.train.labels, b.train.labels);
+
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(bin.join("data_batch_1.bin"), fake_batch(20)).unwrap();
+        std::fs::write(bin.join("test_batch.bin"), fake_batch(5)).unwrap();
+        let c = load(&bin).unwrap();
+        assert_eq!(c.train.len(), 20);
+        assert!((c.train.images[PIXELS] - 20.0 / 255.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn corrupt_inputs_get_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = load(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(msg.contains("qat-lab data fetch cifar10"), "{msg}");
+
+        let truncated = dir.path().join("t.tar.gz");
+        write_fake_archive(&truncated, 30, 10);
+        let bytes = std::fs::read(&truncated).unwrap();
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let msg = format!("{:#}", load(&truncated).unwrap_err());
+        assert!(msg.contains("truncated") || msg.contains("corrupt"), "{msg}");
+
+        let mut out = Split::default();
+        let msg = parse_records(&[1, 2, 3], "x.bin", &mut out).unwrap_err().to_string();
+        assert!(msg.contains("3,073"), "{msg}");
+    }
+}

@@ -1,0 +1,235 @@
+//! Datasets and label noise: everything between a preset's `[data]` section and batches of tensors.
+//!
+//! Images are kept as standardised `f32` in NCHW order; labels as class indices. Training labels are
+//! corrupted once, up front, and the mask of corrupted examples is kept for the memorisation metric.
+
+pub mod augment;
+pub mod cifar10;
+pub mod digits;
+pub mod fetch;
+pub mod folder;
+pub mod noise;
+pub mod shapes;
+
+use crate::config::{DataConfig, DatasetKind};
+use anyhow::{bail, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Seed of the fixed shuffles that pick subsets and splits, so every method in a comparison sees the
+/// same images whatever its training seed.
+pub const DATA_SEED: u64 = 0x5eed;
+
+/// A set of images with one class label each.
+#[derive(Debug, Clone, Default)]
+pub struct Split {
+    /// `len * channels * height * width` values, NCHW.
+    pub images: Vec<f32>,
+    pub labels: Vec<u32>,
+}
+
+impl Split {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    /// Keeps the examples at `idx`, in that order.
+    pub fn select(&self, idx: &[usize], image_len: usize) -> Split {
+        let mut images = Vec::with_capacity(idx.len() * image_len);
+        let mut labels = Vec::with_capacity(idx.len());
+        for &i in idx {
+            images.extend_from_slice(&self.images[i * image_len..(i + 1) * image_len]);
+            labels.push(self.labels[i]);
+        }
+        Split { images, labels }
+    }
+}
+
+/// Raw images as loaded, before subsetting, noise and standardisation.
+#[derive(Debug, Clone)]
+pub struct RawDataset {
+    pub name: String,
+    pub classes: Vec<String>,
+    /// (channels, height, width).
+    pub shape: [usize; 3],
+    pub train: Split,
+    pub test: Split,
+}
+
+/// A dataset ready for training: noisy training labels with their mask, an optional validation split
+/// taken from the noisy training data, and a clean test set.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub classes: Vec<String>,
+    pub shape: [usize; 3],
+    /// Training images with their (possibly corrupted) labels.
+    pub train: Split,
+    /// The true labels of the training images.
+    pub train_clean_labels: Vec<u32>,
+    /// `true` where the training label differs from the true one.
+    pub corrupted: Vec<bool>,
+    /// Validation images (noisy labels, like the training set they come from).
+    pub val: Split,
+    /// Clean test set.
+    pub test: Split,
+    /// Fraction of training examples the noise process picked (the requested s).
+    pub noise_picked_rate: f64,
+    /// Fraction of training labels that really differ from the truth.
+    pub measured_noise_rate: f64,
+}
+
+impl Dataset {
+    /// Values per image.
+    pub fn image_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+}
+
+/// Loads the dataset a preset names, then subsets, corrupts, splits and standardises it.
+pub fn load(cfg: &DataConfig) -> Result<Dataset> {
+    let raw = match cfg.dataset {
+        DatasetKind::Digits => digits::load()?,
+        DatasetKind::Shapes => {
+            let n_train = if cfg.train_subset > 0 { cfg.train_subset } else { shapes::DEFAULT_TRAIN };
+            let n_test = if cfg.test_subset > 0 { cfg.test_subset } else { shapes::DEFAULT_TEST };
+            shapes::generate(n_train, n_test, DATA_SEED)
+        }
+        DatasetKind::Cifar10 => {
+            let path = if cfg.path.is_empty() { cifar10::DEFAULT_DIR.to_string() } else { cfg.path.clone() };
+            cifar10::load(std::path::Path::new(&path))?
+        }
+        DatasetKind::Folder => {
+            if cfg.path.is_empty() {
+                bail!("the `folder` dataset needs data.path: a folder with one sub-folder of images per class");
+            }
+            folder::load(std::path::Path::new(&cfg.path), cfg.image_size)?
+        }
+    };
+    prepare(raw, cfg)
+}
+
+/// Subset, noise, validation split and standardisation of already loaded images.
+pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
+    let image_len: usize = raw.shape.iter().product();
+    if raw.train.is_empty() || raw.test.is_empty() {
+        bail!("dataset `{}` has no training or no test images", raw.name);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(DATA_SEED);
+    let mut order: Vec<usize> = (0..raw.train.len()).collect();
+    order.shuffle(&mut rng);
+    if cfg.train_subset > 0 {
+        order.truncate(cfg.train_subset);
+    }
+    let mut train = raw.train.select(&order, image_len);
+    let mut test = raw.test.clone();
+    if cfg.test_subset > 0 && cfg.test_subset < test.len() {
+        let idx: Vec<usize> = (0..cfg.test_subset).collect();
+        test = test.select(&idx, image_len);
+    }
+
+    let clean = train.labels.clone();
+    let noisy = noise::corrupt(&clean, raw.classes.len(), &cfg.noise);
+    train.labels = noisy.labels;
+
+    // Validation: the last part of the (shuffled, noisy) training data.
+    let n_val = (train.len() as f64 * cfg.val_fraction).round() as usize;
+    let n_fit = train.len() - n_val;
+    if n_fit == 0 {
+        bail!("data.val_fraction = {} leaves no training images", cfg.val_fraction);
+    }
+    let fit_idx: Vec<usize> = (0..n_fit).collect();
+    let val_idx: Vec<usize> = (n_fit..train.len()).collect();
+    let val = train.select(&val_idx, image_len);
+    let fit = train.select(&fit_idx, image_len);
+    let corrupted = noisy.corrupted[..n_fit].to_vec();
+    let train_clean_labels = clean[..n_fit].to_vec();
+
+    let mut ds = Dataset {
+        name: raw.name,
+        classes: raw.classes,
+        shape: raw.shape,
+        train: fit,
+        train_clean_labels,
+        corrupted,
+        val,
+        test,
+        noise_picked_rate: noisy.picked_rate,
+        measured_noise_rate: noisy.measured_rate,
+    };
+    standardise(&mut ds);
+    Ok(ds)
+}
+
+/// Per-channel mean/std of the training images, applied to every split.
+fn standardise(ds: &mut Dataset) {
+    let [c, h, w] = ds.shape;
+    let plane = h * w;
+    let n = ds.train.len();
+    for ch in 0..c {
+        let (mut sum, mut sq) = (0f64, 0f64);
+        for i in 0..n {
+            let start = (i * c + ch) * plane;
+            for &v in &ds.train.images[start..start + plane] {
+                sum += v as f64;
+                sq += (v as f64) * (v as f64);
+            }
+        }
+        let count = (n * plane) as f64;
+        let mean = sum / count;
+        let std = ((sq / count - mean * mean).max(0.0)).sqrt().max(1e-6);
+        for split in [&mut ds.train, &mut ds.val, &mut ds.test] {
+            for i in 0..split.len() {
+                let start = (i * c + ch) * plane;
+                for v in &mut split.images[start..start + plane] {
+                    *v = ((*v as f64 - mean) / std) as f32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{NoiseConfig, NoiseKind};
+
+    #[test]
+    fn digits_prepare_keeps_counts_and_standardises() {
+        let cfg = DataConfig {
+            val_fraction: 0.1,
+            noise: NoiseConfig { kind: NoiseKind::Flip, rate: 0.4, seed: 3 },
+            ..Default::default()
+        };
+        let ds = load(&cfg).unwrap();
+        assert_eq!(ds.shape, [1, 8, 8]);
+        let total = ds.train.len() + ds.val.len();
+        assert_eq!(total, digits::TRAIN_LEN);
+        assert_eq!(ds.val.len(), (total as f64 * 0.1).round() as usize);
+        // flip: every picked label changes, so measured == picked.
+        assert!((ds.measured_noise_rate - 0.4).abs() < 0.01, "{}", ds.measured_noise_rate);
+        let mean: f32 = ds.train.images.iter().sum::<f32>() / ds.train.images.len() as f32;
+        assert!(mean.abs() < 1e-3);
+        let corrupted = ds.corrupted.iter().filter(|&&c| c).count();
+        let differs = ds.train.labels.iter().zip(&ds.train_clean_labels).filter(|(a, b)| a != b).count();
+        assert_eq!(corrupted, differs);
+    }
+
+    #[test]
+    fn subsets_are_the_same_whatever_the_noise_seed() {
+        let mut cfg = DataConfig { dataset: DatasetKind::Digits, train_subset: 300, ..Default::default() };
+        let a = load(&cfg).unwrap();
+        cfg.noise.seed = 99;
+        cfg.noise.rate = 0.5;
+        let b = load(&cfg).unwrap();
+        assert_eq!(a.train.images, b.train.images);
+        assert_eq!(a.train_clean_labels, b.train_clean_labels);
+        assert_ne!(a.train.labels, b.train.labels);
+    }
+}

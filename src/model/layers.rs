@@ -1,0 +1,234 @@
+//! Small composable layers: a convolution with its batch norm (float or quantized, BN folded or kept)
+//! and a linear classifier. Layers call [`crate::ops`] for the arithmetic.
+
+use super::{Params, Role};
+use crate::config::BnMode;
+use crate::ops;
+use crate::regularize::quant::{quantize_weight, ActQuant};
+use candle_core::{Result, Tensor, Var};
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// How one layer is quantized.
+#[derive(Debug, Clone)]
+pub struct LayerQuant {
+    pub weight_bits: u32,
+    pub input: ActQuant,
+}
+
+/// Quantization settings handed to a layer constructor.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantSpec {
+    pub weight_bits: u32,
+    pub act_bits: u32,
+    pub ema_momentum: f64,
+    pub bn: BnMode,
+}
+
+/// A k×k convolution (no bias) followed by batch norm, optionally quantized and channel-pruned.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    pub name: String,
+    pub in_ch: usize,
+    pub out_ch: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub weight: Var,
+    pub gamma: Var,
+    pub beta: Var,
+    pub running_mean: Var,
+    pub running_var: Var,
+    pub quant: Option<LayerQuant>,
+    pub bn_mode: BnMode,
+    /// Output channels kept by structured pruning (1) or removed (0), shaped (C); `None` = dense.
+    pub keep: Option<Tensor>,
+}
+
+impl ConvBn {
+    pub fn new(
+        params: &mut Params,
+        name: &str,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        quant: Option<QuantSpec>,
+    ) -> Self {
+        let fan_in = in_ch * kernel * kernel;
+        let weight = params.kaiming(&format!("{name}.weight"), &[out_ch, in_ch, kernel, kernel], fan_in);
+        let gamma = params.constant(&format!("{name}.bn.weight"), &[out_ch], 1.0, Role::NoDecay);
+        let beta = params.constant(&format!("{name}.bn.bias"), &[out_ch], 0.0, Role::NoDecay);
+        let running_mean = params.constant(&format!("{name}.bn.running_mean"), &[out_ch], 0.0, Role::Buffer);
+        let running_var = params.constant(&format!("{name}.bn.running_var"), &[out_ch], 1.0, Role::Buffer);
+        let bn_mode = quant.map(|q| q.bn).unwrap_or(BnMode::Keep);
+        let quant = quant.map(|q| LayerQuant {
+            weight_bits: q.weight_bits,
+            input: ActQuant::new(
+                q.act_bits,
+                q.ema_momentum,
+                params.constant(&format!("{name}.act_scale"), &[1], 0.0, Role::Buffer),
+            ),
+        });
+        Self {
+            name: name.to_string(),
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            padding: kernel / 2,
+            weight,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            bn_mode,
+            quant,
+            keep: None,
+        }
+    }
+
+    /// Convolution + batch norm (batch statistics in training, running ones in eval), then a ReLU if
+    /// `relu` (fused into the batch norm where the kernels allow).
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let x = match &self.quant {
+            Some(q) => q.input.forward(x, train)?,
+            None => x.clone(),
+        };
+        let w = self.weight.as_tensor();
+        let out = match (&self.quant, self.bn_mode) {
+            (Some(q), BnMode::Fold) => {
+                // Jacob et al. 2018: BN folded into the weights, W_f = W·s with s = γ/σ, and the bias
+                // β − s·μ, where (μ, σ) are the batch statistics of the float convolution in training
+                // and the running ones in eval; W_f is quantized per output channel. Per-channel
+                // quantization commutes with that per-channel scale (q(W·s) = s·q(W) exactly, rounding
+                // being symmetric), so in training the float and the quantized convolution share one
+                // im2col: a single convolution with [W; q(W)] stacked as 2·O output channels.
+                if train {
+                    let wq = quantize_weight(w, q.weight_bits)?;
+                    let both = ops::conv2d(&x, &Tensor::cat(&[w, &wq], 0)?, self.stride, self.padding)?;
+                    let y_float = both.narrow(1, 0, self.out_ch)?;
+                    let y_quant = both.narrow(1, self.out_ch, self.out_ch)?;
+                    let (mean, var) = ops::channel_stats(&y_float)?;
+                    self.update_running(&(mean.detach(), var.detach()), y_float.elem_count() / self.out_ch)?;
+                    let scale = (self.gamma.as_tensor() / (var + BN_EPS)?.sqrt()?)?;
+                    let shift = (self.beta.as_tensor() - (&mean * &scale)?)?;
+                    let y = ops::channel_affine(&y_quant, &scale, &shift)?;
+                    if relu {
+                        y.relu()?
+                    } else {
+                        y
+                    }
+                } else {
+                    let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+                    let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+                    let folded = w.broadcast_mul(&scale.reshape((self.out_ch, 1, 1, 1))?)?;
+                    let y = ops::conv2d(&x, &quantize_weight(&folded, q.weight_bits)?, self.stride, self.padding)?;
+                    let y = ops::channel_affine(&y, &Tensor::ones_like(&shift)?, &shift)?;
+                    if relu {
+                        y.relu()?
+                    } else {
+                        y
+                    }
+                }
+            }
+            (q, _) => {
+                let w = match q {
+                    Some(q) => quantize_weight(w, q.weight_bits)?,
+                    None => w.clone(),
+                };
+                let y = ops::conv2d(&x, &w, self.stride, self.padding)?;
+                self.batch_norm(&y, train, relu)?
+            }
+        };
+        match &self.keep {
+            Some(keep) => out.broadcast_mul(&keep.reshape((1, self.out_ch, 1, 1))?),
+            None => Ok(out),
+        }
+    }
+
+    fn batch_norm(&self, y: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train {
+            let (out, mean, var) =
+                ops::batch_norm_train(y, self.gamma.as_tensor(), self.beta.as_tensor(), BN_EPS, relu)?;
+            self.update_running(&(mean, var), y.elem_count() / self.out_ch)?;
+            return Ok(out);
+        }
+        let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+        let out = ops::channel_affine(y, &scale, &shift)?;
+        if relu {
+            out.relu()
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// Moving averages of the batch statistics; `count` values per channel went into them.
+    fn update_running(&self, (mean, var): &(Tensor, Tensor), count: usize) -> Result<()> {
+        let m = BN_MOMENTUM;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?;
+        // The running variance is unbiased, as in PyTorch.
+        let unbias = count as f64 / (count.max(2) - 1) as f64;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (var.detach() * (m * unbias))?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        Ok(())
+    }
+
+    /// Per-output-channel L1 norms of the weights (the pruning criterion).
+    pub fn channel_l1(&self) -> Result<Vec<f32>> {
+        self.weight.as_tensor().abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()
+    }
+
+    /// Number of kept output channels.
+    pub fn kept_channels(&self) -> Result<usize> {
+        Ok(match &self.keep {
+            Some(k) => k.sum_all()?.to_scalar::<f32>()?.round() as usize,
+            None => self.out_ch,
+        })
+    }
+}
+
+/// A fully connected classifier, optionally quantized.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub weight: Var,
+    pub bias: Var,
+    pub quant: Option<LayerQuant>,
+}
+
+impl Linear {
+    pub fn new(
+        params: &mut Params,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        quant: Option<QuantSpec>,
+    ) -> Self {
+        let weight = params.uniform(&format!("{name}.weight"), &[out_features, in_features], in_features, Role::Weight);
+        let bias = params.uniform(&format!("{name}.bias"), &[out_features], in_features, Role::NoDecay);
+        let quant = quant.map(|q| LayerQuant {
+            weight_bits: q.weight_bits,
+            input: ActQuant::new(
+                q.act_bits,
+                q.ema_momentum,
+                params.constant(&format!("{name}.act_scale"), &[1], 0.0, Role::Buffer),
+            ),
+        });
+        Self { in_features, out_features, weight, bias, quant }
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => {
+                let x = q.input.forward(x, train)?;
+                ops::linear(&x, &quantize_weight(self.weight.as_tensor(), q.weight_bits)?, self.bias.as_tensor())
+            }
+            None => ops::linear(x, self.weight.as_tensor(), self.bias.as_tensor()),
+        }
+    }
+}

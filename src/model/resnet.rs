@@ -1,0 +1,269 @@
+//! CIFAR ResNets of He et al. 2016 (section 4.2): a 3x3 stem, three stages of n BasicBlocks with
+//! 16/32/64 channels (times a width multiplier), parameter-free shortcuts (option A: subsample and
+//! zero-pad channels), global average pooling and one linear layer. n = 1, 2, 3 gives ResNet-8/14/20.
+
+use super::layers::{ConvBn, Linear, QuantSpec};
+use super::{Cost, Params};
+use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
+use crate::ops;
+use crate::regularize::prune::channel_mask;
+use candle_core::{Device, Result, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cell::RefCell;
+
+/// A residual block: two 3x3 ConvBn, ReLU, and an identity (or option-A) shortcut.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub conv1: ConvBn,
+    pub conv2: ConvBn,
+}
+
+/// What a network is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct NetSpec {
+    pub arch: Arch,
+    pub width: f64,
+    /// Input (channels, height, width).
+    pub input: [usize; 3],
+    /// Number of outputs (classes, or labels for multi-label heads).
+    pub outputs: usize,
+}
+
+/// The network with its parameters.
+#[derive(Debug)]
+pub struct ResNet {
+    pub spec: NetSpec,
+    pub params: Params,
+    pub stem: ConvBn,
+    pub blocks: Vec<Block>,
+    pub fc: Linear,
+    dropout: Option<(f64, DropoutPosition)>,
+    dropout_rng: RefCell<ChaCha8Rng>,
+}
+
+impl ResNet {
+    /// Builds the network for `spec`, wiring in the regularizer's layers (quantizers, dropout).
+    pub fn new(spec: NetSpec, regularizer: &Regularizer, device: &Device, seed: u64) -> Self {
+        let mut params = Params::new(device.clone(), seed);
+        let (inner, edge) = match regularizer {
+            Regularizer::Quantization { weight_bits, act_bits, first_last_bits, bn, ema_momentum } => (
+                Some(QuantSpec {
+                    weight_bits: *weight_bits,
+                    act_bits: *act_bits,
+                    ema_momentum: *ema_momentum,
+                    bn: *bn,
+                }),
+                Some(QuantSpec {
+                    weight_bits: *first_last_bits,
+                    act_bits: *first_last_bits,
+                    ema_momentum: *ema_momentum,
+                    bn: *bn,
+                }),
+            ),
+            _ => (None, None),
+        };
+        let dropout = match regularizer {
+            Regularizer::Dropout { p, position } => Some((*p, *position)),
+            _ => None,
+        };
+        let ch = |base: usize| ((base as f64 * spec.width).round() as usize).max(1);
+        let widths = [ch(16), ch(32), ch(64)];
+        let stem = ConvBn::new(&mut params, "stem", spec.input[0], widths[0], 3, 1, edge);
+        let mut blocks = Vec::new();
+        let mut in_ch = widths[0];
+        for (stage, &out_ch) in widths.iter().enumerate() {
+            for b in 0..spec.arch.blocks_per_stage() {
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                let name = format!("stage{}.block{}", stage + 1, b + 1);
+                let conv1 = ConvBn::new(&mut params, &format!("{name}.conv1"), in_ch, out_ch, 3, stride, inner);
+                let conv2 = ConvBn::new(&mut params, &format!("{name}.conv2"), out_ch, out_ch, 3, 1, inner);
+                blocks.push(Block { conv1, conv2 });
+                in_ch = out_ch;
+            }
+        }
+        let fc = Linear::new(&mut params, "fc", in_ch, spec.outputs, edge);
+        Self {
+            spec,
+            params,
+            stem,
+            blocks,
+            fc,
+            dropout,
+            dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed ^ 0xd20)),
+        }
+    }
+
+    /// Logits (N, outputs) for a batch of NCHW images.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = self.stem.forward(x, train, true)?;
+        for block in &self.blocks {
+            let r = block.conv1.forward(&h, train, true)?;
+            let r = block.conv2.forward(&r, train, false)?;
+            h = ops::add_relu(&r, &shortcut(&h, block.conv1.stride, block.conv2.out_ch)?)?;
+            if let Some((p, DropoutPosition::Blocks)) = self.dropout {
+                h = self.drop(&h, p, train)?;
+            }
+        }
+        let mut pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
+        if let Some((p, DropoutPosition::Classifier)) = self.dropout {
+            pooled = self.drop(&pooled, p, train)?;
+        }
+        self.fc.forward(&pooled, train)
+    }
+
+    /// Inverted dropout with our own seeded mask, so runs are reproducible.
+    fn drop(&self, x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+        if !train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut rng = self.dropout_rng.borrow_mut();
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random_bool(p) { 0.0 } else { scale }).collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
+
+    /// Layers that structured pruning may shrink: the inner convolution of every block. The stem and
+    /// classifier (first and last layers) and the residual stream's channels are left whole.
+    pub fn prunable(&self) -> impl Iterator<Item = &ConvBn> {
+        self.blocks.iter().map(|b| &b.conv1)
+    }
+
+    /// Removes `ratio` of the output channels of every prunable layer by L1 norm; returns the channels
+    /// kept per layer.
+    pub fn prune(&mut self, ratio: f64, criterion: PruneCriterion) -> Result<Vec<usize>> {
+        let device = self.params.device.clone();
+        let mut kept = Vec::new();
+        for block in &mut self.blocks {
+            let keep = channel_mask(&block.conv1.channel_l1()?, ratio, criterion);
+            kept.push(keep.iter().filter(|k| **k).count());
+            let mask: Vec<f32> = keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+            block.conv1.keep = Some(Tensor::new(mask, &device)?);
+        }
+        Ok(kept)
+    }
+
+    /// Parameters and multiply-accumulates per image that still affect the output (pruned channels
+    /// and the input slices of the next layer that read them are not counted).
+    pub fn cost(&self) -> Result<Cost> {
+        let [_, mut h, mut w] = self.spec.input;
+        let mut cost = Cost::default();
+        let mut conv = |c: &ConvBn, in_ch: usize, out_ch: usize, h: &mut usize, w: &mut usize| {
+            *h = h.div_ceil(c.stride);
+            *w = w.div_ceil(c.stride);
+            let k2 = c.kernel * c.kernel;
+            cost.params += out_ch * in_ch * k2 + 2 * out_ch;
+            cost.macs += out_ch * in_ch * k2 * *h * *w;
+        };
+        conv(&self.stem, self.stem.in_ch, self.stem.out_ch, &mut h, &mut w);
+        for b in &self.blocks {
+            let mid = b.conv1.kept_channels()?;
+            conv(&b.conv1, b.conv1.in_ch, mid, &mut h, &mut w);
+            conv(&b.conv2, mid, b.conv2.out_ch, &mut h, &mut w);
+        }
+        cost.params += self.fc.in_features * self.fc.out_features + self.fc.out_features;
+        cost.macs += self.fc.in_features * self.fc.out_features;
+        Ok(cost)
+    }
+
+    /// Whether batch norm is folded into quantized weights.
+    pub fn bn_folded(&self) -> bool {
+        self.stem.quant.is_some() && self.stem.bn_mode == BnMode::Fold
+    }
+}
+
+/// Option-A shortcut: identity, or for a strided block every other pixel with zero channels appended.
+fn shortcut(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if stride == 1 && c == out_ch {
+        return Ok(x.clone());
+    }
+    let mut y = x.clone();
+    if stride > 1 {
+        let rows = Tensor::arange_step(0u32, h as u32, stride as u32, x.device())?;
+        let cols = Tensor::arange_step(0u32, w as u32, stride as u32, x.device())?;
+        y = y.index_select(&rows, 2)?.index_select(&cols, 3)?;
+    }
+    if out_ch > c {
+        let (_, _, h2, w2) = y.dims4()?;
+        let zeros = Tensor::zeros((n, out_ch - c, h2, w2), y.dtype(), y.device())?;
+        y = Tensor::cat(&[&y, &zeros], 1)?;
+    }
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arch: Arch, width: f64) -> NetSpec {
+        NetSpec { arch, width, input: [3, 32, 32], outputs: 10 }
+    }
+
+    #[test]
+    fn resnet20_has_the_published_parameter_count() {
+        // He et al. 2016, Table 6: ResNet-20 has 0.27M parameters (269,722 with BN affine and the classifier).
+        let net = ResNet::new(spec(Arch::Resnet20, 1.0), &Regularizer::None, &Device::Cpu, 0);
+        assert_eq!(net.params.trainable_count(), 269_722);
+        assert_eq!(net.cost().unwrap().params, 269_722);
+        assert_eq!(net.blocks.len(), 9);
+        // ~40.8M MACs per 32x32 image.
+        let macs = net.cost().unwrap().macs;
+        assert!((40_000_000..42_000_000).contains(&macs), "{macs}");
+        let r8 = ResNet::new(spec(Arch::Resnet8, 1.0), &Regularizer::None, &Device::Cpu, 0);
+        assert_eq!(r8.params.trainable_count(), 75_290);
+    }
+
+    #[test]
+    fn forward_shapes_for_odd_and_small_inputs() {
+        for input in [[1, 8, 8], [3, 9, 7]] {
+            let net = ResNet::new(
+                NetSpec { arch: Arch::Resnet8, width: 0.5, input, outputs: 4 },
+                &Regularizer::None,
+                &Device::Cpu,
+                0,
+            );
+            let x = Tensor::zeros((2, input[0], input[1], input[2]), candle_core::DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(net.forward(&x, true).unwrap().dims(), &[2, 4]);
+            assert_eq!(net.forward(&x, false).unwrap().dims(), &[2, 4]);
+        }
+    }
+
+    #[test]
+    fn pruning_removes_channels_parameters_and_macs() {
+        let mut net = ResNet::new(spec(Arch::Resnet20, 1.0), &Regularizer::None, &Device::Cpu, 0);
+        let before = net.cost().unwrap();
+        let kept = net.prune(0.75, PruneCriterion::LowestL1).unwrap();
+        assert_eq!(kept, vec![4, 4, 4, 8, 8, 8, 16, 16, 16]);
+        let after = net.cost().unwrap();
+        assert!(after.params < before.params / 2, "{before:?} -> {after:?}");
+        assert!(after.macs < before.macs / 2);
+        // The removed channels really output zero.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let h = net.stem.forward(&x, false, true).unwrap();
+        let mid = net.blocks[0].conv1.forward(&h, false, true).unwrap();
+        let per_channel = mid.abs().unwrap().sum((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(per_channel.iter().filter(|v| **v == 0.0).count(), 12);
+    }
+
+    #[test]
+    fn quantized_fold_and_keep_run_forward_and_backward() {
+        for bn in [BnMode::Fold, BnMode::Keep] {
+            let reg =
+                Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.9 };
+            let net = ResNet::new(
+                NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 8, 8], outputs: 10 },
+                &reg,
+                &Device::Cpu,
+                1,
+            );
+            let x = Tensor::randn(0f32, 1.0, (4, 3, 8, 8), &Device::Cpu).unwrap();
+            let y = net.forward(&x, true).unwrap();
+            let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            let g = grads.get(net.stem.weight.as_tensor()).expect("stem weight gets a gradient");
+            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+            let eval = net.forward(&x, false).unwrap();
+            assert!(eval.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+        }
+    }
+}

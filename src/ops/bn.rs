@@ -1,0 +1,550 @@
+//! Batch norm in training mode (optionally fused with the ReLU that follows), with its own backward, on
+//! the CPU. candle's composite version reduces over a transposed copy and makes several passes per op;
+//! here statistics take one parallel pass per channel and the backward two.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("batch norm: {what} must be f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("batch norm: {what} must be contiguous"),
+    }
+}
+
+/// (N, C, H·W) of an NCHW layout.
+fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
+    let d = l.dims();
+    if d.len() != 4 {
+        candle_core::bail!("batch norm expects NCHW, got {d:?}");
+    }
+    Ok((d[0], d[1], d[2] * d[3]))
+}
+
+/// Per-channel statistics of one plane set: the planes of channel `c` over the batch.
+fn planes<'a>(x: &'a [f32], (n, c, p): (usize, usize, usize), ch: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+    (0..n).map(move |i| &x[(i * c + ch) * p..(i * c + ch + 1) * p])
+}
+
+/// Mean and biased variance per channel, as a (2, C) tensor, differentiable.
+struct Moments;
+
+impl CustomOp1 for Moments {
+    fn name(&self) -> &'static str {
+        "qat-bn-moments"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "input")?;
+        let d = dims(l)?;
+        let count = (d.0 * d.2) as f64;
+        let stats: Vec<(f32, f32)> = (0..d.1)
+            .into_par_iter()
+            .map(|ch| {
+                let sum: f64 = planes(x, d, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
+                let mean = sum / count;
+                let sq: f64 = planes(x, d, ch).map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum();
+                (mean as f32, (sq / count) as f32)
+            })
+            .collect();
+        let mut out: Vec<f32> = stats.iter().map(|s| s.0).collect();
+        out.extend(stats.iter().map(|s| s.1));
+        Ok((CpuStorage::F32(out), Shape::from((2, d.1))))
+    }
+
+    /// d mean/dx = 1/M, d var/dx = 2(x − mean)/M.
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c, h, w) = x.dims4()?;
+        let m = (n * h * w) as f64;
+        let mean = res.get(0)?.reshape((1, c, 1, 1))?;
+        let g_mean = grad.get(0)?.reshape((1, c, 1, 1))?;
+        let g_var = grad.get(1)?.reshape((1, c, 1, 1))?;
+        let centred = x.broadcast_sub(&mean)?;
+        let dx = (centred.broadcast_mul(&g_var)? * (2.0 / m))?.broadcast_add(&(g_mean / m)?)?;
+        Ok(Some(dx))
+    }
+}
+
+/// Training-mode batch norm with fixed batch statistics (computed by [`Moments`] from the same input),
+/// `relu` fused. Inputs: x, gamma, beta.
+struct BnTrain {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "qat-bn-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "input")?;
+        let gamma = slice(s2, l2, "gamma")?;
+        let beta = slice(s3, l3, "beta")?;
+        let (_, c, p) = dims(l1)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
+            let ch = i % c;
+            let scale = gamma[ch] * self.invstd[ch];
+            let shift = beta[ch] - self.mean[ch] * scale;
+            if self.relu {
+                // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| {
+                    let v = x * scale + shift;
+                    *y = if v < 0.0 { 0.0 } else { v };
+                });
+            } else {
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * scale + shift);
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let sums = dy.apply_op3_no_bwd(
+            x,
+            y,
+            &BnGradSums { mean: self.mean.clone(), invstd: self.invstd.clone(), relu: self.relu },
+        )?;
+        let c = self.mean.len();
+        let dbeta = sums.narrow(0, 0, 1)?.reshape(c)?;
+        let dgamma = sums.narrow(0, 1, 1)?.reshape(c)?;
+        let dx = dy.apply_op3_no_bwd(
+            x,
+            y,
+            &BnInputGrad {
+                mean: self.mean.clone(),
+                invstd: self.invstd.clone(),
+                gamma: gamma.to_vec1::<f32>()?,
+                sums: sums.flatten_all()?.to_vec1::<f32>()?,
+                relu: self.relu,
+            },
+        )?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU), as a (2, C) tensor.
+struct BnGradSums {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp3 for BnGradSums {
+    fn name(&self) -> &'static str {
+        "qat-bn-grad-sums"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dy = slice(s1, l1, "gradient")?;
+        let x = slice(s2, l2, "input")?;
+        let y = slice(s3, l3, "output")?;
+        let d = dims(l2)?;
+        let sums: Vec<(f32, f32)> = (0..d.1)
+            .into_par_iter()
+            .map(|ch| {
+                let (m, is) = (self.mean[ch], self.invstd[ch]);
+                let (mut s1, mut s2) = (0f64, 0f64);
+                for ((g, xp), yp) in planes(dy, d, ch).zip(planes(x, d, ch)).zip(planes(y, d, ch)) {
+                    let (mut a, mut b) = (0f32, 0f32);
+                    for ((&g, &x), &y) in g.iter().zip(xp).zip(yp) {
+                        let g = if self.relu && y <= 0.0 { 0.0 } else { g };
+                        a += g;
+                        b += g * (x - m) * is;
+                    }
+                    s1 += a as f64;
+                    s2 += b as f64;
+                }
+                (s1 as f32, s2 as f32)
+            })
+            .collect();
+        let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
+        out.extend(sums.iter().map(|s| s.1));
+        Ok((CpuStorage::F32(out), Shape::from((2, d.1))))
+    }
+}
+
+/// dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M).
+struct BnInputGrad {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    gamma: Vec<f32>,
+    /// Σdy' for every channel, then Σdy'·x̂.
+    sums: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp3 for BnInputGrad {
+    fn name(&self) -> &'static str {
+        "qat-bn-input-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dy = slice(s1, l1, "gradient")?;
+        let x = slice(s2, l2, "input")?;
+        let y = slice(s3, l3, "output")?;
+        let (n, c, p) = dims(l2)?;
+        let m = (n * p) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(p).enumerate().for_each(|(i, dxp)| {
+            let ch = i % c;
+            let (mean, is, g) = (self.mean[ch], self.invstd[ch], self.gamma[ch]);
+            let (s1, s2) = (self.sums[ch] / m, self.sums[c + ch] / m);
+            let k = g * is;
+            let range = i * p..(i + 1) * p;
+            for ((d, (&gy, &xv)), &yv) in
+                dxp.iter_mut().zip(dy[range.clone()].iter().zip(&x[range.clone()])).zip(&y[range])
+            {
+                let gy = if self.relu && yv <= 0.0 { 0.0 } else { gy };
+                let xhat = (xv - mean) * is;
+                *d = k * (gy - s1 - xhat * s2);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l2.shape().clone()))
+    }
+}
+
+/// Per-channel mean and biased variance of f32 NCHW `x` on the CPU, each shaped (C), differentiable.
+pub fn moments_cpu(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let m = x.contiguous()?.apply_op1(Moments)?;
+    Ok((m.get(0)?, m.get(1)?))
+}
+
+/// Training batch norm (+ ReLU) on the CPU; returns the output and the batch mean and variance.
+pub fn batch_norm_train_cpu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let m = x.apply_op1_no_bwd(&Moments)?;
+    let (mean, var) = (m.get(0)?, m.get(1)?);
+    let mean_v = mean.to_vec1::<f32>()?;
+    let invstd: Vec<f32> = var.to_vec1::<f32>()?.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+    let y = x.apply_op3(gamma, beta, BnTrain { mean: mean_v, invstd, relu })?;
+    Ok((y, mean, var))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> =
+            (0..n).map(|i| (((i as u64 * 2654435761 + seed * 40503) % 1000) as f32 / 300.0) - 1.2).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// candle's own ops: the reference.
+    fn reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Tensor {
+        let c = x.dim(1).unwrap();
+        let flat = x.transpose(0, 1).unwrap().flatten_from(1).unwrap();
+        let mean = flat.mean(D::Minus1).unwrap();
+        let var = flat.broadcast_sub(&mean.reshape((c, 1)).unwrap()).unwrap().sqr().unwrap().mean(D::Minus1).unwrap();
+        let xhat = x
+            .broadcast_sub(&mean.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap().reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        let y = xhat
+            .broadcast_mul(&gamma.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&beta.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        if relu {
+            y.relu().unwrap()
+        } else {
+            y
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn matches_candle_reference_values_and_gradients() {
+        for (shape, relu) in [([4, 3, 5, 5], false), ([2, 5, 3, 7], true), ([7, 2, 1, 1], true), ([1, 4, 6, 6], false)]
+        {
+            let x = Var::from_tensor(&rand(&shape, 1)).unwrap();
+            let gamma = Var::from_tensor(&rand(&[shape[1]], 2)).unwrap();
+            let beta = Var::from_tensor(&rand(&[shape[1]], 3)).unwrap();
+            let (ours, mean, var) =
+                batch_norm_train_cpu(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5, relu).unwrap();
+            let refr = reference(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), relu);
+            assert!(max_diff(&ours, &refr) < 1e-4, "forward {shape:?}");
+            let flat = x.as_tensor().transpose(0, 1).unwrap().flatten_from(1).unwrap();
+            assert!(max_diff(&mean, &flat.mean(D::Minus1).unwrap()) < 1e-5);
+            assert!(var.min(0).unwrap().to_scalar::<f32>().unwrap() >= 0.0);
+            let up = rand(&shape, 4);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (refr * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &gamma, &beta] {
+                let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(d < 2e-3, "gradient {shape:?} relu={relu}: {d}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod moment_tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn moments_gradient_matches_candle_composite() {
+        let data: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 37 % 23) as f32 / 7.0) - 1.5).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(data, (2, 3, 4, 5), &Device::Cpu).unwrap()).unwrap();
+        let (m, v) = moments_cpu(x.as_tensor()).unwrap();
+        let loss = ((m * 3.0).unwrap().sum_all().unwrap() + v.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let g1 = loss.backward().unwrap();
+        let flat = x.as_tensor().transpose(0, 1).unwrap().flatten_from(1).unwrap();
+        let m2 = flat.mean(D::Minus1).unwrap();
+        let v2 = flat.broadcast_sub(&m2.reshape((3, 1)).unwrap()).unwrap().sqr().unwrap().mean(D::Minus1).unwrap();
+        let loss2 = ((m2 * 3.0).unwrap().sum_all().unwrap() + v2.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let g2 = loss2.backward().unwrap();
+        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+}
+
+/// `y = x·scale[c] + shift[c]`, differentiable in all three. Inputs: x (NCHW), scale (C), shift (C).
+struct ChannelAffine;
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "qat-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "input")?;
+        let scale = slice(s2, l2, "scale")?;
+        let shift = slice(s3, l3, "shift")?;
+        let (_, c, p) = dims(l1)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
+            let (a, b) = (scale[i % c], shift[i % c]);
+            yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * a + b);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let c = scale.dim(0)?;
+        let sums = dy.apply_op2_no_bwd(x, &AffineGradSums)?;
+        let dshift = sums.get(0)?;
+        let dscale = sums.get(1)?;
+        let zeros = Tensor::zeros(c, scale.dtype(), scale.device())?;
+        let dx = dy.apply_op3_no_bwd(scale, &zeros, &ChannelAffine)?;
+        Ok((Some(dx), Some(dscale), Some(dshift)))
+    }
+}
+
+/// Per channel: Σ dy and Σ dy·x, as a (2, C) tensor.
+struct AffineGradSums;
+
+impl candle_core::CustomOp2 for AffineGradSums {
+    fn name(&self) -> &'static str {
+        "qat-affine-grad-sums"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = slice(s1, l1, "gradient")?;
+        let x = slice(s2, l2, "input")?;
+        let d = dims(l2)?;
+        let sums: Vec<(f32, f32)> = (0..d.1)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut a, mut b) = (0f64, 0f64);
+                for (g, xp) in planes(dy, d, ch).zip(planes(x, d, ch)) {
+                    a += g.iter().sum::<f32>() as f64;
+                    b += g.iter().zip(xp).map(|(g, x)| g * x).sum::<f32>() as f64;
+                }
+                (a as f32, b as f32)
+            })
+            .collect();
+        let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
+        out.extend(sums.iter().map(|s| s.1));
+        Ok((CpuStorage::F32(out), Shape::from((2, d.1))))
+    }
+}
+
+/// `x·scale[c] + shift[c]` on f32 NCHW `x` on the CPU, differentiable.
+pub fn channel_affine_cpu(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine)
+}
+
+#[cfg(test)]
+mod affine_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn channel_affine_matches_broadcast_ops_with_gradients() {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..3 * 2 * 3 * 4).map(|i| ((i * 31 % 17) as f32 / 5.0) - 1.0).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(data, (3, 2, 3, 4), &dev).unwrap()).unwrap();
+        let a = Var::new(&[0.5f32, -2.0], &dev).unwrap();
+        let b = Var::new(&[1.0f32, 0.25], &dev).unwrap();
+        let up = Tensor::arange(0f32, 72.0, &dev).unwrap().reshape((3, 2, 3, 4)).unwrap();
+        let ours = channel_affine_cpu(x.as_tensor(), a.as_tensor(), b.as_tensor()).unwrap();
+        let refr = x
+            .as_tensor()
+            .broadcast_mul(&a.as_tensor().reshape((1, 2, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, 2, 1, 1)).unwrap())
+            .unwrap();
+        let diff = |p: &Tensor, q: &Tensor| {
+            (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&ours, &refr) < 1e-6);
+        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (refr * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &a, &b] {
+            assert!(diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-3);
+        }
+    }
+}
+
+/// `relu(a + b)` in one pass (the residual join), NaN-propagating like PyTorch's so that a diverging
+/// run shows up in its loss. Backward: the incoming gradient where the output is positive, to both.
+struct AddRelu;
+
+impl candle_core::CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "qat-add-relu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = slice(s1, l1, "lhs")?;
+        let b = slice(s2, l2, "rhs")?;
+        if a.len() != b.len() {
+            candle_core::bail!("add_relu: shapes differ ({:?} vs {:?})", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(16 * 1024).zip(a.par_chunks(16 * 1024).zip(b.par_chunks(16 * 1024))).for_each(
+            |(yc, (ac, bc))| {
+                for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+                    let v = a + b;
+                    *y = if v < 0.0 { 0.0 } else { v };
+                }
+            },
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(&self, _a: &Tensor, _b: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?.apply_op2_no_bwd(y, &ReluGrad)?;
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// The gradient where the forward output is positive.
+struct ReluGrad;
+
+impl candle_core::CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "qat-relu-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = slice(s1, l1, "gradient")?;
+        let y = slice(s2, l2, "output")?;
+        let mut d = vec![0f32; g.len()];
+        d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
+            |(dc, (gc, yc))| {
+                for ((d, &g), &y) in dc.iter_mut().zip(gc).zip(yc) {
+                    *d = if y > 0.0 { g } else { 0.0 };
+                }
+            },
+        );
+        Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+}
+
+/// `relu(a + b)` for two f32 tensors of the same shape on the CPU, differentiable.
+pub fn add_relu_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+#[cfg(test)]
+mod add_relu_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_candle_and_propagates_nan() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[1.0f32, -2.0, 0.5, 3.0], &dev).unwrap();
+        let b = Var::new(&[-0.5f32, 1.0, -1.0, 1.0], &dev).unwrap();
+        let y = add_relu_cpu(a.as_tensor(), b.as_tensor()).unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), vec![0.5, 0.0, 0.0, 4.0]);
+        let up = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev).unwrap();
+        let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 0.0, 0.0, 4.0]);
+        assert_eq!(g.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 0.0, 0.0, 4.0]);
+        let nan = add_relu_cpu(&Tensor::new(&[f32::NAN], &dev).unwrap(), &Tensor::new(&[1f32], &dev).unwrap()).unwrap();
+        assert!(nan.to_vec1::<f32>().unwrap()[0].is_nan());
+    }
+}

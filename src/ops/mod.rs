@@ -1,0 +1,177 @@
+//! The hot tensor operations, in one place: models call layers, layers call these. A faster kernel for
+//! one op (a custom CPU convolution, a CUDA path) replaces it here without touching any model.
+//!
+//! Every op here is differentiable through candle's autograd.
+
+pub mod bn;
+pub mod conv;
+pub mod quant;
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// 2-D convolution of NCHW `x` with OIHW `w` (square kernel, same stride and padding on both axes).
+/// On the CPU our own im2col + GEMM kernels ([`conv`]); elsewhere candle's.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        conv::conv2d_cpu(x, w, stride, padding)
+    } else {
+        x.conv2d(w, padding, stride, 1, 1)
+    }
+}
+
+/// `x @ w^T + b` for a batch of row vectors.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// Per-channel mean and biased variance of NCHW `x` over batch and space, each shaped (C);
+/// differentiable (the folded-BN path trains through them).
+pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return bn::moments_cpu(x);
+    }
+    let c = x.dim(1)?;
+    // (N, C, H*W) -> mean over N and H*W.
+    let flat = x.transpose(0, 1)?.flatten_from(1)?; // (C, N*H*W)
+    let mean = flat.mean(D::Minus1)?;
+    let centred = flat.broadcast_sub(&mean.reshape((c, 1))?)?;
+    let var = centred.sqr()?.mean(D::Minus1)?;
+    Ok((mean, var))
+}
+
+/// Training-mode batch norm of NCHW `x` with batch statistics, optionally fused with a ReLU; returns
+/// the output and the (detached) batch mean and biased variance for the running averages.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return bn::batch_norm_train_cpu(x, gamma, beta, eps, relu);
+    }
+    let (mean, var) = channel_stats(x)?;
+    let scale = (gamma / (&var + eps)?.sqrt()?)?;
+    let shift = (beta - (&mean * &scale)?)?;
+    let y = channel_affine(x, &scale, &shift)?;
+    let y = if relu { y.relu()? } else { y };
+    Ok((y, mean.detach(), var.detach()))
+}
+
+/// `relu(a + b)`: the residual join of a ResNet block. NaN propagates (a diverging run must show it).
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == DType::F32 && a.dims() == b.dims() {
+        return bn::add_relu_cpu(a, b);
+    }
+    (a + b)?.relu()
+}
+
+/// `x * scale[c] + shift[c]` on NCHW `x`; `scale`, `shift` shaped (C).
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return bn::channel_affine_cpu(x, scale, shift);
+    }
+    let c = x.dim(1)?;
+    x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)
+}
+
+/// Rounds `x` onto the symmetric grid of `levels` = 2^(b-1)-1 steps per side of `scale` (λ):
+/// `round(clamp(x, -λ, λ) · levels/λ) · λ/levels`. `scale` broadcasts against `x`.
+/// The value only: its gradient is zero almost everywhere (see [`fake_quant`]).
+pub fn quantize(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor> {
+    let scale = scale.clamp(1e-8f32, f32::MAX)?;
+    let neg = scale.neg()?;
+    let clamped = x.broadcast_maximum(&neg)?.broadcast_minimum(&scale)?;
+    let step = (scale / levels)?;
+    clamped.broadcast_div(&step)?.round()?.broadcast_mul(&step)
+}
+
+/// Quantization with the straight-through estimator: the forward value is [`quantize`]'s, the gradient
+/// with respect to `x` is the incoming gradient unchanged (`x + (q(x) - x).detach()`).
+pub fn fake_quant(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor> {
+    let per_tensor_or_leading = scale.elem_count() == 1 || scale.elem_count() == x.dim(0)?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && per_tensor_or_leading {
+        return quant::fake_quant_cpu(x, scale, levels);
+    }
+    let q = quantize(x, scale, levels)?;
+    x + (q - x)?.detach()
+}
+
+/// Mean cross-entropy between logits (N, C) and soft targets (N, C).
+pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    (targets * log_p)?.sum(D::Minus1)?.mean_all()?.neg()
+}
+
+/// Numerically stable mean binary cross-entropy on logits: max(z,0) - z·y + log(1 + e^-|z|),
+/// weighted by `mask` (1 = label known, 0 = unknown), averaged over known labels.
+pub fn masked_bce_with_logits(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let relu = logits.relu()?;
+    let log1p = logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    let per = ((relu - (logits * targets)?)? + log1p)?;
+    let known = mask.sum_all()?.to_dtype(DType::F32)?.clamp(1f32, f32::MAX)?;
+    (per * mask)?.sum_all()?.div(&known)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn channel_stats_match_a_direct_computation() {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..2 * 3 * 2 * 2).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::from_vec(data.clone(), (2, 3, 2, 2), &dev).unwrap();
+        let (m, v) = channel_stats(&x).unwrap();
+        let m = m.to_vec1::<f32>().unwrap();
+        let v = v.to_vec1::<f32>().unwrap();
+        for c in 0..3 {
+            let vals: Vec<f32> =
+                (0..2).flat_map(|n| (0..4).map(move |p| (n, p))).map(|(n, p)| data[n * 12 + c * 4 + p]).collect();
+            let mean = vals.iter().sum::<f32>() / 8.0;
+            let var = vals.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 8.0;
+            assert!((m[c] - mean).abs() < 1e-5 && (v[c] - var).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn bce_is_stable_for_large_logits() {
+        let dev = Device::Cpu;
+        let z = Tensor::new(&[[100f32, -100.0, 0.0]], &dev).unwrap();
+        let y = Tensor::new(&[[1f32, 0.0, 1.0]], &dev).unwrap();
+        let m = Tensor::new(&[[1f32, 1.0, 1.0]], &dev).unwrap();
+        let l = masked_bce_with_logits(&z, &y, &m).unwrap().to_scalar::<f32>().unwrap();
+        assert!((l - (2f32.ln() / 3.0)).abs() < 1e-5, "{l}");
+        let m = Tensor::new(&[[1f32, 1.0, 0.0]], &dev).unwrap();
+        let l = masked_bce_with_logits(&z, &y, &m).unwrap().to_scalar::<f32>().unwrap();
+        assert!(l.abs() < 1e-6, "unknown labels are masked out: {l}");
+    }
+
+    #[test]
+    fn fused_fake_quant_matches_the_composite_values() {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..6 * 50).map(|i| ((i * 7919 % 1000) as f32 / 250.0) - 2.0).collect();
+        let x = Tensor::from_vec(data, (6, 50), &dev).unwrap();
+        let per_row = Tensor::new(&[0.5f32, 1.0, 1.5, 2.0, 0.1, 3.0], &dev).unwrap().reshape((6, 1)).unwrap();
+        for (scale, levels) in [(per_row, 7.0), (Tensor::new(&[1.2f32], &dev).unwrap(), 127.0)] {
+            let fused = quant::fake_quant_cpu(&x, &scale, levels).unwrap();
+            let composite = quantize(&x, &scale, levels).unwrap();
+            let d = (fused - composite).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn fake_quant_gradient_is_the_incoming_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::new(&[0.33f32, -0.71, 1.5, -2.0], &dev).unwrap();
+        let s = Tensor::new(&[1.0f32], &dev).unwrap();
+        let y = fake_quant(x.as_tensor(), &s, 7.0).unwrap();
+        let upstream = Tensor::new(&[1.0f32, 2.0, 3.0, 4.0], &dev).unwrap();
+        let grads = (y * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+}

@@ -1,0 +1,157 @@
+//! Quantization-aware training: symmetric uniform fake-quantization with a straight-through gradient.
+//!
+//! Weights use one scale per output channel, λ_c = max|W_c|, recomputed every step. Activations (layer
+//! inputs) use one scale per tensor, λ = max|X| of the batch in training, and an exponential moving
+//! average of it in eval.
+
+use crate::ops;
+use candle_core::{Result, Tensor, Var};
+
+/// Bits that mean "leave this tensor in float".
+pub const FLOAT_BITS: u32 = 32;
+
+/// Grid steps on each side of zero: 2^(b-1) - 1 (so a b-bit grid has 2^b - 1 levels).
+pub fn levels(bits: u32) -> f64 {
+    ((1u64 << (bits - 1)) - 1) as f64
+}
+
+/// Per-output-channel scales max|W_c| of a weight tensor (O, ...), shaped (O, 1, ..., 1) to broadcast.
+pub fn weight_scales(w: &Tensor) -> Result<Tensor> {
+    let o = w.dim(0)?;
+    let mut shape = vec![o];
+    shape.extend(std::iter::repeat_n(1, w.rank() - 1));
+    w.abs()?.flatten_from(1)?.max_keepdim(1)?.reshape(shape)
+}
+
+/// Fake-quantizes a weight tensor per output channel (identity when `bits` is float).
+pub fn quantize_weight(w: &Tensor, bits: u32) -> Result<Tensor> {
+    if bits >= FLOAT_BITS {
+        return Ok(w.clone());
+    }
+    let scales = weight_scales(&w.detach())?;
+    ops::fake_quant(w, &scales, levels(bits))
+}
+
+/// The input quantizer of one layer: its bit-width and the moving average of its scale.
+#[derive(Debug, Clone)]
+pub struct ActQuant {
+    pub bits: u32,
+    pub momentum: f64,
+    /// Moving average of max|X|; 0 until the first training batch.
+    pub ema: Var,
+}
+
+impl ActQuant {
+    pub fn new(bits: u32, momentum: f64, ema: Var) -> Self {
+        Self { bits, momentum, ema }
+    }
+
+    /// Fake-quantizes a layer input. Training uses the batch's max|X| and updates the moving average;
+    /// eval uses the moving average (falling back to the batch scale before any training step).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.bits >= FLOAT_BITS {
+            return Ok(x.clone());
+        }
+        let batch_scale = x.detach().abs()?.max_all()?.reshape(1)?;
+        let ema = self.ema.as_tensor();
+        let seen = ema.to_vec1::<f32>()?[0] > 0.0;
+        let scale = if train {
+            let updated = if seen {
+                ((ema * self.momentum)? + (&batch_scale * (1.0 - self.momentum))?)?
+            } else {
+                batch_scale.clone()
+            };
+            self.ema.set(&updated)?;
+            batch_scale
+        } else if seen {
+            ema.clone()
+        } else {
+            batch_scale
+        };
+        ops::fake_quant(x, &scale, levels(self.bits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use proptest::prelude::*;
+
+    fn distinct(values: &[f32]) -> usize {
+        let mut v: Vec<i64> = values.iter().map(|x| (x * 1e5).round() as i64).collect();
+        v.sort();
+        v.dedup();
+        v.len()
+    }
+
+    proptest! {
+        #[test]
+        fn a_b_bit_grid_has_at_most_2_pow_b_minus_1_levels(bits in 2u32..=8, seed in 0u64..200) {
+            let dev = Device::Cpu;
+            let n = 4000;
+            let data: Vec<f32> = (0..n).map(|i| (((i as u64 * 2654435761 + seed * 97) % 10007) as f32 / 10007.0) * 2.0 - 1.0).collect();
+            let x = Tensor::from_vec(data, n, &dev).unwrap();
+            let s = x.abs().unwrap().max_all().unwrap().reshape(1).unwrap();
+            let q = ops::quantize(&x, &s, levels(bits)).unwrap().to_vec1::<f32>().unwrap();
+            let max_levels = (1usize << bits) - 1;
+            prop_assert!(distinct(&q) <= max_levels);
+            // dense enough input hits every level
+            prop_assert_eq!(distinct(&q), max_levels);
+        }
+
+        #[test]
+        fn quantization_error_is_at_most_half_a_step(bits in 2u32..=8, scale in 0.01f32..10.0) {
+            let dev = Device::Cpu;
+            let data: Vec<f32> = (0..257).map(|i| (i as f32 / 128.0 - 1.0) * scale).collect();
+            let x = Tensor::from_vec(data.clone(), 257, &dev).unwrap();
+            let s = Tensor::new(&[scale], &dev).unwrap();
+            let q = ops::quantize(&x, &s, levels(bits)).unwrap().to_vec1::<f32>().unwrap();
+            let step = scale / levels(bits) as f32;
+            for (a, b) in data.iter().zip(&q) {
+                prop_assert!((a - b).abs() <= step / 2.0 + 1e-5 * scale);
+            }
+        }
+    }
+
+    #[test]
+    fn weight_scales_are_per_output_channel() {
+        let dev = Device::Cpu;
+        // channel 0 small, channel 1 large: per-channel scales keep channel 0's resolution.
+        let w = Tensor::new(&[[[[0.01f32, -0.02]]], [[[5.0, -3.0]]]], &dev).unwrap();
+        let s = weight_scales(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(s, vec![0.02, 5.0]);
+        let q = quantize_weight(&w, 4).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((q[0] - 0.01 * 7.0f32.recip() * 7.0).abs() < 0.002, "{q:?}");
+        assert!((q[1] + 0.02).abs() < 1e-6);
+        assert!((q[2] - 5.0).abs() < 1e-6);
+        assert!((q[3] + 3.0 * 7.0 / 7.0).abs() < 5.0 / 7.0 / 2.0 + 1e-6);
+    }
+
+    #[test]
+    fn weight_gradient_is_straight_through() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[0.3f32, -0.2, 0.77], [1.0, 0.5, -0.1]], &dev).unwrap();
+        let q = quantize_weight(w.as_tensor(), 3).unwrap();
+        let up = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev).unwrap();
+        let g = (q * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(w.as_tensor()).unwrap().to_vec2::<f32>().unwrap(), up.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn activation_scale_ema_is_used_in_eval() {
+        let dev = Device::Cpu;
+        let aq = ActQuant::new(4, 0.9, Var::new(&[0f32], &dev).unwrap());
+        let x1 = Tensor::new(&[1.0f32, -2.0], &dev).unwrap();
+        aq.forward(&x1, true).unwrap();
+        assert_eq!(aq.ema.as_tensor().to_vec1::<f32>().unwrap(), vec![2.0]);
+        let x2 = Tensor::new(&[4.0f32, 0.5], &dev).unwrap();
+        aq.forward(&x2, true).unwrap();
+        let ema = aq.ema.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((ema - (0.9 * 2.0 + 0.1 * 4.0)).abs() < 1e-6);
+        // Eval: an input beyond the EMA scale is clipped to it, not rescaled to its own max.
+        let y = aq.forward(&Tensor::new(&[10.0f32, 0.0], &dev).unwrap(), false).unwrap().to_vec1::<f32>().unwrap();
+        assert!((y[0] - ema).abs() < 1e-5, "{y:?}");
+        assert_eq!(aq.ema.as_tensor().to_vec1::<f32>().unwrap()[0], ema, "eval leaves the EMA alone");
+    }
+}

@@ -1,0 +1,44 @@
+//! Label smoothing (paper eq. 1): y' = (1 - α)·y + α/C.
+
+/// Smoothed one-hot targets for a batch of class labels, row-major (N, C).
+pub fn smooth_one_hot(labels: &[u32], num_classes: usize, alpha: f64) -> Vec<f32> {
+    let off = (alpha / num_classes as f64) as f32;
+    let on = (1.0 - alpha) as f32 + off;
+    let mut out = vec![off; labels.len() * num_classes];
+    for (i, &l) in labels.iter().enumerate() {
+        out[i * num_classes + l as usize] = on;
+    }
+    out
+}
+
+/// Label-wise smoothing of binary targets (multi-label, C = 2): y' = (1 - α)·y + α/2.
+pub fn smooth_binary(targets: &[f32], alpha: f64) -> Vec<f32> {
+    targets.iter().map(|&y| ((1.0 - alpha) * y as f64 + alpha / 2.0) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn matches_equation_one() {
+        let t = smooth_one_hot(&[2, 0], 4, 0.1);
+        let expected = [0.025, 0.025, 0.925, 0.025, 0.925, 0.025, 0.025, 0.025];
+        assert!(t.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{t:?}");
+        let b = smooth_binary(&[1.0, 0.0], 0.1);
+        assert!((b[0] - 0.95).abs() < 1e-6 && (b[1] - 0.05).abs() < 1e-6);
+    }
+
+    proptest! {
+        #[test]
+        fn rows_sum_to_one_and_argmax_is_kept(labels in proptest::collection::vec(0u32..10, 1..50), alpha in 0.0f64..0.9) {
+            let t = smooth_one_hot(&labels, 10, alpha);
+            for (i, row) in t.chunks(10).enumerate() {
+                prop_assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                let arg = row.iter().enumerate().max_by(|a, b| a.1.partial_cmp(b.1).unwrap()).unwrap().0;
+                prop_assert_eq!(arg as u32, labels[i]);
+            }
+        }
+    }
+}

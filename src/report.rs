@@ -1,0 +1,176 @@
+//! Tables from run records: final and best metrics with the gain over the baseline, and accuracy as a
+//! function of the noise rate (the paper's Fig. 2), as Markdown.
+
+use crate::runs::RunRecord;
+use std::collections::BTreeMap;
+
+/// Final test accuracy a record reports (kept weights), falling back to its last epoch.
+pub fn final_acc(r: &RunRecord) -> Option<f64> {
+    r.summary.as_ref().and_then(|s| s.final_eval_acc).or_else(|| r.metrics.last().map(|m| m.eval_acc))
+}
+
+/// Status name, with runs that stopped writing while "running" shown as interrupted.
+pub fn status_name(r: &RunRecord) -> &'static str {
+    match &r.summary {
+        Some(s) => s.status.name(),
+        None => "interrupted",
+    }
+}
+
+/// Key that groups runs trained on the same data: dataset, noise kind and rate.
+fn data_key(r: &RunRecord) -> (String, String, u64) {
+    let d = &r.experiment.data;
+    (d.dataset.name().to_string(), d.noise.kind.name().to_string(), (d.noise.rate * 1000.0).round() as u64)
+}
+
+/// The baseline's final accuracy for the same data, averaged over its seeds.
+pub fn baseline_acc(records: &[RunRecord], r: &RunRecord) -> Option<f64> {
+    let accs: Vec<f64> = records
+        .iter()
+        .filter(|b| b.experiment.regularizer.kind() == "none" && data_key(b) == data_key(r))
+        .filter_map(final_acc)
+        .collect();
+    mean(&accs)
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn std_dev(v: &[f64]) -> f64 {
+    let Some(m) = mean(v) else { return 0.0 };
+    if v.len() < 2 {
+        return 0.0;
+    }
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.2}", x * 100.0)).unwrap_or_else(|| "-".into())
+}
+
+/// One row per run: final and best accuracy, gain over the baseline on the same data, losses, memorisation.
+pub fn comparison_table(records: &[RunRecord]) -> String {
+    let mut out = String::from(
+        "| run | method | data | noise | status | epochs | final acc % | best acc % (epoch) | gain vs baseline | eval loss | gap | memorised % |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in records {
+        let s = r.summary.as_ref();
+        let last = r.metrics.last();
+        let best = s.and_then(|s| s.best.as_ref());
+        let gain = match (final_acc(r), baseline_acc(records, r)) {
+            (Some(a), Some(b)) if r.experiment.regularizer.kind() != "none" => {
+                format!("{:+.2}", (a - b) * 100.0)
+            }
+            _ => "-".into(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0}% {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.id(),
+            r.experiment.regularizer.label(),
+            r.experiment.data.dataset.name(),
+            r.experiment.data.noise.rate * 100.0,
+            r.experiment.data.noise.kind.name(),
+            status_name(r),
+            r.metrics.len(),
+            pct(final_acc(r)),
+            best.map(|b| format!("{:.2} ({})", b.eval_acc * 100.0, b.epoch)).unwrap_or_else(|| "-".into()),
+            gain,
+            last.map(|m| format!("{:.4}", m.eval_loss)).unwrap_or_else(|| "-".into()),
+            last.map(|m| format!("{:+.3}", m.gap)).unwrap_or_else(|| "-".into()),
+            pct(last.map(|m| m.memorized)),
+        ));
+    }
+    out
+}
+
+/// Accuracy (mean ± std over seeds) per method and noise rate, as in the paper's Fig. 2.
+pub fn noise_sweep_table(records: &[RunRecord]) -> String {
+    let mut rates: Vec<u64> = records.iter().map(|r| data_key(r).2).collect();
+    rates.sort();
+    rates.dedup();
+    let mut cells: BTreeMap<(String, u64), Vec<f64>> = BTreeMap::new();
+    for r in records {
+        if let Some(a) = final_acc(r) {
+            cells.entry((r.experiment.regularizer.label(), data_key(r).2)).or_default().push(a);
+        }
+    }
+    let methods: Vec<String> = {
+        let mut m: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
+        m.dedup();
+        m
+    };
+    let mut out = String::from("| method |");
+    for r in &rates {
+        out.push_str(&format!(" s={}% |", r / 10));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(rates.len()));
+    out.push('\n');
+    for m in methods {
+        out.push_str(&format!("| {m} |"));
+        for r in &rates {
+            match cells.get(&(m.clone(), *r)) {
+                Some(v) if v.len() > 1 => {
+                    out.push_str(&format!(" {:.2} ± {:.2} |", mean(v).unwrap_or(0.0) * 100.0, std_dev(v) * 100.0))
+                }
+                Some(v) => out.push_str(&format!(" {:.2} |", v[0] * 100.0)),
+                None => out.push_str(" - |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Experiment, Regularizer};
+    use crate::train::{EpochMetrics, Status, Summary};
+
+    fn record(reg: Regularizer, rate: f64, acc: f64) -> RunRecord {
+        let mut exp = Experiment { regularizer: reg, ..Default::default() };
+        exp.data.noise.rate = rate;
+        let m = EpochMetrics { epoch: 1, eval_acc: acc, ..Default::default() };
+        let summary = Summary {
+            run_id: "r".into(),
+            name: "n".into(),
+            label: exp.regularizer.label(),
+            status: Status::Completed,
+            message: None,
+            epochs_run: 1,
+            last: Some(m.clone()),
+            best: None,
+            final_eval_acc: Some(acc),
+            final_eval_loss: Some(1.0),
+            restored_epoch: None,
+            noise_rate: rate,
+            measured_noise_rate: rate,
+            params: 1,
+            macs: 1,
+            pruned_params: None,
+            pruned_macs: None,
+            wall_secs: 1.0,
+            device: "cpu".into(),
+        };
+        RunRecord { dir: "runs/x".into(), experiment: exp, metrics: vec![m], summary: Some(summary) }
+    }
+
+    #[test]
+    fn gain_is_measured_against_the_baseline_on_the_same_noise() {
+        let q = Regularizer::default_for("quantization").unwrap();
+        let recs = vec![
+            record(Regularizer::None, 0.4, 0.60),
+            record(q.clone(), 0.4, 0.70),
+            record(Regularizer::None, 0.2, 0.80),
+            record(q, 0.2, 0.78),
+        ];
+        let t = comparison_table(&recs);
+        assert!(t.contains("+10.00"), "{t}");
+        assert!(t.contains("-2.00"), "{t}");
+        let s = noise_sweep_table(&recs);
+        assert!(s.contains("s=20%") && s.contains("s=40%"), "{s}");
+        assert!(s.contains("| W4/A4 | 78.00 | 70.00 |"), "{s}");
+    }
+}

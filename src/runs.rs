@@ -1,0 +1,172 @@
+//! Run records on disk: `runs/<id>/` with `experiment.toml`, `metrics.jsonl`, `summary.json` and the
+//! weights as safetensors. Every file is written atomically (temp file, fsync, rename), so a crash or a
+//! Ctrl-C never leaves a half-written record.
+
+use crate::config::Experiment;
+use crate::train::{EpochMetrics, Summary};
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const EXPERIMENT_FILE: &str = "experiment.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+/// Weights the run keeps (last epoch, or best-validation under early stopping).
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Default folder for run records.
+pub fn default_root() -> PathBuf {
+    std::env::var("QAT_LAB_RUNS").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("runs"))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// The folder of one run.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `root/<utc timestamp>-<name>-<regularizer>` (with a suffix if taken) and writes the experiment.
+    pub fn create(root: &Path, exp: &Experiment) -> Result<RunDir> {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create the runs folder {}; choose another with --out", root.display()))?;
+        let now = time::OffsetDateTime::now_utc();
+        let stamp = now
+            .format(&time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
+            .unwrap_or_default();
+        let base = format!("{stamp}-{}-{}", slug(&exp.name), slug(&exp.regularizer.label()));
+        let mut path = root.join(&base);
+        let mut n = 1;
+        while path.exists() {
+            n += 1;
+            path = root.join(format!("{base}-{n}"));
+        }
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let dir = RunDir { path };
+        write_atomic(&dir.path.join(EXPERIMENT_FILE), exp.to_toml().as_bytes())?;
+        Ok(dir)
+    }
+
+    pub fn id(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+    }
+
+    /// Rewrites `metrics.jsonl` with every epoch so far (small, and atomic).
+    pub fn write_metrics(&self, metrics: &[EpochMetrics]) -> Result<()> {
+        let mut text = String::new();
+        for m in metrics {
+            text.push_str(&serde_json::to_string(m)?);
+            text.push('\n');
+        }
+        write_atomic(&self.path.join(METRICS_FILE), text.as_bytes())
+    }
+
+    pub fn write_summary(&self, summary: &Summary) -> Result<()> {
+        write_atomic(&self.path.join(SUMMARY_FILE), serde_json::to_string_pretty(summary)?.as_bytes())
+    }
+
+    pub fn weights_path(&self) -> PathBuf {
+        self.path.join(WEIGHTS_FILE)
+    }
+}
+
+fn slug(s: &str) -> String {
+    let mut out: String =
+        s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    while out.contains("--") {
+        out = out.replace("--", "-");
+    }
+    out.trim_matches('-').chars().take(40).collect()
+}
+
+/// A run read back from disk.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub dir: PathBuf,
+    pub experiment: Experiment,
+    pub metrics: Vec<EpochMetrics>,
+    /// `None` if the run never got as far as writing one.
+    pub summary: Option<Summary>,
+}
+
+impl RunRecord {
+    pub fn id(&self) -> String {
+        self.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+    }
+}
+
+/// Reads a run folder. Missing metrics or summary are allowed (a run that just started or crashed).
+pub fn load(dir: &Path) -> Result<RunRecord> {
+    let exp_path = dir.join(EXPERIMENT_FILE);
+    if !exp_path.is_file() {
+        anyhow::bail!("{} is not a run folder (no {EXPERIMENT_FILE}); runs live under runs/<id>/", dir.display());
+    }
+    let experiment = Experiment::load(&exp_path, &[])?;
+    let mut metrics = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(dir.join(METRICS_FILE)) {
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            metrics.push(
+                serde_json::from_str(line)
+                    .with_context(|| format!("{}: line {} is not valid", dir.join(METRICS_FILE).display(), i + 1))?,
+            );
+        }
+    }
+    let summary = match std::fs::read_to_string(dir.join(SUMMARY_FILE)) {
+        Ok(text) => Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid", dir.join(SUMMARY_FILE).display()))?,
+        ),
+        Err(_) => None,
+    };
+    Ok(RunRecord { dir: dir.to_path_buf(), experiment, metrics, summary })
+}
+
+/// Every readable run under `root`, oldest first; unreadable folders are skipped.
+pub fn list(root: &Path) -> Vec<RunRecord> {
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(root) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| p.join(EXPERIMENT_FILE).is_file()).collect(),
+        Err(_) => return Vec::new(),
+    };
+    dirs.sort();
+    dirs.iter().filter_map(|d| load(d).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_names_are_unique() {
+        let root = tempfile::tempdir().unwrap();
+        let exp = Experiment { name: "Fig 1: baseline".into(), ..Default::default() };
+        let a = RunDir::create(root.path(), &exp).unwrap();
+        let b = RunDir::create(root.path(), &exp).unwrap();
+        assert_ne!(a.path, b.path);
+        assert!(a.id().contains("fig-1-baseline-baseline"), "{}", a.id());
+        let m = EpochMetrics { epoch: 1, eval_acc: 0.5, ..Default::default() };
+        a.write_metrics(&[m.clone(), EpochMetrics { epoch: 2, ..m.clone() }]).unwrap();
+        let rec = load(&a.path).unwrap();
+        assert_eq!(rec.experiment, exp);
+        assert_eq!(rec.metrics.len(), 2);
+        assert!(rec.summary.is_none());
+        assert_eq!(list(root.path()).len(), 2);
+        // No temp files left behind.
+        assert!(std::fs::read_dir(&a.path).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".tmp")));
+        assert!(load(root.path()).unwrap_err().to_string().contains("not a run folder"));
+    }
+}

@@ -1,0 +1,144 @@
+//! What a training run tells the outside world. The UI and the headless sink see nothing else.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Known once the data is loaded and the model built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub dir: PathBuf,
+    pub name: String,
+    /// Regularizer label, e.g. `W4/A4`.
+    pub label: String,
+    pub dataset: String,
+    pub classes: Vec<String>,
+    pub train_size: usize,
+    pub val_size: usize,
+    pub test_size: usize,
+    /// Requested fraction s of re-annotated labels.
+    pub noise_rate: f64,
+    /// Fraction of training labels that really differ from the truth.
+    pub measured_noise_rate: f64,
+    pub params: usize,
+    pub macs: usize,
+    pub epochs: usize,
+    pub batches_per_epoch: usize,
+    pub device: String,
+}
+
+/// Metrics of one finished epoch (one line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: usize,
+    /// Mean training loss on the noisy labels (with the regularizer's loss terms).
+    pub train_loss: f64,
+    /// Training accuracy against the noisy labels, during the epoch.
+    pub train_acc: f64,
+    /// Memorisation: share of corrupted examples predicted as their wrong (noisy) label.
+    pub memorized: f64,
+    /// Share of clean training examples predicted correctly.
+    pub clean_fit: f64,
+    /// Loss and accuracy on the clean test set.
+    pub eval_loss: f64,
+    pub eval_acc: f64,
+    pub per_class_acc: Vec<f64>,
+    /// Loss and accuracy on the validation split (noisy labels), when there is one.
+    pub val_loss: Option<f64>,
+    pub val_acc: Option<f64>,
+    /// Over-fitting gap: eval loss minus train loss.
+    pub gap: f64,
+    pub images_per_sec: f64,
+    pub epoch_secs: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Completed,
+    /// Early stopping ended it; the best-validation weights were restored.
+    EarlyStopped,
+    /// Stopped by the user.
+    Stopped,
+    /// The loss became NaN or infinite.
+    Diverged,
+    Failed,
+}
+
+impl Status {
+    pub fn is_final(self) -> bool {
+        self != Status::Running
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::EarlyStopped => "early-stopped",
+            Status::Stopped => "stopped",
+            Status::Diverged => "diverged",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// Best test accuracy seen and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    pub epoch: usize,
+    pub eval_acc: f64,
+    pub eval_loss: f64,
+}
+
+/// `summary.json`: how the run ended and its headline numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub run_id: String,
+    pub name: String,
+    pub label: String,
+    pub status: Status,
+    /// Why it failed or diverged.
+    pub message: Option<String>,
+    pub epochs_run: usize,
+    /// Metrics of the last epoch.
+    pub last: Option<EpochMetrics>,
+    /// Epoch with the best test accuracy (an oracle figure: it looks at the test set).
+    pub best: Option<Best>,
+    /// Test metrics of the weights the run keeps: the last epoch's, or the best-validation
+    /// checkpoint's under early stopping.
+    pub final_eval_acc: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    /// Epoch whose weights were kept, when not the last (early stopping).
+    pub restored_epoch: Option<usize>,
+    pub noise_rate: f64,
+    pub measured_noise_rate: f64,
+    pub params: usize,
+    pub macs: usize,
+    /// Parameters and MACs after structured pruning, when pruned.
+    pub pruned_params: Option<usize>,
+    pub pruned_macs: Option<usize>,
+    pub wall_secs: f64,
+    pub device: String,
+}
+
+/// Progress inside an epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchProgress {
+    pub epoch: usize,
+    pub batch: usize,
+    pub batches: usize,
+    pub loss: f64,
+    pub images_per_sec: f64,
+}
+
+/// Everything a run reports, in order: `Started`, then `Batch`/`Epoch`/`Log`, then `Finished`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrainEvent {
+    Started(RunInfo),
+    Batch(BatchProgress),
+    Epoch(EpochMetrics),
+    Log(String),
+    Finished(Summary),
+}

@@ -1,0 +1,378 @@
+//! The setup form: every choice of an experiment as a row whose value cycles with ←/→.
+
+use crate::config::{
+    Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, NoiseKind, PruneCriterion, Regularizer,
+    REGULARIZER_KINDS,
+};
+
+/// One editable row of the form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Preset,
+    Dataset,
+    Path,
+    Subset,
+    NoiseKind,
+    NoiseRate,
+    Validation,
+    Regularizer,
+    Param1,
+    Param2,
+    Arch,
+    Width,
+    Epochs,
+    BatchSize,
+    Lr,
+    Seed,
+    Augment,
+    Device,
+    Parallel,
+}
+
+pub const FIELDS: [Field; 19] = [
+    Field::Preset,
+    Field::Dataset,
+    Field::Path,
+    Field::Subset,
+    Field::NoiseKind,
+    Field::NoiseRate,
+    Field::Validation,
+    Field::Regularizer,
+    Field::Param1,
+    Field::Param2,
+    Field::Arch,
+    Field::Width,
+    Field::Epochs,
+    Field::BatchSize,
+    Field::Lr,
+    Field::Seed,
+    Field::Augment,
+    Field::Device,
+    Field::Parallel,
+];
+
+const SUBSETS: [usize; 7] = [0, 500, 1000, 2000, 5000, 10000, 20000];
+const WIDTHS: [f64; 5] = [0.25, 0.5, 1.0, 1.5, 2.0];
+const EPOCHS: [usize; 10] = [1, 3, 5, 10, 20, 30, 40, 60, 100, 200];
+const BATCHES: [usize; 5] = [32, 64, 128, 256, 512];
+const LRS: [f64; 5] = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2];
+const VALIDATION: [f64; 4] = [0.0, 0.1, 0.2, 0.3];
+
+/// The form's state: the experiment being edited plus lab-level settings.
+#[derive(Debug, Clone)]
+pub struct SetupForm {
+    pub experiment: Experiment,
+    /// Preset names (file stems); index 0 of the cycle is "custom".
+    pub presets: Vec<(String, Experiment)>,
+    pub preset: Option<usize>,
+    pub cursor: usize,
+    /// Runs trained at the same time.
+    pub parallel: usize,
+    pub max_parallel: usize,
+    pub cuda_available: bool,
+    /// Text being typed into the path field, when editing.
+    pub editing: Option<String>,
+}
+
+impl SetupForm {
+    pub fn new(presets: Vec<(String, Experiment)>, cores: usize, cuda_available: bool) -> Self {
+        let start = presets.iter().position(|(n, _)| n == "demo-digits");
+        let experiment = start.map(|i| presets[i].1.clone()).unwrap_or_else(default_demo);
+        Self {
+            experiment,
+            presets,
+            preset: start,
+            cursor: 0,
+            // Runs share the compute threads; two at once keeps a side-by-side comparison in step.
+            parallel: 2.min(cores.max(1)),
+            max_parallel: cores.clamp(1, 8),
+            cuda_available,
+            editing: None,
+        }
+    }
+
+    pub fn field(&self) -> Field {
+        FIELDS[self.cursor]
+    }
+
+    pub fn move_cursor(&mut self, delta: isize) {
+        self.cursor = (self.cursor as isize + delta).rem_euclid(FIELDS.len() as isize) as usize;
+    }
+
+    /// Label and current value of a row, as shown.
+    pub fn row(&self, f: Field) -> (String, String) {
+        let e = &self.experiment;
+        let (p1, p2) = self.param_labels();
+        match f {
+            Field::Preset => {
+                ("Preset".into(), self.preset.map(|i| self.presets[i].0.clone()).unwrap_or_else(|| "(custom)".into()))
+            }
+            Field::Dataset => ("Dataset".into(), e.data.dataset.name().into()),
+            Field::Path => (
+                "Data path".into(),
+                match &self.editing {
+                    Some(t) => format!("{t}_"),
+                    None if e.data.path.is_empty() => "(default)".into(),
+                    None => e.data.path.clone(),
+                },
+            ),
+            Field::Subset => (
+                "Train images".into(),
+                if e.data.train_subset == 0 { "all".into() } else { e.data.train_subset.to_string() },
+            ),
+            Field::NoiseKind => ("Noise kind".into(), e.data.noise.kind.name().into()),
+            Field::NoiseRate => ("Noise rate s".into(), format!("{:.0}%", e.data.noise.rate * 100.0)),
+            Field::Validation => ("Validation split".into(), format!("{:.0}%", e.data.val_fraction * 100.0)),
+            Field::Regularizer => ("Regularizer".into(), e.regularizer.kind().replace('_', " ")),
+            Field::Param1 => p1,
+            Field::Param2 => p2,
+            Field::Arch => ("Model".into(), e.model.arch.name().into()),
+            Field::Width => ("Width".into(), format!("x{}", e.model.width)),
+            Field::Epochs => ("Epochs".into(), e.train.epochs.to_string()),
+            Field::BatchSize => ("Batch size".into(), e.train.batch_size.to_string()),
+            Field::Lr => ("Learning rate".into(), format!("{}", e.train.lr)),
+            Field::Seed => ("Seed".into(), e.train.seed.to_string()),
+            Field::Augment => ("Augmentation".into(), if e.data.augment { "crop+flip" } else { "off" }.into()),
+            Field::Device => ("Device".into(), format!("{:?}", e.train.device).to_lowercase()),
+            Field::Parallel => ("Runs at once".into(), self.parallel.to_string()),
+        }
+    }
+
+    fn param_labels(&self) -> ((String, String), (String, String)) {
+        let none = || ("  -".to_string(), String::new());
+        match &self.experiment.regularizer {
+            Regularizer::None => (none(), none()),
+            Regularizer::EarlyStopping { patience } => (("  patience".into(), format!("{patience} epochs")), none()),
+            Regularizer::WeightDecay { value, decoupled } => (
+                ("  decay".into(), format!("{value}")),
+                ("  style".into(), if *decoupled { "decoupled (AdamW)" } else { "L2 in the loss" }.into()),
+            ),
+            Regularizer::Dropout { p, position } => (
+                ("  p".into(), format!("{p}")),
+                (
+                    "  position".into(),
+                    match position {
+                        DropoutPosition::Classifier => "before classifier",
+                        DropoutPosition::Blocks => "after every block",
+                    }
+                    .into(),
+                ),
+            ),
+            Regularizer::LabelSmoothing { alpha } => (("  alpha".into(), format!("{alpha}")), none()),
+            Regularizer::Pruning { ratio, at_epoch, criterion } => (
+                ("  ratio".into(), format!("{:.0}% at epoch {at_epoch}", ratio * 100.0)),
+                (
+                    "  remove".into(),
+                    match criterion {
+                        PruneCriterion::LowestL1 => "lowest L1",
+                        PruneCriterion::HighestL1 => "highest L1",
+                    }
+                    .into(),
+                ),
+            ),
+            Regularizer::Quantization { weight_bits, act_bits, bn, .. } => (
+                ("  weight bits".into(), format!("W{weight_bits}")),
+                (
+                    "  act bits / BN".into(),
+                    format!(
+                        "{} / {}",
+                        if *act_bits >= 32 { "float".into() } else { format!("A{act_bits}") },
+                        match bn {
+                            BnMode::Fold => "fold",
+                            BnMode::Keep => "keep",
+                        }
+                    ),
+                ),
+            ),
+        }
+    }
+
+    /// Steps the value of the current row by `dir` (+1 or -1).
+    pub fn cycle(&mut self, dir: isize) {
+        let field = self.field();
+        let custom = !matches!(field, Field::Preset | Field::Parallel);
+        let e = &mut self.experiment;
+        match field {
+            Field::Preset => {
+                if self.presets.is_empty() {
+                    return;
+                }
+                let n = self.presets.len() as isize + 1; // + custom
+                let cur = self.preset.map(|i| i as isize + 1).unwrap_or(0);
+                let next = (cur + dir).rem_euclid(n);
+                self.preset = if next == 0 { None } else { Some(next as usize - 1) };
+                if let Some(i) = self.preset {
+                    self.experiment = self.presets[i].1.clone();
+                }
+            }
+            Field::Dataset => e.data.dataset = step(&DatasetKind::ALL, &e.data.dataset, dir),
+            Field::Path => {}
+            Field::Subset => e.data.train_subset = step(&SUBSETS, &e.data.train_subset, dir),
+            Field::NoiseKind => e.data.noise.kind = step(&NoiseKind::ALL, &e.data.noise.kind, dir),
+            Field::NoiseRate => {
+                e.data.noise.rate = ((e.data.noise.rate * 20.0).round() + dir as f64).clamp(0.0, 18.0) / 20.0;
+            }
+            Field::Validation => e.data.val_fraction = step_f(&VALIDATION, e.data.val_fraction, dir),
+            Field::Regularizer => {
+                let kinds: Vec<&str> = REGULARIZER_KINDS.to_vec();
+                let next = step(&kinds, &e.regularizer.kind(), dir);
+                e.regularizer = Regularizer::default_for(next).expect("known kind");
+            }
+            Field::Param1 => cycle_param(&mut e.regularizer, 0, dir),
+            Field::Param2 => cycle_param(&mut e.regularizer, 1, dir),
+            Field::Arch => e.model.arch = step(&Arch::ALL, &e.model.arch, dir),
+            Field::Width => e.model.width = step_f(&WIDTHS, e.model.width, dir),
+            Field::Epochs => e.train.epochs = step(&EPOCHS, &e.train.epochs, dir),
+            Field::BatchSize => e.train.batch_size = step(&BATCHES, &e.train.batch_size, dir),
+            Field::Lr => e.train.lr = step_f(&LRS, e.train.lr, dir),
+            Field::Seed => e.train.seed = (e.train.seed as i64 + dir as i64).max(0) as u64,
+            Field::Augment => e.data.augment = !e.data.augment,
+            Field::Device => {
+                e.train.device = if self.cuda_available && e.train.device == DeviceKind::Cpu {
+                    DeviceKind::Cuda
+                } else {
+                    DeviceKind::Cpu
+                }
+            }
+            Field::Parallel => {
+                self.parallel = (self.parallel as isize + dir).clamp(1, self.max_parallel as isize) as usize
+            }
+        }
+        if custom {
+            self.preset = None;
+            self.experiment.name =
+                format!("{}-{:.0}pct", self.experiment.data.dataset.name(), self.experiment.data.noise.rate * 100.0);
+        }
+    }
+
+    /// Starts or finishes typing into the path row; returns true when the row takes text.
+    pub fn toggle_edit(&mut self) -> bool {
+        if self.field() != Field::Path {
+            return false;
+        }
+        match self.editing.take() {
+            Some(text) => {
+                self.experiment.data.path = text.trim().to_string();
+                self.preset = None;
+            }
+            None => self.editing = Some(self.experiment.data.path.clone()),
+        }
+        true
+    }
+
+    /// The experiment to run, checked; the message says what to change.
+    pub fn build(&self) -> Result<Experiment, String> {
+        let e = self.experiment.clone();
+        e.validate()?;
+        if e.data.dataset == DatasetKind::Folder && e.data.path.is_empty() {
+            return Err("the folder dataset needs a data path: select `Data path`, press Enter and type it".into());
+        }
+        Ok(e)
+    }
+
+    /// The same experiment under each regularizer in `kinds` (same data, noise and seed), named apart.
+    pub fn variants(&self, kinds: &[Regularizer]) -> Result<Vec<Experiment>, String> {
+        let base = self.build()?;
+        kinds
+            .iter()
+            .map(|r| {
+                let mut e = base.clone();
+                e.regularizer = r.clone();
+                if matches!(r, Regularizer::EarlyStopping { .. }) && e.data.val_fraction == 0.0 {
+                    return Err("early stopping needs a validation split: set `Validation split` to 10%".into());
+                }
+                if let Regularizer::Pruning { at_epoch, .. } = &mut e.regularizer {
+                    *at_epoch = (*at_epoch).min(e.train.epochs.saturating_sub(1) / 2);
+                }
+                e.validate()?;
+                Ok(e)
+            })
+            .collect()
+    }
+}
+
+fn default_demo() -> Experiment {
+    let mut e = Experiment { name: "demo-digits".into(), ..Default::default() };
+    e.data.noise.rate = 0.4;
+    e.model.arch = Arch::Resnet8;
+    e.train.epochs = 40;
+    e.train.batch_size = 64;
+    e.train.lr = 0.003;
+    e
+}
+
+fn step<T: PartialEq + Copy>(values: &[T], cur: &T, dir: isize) -> T {
+    let i = values.iter().position(|v| v == cur).unwrap_or(0) as isize;
+    values[(i + dir).rem_euclid(values.len() as isize) as usize]
+}
+
+fn step_f(values: &[f64], cur: f64, dir: isize) -> f64 {
+    let i = values
+        .iter()
+        .enumerate()
+        .min_by(|a, b| (a.1 - cur).abs().partial_cmp(&(b.1 - cur).abs()).unwrap())
+        .map(|(i, _)| i)
+        .unwrap_or(0) as isize;
+    values[(i + dir).rem_euclid(values.len() as isize) as usize]
+}
+
+fn cycle_param(r: &mut Regularizer, which: usize, dir: isize) {
+    match (r, which) {
+        (Regularizer::EarlyStopping { patience }, 0) => *patience = step(&[2, 3, 5, 10, 20], patience, dir),
+        (Regularizer::WeightDecay { value, .. }, 0) => {
+            *value = step_f(&[1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1], *value, dir)
+        }
+        (Regularizer::WeightDecay { decoupled, .. }, 1) => *decoupled = !*decoupled,
+        (Regularizer::Dropout { p, .. }, 0) => *p = step_f(&[0.05, 0.1, 0.2, 0.3, 0.5], *p, dir),
+        (Regularizer::Dropout { position, .. }, 1) => {
+            *position = step(&[DropoutPosition::Classifier, DropoutPosition::Blocks], position, dir)
+        }
+        (Regularizer::LabelSmoothing { alpha }, 0) => *alpha = step_f(&[0.05, 0.1, 0.2, 0.3, 0.5], *alpha, dir),
+        (Regularizer::Pruning { ratio, .. }, 0) => *ratio = step_f(&[0.25, 0.5, 0.75, 0.9], *ratio, dir),
+        (Regularizer::Pruning { criterion, .. }, 1) => {
+            *criterion = step(&[PruneCriterion::LowestL1, PruneCriterion::HighestL1], criterion, dir)
+        }
+        (Regularizer::Quantization { weight_bits, .. }, 0) => *weight_bits = step(&[2, 3, 4, 6, 8], weight_bits, dir),
+        (Regularizer::Quantization { act_bits, bn, .. }, 1) => {
+            // Cycle A bits, and the BN mode once every A-bit value has been shown.
+            let order = [
+                (2, BnMode::Fold),
+                (4, BnMode::Fold),
+                (8, BnMode::Fold),
+                (32, BnMode::Fold),
+                (2, BnMode::Keep),
+                (4, BnMode::Keep),
+                (8, BnMode::Keep),
+                (32, BnMode::Keep),
+            ];
+            let next = step(&order, &(*act_bits, *bn), dir);
+            *act_bits = next.0;
+            *bn = next.1;
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycling_changes_values_and_invalid_choices_are_explained() {
+        let mut f = SetupForm::new(Vec::new(), 2, false);
+        f.cursor = FIELDS.iter().position(|x| *x == Field::Regularizer).unwrap();
+        f.cycle(1);
+        assert_eq!(f.experiment.regularizer.kind(), "early_stopping");
+        f.experiment.data.val_fraction = 0.0;
+        assert!(f.build().unwrap_err().contains("val_fraction"));
+        f.cursor = FIELDS.iter().position(|x| *x == Field::Validation).unwrap();
+        f.cycle(1);
+        assert!(f.build().is_ok());
+        f.cursor = FIELDS.iter().position(|x| *x == Field::Device).unwrap();
+        f.cycle(1);
+        assert_eq!(f.experiment.train.device, DeviceKind::Cpu, "no CUDA offered when not available");
+        let v = f.variants(&[Regularizer::None, Regularizer::default_for("quantization").unwrap()]).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].data, v[1].data);
+    }
+}

@@ -1,0 +1,130 @@
+//! The binary as a user runs it: headless runs, presets, overrides, sweeps, reports and clear errors.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn qat_lab(args: &[&str], runs: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qat-lab"))
+        .args(args)
+        .env("QAT_LAB_RUNS", runs)
+        .env("RAYON_NUM_THREADS", "2")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qat-lab")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn lists_presets_one_line_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qat_lab(&["run", "--list"], tmp.path());
+    assert!(o.status.success());
+    let out = text(&o);
+    for name in ["demo-digits", "fig1-baseline", "fig1-w4a4", "fig2-noise-sweep", "fig3-quant-bits"] {
+        assert!(out.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{out}");
+    }
+    assert!(!out.contains("INVALID"), "{out}");
+}
+
+#[test]
+fn a_headless_run_writes_its_record_and_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("records");
+    let o = qat_lab(
+        &[
+            "run",
+            "demo-digits",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "regularizer.kind=quantization",
+            "--set",
+            "regularizer.weight_bits=4",
+            "--set",
+            "data.noise.rate=0.4",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("completed after 2 epochs"), "{out}");
+    assert!(out.contains("W4/A4"), "{out}");
+    let records = qat_lab::runs::list(&out_dir);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.metrics.len(), 2);
+    assert_eq!(r.experiment.data.noise.rate, 0.4);
+    assert!(r.dir.join("model.safetensors").is_file());
+}
+
+#[test]
+fn bad_input_gets_a_message_naming_cause_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qat_lab(&["run", "demo-digits", "--set", "train.epoks=3"], tmp.path());
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("epoks") && out.contains("epochs"), "{out}");
+
+    let o = qat_lab(&["run", "no-such-preset"], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("run --list"), "{}", text(&o));
+
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[data]\nnoise = 3\n").unwrap();
+    let o = qat_lab(&["run", bad.to_str().unwrap()], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("bad.toml"), "{}", text(&o));
+
+    let o = qat_lab(&["data", "fetch", "imagenet"], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cifar10"));
+}
+
+#[test]
+fn the_lab_refuses_a_non_terminal_and_points_to_headless_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qat_lab(&[], tmp.path());
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("not a terminal") || out.contains("not one"), "{out}");
+    assert!(out.contains("qat-lab run"), "{out}");
+}
+
+#[test]
+fn a_sweep_trains_the_grid_and_prints_the_tables_then_compare_and_report_read_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("sweep");
+    let o = qat_lab(
+        &[
+            "sweep",
+            "demo-sweep-digits",
+            "--vary",
+            "regularizer.kind=none,quantization",
+            "--vary",
+            "data.noise.rate=0.2",
+            "--set",
+            "train.epochs=1",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("sweep: 2 runs"), "{out}");
+    assert!(out.contains("| W4/A4 |") && out.contains("s=20%"), "{out}");
+    let dirs: Vec<String> =
+        qat_lab::runs::list(&out_dir).iter().map(|r| r.dir.display().to_string()).collect();
+    assert_eq!(dirs.len(), 2);
+    let o = qat_lab(&["compare", "--table", &dirs[0], &dirs[1]], tmp.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("gain vs baseline"));
+    let o = qat_lab(&["report", out_dir.to_str().unwrap()], tmp.path());
+    assert!(o.status.success(), "{}", text(&o));
+}
