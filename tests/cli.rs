@@ -119,8 +119,7 @@ fn a_sweep_trains_the_grid_and_prints_the_tables_then_compare_and_report_read_th
     assert!(o.status.success(), "{out}");
     assert!(out.contains("sweep: 2 runs"), "{out}");
     assert!(out.contains("| W4/A4 |") && out.contains("s=20%"), "{out}");
-    let dirs: Vec<String> =
-        qat_lab::runs::list(&out_dir).iter().map(|r| r.dir.display().to_string()).collect();
+    let dirs: Vec<String> = qat_lab::runs::list(&out_dir).iter().map(|r| r.dir.display().to_string()).collect();
     assert_eq!(dirs.len(), 2);
     let o = qat_lab(&["compare", "--table", &dirs[0], &dirs[1]], tmp.path());
     assert!(o.status.success(), "{}", text(&o));

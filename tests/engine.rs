@@ -38,7 +38,10 @@ fn sample_archive() -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!("SKIPPED: the CIFAR-10 sample is not at {} (only present beside the project's checkout)", p.display());
+        eprintln!(
+            "SKIPPED: the CIFAR-10 sample is not at {} (only present beside the project's checkout)",
+            p.display()
+        );
         None
     }
 }

@@ -68,6 +68,36 @@ pub fn draw(f: &mut Frame, app: &App) {
         );
         popup(f, app, area, "Quit?", &text, 56, 7);
     }
+    if app.ascii {
+        asciify(f.buffer_mut());
+    }
+}
+
+/// Replaces every non-ASCII symbol (box drawing, arrows, dashes from widgets that have no ASCII option,
+/// such as chart axes) with its closest ASCII look-alike, for terminals and fonts without them.
+pub fn asciify(buf: &mut ratatui::buffer::Buffer) {
+    for cell in buf.content.iter_mut() {
+        let sym = cell.symbol();
+        if sym.is_ascii() {
+            continue;
+        }
+        let replacement = match sym {
+            "─" | "━" | "—" | "–" | "═" => "-",
+            "│" | "┃" | "║" => "|",
+            "┌" | "┐" | "└" | "┘" | "├" | "┤" | "┬" | "┴" | "┼" | "╭" | "╮" | "╯" | "╰" => {
+                "+"
+            }
+            "◀" | "←" => "<",
+            "▶" | "→" => ">",
+            "↑" => "^",
+            "↓" => "v",
+            "•" | "·" => ".",
+            "█" | "▄" | "▀" => "#",
+            "−" => "-",
+            _ => "?",
+        };
+        cell.set_symbol(replacement);
+    }
 }
 
 fn block<'a>(app: &App, title: impl Into<Line<'a>>) -> Block<'a> {

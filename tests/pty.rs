@@ -1,0 +1,105 @@
+//! End to end in a pseudo-terminal: start the real binary, start a run with keystrokes, watch the chart
+//! fill in, quit, and check the terminal was restored and the run recorded.
+
+use portable_pty::{native_pty_system, CommandBuilder, PtySize};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Screen {
+    parser: Arc<Mutex<vt100::Parser>>,
+    raw: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Screen {
+    fn text(&self) -> String {
+        self.parser.lock().unwrap().screen().contents()
+    }
+    fn wait_for(&self, what: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let t = self.text();
+            if ok(&t) {
+                return t;
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for {what}; screen:\n{t}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn start_a_run_watch_it_and_quit_cleanly() {
+    let runs = tempfile::tempdir().unwrap();
+    let pty = native_pty_system();
+    let pair = pty.openpty(PtySize { rows: 30, cols: 100, pixel_width: 0, pixel_height: 0 }).unwrap();
+    let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_qat-lab"));
+    cmd.cwd(env!("CARGO_MANIFEST_DIR"));
+    cmd.env("QAT_LAB_RUNS", runs.path());
+    cmd.env("TERM", "xterm-256color");
+    cmd.env("RAYON_NUM_THREADS", "2");
+    let mut child = pair.slave.spawn_command(cmd).unwrap();
+    drop(pair.slave);
+    let mut reader = pair.master.try_clone_reader().unwrap();
+    let mut writer = pair.master.take_writer().unwrap();
+    let screen = Screen {
+        parser: Arc::new(Mutex::new(vt100::Parser::new(
+            std::num::NonZeroU16::new(30).unwrap(),
+            std::num::NonZeroU16::new(100).unwrap(),
+            0,
+        ))),
+        raw: Arc::new(Mutex::new(Vec::new())),
+    };
+    let (parser, raw) = (screen.parser.clone(), screen.raw.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            parser.lock().unwrap().process(&buf[..n]);
+            raw.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+
+    screen.wait_for("the setup screen", Duration::from_secs(20), |t| {
+        t.contains("Experiment") && t.contains("demo-digits")
+    });
+    // Epochs: 40 -> 20 (one step left in the list), then start.
+    let down_to_epochs = "\x1b[B".repeat(12);
+    writer.write_all(down_to_epochs.as_bytes()).unwrap();
+    writer.write_all(b"\x1b[D").unwrap();
+    screen.wait_for("epochs = 30", Duration::from_secs(5), |t| t.contains("30 "));
+    writer.write_all(b"\r").unwrap();
+    let live = screen.wait_for("the chart to fill in", Duration::from_secs(60), |t| {
+        let braille = t.chars().filter(|c| ('\u{2801}'..='\u{28FF}').contains(c)).count();
+        t.contains("Runs") && braille > 40
+    });
+    assert!(live.contains("baseline"), "{live}");
+    writer.write_all(b"q").unwrap();
+    // While training, q asks first; y confirms.
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        if screen.text().contains("Quit?") {
+            writer.write_all(b"y").unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "did not quit:\n{}", screen.text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let raw = String::from_utf8_lossy(&screen.raw.lock().unwrap()).to_string();
+    assert!(raw.contains("\x1b[?1049h"), "entered the alternate screen");
+    assert!(raw.contains("\x1b[?1049l"), "left the alternate screen: terminal restored");
+    assert!(raw.contains("\x1b[?25h"), "cursor shown again");
+    let records = qat_lab::runs::list(runs.path());
+    assert_eq!(records.len(), 1, "the run was recorded");
+    let status = records[0].summary.as_ref().unwrap().status;
+    assert!(matches!(status, qat_lab::train::Status::Stopped | qat_lab::train::Status::Completed), "{status:?}");
+    assert!(!records[0].metrics.is_empty());
+}
