@@ -44,6 +44,12 @@ pub enum Command {
         /// Print one line per epoch instead of a progress bar.
         #[arg(long)]
         plain: bool,
+        /// Shorthand for --set train.device=cpu|cuda.
+        #[arg(long)]
+        device: Option<String>,
+        /// Shorthand for --set data.path=DIR (an existing dataset copy).
+        #[arg(long)]
+        data: Option<String>,
     },
     /// Train every combination of the preset's [sweep] values (and --vary) headless, then print tables.
     Sweep {
@@ -56,6 +62,12 @@ pub enum Command {
         set: Vec<String>,
         #[arg(long, default_value_os_t = runs::default_root())]
         out: PathBuf,
+        /// Shorthand for --set train.device=cpu|cuda.
+        #[arg(long)]
+        device: Option<String>,
+        /// Shorthand for --set data.path=DIR.
+        #[arg(long)]
+        data: Option<String>,
     },
     /// Compare finished or running runs side by side in the lab.
     Compare {
@@ -142,16 +154,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_presets();
             bail!("name a preset: qat-lab run PRESET (the list is above)")
         }
-        Command::Run { preset: Some(preset), set, out, plain, .. } => {
+        Command::Run { preset: Some(preset), set, out, plain, device, data, .. } => {
             crate::threads::configure(false);
+            let set = with_shorthands(set, device, data);
             let exp = Experiment::load(&config::resolve_preset(&preset), &set)?;
             let summary = run_headless(&exp, &out, plain || !std::io::stderr().is_terminal())?;
             print_summary(&summary);
             Ok(exit_for(&summary))
         }
-        Command::Sweep { preset, vary, set, out } => {
+        Command::Sweep { preset, vary, set, out, device, data } => {
             crate::threads::configure(false);
-            sweep(&preset, &vary, &set, &out)
+            sweep(&preset, &vary, &with_shorthands(set, device, data), &out)
         }
         Command::Compare { runs: dirs, table } => {
             if dirs.is_empty() {
@@ -203,6 +216,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--device X` and `--data DIR` as the `--set` overrides they stand for (applied last).
+fn with_shorthands(mut set: Vec<String>, device: Option<String>, data: Option<String>) -> Vec<String> {
+    if let Some(d) = device {
+        set.push(format!("train.device={d}"));
+    }
+    if let Some(p) = data {
+        set.push(format!("data.path={p}"));
+    }
+    set
 }
 
 fn open_lab(start: crate::ui::LabStart, runs_root: PathBuf) -> Result<ExitCode> {

@@ -10,13 +10,56 @@ pub mod quant;
 use candle_core::{DType, Result, Tensor, D};
 
 /// 2-D convolution of NCHW `x` with OIHW `w` (square kernel, same stride and padding on both axes).
-/// On the CPU our own im2col + GEMM kernels ([`conv`]); elsewhere candle's.
+/// On the CPU our own im2col + GEMM kernels ([`conv`]); on a GPU an unfold + one large matmul
+/// ([`conv2d_unfold`]), since candle's GPU convolution backward is a naive kernel.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         conv::conv2d_cpu(x, w, stride, padding)
     } else {
-        x.conv2d(w, padding, stride, 1, 1)
+        conv2d_unfold(x, w, stride, padding)
     }
+}
+
+/// Convolution from differentiable tensor ops only, for any device: the k·k shifted (and strided)
+/// views of the padded input are stacked into an im2col matrix (K = C·k·k rows, one column per output
+/// pixel of the batch) and multiplied by the weights in a single GEMM. Autograd derives the backward:
+/// two more GEMMs and the views' scatter.
+pub fn conv2d_unfold(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (o, _, k, _) = w.dims4()?;
+    let oh = (h + 2 * padding - k) / stride + 1;
+    let ow = (wd + 2 * padding - k) / stride + 1;
+    let xp = if padding > 0 {
+        x.pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)?
+    } else {
+        x.clone()
+    };
+    // Rows/columns ky, ky+s, ..., as a view: narrow to s·out and keep every s-th by a reshape.
+    let take = |t: &Tensor, dim: usize, start: usize, out: usize| -> Result<Tensor> {
+        if stride == 1 {
+            return t.narrow(dim, start, out);
+        }
+        let len = t.dim(dim)?;
+        let span = (stride * out).min(len - start);
+        let t = t.narrow(dim, start, span)?;
+        let t = if span < stride * out { t.pad_with_zeros(dim, 0, stride * out - span)? } else { t };
+        let mut shape = t.dims().to_vec();
+        shape[dim] = out;
+        shape.insert(dim + 1, stride);
+        t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+    };
+    let mut views = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        let rows = take(&xp, 2, ky, oh)?;
+        for kx in 0..k {
+            views.push(take(&rows, 3, kx, ow)?);
+        }
+    }
+    // (N, C, k·k, OH, OW) -> (C·k·k, N·OH·OW)
+    let cols = Tensor::stack(&views, 2)?.reshape((n, c * k * k, oh * ow))?.transpose(0, 1)?.contiguous()?;
+    let cols = cols.reshape((c * k * k, n * oh * ow))?;
+    let y = w.reshape((o, c * k * k))?.matmul(&cols)?; // (O, N·P)
+    y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
 }
 
 /// `x @ w^T + b` for a batch of row vectors.
@@ -118,6 +161,31 @@ pub fn masked_bce_with_logits(logits: &Tensor, targets: &Tensor, mask: &Tensor) 
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn unfold_conv_matches_candle_values_and_gradients() {
+        let dev = Device::Cpu;
+        for (n, c, h, w, o, k, stride, pad) in
+            [(2, 3, 8, 8, 4, 3, 1, 1), (2, 3, 9, 7, 5, 3, 2, 1), (1, 2, 5, 5, 3, 1, 1, 0)]
+        {
+            let xd: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+            let wd: Vec<f32> = (0..o * c * k * k).map(|i| ((i * 53 % 89) as f32 / 44.0) - 1.0).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(xd, (n, c, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::from_vec(wd, (o, c, k, k), &dev).unwrap()).unwrap();
+            let ours = conv2d_unfold(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+            let refr = x.as_tensor().conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert_eq!(ours.dims(), refr.dims());
+            assert!(diff(&ours, &refr) < 1e-4);
+            let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = refr.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt] {
+                assert!(diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-2);
+            }
+        }
+    }
 
     #[test]
     fn channel_stats_match_a_direct_computation() {
