@@ -38,7 +38,7 @@ fn sync(device: &Device) -> Result<()> {
 
 /// Training and eval throughput of one network configuration on random data.
 pub fn measure(name: &str, reg: &Regularizer, opts: &BenchOptions, device: &Device) -> Result<BenchResult> {
-    let spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10 };
+    let spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10, per_label_heads: false };
     let net = ResNet::new(spec, reg, device, 0);
     let mut opt = Adam::new(&net.params.entries, 1e-3, 0.0)?;
     let x = Tensor::randn(0f32, 1.0, (opts.batch, 3, 32, 32), device)?;

@@ -172,7 +172,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             let records = dirs.iter().map(|d| runs::load(d)).collect::<Result<Vec<_>>>()?;
             if table {
-                println!("{}", crate::report::comparison_table(&records));
+                print_tables(&records);
                 return Ok(ExitCode::SUCCESS);
             }
             let root = dirs[0].parent().map(PathBuf::from).unwrap_or_else(runs::default_root);
@@ -183,8 +183,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if records.is_empty() {
                 bail!("no run records under {}: train some with `qat-lab run` or the lab", root.display());
             }
-            println!("{}", crate::report::comparison_table(&records));
-            println!("{}", crate::report::noise_sweep_table(&records));
+            print_tables(&records);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { batch, steps, warmup, device, arch, no_torch } => {
@@ -445,7 +444,17 @@ fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path) -
         .filter(|s| !s.run_id.is_empty())
         .filter_map(|s| runs::load(&out.join(&s.run_id)).ok())
         .collect();
-    println!("{}", crate::report::comparison_table(&records));
-    println!("{}", crate::report::noise_sweep_table(&records));
+    print_tables(&records);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The comparison table, then accuracy vs noise rate, then (multi-label runs) the Table-1 layout.
+fn print_tables(records: &[runs::RunRecord]) {
+    println!("{}", crate::report::comparison_table(records));
+    println!("{}", crate::report::noise_sweep_table(records));
+    let names = crate::data::faces::au_names();
+    let t1 = crate::report::table1(records, &names);
+    if !t1.is_empty() {
+        println!("{t1}");
+    }
 }

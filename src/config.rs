@@ -48,8 +48,10 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Pad-4 random crop and horizontal flip during training.
     pub augment: bool,
-    /// Side of the square images the `folder` dataset is resized to.
+    /// Side of the square images `folder`, `bp4d` and `au_csv` images are resized to.
     pub image_size: usize,
+    /// Test fold (0, 1 or 2) of the subject-exclusive 3-fold protocol of `bp4d` and `au_csv`.
+    pub fold: usize,
     pub noise: NoiseConfig,
 }
 
@@ -63,6 +65,7 @@ impl Default for DataConfig {
             val_fraction: 0.0,
             augment: false,
             image_size: 32,
+            fold: 0,
             noise: NoiseConfig::default(),
         }
     }
@@ -80,17 +83,31 @@ pub enum DatasetKind {
     Cifar10,
     /// One sub-folder per class of image files.
     Folder,
+    /// Procedural faces with 12 Action Units (multi-label), generated from a seed.
+    Faces,
+    /// BP4D AU occurrence CSVs + face images (user-supplied), subject-exclusive 3 folds.
+    Bp4d,
+    /// A manifest CSV (image, subject, AU columns) for DISFA-like AU datasets.
+    AuCsv,
 }
 
 impl DatasetKind {
-    pub const ALL: [DatasetKind; 4] = [Self::Digits, Self::Shapes, Self::Cifar10, Self::Folder];
+    pub const ALL: [DatasetKind; 7] =
+        [Self::Digits, Self::Shapes, Self::Faces, Self::Cifar10, Self::Folder, Self::Bp4d, Self::AuCsv];
     pub fn name(self) -> &'static str {
         match self {
             Self::Digits => "digits",
             Self::Shapes => "shapes",
             Self::Cifar10 => "cifar10",
             Self::Folder => "folder",
+            Self::Faces => "faces",
+            Self::Bp4d => "bp4d",
+            Self::AuCsv => "au_csv",
         }
+    }
+    /// Whether every image carries several binary labels (Action Units) instead of one class.
+    pub fn is_multi_label(self) -> bool {
+        matches!(self, Self::Faces | Self::Bp4d | Self::AuCsv)
     }
 }
 
@@ -120,15 +137,19 @@ pub enum NoiseKind {
     Flip,
     /// Class c becomes c+1 (mod C).
     Pair,
+    /// Multi-label only: per-label flips concentrated on low-intensity (ambiguous) examples, the way
+    /// annotators disagree.
+    Ambiguous,
 }
 
 impl NoiseKind {
-    pub const ALL: [NoiseKind; 3] = [Self::Uniform, Self::Flip, Self::Pair];
+    pub const ALL: [NoiseKind; 4] = [Self::Uniform, Self::Flip, Self::Pair, Self::Ambiguous];
     pub fn name(self) -> &'static str {
         match self {
             Self::Uniform => "uniform",
             Self::Flip => "flip",
             Self::Pair => "pair",
+            Self::Ambiguous => "ambiguous",
         }
     }
 }
@@ -360,11 +381,21 @@ pub struct TrainConfig {
     /// Seed of weight initialisation, shuffling, augmentation and dropout.
     pub seed: u64,
     pub device: DeviceKind,
+    /// Multi-label: tune each label's decision threshold on the validation split (else 0.5).
+    pub tune_threshold: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 20, batch_size: 128, optimizer: OptimizerKind::Adam, lr: 1e-3, seed: 0, device: DeviceKind::Cpu }
+        Self {
+            epochs: 20,
+            batch_size: 128,
+            optimizer: OptimizerKind::Adam,
+            lr: 1e-3,
+            seed: 0,
+            device: DeviceKind::Cpu,
+            tune_threshold: false,
+        }
     }
 }
 
@@ -433,6 +464,27 @@ impl Experiment {
         let d = &self.data;
         check_range("data.noise.rate", d.noise.rate, 0.0, 1.0)?;
         check_range("data.val_fraction", d.val_fraction, 0.0, 0.9)?;
+        let multi = d.dataset.is_multi_label();
+        if multi && d.noise.kind == NoiseKind::Pair {
+            return Err(format!(
+                "data.noise.kind = \"pair\" needs classes; {} is multi-label: use uniform, flip or ambiguous",
+                d.dataset.name()
+            ));
+        }
+        if !multi && d.noise.kind == NoiseKind::Ambiguous {
+            return Err(format!(
+                "data.noise.kind = \"ambiguous\" is for multi-label datasets (faces, bp4d, au_csv), not {}",
+                d.dataset.name()
+            ));
+        }
+        if d.fold > 2 {
+            return Err(format!("data.fold = {} is out of range; allowed: 0, 1, 2", d.fold));
+        }
+        if self.train.tune_threshold && (!multi || d.val_fraction <= 0.0) {
+            return Err(
+                "train.tune_threshold needs a multi-label dataset and a validation split (data.val_fraction)".into()
+            );
+        }
         if !(4..=256).contains(&d.image_size) {
             return Err(format!("data.image_size = {} is out of range; allowed: 4..=256", d.image_size));
         }
@@ -550,7 +602,8 @@ fn parse_value(raw: &str) -> toml::Value {
 }
 
 /// The `[sweep]` table of a preset: `key = [v1, v2, ...]` axes whose product `qat-lab sweep` trains,
-/// as `key=value` overrides, in file order.
+/// as `key=value` overrides, in file order. A value may be a whole section as an inline table, e.g.
+/// `regularizer = [{ kind = "none" }, { kind = "quantization", bn = "keep" }]`.
 pub fn sweep_axes(text: &str, source_name: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
     let table: toml::Table = text
         .parse()
@@ -576,6 +629,7 @@ fn flatten_axes(prefix: &str, t: &toml::Table, out: &mut Vec<(String, Vec<String
                     .iter()
                     .map(|v| match v {
                         toml::Value::String(s) => s.clone(),
+                        toml::Value::Table(t) => inline_table(t),
                         other => other.to_string(),
                     })
                     .collect(),
@@ -584,6 +638,12 @@ fn flatten_axes(prefix: &str, t: &toml::Table, out: &mut Vec<(String, Vec<String
         }
     }
     Ok(())
+}
+
+/// `{ a = 1, b = "x" }`: a table of scalars as one line of TOML.
+fn inline_table(t: &toml::Table) -> String {
+    let fields: Vec<String> = t.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+    format!("{{ {} }}", fields.join(", "))
 }
 
 /// A preset found on disk.
@@ -691,6 +751,15 @@ mod tests {
         assert!(err.to_string().contains("weight_bits"), "{err}");
         let err = Experiment::from_toml("[regularizer]\nkind='early_stopping'\n", "p.toml", &[]).unwrap_err();
         assert!(err.to_string().contains("val_fraction"), "{err}");
+    }
+
+    #[test]
+    fn sweep_axes_accept_whole_sections() {
+        let text = "[sweep]\nregularizer = [{ kind = \"none\" }, { kind = \"quantization\", bn = \"keep\" }]\n\"train.seed\" = [0, 1]\n";
+        let axes = sweep_axes(text, "t.toml").unwrap();
+        assert_eq!(axes.len(), 2);
+        let e = Experiment::from_toml(text, "t.toml", &[format!("regularizer={}", axes[0].1[1])]).unwrap();
+        assert!(matches!(e.regularizer, Regularizer::Quantization { bn: BnMode::Keep, .. }), "{:?}", e.regularizer);
     }
 
     #[test]

@@ -123,6 +123,44 @@ pub fn noise_sweep_table(records: &[RunRecord]) -> String {
     out
 }
 
+/// Per-label F1 (×100) of the weights a multi-label record keeps: its last epoch's.
+pub fn label_f1(r: &RunRecord) -> Option<Vec<f64>> {
+    r.metrics.last().filter(|m| !m.f1.is_empty()).map(|m| m.f1.iter().map(|f| f * 100.0).collect())
+}
+
+/// The paper's Table 1 for multi-label runs: one row per method, the F1 of each label and the
+/// average, as the mean over the method's runs (seeds); the average also shows its spread (±1 std).
+pub fn table1(records: &[RunRecord], label_names: &[String]) -> String {
+    let mut groups: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
+    for r in records {
+        let Some(f1) = label_f1(r) else { continue };
+        let method = r.experiment.regularizer.label();
+        match groups.iter_mut().find(|g| g.0 == method) {
+            Some(g) => g.1.push(f1),
+            None => groups.push((method, vec![f1])),
+        }
+    }
+    if groups.is_empty() {
+        return String::new();
+    }
+    let width = groups[0].1[0].len();
+    let mut out = format!(
+        "| F1 score (%) | {} | Avg. | runs |\n|---|",
+        label_names.iter().take(width).cloned().collect::<Vec<_>>().join(" | ")
+    );
+    out.push_str(&"---|".repeat(width + 2));
+    out.push('\n');
+    for (method, runs) in &groups {
+        let mean: Vec<f64> = (0..width).map(|j| runs.iter().map(|r| r[j]).sum::<f64>() / runs.len() as f64).collect();
+        let avgs: Vec<f64> = runs.iter().map(|r| r.iter().sum::<f64>() / width as f64).collect();
+        let avg = avgs.iter().sum::<f64>() / avgs.len() as f64;
+        let cells: Vec<String> = mean.iter().map(|v| format!("{v:.1}")).collect();
+        let spread = if runs.len() > 1 { format!(" ± {:.1}", std_dev(&avgs)) } else { String::new() };
+        out.push_str(&format!("| {method} | {} | {avg:.1}{spread} | {} |\n", cells.join(" | "), runs.len()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +193,19 @@ mod tests {
             device: "cpu".into(),
         };
         RunRecord { dir: "runs/x".into(), experiment: exp, metrics: vec![m], summary: Some(summary) }
+    }
+
+    #[test]
+    fn table1_averages_seeds_per_method() {
+        let mut a = record(Regularizer::None, 0.2, 0.5);
+        a.metrics[0].f1 = vec![0.5, 0.7];
+        let mut b = a.clone();
+        b.metrics[0].f1 = vec![0.7, 0.9];
+        let mut q = record(Regularizer::default_for("quantization").unwrap(), 0.2, 0.5);
+        q.metrics[0].f1 = vec![0.8, 0.8];
+        let t = table1(&[a, b, q], &["AU1".into(), "AU2".into()]);
+        assert!(t.contains("| baseline | 60.0 | 80.0 | 70.0 ± 14.1 | 2 |"), "{t}");
+        assert!(t.contains("| W4/A4 | 80.0 | 80.0 | 80.0 | 1 |"), "{t}");
     }
 
     #[test]

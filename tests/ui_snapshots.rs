@@ -46,6 +46,7 @@ fn metrics(epochs: usize, overfits: bool) -> Vec<EpochMetrics> {
                 gap: eval_loss - train_loss,
                 images_per_sec: 5000.0,
                 epoch_secs: 0.3,
+                ..Default::default()
             }
         })
         .collect()
@@ -182,6 +183,34 @@ fn help_and_quit_confirmation() {
     a.on_key(key('q'));
     assert!(a.confirm_quit, "a running run makes q ask first");
     insta::assert_snapshot!("quit_confirm_80x24", render(&a, 80, 24));
+}
+
+fn multi_label_run(reg: Regularizer, seed_shift: f64, finished: bool) -> RunView {
+    let mut v = run(reg, 20, 12, true, finished);
+    v.record.experiment.data.dataset = qat_lab::config::DatasetKind::Faces;
+    for m in &mut v.record.metrics {
+        let t = m.epoch as f64;
+        m.f1 = (0..12).map(|j| (0.2 + 0.05 * j as f64 + 0.02 * t + seed_shift).min(0.95)).collect();
+        m.eval_acc = m.f1.iter().sum::<f64>() / 12.0;
+    }
+    v
+}
+
+#[test]
+fn multi_label_live_sparklines_and_table1() {
+    let mut a = app();
+    a.runs.push(multi_label_run(Regularizer::None, 0.0, false));
+    a.runs.push(multi_label_run(Regularizer::default_for("quantization").unwrap(), 0.05, true));
+    a.screen = Screen::Live;
+    let live = render(&a, 80, 24);
+    assert!(live.contains("F1 per AU") && live.contains("AU24"), "{live}");
+    insta::assert_snapshot!("live_multilabel_80x24", live);
+    insta::assert_snapshot!("live_multilabel_160x48", render(&a, 160, 48));
+    a.screen = Screen::Compare;
+    let cmp = render(&a, 80, 24);
+    assert!(cmp.contains("Table 1"), "{cmp}");
+    insta::assert_snapshot!("compare_multilabel_80x24", cmp);
+    insta::assert_snapshot!("compare_multilabel_160x48", render(&a, 160, 48));
 }
 
 #[test]

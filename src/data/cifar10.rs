@@ -108,6 +108,7 @@ fn load_archive(path: &Path) -> Result<RawDataset> {
 
 fn dataset(train: Split, test: Split) -> RawDataset {
     RawDataset {
+        task: super::Task::Classify,
         name: "cifar10".into(),
         classes: CLASSES.iter().map(|s| s.to_string()).collect(),
         shape: [3, 32, 32],

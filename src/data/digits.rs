@@ -29,11 +29,12 @@ pub fn load() -> Result<RawDataset> {
         images.extend(values[..64].iter().map(|v| v / 16.0));
         labels.push(values[64] as u32);
     }
-    let all = Split { images, labels };
+    let all = Split { images, labels, ..Default::default() };
     let mut order: Vec<usize> = (0..all.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(DATA_SEED ^ 0xd161));
     let (tr, te) = order.split_at(TRAIN_LEN);
     Ok(RawDataset {
+        task: super::Task::Classify,
         name: "digits".into(),
         classes: (0..10).map(|d| d.to_string()).collect(),
         shape: [1, 8, 8],

@@ -29,7 +29,29 @@ pub fn load(root: &Path, side: usize) -> Result<RawDataset> {
         let len = 3 * side * side;
         (classes, all.select(tr, len), all.select(te, len))
     };
-    Ok(RawDataset { name: format!("folder:{}", root.display()), classes, shape: [3, side, side], train, test })
+    Ok(RawDataset {
+        task: super::Task::Classify,
+        name: format!("folder:{}", root.display()),
+        classes,
+        shape: [3, side, side],
+        train,
+        test,
+    })
+}
+
+/// Decodes an image file to `side`x`side` RGB in [0, 1], CHW; the error names the file and the fix.
+pub(crate) fn load_image(path: &Path, side: usize) -> Result<Vec<f32>> {
+    let img = image::open(path)
+        .with_context(|| {
+            format!("{} could not be decoded as an image (PNG, JPEG or BMP); remove or convert it", path.display())
+        })?
+        .to_rgb8();
+    let img = image::imageops::resize(&img, side as u32, side as u32, image::imageops::FilterType::Triangle);
+    let mut out = Vec::with_capacity(3 * side * side);
+    for c in 0..3 {
+        out.extend(img.pixels().map(|p| p.0[c] as f32 / 255.0));
+    }
+    Ok(out)
 }
 
 fn class_names(dir: &Path) -> Result<Vec<String>> {

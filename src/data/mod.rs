@@ -3,9 +3,12 @@
 //! Images are kept as standardised `f32` in NCHW order; labels as class indices. Training labels are
 //! corrupted once, up front, and the mask of corrupted examples is kept for the memorisation metric.
 
+pub mod au_csv;
 pub mod augment;
+pub mod bp4d;
 pub mod cifar10;
 pub mod digits;
+pub mod faces;
 pub mod fetch;
 pub mod folder;
 pub mod noise;
@@ -21,12 +24,31 @@ use rand_chacha::ChaCha8Rng;
 /// same images whatever its training seed.
 pub const DATA_SEED: u64 = 0x5eed;
 
-/// A set of images with one class label each.
+/// Value of a multi-label target whose annotation is unknown (BP4D's 9): masked out of loss and metrics.
+pub const UNKNOWN: f32 = -1.0;
+
+/// What is predicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// One class per image.
+    Classify,
+    /// Several binary labels per image (Action Units).
+    MultiLabel,
+}
+
+/// A set of images with their labels.
 #[derive(Debug, Clone, Default)]
 pub struct Split {
     /// `len * channels * height * width` values, NCHW.
     pub images: Vec<f32>,
+    /// One class index per image (0 for multi-label datasets).
     pub labels: Vec<u32>,
+    /// Multi-label targets, row-major (N, L): 1 present, 0 absent, [`UNKNOWN`]; empty for classes.
+    pub targets: Vec<f32>,
+    /// How strongly each label is expressed, (N, L) in [0, 1]; empty when unknown.
+    pub intensity: Vec<f32>,
+    /// Who is in each image (subject-exclusive folds); empty when unknown.
+    pub subjects: Vec<String>,
 }
 
 impl Split {
@@ -36,15 +58,35 @@ impl Split {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
+    /// Labels per image (0 for single-label data).
+    pub fn num_targets(&self) -> usize {
+        if self.labels.is_empty() {
+            0
+        } else {
+            self.targets.len() / self.labels.len()
+        }
+    }
     /// Keeps the examples at `idx`, in that order.
     pub fn select(&self, idx: &[usize], image_len: usize) -> Split {
-        let mut images = Vec::with_capacity(idx.len() * image_len);
-        let mut labels = Vec::with_capacity(idx.len());
-        for &i in idx {
-            images.extend_from_slice(&self.images[i * image_len..(i + 1) * image_len]);
-            labels.push(self.labels[i]);
+        let l = self.num_targets();
+        let rows = |v: &Vec<f32>| -> Vec<f32> {
+            if v.is_empty() {
+                Vec::new()
+            } else {
+                idx.iter().flat_map(|&i| v[i * l..(i + 1) * l].iter().copied()).collect()
+            }
+        };
+        Split {
+            images: idx.iter().flat_map(|&i| self.images[i * image_len..(i + 1) * image_len].iter().copied()).collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            targets: rows(&self.targets),
+            intensity: rows(&self.intensity),
+            subjects: if self.subjects.is_empty() {
+                Vec::new()
+            } else {
+                idx.iter().map(|&i| self.subjects[i].clone()).collect()
+            },
         }
-        Split { images, labels }
     }
 }
 
@@ -52,6 +94,8 @@ impl Split {
 #[derive(Debug, Clone)]
 pub struct RawDataset {
     pub name: String,
+    pub task: Task,
+    /// Class names, or label (AU) names.
     pub classes: Vec<String>,
     /// (channels, height, width).
     pub shape: [usize; 3],
@@ -64,19 +108,22 @@ pub struct RawDataset {
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub name: String,
+    pub task: Task,
+    /// Class names, or label (AU) names.
     pub classes: Vec<String>,
     pub shape: [usize; 3],
-    /// Training images with their (possibly corrupted) labels.
+    /// Training images with their (possibly corrupted) labels or targets.
     pub train: Split,
-    /// The true labels of the training images.
+    /// The true classes of the training images (single-label).
     pub train_clean_labels: Vec<u32>,
-    /// `true` where the training label differs from the true one.
+    /// `true` where the training label differs from the true one: one per image for classes, one per
+    /// (image, label) for multi-label data.
     pub corrupted: Vec<bool>,
     /// Validation images (noisy labels, like the training set they come from).
     pub val: Split,
     /// Clean test set.
     pub test: Split,
-    /// Fraction of training examples the noise process picked (the requested s).
+    /// Fraction of training labels the noise process picked (the requested s).
     pub noise_picked_rate: f64,
     /// Fraction of training labels that really differ from the truth.
     pub measured_noise_rate: f64,
@@ -87,13 +134,23 @@ impl Dataset {
     pub fn image_len(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Classes, or labels per image.
     pub fn num_classes(&self) -> usize {
         self.classes.len()
+    }
+    pub fn is_multi_label(&self) -> bool {
+        self.task == Task::MultiLabel
     }
 }
 
 /// Loads the dataset a preset names, then subsets, corrupts, splits and standardises it.
 pub fn load(cfg: &DataConfig) -> Result<Dataset> {
+    let path = |what: &str| -> Result<std::path::PathBuf> {
+        if cfg.path.is_empty() {
+            bail!("the `{}` dataset needs data.path: {what}", cfg.dataset.name());
+        }
+        Ok(std::path::PathBuf::from(&cfg.path))
+    };
     let raw = match cfg.dataset {
         DatasetKind::Digits => digits::load()?,
         DatasetKind::Shapes => {
@@ -101,15 +158,21 @@ pub fn load(cfg: &DataConfig) -> Result<Dataset> {
             let n_test = if cfg.test_subset > 0 { cfg.test_subset } else { shapes::DEFAULT_TEST };
             shapes::generate(n_train, n_test, DATA_SEED)
         }
+        DatasetKind::Faces => {
+            let n_train = if cfg.train_subset > 0 { cfg.train_subset } else { faces::DEFAULT_TRAIN };
+            let n_test = if cfg.test_subset > 0 { cfg.test_subset } else { faces::DEFAULT_TEST };
+            faces::generate(n_train, n_test, DATA_SEED)
+        }
         DatasetKind::Cifar10 => {
             let path = if cfg.path.is_empty() { cifar10::DEFAULT_DIR.to_string() } else { cfg.path.clone() };
             cifar10::load(std::path::Path::new(&path))?
         }
         DatasetKind::Folder => {
-            if cfg.path.is_empty() {
-                bail!("the `folder` dataset needs data.path: a folder with one sub-folder of images per class");
-            }
-            folder::load(std::path::Path::new(&cfg.path), cfg.image_size)?
+            folder::load(&path("a folder with one sub-folder of images per class")?, cfg.image_size)?
+        }
+        DatasetKind::Bp4d => bp4d::load(&path("the BP4D folder (AU_OCC/ and images/)")?, cfg.image_size, cfg.fold)?,
+        DatasetKind::AuCsv => {
+            au_csv::load(&path("a manifest CSV (image, subject, AU columns)")?, cfg.image_size, cfg.fold)?
         }
     };
     prepare(raw, cfg)
@@ -135,8 +198,19 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
     }
 
     let clean = train.labels.clone();
-    let noisy = noise::corrupt(&clean, raw.classes.len(), &cfg.noise);
-    train.labels = noisy.labels;
+    let (corrupted_all, picked_rate, measured_rate, per) = match raw.task {
+        Task::Classify => {
+            let noisy = noise::corrupt(&clean, raw.classes.len(), &cfg.noise);
+            train.labels = noisy.labels;
+            (noisy.corrupted, noisy.picked_rate, noisy.measured_rate, 1)
+        }
+        Task::MultiLabel => {
+            let l = raw.classes.len();
+            let noisy = noise::corrupt_multi(&train.targets, &train.intensity, l, &cfg.noise);
+            train.targets = noisy.targets;
+            (noisy.corrupted, noisy.picked_rate, noisy.measured_rate, l)
+        }
+    };
 
     // Validation: the last part of the (shuffled, noisy) training data.
     let n_val = (train.len() as f64 * cfg.val_fraction).round() as usize;
@@ -148,11 +222,12 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
     let val_idx: Vec<usize> = (n_fit..train.len()).collect();
     let val = train.select(&val_idx, image_len);
     let fit = train.select(&fit_idx, image_len);
-    let corrupted = noisy.corrupted[..n_fit].to_vec();
+    let corrupted = corrupted_all[..n_fit * per].to_vec();
     let train_clean_labels = clean[..n_fit].to_vec();
 
     let mut ds = Dataset {
         name: raw.name,
+        task: raw.task,
         classes: raw.classes,
         shape: raw.shape,
         train: fit,
@@ -160,8 +235,8 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
         corrupted,
         val,
         test,
-        noise_picked_rate: noisy.picked_rate,
-        measured_noise_rate: noisy.measured_rate,
+        noise_picked_rate: picked_rate,
+        measured_noise_rate: measured_rate,
     };
     standardise(&mut ds);
     Ok(ds)

@@ -28,7 +28,8 @@ pub fn corrupt(clean: &[u32], num_classes: usize, cfg: &NoiseConfig) -> NoisyLab
         for i in sample(&mut rng, n, picked).into_iter() {
             labels[i] = match cfg.kind {
                 NoiseKind::Uniform => rng.random_range(0..c),
-                NoiseKind::Flip => {
+                // `ambiguous` is a multi-label model (config rejects it for classes); treat as `flip`.
+                NoiseKind::Flip | NoiseKind::Ambiguous => {
                     let other = rng.random_range(0..c - 1);
                     if other >= clean[i] {
                         other + 1
@@ -44,6 +45,63 @@ pub fn corrupt(clean: &[u32], num_classes: usize, cfg: &NoiseConfig) -> NoisyLab
     let changed = corrupted.iter().filter(|&&x| x).count();
     let denom = n.max(1) as f64;
     NoisyLabels { labels, corrupted, picked_rate: picked as f64 / denom, measured_rate: changed as f64 / denom }
+}
+
+/// Multi-label targets after corruption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoisyTargets {
+    /// (N, L) row-major, as the input; unknown entries are left unknown.
+    pub targets: Vec<f32>,
+    /// (N, L): `true` where the target differs from the true one.
+    pub corrupted: Vec<bool>,
+    pub picked_rate: f64,
+    pub measured_rate: f64,
+}
+
+/// The activation at which an AU counts as present in [`crate::data::faces`]; ambiguity peaks there.
+pub const PRESENCE_THRESHOLD: f32 = 0.3;
+
+/// Per label, picks round(s·known) annotations and re-draws them: `uniform` a random 0/1, `flip` and
+/// `ambiguous` the opposite value. `ambiguous` picks with weights that peak where the intensity is near
+/// the presence threshold (weak, debatable activations), as annotator disagreement does.
+pub fn corrupt_multi(clean: &[f32], intensity: &[f32], num_labels: usize, cfg: &NoiseConfig) -> NoisyTargets {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut targets = clean.to_vec();
+    let n = clean.len().checked_div(num_labels).unwrap_or(0);
+    let (mut picked_total, mut known_total) = (0usize, 0usize);
+    for j in 0..num_labels {
+        let known: Vec<usize> = (0..n).filter(|&i| clean[i * num_labels + j] >= 0.0).collect();
+        let picked = ((cfg.rate * known.len() as f64).round() as usize).min(known.len());
+        known_total += known.len();
+        picked_total += picked;
+        let chosen: Vec<usize> = if cfg.kind == NoiseKind::Ambiguous && !intensity.is_empty() {
+            // Efraimidis-Spirakis weighted sampling without replacement: the `picked` largest u^(1/w).
+            let mut keyed: Vec<(f64, usize)> = known
+                .iter()
+                .map(|&i| {
+                    let a = intensity[i * num_labels + j];
+                    let w = (-((a - PRESENCE_THRESHOLD).abs() as f64) / 0.1).exp() + 1e-3;
+                    let u: f64 = rng.random_range(f64::EPSILON..1.0);
+                    (u.powf(1.0 / w), i)
+                })
+                .collect();
+            keyed.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+            keyed.into_iter().take(picked).map(|(_, i)| i).collect()
+        } else {
+            sample(&mut rng, known.len(), picked).into_iter().map(|k| known[k]).collect()
+        };
+        for i in chosen {
+            let t = &mut targets[i * num_labels + j];
+            *t = match cfg.kind {
+                NoiseKind::Uniform => rng.random_range(0..2u32) as f32,
+                _ => 1.0 - *t,
+            };
+        }
+    }
+    let corrupted: Vec<bool> = targets.iter().zip(clean).map(|(a, b)| a != b).collect();
+    let changed = corrupted.iter().filter(|&&c| c).count();
+    let denom = known_total.max(1) as f64;
+    NoisyTargets { targets, corrupted, picked_rate: picked_total as f64 / denom, measured_rate: changed as f64 / denom }
 }
 
 #[cfg(test)]
@@ -96,6 +154,38 @@ mod tests {
         let out = corrupt(&clean, 10, &cfg(NoiseKind::Uniform, 0.4, 7));
         assert!((out.picked_rate - 0.4).abs() < 1e-9);
         assert!((out.measured_rate - 0.36).abs() < 0.005, "{}", out.measured_rate);
+    }
+
+    #[test]
+    fn multi_label_flips_keep_unknowns_and_favour_ambiguous_intensities() {
+        let n = 4000;
+        let l = 2;
+        let mut clean = Vec::new();
+        let mut intensity = Vec::new();
+        for i in 0..n {
+            let a = (i as f32 / n as f32).min(0.999); // activations spread over [0, 1)
+            clean.push(if a > PRESENCE_THRESHOLD { 1.0 } else { 0.0 });
+            intensity.push(a);
+            clean.push(if i % 10 == 0 { crate::data::UNKNOWN } else { (i % 2) as f32 });
+            intensity.push(a);
+        }
+        let flip = corrupt_multi(&clean, &intensity, l, &cfg(NoiseKind::Flip, 0.2, 1));
+        let known1 = clean.iter().skip(1).step_by(2).filter(|v| **v >= 0.0).count();
+        let flipped1 = flip.corrupted.iter().skip(1).step_by(2).filter(|c| **c).count();
+        assert_eq!(flipped1, (0.2 * known1 as f64).round() as usize);
+        for i in 0..n {
+            if clean[i * l + 1] < 0.0 {
+                assert_eq!(flip.targets[i * l + 1], crate::data::UNKNOWN, "unknown stays unknown");
+            }
+        }
+        let amb = corrupt_multi(&clean, &intensity, l, &cfg(NoiseKind::Ambiguous, 0.1, 1));
+        let near: usize =
+            (0..n).filter(|&i| amb.corrupted[i * l] && (intensity[i * l] - PRESENCE_THRESHOLD).abs() < 0.15).count();
+        let total: usize = (0..n).filter(|&i| amb.corrupted[i * l]).count();
+        assert_eq!(total, 400);
+        // 30% of the activations lie within 0.15 of the threshold; the flips concentrate there.
+        assert!(near as f64 > 0.6 * total as f64, "{near} of {total} flips near the threshold");
+        assert_eq!(amb, corrupt_multi(&clean, &intensity, l, &cfg(NoiseKind::Ambiguous, 0.1, 1)));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub const DEFAULT_TEST: usize = 1000;
 /// Generates `n_train` + `n_test` images, classes balanced, deterministic in `seed`.
 pub fn generate(n_train: usize, n_test: usize, seed: u64) -> RawDataset {
     RawDataset {
+        task: super::Task::Classify,
         name: "shapes".into(),
         classes: CLASSES.iter().map(|s| s.to_string()).collect(),
         shape: [3, SIDE, SIDE],
@@ -33,7 +34,7 @@ fn split(n: usize, seed: u64) -> Split {
         images.extend(render(class, &mut rng));
         labels.push(class);
     }
-    Split { images, labels }
+    Split { images, labels, ..Default::default() }
 }
 
 /// Whether local coordinates (u, v) in [-1, 1]² lie inside the shape of `class`.

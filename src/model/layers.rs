@@ -232,3 +232,96 @@ impl Linear {
         }
     }
 }
+
+/// One classifier head per label with its own batch norm (the paper's change for multi-task QAT: the
+/// normalisation is kept per AU so that each head learns its own input scaling). Every head sees the
+/// same pooled features, so the batch statistics are shared and each head has its own affine
+/// parameters, input quantizer and (quantized) weights.
+#[derive(Debug, Clone)]
+pub struct LabelHeads {
+    pub labels: usize,
+    pub features: usize,
+    /// (L, F) per-head batch-norm scale and shift.
+    pub gamma: Var,
+    pub beta: Var,
+    /// (F) running statistics of the shared features.
+    pub running_mean: Var,
+    pub running_var: Var,
+    /// (L, F) weights and (L) biases.
+    pub weight: Var,
+    pub bias: Var,
+    /// Bits of weights and inputs (float when `None`), with the per-head moving scale (L).
+    pub quant: Option<(u32, u32, f64, Var)>,
+}
+
+impl LabelHeads {
+    pub fn new(params: &mut Params, name: &str, features: usize, labels: usize, quant: Option<QuantSpec>) -> Self {
+        Self {
+            labels,
+            features,
+            gamma: params.constant(&format!("{name}.bn.weight"), &[labels, features], 1.0, Role::NoDecay),
+            beta: params.constant(&format!("{name}.bn.bias"), &[labels, features], 0.0, Role::NoDecay),
+            running_mean: params.constant(&format!("{name}.bn.running_mean"), &[features], 0.0, Role::Buffer),
+            running_var: params.constant(&format!("{name}.bn.running_var"), &[features], 1.0, Role::Buffer),
+            weight: params.uniform(&format!("{name}.weight"), &[labels, features], features, Role::Weight),
+            bias: params.uniform(&format!("{name}.bias"), &[labels], features, Role::NoDecay),
+            quant: quant.map(|q| {
+                let ema = params.constant(&format!("{name}.act_scale"), &[labels], 0.0, Role::Buffer);
+                (q.weight_bits, q.act_bits, q.ema_momentum, ema)
+            }),
+        }
+    }
+
+    /// Logits (N, L) from pooled features (N, F).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (n, f) = x.dims2()?;
+        let (mean, var) = if train {
+            let mean = x.mean(0)?;
+            let var = x.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+            let m = BN_MOMENTUM;
+            let unbias = n as f64 / (n.max(2) - 1) as f64;
+            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
+            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var.detach() * (m * unbias))?)?)?;
+            (mean, var)
+        } else {
+            (self.running_mean.as_tensor().clone(), self.running_var.as_tensor().clone())
+        };
+        let xhat = x.broadcast_sub(&mean)?.broadcast_div(&(var + BN_EPS)?.sqrt()?)?; // (N, F)
+        let l = self.labels;
+        let z = xhat
+            .unsqueeze(0)?
+            .broadcast_mul(&self.gamma.as_tensor().unsqueeze(1)?)?
+            .broadcast_add(&self.beta.as_tensor().unsqueeze(1)?)?; // (L, N, F)
+        let (z, w) = match &self.quant {
+            Some((w_bits, a_bits, momentum, ema)) => {
+                let z = if *a_bits >= crate::regularize::quant::FLOAT_BITS {
+                    z
+                } else {
+                    let batch = z.detach().abs()?.flatten_from(1)?.max(1)?; // (L)
+                    let scale = if train {
+                        let seen = ema.as_tensor().max(0)?.to_scalar::<f32>()? > 0.0;
+                        let updated = if seen {
+                            ((ema.as_tensor() * *momentum)? + (&batch * (1.0 - momentum))?)?
+                        } else {
+                            batch.clone()
+                        };
+                        ema.set(&updated)?;
+                        batch
+                    } else {
+                        ema.as_tensor().clone()
+                    };
+                    ops::fake_quant(
+                        &z.contiguous()?,
+                        &scale.reshape((l, 1, 1))?,
+                        crate::regularize::quant::levels(*a_bits),
+                    )?
+                };
+                (z, quantize_weight(self.weight.as_tensor(), *w_bits)?)
+            }
+            None => (z, self.weight.as_tensor().clone()),
+        };
+        let y = z.broadcast_mul(&w.unsqueeze(1)?)?.sum(2)?; // (L, N)
+        debug_assert_eq!(f, self.features);
+        y.broadcast_add(&self.bias.as_tensor().unsqueeze(1)?)?.t()?.reshape((n, l))
+    }
+}

@@ -2,7 +2,7 @@
 //! 16/32/64 channels (times a width multiplier), parameter-free shortcuts (option A: subsample and
 //! zero-pad channels), global average pooling and one linear layer. n = 1, 2, 3 gives ResNet-8/14/20.
 
-use super::layers::{ConvBn, Linear, QuantSpec};
+use super::layers::{ConvBn, LabelHeads, Linear, QuantSpec};
 use super::{Cost, Params};
 use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
 use crate::ops;
@@ -28,6 +28,15 @@ pub struct NetSpec {
     pub input: [usize; 3],
     /// Number of outputs (classes, or labels for multi-label heads).
     pub outputs: usize,
+    /// One batch-normalised head per label (multi-label data under QAT with `bn = keep`).
+    pub per_label_heads: bool,
+}
+
+/// The classifier: one linear layer, or one normalised head per label.
+#[derive(Debug, Clone)]
+pub enum Head {
+    Linear(Linear),
+    PerLabel(LabelHeads),
 }
 
 /// The network with its parameters.
@@ -37,7 +46,7 @@ pub struct ResNet {
     pub params: Params,
     pub stem: ConvBn,
     pub blocks: Vec<Block>,
-    pub fc: Linear,
+    pub head: Head,
     dropout: Option<(f64, DropoutPosition)>,
     dropout_rng: RefCell<ChaCha8Rng>,
 }
@@ -82,13 +91,17 @@ impl ResNet {
                 in_ch = out_ch;
             }
         }
-        let fc = Linear::new(&mut params, "fc", in_ch, spec.outputs, edge);
+        let head = if spec.per_label_heads {
+            Head::PerLabel(LabelHeads::new(&mut params, "heads", in_ch, spec.outputs, edge))
+        } else {
+            Head::Linear(Linear::new(&mut params, "fc", in_ch, spec.outputs, edge))
+        };
         Self {
             spec,
             params,
             stem,
             blocks,
-            fc,
+            head,
             dropout,
             dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed ^ 0xd20)),
         }
@@ -109,7 +122,10 @@ impl ResNet {
         if let Some((p, DropoutPosition::Classifier)) = self.dropout {
             pooled = self.drop(&pooled, p, train)?;
         }
-        self.fc.forward(&pooled, train)
+        match &self.head {
+            Head::Linear(fc) => fc.forward(&pooled, train),
+            Head::PerLabel(heads) => heads.forward(&pooled, train),
+        }
     }
 
     /// Inverted dropout with our own seeded mask, so runs are reproducible.
@@ -161,8 +177,12 @@ impl ResNet {
             conv(&b.conv1, b.conv1.in_ch, mid, &mut h, &mut w);
             conv(&b.conv2, mid, b.conv2.out_ch, &mut h, &mut w);
         }
-        cost.params += self.fc.in_features * self.fc.out_features + self.fc.out_features;
-        cost.macs += self.fc.in_features * self.fc.out_features;
+        let (features, outputs, per_label) = match &self.head {
+            Head::Linear(fc) => (fc.in_features, fc.out_features, false),
+            Head::PerLabel(h) => (h.features, h.labels, true),
+        };
+        cost.params += features * outputs + outputs + if per_label { 2 * features * outputs } else { 0 };
+        cost.macs += features * outputs;
         Ok(cost)
     }
 
@@ -197,7 +217,7 @@ mod tests {
     use super::*;
 
     fn spec(arch: Arch, width: f64) -> NetSpec {
-        NetSpec { arch, width, input: [3, 32, 32], outputs: 10 }
+        NetSpec { arch, width, input: [3, 32, 32], outputs: 10, per_label_heads: false }
     }
 
     #[test]
@@ -218,7 +238,7 @@ mod tests {
     fn forward_shapes_for_odd_and_small_inputs() {
         for input in [[1, 8, 8], [3, 9, 7]] {
             let net = ResNet::new(
-                NetSpec { arch: Arch::Resnet8, width: 0.5, input, outputs: 4 },
+                NetSpec { arch: Arch::Resnet8, width: 0.5, input, outputs: 4, per_label_heads: false },
                 &Regularizer::None,
                 &Device::Cpu,
                 0,
@@ -252,7 +272,7 @@ mod tests {
             let reg =
                 Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.9 };
             let net = ResNet::new(
-                NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 8, 8], outputs: 10 },
+                NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 8, 8], outputs: 10, per_label_heads: false },
                 &reg,
                 &Device::Cpu,
                 1,

@@ -12,7 +12,10 @@ pub struct RunInfo {
     /// Regularizer label, e.g. `W4/A4`.
     pub label: String,
     pub dataset: String,
+    /// Class names, or label (AU) names for multi-label data.
     pub classes: Vec<String>,
+    #[serde(default)]
+    pub multi_label: bool,
     pub train_size: usize,
     pub val_size: usize,
     pub test_size: usize,
@@ -36,14 +39,28 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Training accuracy against the noisy labels, during the epoch.
     pub train_acc: f64,
-    /// Memorisation: share of corrupted examples predicted as their wrong (noisy) label.
+    /// Memorisation: share of corrupted examples (labels, for multi-label data) predicted as their
+    /// wrong (noisy) label.
     pub memorized: f64,
     /// Share of clean training examples predicted correctly.
     pub clean_fit: f64,
-    /// Loss and accuracy on the clean test set.
+    /// Loss on the clean test set.
     pub eval_loss: f64,
+    /// Test accuracy (classes), or average F1 over labels (multi-label).
     pub eval_acc: f64,
     pub per_class_acc: Vec<f64>,
+    /// Multi-label: test F1 per label (positive class); empty for classes.
+    #[serde(default)]
+    pub f1: Vec<f64>,
+    /// Multi-label: test binary cross-entropy per label.
+    #[serde(default)]
+    pub label_loss: Vec<f64>,
+    /// Multi-label: decision thresholds used (0.5, or tuned on validation).
+    #[serde(default)]
+    pub thresholds: Vec<f64>,
+    /// Multi-label: average F1 on the validation split.
+    #[serde(default)]
+    pub val_f1: Option<f64>,
     /// Loss and accuracy on the validation split (noisy labels), when there is one.
     pub val_loss: Option<f64>,
     pub val_acc: Option<f64>,
@@ -140,5 +157,6 @@ pub enum TrainEvent {
     Batch(BatchProgress),
     Epoch(EpochMetrics),
     Log(String),
-    Finished(Summary),
+    /// Boxed: a summary is large next to the per-batch events that dominate the channel.
+    Finished(Box<Summary>),
 }

@@ -79,6 +79,67 @@ impl Memorisation {
     }
 }
 
+/// Counts for the F1 score of one binary label (the positive class).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct F1Counts {
+    pub tp: usize,
+    pub fp: usize,
+    pub fn_: usize,
+}
+
+impl F1Counts {
+    pub fn add(&mut self, predicted: bool, actual: bool) {
+        match (predicted, actual) {
+            (true, true) => self.tp += 1,
+            (true, false) => self.fp += 1,
+            (false, true) => self.fn_ += 1,
+            (false, false) => {}
+        }
+    }
+    /// 2·TP / (2·TP + FP + FN); 0 when there is neither a positive label nor a positive prediction
+    /// (scikit-learn's `zero_division=0`).
+    pub fn f1(&self) -> f64 {
+        ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn_)
+    }
+}
+
+/// Per-label F1 of probabilities (N, L) against targets (N, L; negative = unknown, skipped), each label
+/// with its decision threshold.
+pub fn f1_per_label(probs: &[f32], targets: &[f32], thresholds: &[f64]) -> Vec<f64> {
+    let l = thresholds.len();
+    let mut counts = vec![F1Counts::default(); l];
+    for (row_p, row_t) in probs.chunks_exact(l).zip(targets.chunks_exact(l)) {
+        for j in 0..l {
+            if row_t[j] >= 0.0 {
+                counts[j].add(row_p[j] as f64 >= thresholds[j], row_t[j] > 0.5);
+            }
+        }
+    }
+    counts.iter().map(F1Counts::f1).collect()
+}
+
+/// For each label the threshold in 0.05..0.95 (steps of 0.05) that maximises F1 on (probs, targets).
+pub fn tune_thresholds(probs: &[f32], targets: &[f32], labels: usize) -> Vec<f64> {
+    let grid: Vec<f64> = (1..20).map(|i| i as f64 * 0.05).collect();
+    (0..labels)
+        .map(|j| {
+            let mut best = (0.5, -1.0);
+            for &t in &grid {
+                let mut c = F1Counts::default();
+                for (p, y) in probs.iter().skip(j).step_by(labels).zip(targets.iter().skip(j).step_by(labels)) {
+                    if *y >= 0.0 {
+                        c.add(*p as f64 >= t, *y > 0.5);
+                    }
+                }
+                if c.f1() > best.1 {
+                    best = (t, c.f1());
+                }
+            }
+            best.0
+        })
+        .collect()
+}
+
 fn ratio(a: usize, b: usize) -> f64 {
     if b == 0 {
         0.0
@@ -107,7 +168,41 @@ mod tests {
         assert_eq!(Memorisation::default().memorized(), 0.0);
     }
 
+    #[test]
+    fn f1_on_hand_computed_cases() {
+        // tp=2, fp=1, fn=1 -> 4/6
+        let mut c = F1Counts::default();
+        for (p, a) in [(true, true), (true, true), (true, false), (false, true), (false, false)] {
+            c.add(p, a);
+        }
+        assert!((c.f1() - 4.0 / 6.0).abs() < 1e-12);
+        // No positives at all, none predicted: 0 (scikit-learn's zero_division=0).
+        let mut none = F1Counts::default();
+        none.add(false, false);
+        assert_eq!(none.f1(), 0.0);
+        // Unknown targets (-1) are skipped; label 1 is perfect.
+        let probs = [0.9f32, 0.8, 0.2, 0.1, 0.7, 0.6];
+        let targets = [1.0f32, 1.0, 0.0, -1.0, 0.0, 1.0];
+        let f1 = f1_per_label(&probs, &targets, &[0.5, 0.5]);
+        assert!((f1[0] - 2.0 / 3.0).abs() < 1e-12, "{f1:?}");
+        assert_eq!(f1[1], 1.0);
+        // A threshold tuned on these probabilities separates label 0 perfectly.
+        let t = tune_thresholds(&probs, &targets, 2);
+        assert_eq!(f1_per_label(&probs, &targets, &t)[0], 1.0);
+    }
+
     proptest! {
+        #[test]
+        fn f1_is_a_fraction_and_perfect_predictions_score_one(targets in proptest::collection::vec(0u8..2, 1..200)) {
+            let t: Vec<f32> = targets.iter().map(|&v| v as f32).collect();
+            let p: Vec<f32> = t.iter().map(|&v| if v > 0.5 { 0.9 } else { 0.1 }).collect();
+            let f = f1_per_label(&p, &t, &[0.5])[0];
+            let any_positive = t.iter().any(|&v| v > 0.5);
+            prop_assert_eq!(f, if any_positive { 1.0 } else { 0.0 });
+            let inverted: Vec<f32> = p.iter().map(|v| 1.0 - v).collect();
+            prop_assert!((0.0..=1.0).contains(&f1_per_label(&inverted, &t, &[0.5])[0]));
+        }
+
         #[test]
         fn accuracies_are_fractions_and_perfect_predictions_score_one(labels in proptest::collection::vec(0u32..5, 1..100)) {
             let mut a = Accuracy::new(5);

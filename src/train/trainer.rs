@@ -2,15 +2,15 @@
 //! writing the run record as it goes.
 
 use super::events::{BatchProgress, Best, EpochMetrics, RunInfo, Status, Summary, TrainEvent};
-use super::metrics::{argmax_rows, Accuracy, Memorisation};
+use super::metrics::{argmax_rows, f1_per_label, tune_thresholds, Accuracy, Memorisation};
 use super::optim::{l2_penalty, Adam};
-use crate::config::{DeviceKind, Experiment, Regularizer};
+use crate::config::{BnMode, DeviceKind, Experiment, Regularizer};
 use crate::data::{self, augment, Dataset, Split};
 use crate::model::resnet::NetSpec;
 use crate::model::ResNet;
 use crate::ops;
 use crate::regularize::early_stop::{EarlyStopping, Verdict};
-use crate::regularize::smoothing::smooth_one_hot;
+use crate::regularize::smoothing::{smooth_binary, smooth_one_hot};
 use crate::runs::RunDir;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
@@ -159,7 +159,7 @@ fn run_with(
             let _ = tx.send(TrainEvent::Log(format!("could not write summary.json: {e:#}")));
         }
     }
-    let _ = tx.send(TrainEvent::Finished(summary.clone()));
+    let _ = tx.send(TrainEvent::Finished(Box::new(summary.clone())));
     summary
 }
 
@@ -201,7 +201,16 @@ fn train(
     summary.device = format!("{:?}", exp.train.device).to_lowercase();
     dir.write_summary(summary)?;
 
-    let spec = NetSpec { arch: exp.model.arch, width: exp.model.width, input: data.shape, outputs: data.num_classes() };
+    let multi = data.is_multi_label();
+    // The paper's multi-task QAT keeps one batch norm per AU head.
+    let per_label_heads = multi && matches!(exp.regularizer, Regularizer::Quantization { bn: BnMode::Keep, .. });
+    let spec = NetSpec {
+        arch: exp.model.arch,
+        width: exp.model.width,
+        input: data.shape,
+        outputs: data.num_classes(),
+        per_label_heads,
+    };
     let mut net = ResNet::new(spec, &exp.regularizer, &device, exp.train.seed);
     let cost = net.cost()?;
     summary.params = cost.params;
@@ -215,6 +224,7 @@ fn train(
         label: exp.regularizer.label(),
         dataset: data.name.clone(),
         classes: data.classes.clone(),
+        multi_label: multi,
         train_size: data.train.len(),
         val_size: data.val.len(),
         test_size: data.test.len(),
@@ -297,7 +307,16 @@ fn train(
             let labels: Vec<u32> = chunk.iter().map(|&i| data.train.labels[i]).collect();
             let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), &device)?;
             let logits = net.forward(&x, true)?;
-            let mut loss = if smoothing > 0.0 {
+            let targets = if multi { gather_rows(&data.train.targets, chunk, classes) } else { Vec::new() };
+            let mut loss = if multi {
+                let (soft, mask) = binary_targets(&targets, smoothing);
+                let shape = (chunk.len(), classes);
+                ops::masked_bce_with_logits(
+                    &logits,
+                    &Tensor::from_vec(soft, shape, &device)?,
+                    &Tensor::from_vec(mask, shape, &device)?,
+                )?
+            } else if smoothing > 0.0 {
                 let t = Tensor::from_vec(smooth_one_hot(&labels, classes, smoothing), (chunk.len(), classes), &device)?;
                 ops::soft_cross_entropy(&logits, &t)?
             } else {
@@ -319,9 +338,20 @@ fn train(
                 return Ok(());
             }
             optimizer.step(&loss.backward()?)?;
-            let preds = argmax_rows(&logits.detach().to_vec2::<f32>()?.concat(), classes);
-            let flags: Vec<bool> = chunk.iter().map(|&i| data.corrupted[i]).collect();
-            memo.add(&preds, &labels, &flags);
+            let out = logits.detach().to_vec2::<f32>()?.concat();
+            if multi {
+                // Per known (image, label): predicted present (logit > 0) against the noisy target.
+                let flags = gather_flags(&data.corrupted, chunk, classes);
+                let known: Vec<usize> = (0..targets.len()).filter(|&k| targets[k] >= 0.0).collect();
+                let preds: Vec<u32> = known.iter().map(|&k| (out[k] > 0.0) as u32).collect();
+                let noisy: Vec<u32> = known.iter().map(|&k| (targets[k] > 0.5) as u32).collect();
+                let flags: Vec<bool> = known.iter().map(|&k| flags[k]).collect();
+                memo.add(&preds, &noisy, &flags);
+            } else {
+                let preds = argmax_rows(&out, classes);
+                let flags: Vec<bool> = chunk.iter().map(|&i| data.corrupted[i]).collect();
+                memo.add(&preds, &labels, &flags);
+            }
             loss_sum += loss_value * chunk.len() as f64;
             seen += chunk.len();
             if opts.batch_events_every > 0 && (b + 1) % opts.batch_events_every == 0 {
@@ -339,13 +369,14 @@ fn train(
             break;
         }
         let train_secs = epoch_start.elapsed().as_secs_f64();
-        let (eval_loss, eval_acc, per_class_acc) = evaluate(&net, &data.test, &data, &device)?;
-        let (val_loss, val_acc) = if data.val.is_empty() {
-            (None, None)
-        } else {
-            let (l, a, _) = evaluate(&net, &data.val, &data, &device)?;
-            (Some(l), Some(a))
+        let val = if data.val.is_empty() { None } else { Some(evaluate(&net, &data.val, &data, &device, None)?) };
+        let thresholds = match (&val, exp.train.tune_threshold) {
+            (Some(v), true) => tune_thresholds(&v.probs, &data.val.targets, classes),
+            _ => Vec::new(),
         };
+        let test =
+            evaluate(&net, &data.test, &data, &device, (!thresholds.is_empty()).then_some(thresholds.as_slice()))?;
+        let (eval_loss, eval_acc) = (test.loss, test.acc);
         let train_loss = loss_sum / seen.max(1) as f64;
         let m = EpochMetrics {
             epoch,
@@ -355,9 +386,13 @@ fn train(
             clean_fit: memo.clean_fit(),
             eval_loss,
             eval_acc,
-            per_class_acc,
-            val_loss,
-            val_acc,
+            per_class_acc: test.per_class,
+            f1: test.f1,
+            label_loss: test.label_loss,
+            thresholds: thresholds.clone(),
+            val_f1: val.as_ref().filter(|_| multi).map(|v| v.acc),
+            val_loss: val.as_ref().map(|v| v.loss),
+            val_acc: val.as_ref().map(|v| v.acc),
             gap: eval_loss - train_loss,
             images_per_sec: seen as f64 / train_secs.max(1e-9),
             epoch_secs: epoch_start.elapsed().as_secs_f64(),
@@ -382,13 +417,20 @@ fn train(
         let _ = tx.send(TrainEvent::Epoch(m));
 
         if let Some(es) = early.as_mut() {
-            match es.observe(epoch, val_loss.unwrap_or(f64::NAN)) {
+            // Validation loss for classes; validation average F1 (higher is better) for multi-label data.
+            let score = match (&history.last(), multi) {
+                (Some(m), true) => -m.val_f1.unwrap_or(f64::NAN),
+                (Some(m), false) => m.val_loss.unwrap_or(f64::NAN),
+                (None, _) => f64::NAN,
+            };
+            match es.observe(epoch, score) {
                 Verdict::Improved => best_snapshot = Some(net.params.snapshot()?),
                 Verdict::Wait => {}
                 Verdict::Stop => {
                     summary.status = Status::EarlyStopped;
                     log(format!(
-                        "early stopping: no better validation loss for {} epochs; best was epoch {}",
+                        "early stopping: no better validation {} for {} epochs; best was epoch {}",
+                        if multi { "average F1" } else { "loss" },
                         es.patience,
                         es.best_epoch.unwrap_or(0)
                     ));
@@ -402,14 +444,16 @@ fn train(
     if let (Some(es), Some(snapshot)) = (&early, &best_snapshot) {
         if es.best_epoch != Some(summary.epochs_run) {
             net.params.restore(snapshot)?;
-            let (l, a, _) = evaluate(&net, &data.test, &data, &device)?;
-            summary.final_eval_acc = Some(a);
-            summary.final_eval_loss = Some(l);
+            let restored = history[es.best_epoch.unwrap_or(1) - 1].thresholds.clone();
+            let t = evaluate(&net, &data.test, &data, &device, (!restored.is_empty()).then_some(restored.as_slice()))?;
+            summary.final_eval_acc = Some(t.acc);
+            summary.final_eval_loss = Some(t.loss);
             summary.restored_epoch = es.best_epoch;
             log(format!(
-                "restored the weights of epoch {} (test accuracy {:.1}%)",
+                "restored the weights of epoch {} (test {} {:.1}%)",
                 es.best_epoch.unwrap_or(0),
-                a * 100.0
+                if multi { "average F1" } else { "accuracy" },
+                t.acc * 100.0
             ));
         }
     }
@@ -430,13 +474,36 @@ fn gather(split: &Split, idx: &[usize], image_len: usize) -> Vec<f32> {
     out
 }
 
-/// Mean cross-entropy, accuracy and per-class accuracy of `split` in eval mode.
-pub fn evaluate(net: &ResNet, split: &Split, data: &Dataset, device: &Device) -> Result<(f64, f64, Vec<f64>)> {
+/// What one pass over a split in eval mode measured.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    /// Mean cross-entropy (classes) or masked binary cross-entropy (multi-label).
+    pub loss: f64,
+    /// Accuracy (classes) or average F1 over labels (multi-label).
+    pub acc: f64,
+    pub per_class: Vec<f64>,
+    pub f1: Vec<f64>,
+    pub label_loss: Vec<f64>,
+    /// Multi-label: sigmoid probabilities (N, L), for threshold tuning.
+    pub probs: Vec<f32>,
+}
+
+/// Evaluates `split` in eval mode; multi-label data uses `thresholds` (default 0.5 each).
+pub fn evaluate(
+    net: &ResNet,
+    split: &Split,
+    data: &Dataset,
+    device: &Device,
+    thresholds: Option<&[f64]>,
+) -> Result<Evaluation> {
     const EVAL_BATCH: usize = 500;
     let image_len = data.image_len();
     let classes = data.num_classes();
+    let multi = data.is_multi_label();
     let mut acc = Accuracy::new(classes);
+    let mut out = Evaluation::default();
     let mut loss_sum = 0.0;
+    let (mut bce_sum, mut known) = (vec![0f64; classes], vec![0usize; classes]);
     let idx: Vec<usize> = (0..split.len()).collect();
     for chunk in idx.chunks(EVAL_BATCH) {
         let x = Tensor::from_vec(
@@ -444,11 +511,53 @@ pub fn evaluate(net: &ResNet, split: &Split, data: &Dataset, device: &Device) ->
             (chunk.len(), data.shape[0], data.shape[1], data.shape[2]),
             device,
         )?;
-        let labels: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
         let logits = net.forward(&x, false)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels.as_slice(), device)?)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-        acc.add(&argmax_rows(&logits.to_vec2::<f32>()?.concat(), classes), &labels);
+        let z = logits.to_vec2::<f32>()?.concat();
+        if multi {
+            let t = gather_rows(&split.targets, chunk, classes);
+            for (k, (&zk, &tk)) in z.iter().zip(&t).enumerate() {
+                if tk >= 0.0 {
+                    // Stable BCE on the logit: max(z,0) - z·y + log(1 + e^-|z|).
+                    let (zk, y) = (zk as f64, (tk > 0.5) as u8 as f64);
+                    bce_sum[k % classes] += zk.max(0.0) - zk * y + (-zk.abs()).exp().ln_1p();
+                    known[k % classes] += 1;
+                }
+            }
+            out.probs.extend(z.iter().map(|&v| 1.0 / (1.0 + (-v).exp())));
+        } else {
+            let labels: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
+            let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels.as_slice(), device)?)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            acc.add(&argmax_rows(&z, classes), &labels);
+        }
     }
-    Ok((loss_sum / split.len().max(1) as f64, acc.overall(), acc.per_class()))
+    if multi {
+        let half = vec![0.5; classes];
+        out.f1 = f1_per_label(&out.probs, &split.targets, thresholds.unwrap_or(&half));
+        out.acc = out.f1.iter().sum::<f64>() / classes.max(1) as f64;
+        out.label_loss = bce_sum.iter().zip(&known).map(|(s, &n)| s / n.max(1) as f64).collect();
+        out.loss = bce_sum.iter().sum::<f64>() / known.iter().sum::<usize>().max(1) as f64;
+    } else {
+        out.loss = loss_sum / split.len().max(1) as f64;
+        out.acc = acc.overall();
+        out.per_class = acc.per_class();
+    }
+    Ok(out)
+}
+
+/// Rows `idx` of a row-major (N, width) matrix, concatenated.
+fn gather_rows(values: &[f32], idx: &[usize], width: usize) -> Vec<f32> {
+    idx.iter().flat_map(|&i| values[i * width..(i + 1) * width].iter().copied()).collect()
+}
+
+fn gather_flags(values: &[bool], idx: &[usize], width: usize) -> Vec<bool> {
+    idx.iter().flat_map(|&i| values[i * width..(i + 1) * width].iter().copied()).collect()
+}
+
+/// Label-wise smoothed targets, y' = (1 - α)·y + α/2 (C = 2), and the mask of known labels.
+fn binary_targets(targets: &[f32], alpha: f64) -> (Vec<f32>, Vec<f32>) {
+    let known: Vec<f32> = targets.iter().map(|&t| if t >= 0.0 { 1.0 } else { 0.0 }).collect();
+    let clean: Vec<f32> = targets.iter().map(|&t| if t > 0.5 { 1.0 } else { 0.0 }).collect();
+    let soft = if alpha > 0.0 { smooth_binary(&clean, alpha) } else { clean };
+    (soft, known)
 }

@@ -389,7 +389,7 @@ impl App {
                     line.push_str(&format!(": {m}"));
                 }
                 let failed = matches!(s.status, Status::Failed | Status::Diverged);
-                run.record.summary = Some(s);
+                run.record.summary = Some(*s);
                 if failed {
                     self.status = Some((line.clone(), true));
                 }

@@ -92,7 +92,9 @@ pub fn asciify(buf: &mut ratatui::buffer::Buffer) {
             "↑" => "^",
             "↓" => "v",
             "•" | "·" => ".",
-            "█" | "▄" | "▀" => "#",
+            "█" | "▄" | "▀" | "▇" | "▆" => "#",
+            "▅" | "▃" => "=",
+            "▂" | "▁" => "_",
             "−" => "-",
             _ => "?",
         };
@@ -273,7 +275,11 @@ fn draw_live(f: &mut Frame, app: &App, area: Rect) {
         .constraints([Constraint::Percentage(55), Constraint::Percentage(45)])
         .areas(charts);
     draw_loss_chart(f, app, loss_area);
-    draw_accuracy_chart(f, app, run, acc_area);
+    if run.metrics().last().is_some_and(|m| !m.f1.is_empty()) {
+        draw_label_sparklines(f, app, run, acc_area);
+    } else {
+        draw_accuracy_chart(f, app, run, acc_area);
+    }
     draw_progress(f, run, progress);
     let lines: Vec<Line> =
         app.log.iter().rev().take(log_h.saturating_sub(2) as usize).rev().map(|l| Line::from(l.clone())).collect();
@@ -391,6 +397,54 @@ fn draw_accuracy_chart(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
     render_chart(f, app, area, Line::from(title), data, Some((0.0, 100.0)));
 }
 
+/// One sparkline per label (AU): its test F1 over the epochs, and the current value; in as many
+/// columns as the height needs.
+fn draw_label_sparklines(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
+    let m = run.metrics();
+    let labels = m.last().map(|x| x.f1.len()).unwrap_or(0);
+    let names = crate::data::faces::au_names();
+    let rows = (area.height.saturating_sub(2) as usize).max(1);
+    let columns = labels.div_ceil(rows).max(1);
+    let rows = labels.div_ceil(columns).max(1); // balance the columns
+    let col_width = (area.width.saturating_sub(2) as usize / columns).max(12);
+    // name (5) + space + sparkline + value (6) + gap (1)
+    let spark_width = col_width.saturating_sub(13).max(1);
+    let mut lines: Vec<Vec<Span>> = vec![Vec::new(); rows.min(labels)];
+    for j in 0..labels {
+        let values: Vec<f64> = m.iter().map(|x| x.f1.get(j).copied().unwrap_or(0.0)).collect();
+        let now = values.last().copied().unwrap_or(0.0);
+        let colour = if now >= 0.6 {
+            Color::Green
+        } else if now >= 0.4 {
+            Color::Yellow
+        } else {
+            Color::LightRed
+        };
+        let line = &mut lines[j % rows];
+        line.push(Span::raw(format!("{:<5} ", names.get(j).cloned().unwrap_or_else(|| format!("L{j}")))));
+        line.push(Span::styled(
+            format!("{:<spark_width$}", sparkline(&values, spark_width, app.ascii)),
+            Style::default().fg(colour),
+        ));
+        line.push(Span::raw(format!("{:>5.1}  ", now * 100.0)));
+    }
+    let avg = m.last().map(|x| x.eval_acc * 100.0).unwrap_or(0.0);
+    let title = format!(" {} - F1 per AU (avg {avg:.1}) ", run.label());
+    f.render_widget(
+        Paragraph::new(lines.into_iter().map(Line::from).collect::<Vec<_>>()).block(block(app, title)),
+        area,
+    );
+}
+
+/// The last `width` values (0..1) as block characters, or ASCII shades.
+pub fn sparkline(values: &[f64], width: usize, ascii: bool) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    const SHADES: [char; 8] = ['_', '.', ':', '-', '=', '+', '*', '#'];
+    let set = if ascii { SHADES } else { BARS };
+    let start = values.len().saturating_sub(width);
+    values[start..].iter().map(|v| set[((v.clamp(0.0, 1.0) * 7.0).round()) as usize]).collect()
+}
+
 type Series = (String, Vec<(f64, f64)>, Style, Marker, GraphType);
 
 fn render_chart(f: &mut Frame, app: &App, area: Rect, title: Line, data: Vec<Series>, y_fixed: Option<(f64, f64)>) {
@@ -481,10 +535,20 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
         let name = format!("{} s={:.0}%", r.label(), r.record.experiment.data.noise.rate * 100.0);
         data.push((name, pts, Style::default().fg(run_color(i)), marker(app, '*'), GraphType::Line));
     }
-    let title = if app.compare_acc { " Eval accuracy % (m: loss) " } else { " Eval loss (m: accuracy) " };
+    let multi = app.runs.iter().any(|r| r.checked && r.metrics().last().is_some_and(|m| !m.f1.is_empty()));
+    let title = match (app.compare_acc, multi) {
+        (true, false) => " Eval accuracy % (m: loss) ",
+        (true, true) => " Eval average F1 % (m: loss) ",
+        (false, _) => " Eval loss (m: accuracy) ",
+    };
     render_chart(f, app, chart_area, Line::from(title), data, None);
 
     let records: Vec<_> = app.runs.iter().map(|r| r.record.clone()).collect();
+    let checked: Vec<_> = app.runs.iter().filter(|r| r.checked).map(|r| r.record.clone()).collect();
+    if checked.iter().any(|r| report::label_f1(r).is_some()) {
+        draw_table1(f, app, &checked, table_area);
+        return;
+    }
     let rows: Vec<Row> = app
         .runs
         .iter()
@@ -548,6 +612,33 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
             .block(block(app, " Final and best test accuracy; gain = final − baseline on the same noise ")),
         table_area,
     );
+}
+
+/// The paper's Table 1 layout: per-AU F1 of each method (mean over its runs) and the average.
+fn draw_table1(f: &mut Frame, app: &App, records: &[crate::runs::RunRecord], area: Rect) {
+    let names = crate::data::faces::au_names();
+    let text = report::table1(records, &names);
+    // Markdown rows -> table rows; the separator line is dropped.
+    let mut rows: Vec<Vec<String>> = text
+        .lines()
+        .filter(|l| !l.starts_with("|---"))
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let header = rows.remove(0);
+    let n = header.len();
+    let mut widths = vec![Constraint::Length(12)];
+    widths.extend(std::iter::repeat_n(Constraint::Length(5), n.saturating_sub(3)));
+    widths.push(Constraint::Length(11));
+    widths.push(Constraint::Length(4));
+    let header: Vec<String> = header.into_iter().map(|h| h.replace("F1 score (%)", "F1 %").replace("AU", "")).collect();
+    let table = Table::new(rows.into_iter().map(Row::new), widths)
+        .header(Row::new(header).style(Style::default().add_modifier(Modifier::BOLD)))
+        .column_spacing(0)
+        .block(block(app, " Per-AU F1 (%), mean over runs: the paper's Table 1 "));
+    f.render_widget(table, area);
 }
 
 fn draw_help(f: &mut Frame, app: &App, area: Rect) {
