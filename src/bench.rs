@@ -87,8 +87,11 @@ pub fn peak_memory_mib() -> Option<f64> {
 pub fn torch_reference(opts: &BenchOptions) -> Option<String> {
     // Beside the working directory (a copied checkout), else in the source tree this was built from.
     let local = std::path::PathBuf::from("benches/torch_reference.py");
-    let script =
-        if local.is_file() { local } else { std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_reference.py") };
+    let script = if local.is_file() {
+        local
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_reference.py")
+    };
     let ok = std::process::Command::new("python3").args(["-c", "import torch"]).output().ok()?.status.success();
     if !ok {
         return None;

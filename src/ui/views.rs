@@ -488,7 +488,7 @@ fn render_chart(f: &mut Frame, app: &App, area: Rect, title: Line, data: Vec<Ser
                 .labels(vec![Span::raw(fmt(lo)), Span::raw(fmt((lo + hi) / 2.0)), Span::raw(fmt(hi))])
                 .style(Style::default().add_modifier(Modifier::DIM)),
         )
-        .hidden_legend_constraints((Constraint::Ratio(1, 2), Constraint::Ratio(1, 2)));
+        .hidden_legend_constraints((Constraint::Ratio(1, 3), Constraint::Ratio(1, 3)));
     f.render_widget(chart, area);
 }
 
