@@ -30,20 +30,26 @@ impl Screen {
     }
 }
 
-#[test]
-fn start_a_run_watch_it_and_quit_cleanly() {
-    let runs = tempfile::tempdir().unwrap();
+struct Lab {
+    /// Kept open for as long as the child uses the terminal.
+    _master: Box<dyn portable_pty::MasterPty + Send>,
+    child: Box<dyn portable_pty::Child + Send + Sync>,
+    writer: Box<dyn Write + Send>,
+    screen: Screen,
+}
+
+fn start_lab(runs: &std::path::Path) -> Lab {
     let pty = native_pty_system();
     let pair = pty.openpty(PtySize { rows: 30, cols: 100, pixel_width: 0, pixel_height: 0 }).unwrap();
     let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_qat-lab"));
     cmd.cwd(env!("CARGO_MANIFEST_DIR"));
-    cmd.env("QAT_LAB_RUNS", runs.path());
+    cmd.env("QAT_LAB_RUNS", runs);
     cmd.env("TERM", "xterm-256color");
     cmd.env("RAYON_NUM_THREADS", "2");
-    let mut child = pair.slave.spawn_command(cmd).unwrap();
+    let child = pair.slave.spawn_command(cmd).unwrap();
     drop(pair.slave);
     let mut reader = pair.master.try_clone_reader().unwrap();
-    let mut writer = pair.master.take_writer().unwrap();
+    let writer = pair.master.take_writer().unwrap();
     let screen = Screen {
         parser: Arc::new(Mutex::new(vt100::Parser::new(
             std::num::NonZeroU16::new(30).unwrap(),
@@ -63,6 +69,21 @@ fn start_a_run_watch_it_and_quit_cleanly() {
             raw.lock().unwrap().extend_from_slice(&buf[..n]);
         }
     });
+    Lab { _master: pair.master, child, writer, screen }
+}
+
+fn assert_restored(screen: &Screen) {
+    std::thread::sleep(Duration::from_millis(200));
+    let raw = String::from_utf8_lossy(&screen.raw.lock().unwrap()).to_string();
+    assert!(raw.contains("\x1b[?1049h"), "entered the alternate screen");
+    assert!(raw.contains("\x1b[?1049l"), "left the alternate screen: terminal restored");
+    assert!(raw.contains("\x1b[?25h"), "cursor shown again");
+}
+
+#[test]
+fn start_a_run_watch_it_and_quit_cleanly() {
+    let runs = tempfile::tempdir().unwrap();
+    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path());
 
     screen.wait_for("the setup screen", Duration::from_secs(20), |t| {
         t.contains("Experiment") && t.contains("demo-digits")
@@ -92,14 +113,32 @@ fn start_a_run_watch_it_and_quit_cleanly() {
         assert!(start.elapsed() < Duration::from_secs(30), "did not quit:\n{}", screen.text());
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let raw = String::from_utf8_lossy(&screen.raw.lock().unwrap()).to_string();
-    assert!(raw.contains("\x1b[?1049h"), "entered the alternate screen");
-    assert!(raw.contains("\x1b[?1049l"), "left the alternate screen: terminal restored");
-    assert!(raw.contains("\x1b[?25h"), "cursor shown again");
+    assert_restored(&screen);
     let records = qat_lab::runs::list(runs.path());
     assert_eq!(records.len(), 1, "the run was recorded");
     let status = records[0].summary.as_ref().unwrap().status;
     assert!(matches!(status, qat_lab::train::Status::Stopped | qat_lab::train::Status::Completed), "{status:?}");
     assert!(!records[0].metrics.is_empty());
+}
+
+#[test]
+fn sigterm_stops_the_runs_and_restores_the_terminal() {
+    let runs = tempfile::tempdir().unwrap();
+    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path());
+    screen.wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment"));
+    writer.write_all(b"\r").unwrap();
+    screen.wait_for("a run to start", Duration::from_secs(30), |t| t.contains("running"));
+    let pid = child.process_id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(30), "did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_restored(&screen);
+    let records = qat_lab::runs::list(runs.path());
+    assert_eq!(records.len(), 1);
+    let status = records[0].summary.as_ref().unwrap().status;
+    assert!(matches!(status, qat_lab::train::Status::Stopped | qat_lab::train::Status::Completed), "{status:?}");
 }

@@ -307,8 +307,10 @@ impl LabelHeads {
                         };
                         ema.set(&updated)?;
                         batch
-                    } else {
+                    } else if ema.as_tensor().max(0)?.to_scalar::<f32>()? > 0.0 {
                         ema.as_tensor().clone()
+                    } else {
+                        batch // eval before any training step
                     };
                     ops::fake_quant(
                         &z.contiguous()?,

@@ -286,11 +286,24 @@ impl App {
             }
             KeyCode::Char('a') => {
                 let mut kinds = Regularizer::all_defaults();
-                if self.setup.experiment.data.val_fraction == 0.0 {
+                let no_val = self.setup.experiment.data.val_fraction == 0.0;
+                if no_val {
                     kinds.retain(|r| !matches!(r, Regularizer::EarlyStopping { .. }));
                 }
                 match self.setup.variants(&kinds) {
-                    Ok(v) => return self.queue(v),
+                    Ok(v) => {
+                        let cmds = self.queue(v);
+                        if no_val {
+                            self.status = Some((
+                                format!(
+                                    "queued {} runs; early stopping left out: it needs a validation split (set one to include it)",
+                                    kinds.len()
+                                ),
+                                false,
+                            ));
+                        }
+                        return cmds;
+                    }
                     Err(msg) => self.status = Some((msg, true)),
                 }
             }
@@ -410,5 +423,93 @@ impl App {
             }
         }
         added
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::Summary;
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    fn app() -> App {
+        App::new(SetupForm::new(Vec::new(), 2, false))
+    }
+
+    #[test]
+    fn typing_a_data_path() {
+        let mut a = app();
+        a.setup.cursor = crate::ui::setup::FIELDS.iter().position(|f| *f == crate::ui::setup::Field::Path).unwrap();
+        a.on_key(key(KeyCode::Enter));
+        for c in "/data/x".chars() {
+            a.on_key(key(KeyCode::Char(c)));
+        }
+        a.on_key(key(KeyCode::Backspace));
+        a.on_key(key(KeyCode::Char('y')));
+        a.on_key(key(KeyCode::Enter));
+        assert_eq!(a.setup.experiment.data.path, "/data/y");
+        assert!(a.setup.editing.is_none());
+    }
+
+    #[test]
+    fn all_methods_without_validation_says_early_stopping_was_left_out() {
+        let mut a = app();
+        let cmds = a.on_key(key(KeyCode::Char('a')));
+        assert_eq!(cmds, vec![Command::Schedule]);
+        assert_eq!(a.runs.len(), 6);
+        assert!(a.status.as_ref().unwrap().0.contains("early stopping left out"));
+    }
+
+    #[test]
+    fn a_failed_run_is_shown_in_red_with_its_message() {
+        let mut a = app();
+        a.on_key(key(KeyCode::Enter));
+        let uid = a.runs[0].uid;
+        let summary = Summary {
+            run_id: "r".into(),
+            name: "n".into(),
+            label: "baseline".into(),
+            status: Status::Failed,
+            message: Some("CIFAR-10 not found: run `qat-lab data fetch cifar10`".into()),
+            epochs_run: 0,
+            last: None,
+            best: None,
+            final_eval_acc: None,
+            final_eval_loss: None,
+            restored_epoch: None,
+            noise_rate: 0.4,
+            measured_noise_rate: 0.0,
+            params: 0,
+            macs: 0,
+            pruned_params: None,
+            pruned_macs: None,
+            wall_secs: 0.0,
+            device: "cpu".into(),
+        };
+        a.on_train_event(uid, TrainEvent::Finished(Box::new(summary)));
+        let (msg, error) = a.status.clone().unwrap();
+        assert!(error && msg.contains("data fetch cifar10"), "{msg}");
+        assert_eq!(a.runs[0].state, RunState::Done);
+        // Removing a finished run is allowed; a running one must be stopped first.
+        a.on_key(key(KeyCode::Char('d')));
+        assert!(a.runs.is_empty());
+    }
+
+    #[test]
+    fn pause_and_stop_reach_the_worker() {
+        let mut a = app();
+        a.on_key(key(KeyCode::Enter));
+        let control = crate::train::RunControl::default();
+        a.runs[0].control = Some(control.clone());
+        a.runs[0].state = RunState::Running;
+        a.on_key(key(KeyCode::Char('p')));
+        assert!(control.is_paused());
+        assert_eq!(a.runs[0].state, RunState::Paused);
+        a.on_key(key(KeyCode::Char('x')));
+        assert!(control.is_stopping());
+        assert!(!control.is_paused(), "stopping releases a pause");
     }
 }

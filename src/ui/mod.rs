@@ -60,6 +60,12 @@ pub fn run_lab(start: LabStart, runs_root: PathBuf) -> Result<()> {
 
 async fn event_loop(terminal: &mut ratatui::DefaultTerminal, mut app: App, runs_root: PathBuf) -> Result<()> {
     let (input_tx, mut input_rx) = unbounded_channel::<Event>();
+    // SIGTERM / SIGHUP (a closed SSH session, `kill`): stop the runs, keep their records, restore the
+    // terminal. Raw mode turns Ctrl-C into a key, which asks first.
+    let (signal_tx, mut signal_rx) = unbounded_channel::<()>();
+    let _ = ctrlc::set_handler(move || {
+        let _ = signal_tx.send(());
+    });
     spawn_input_thread(input_tx);
     let (train_tx, mut train_rx) = unbounded_channel::<(u64, TrainEvent)>();
     let mut workers: HashMap<u64, std::thread::JoinHandle<train::Summary>> = HashMap::new();
@@ -112,6 +118,10 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, mut app: App, runs_
                     schedule(&mut app, &runs_root, &train_tx, &mut workers);
                 }
                 dirty = true;
+            }
+            Some(()) = signal_rx.recv() => {
+                shutdown(&app, workers);
+                return Ok(());
             }
             _ = tokio::time::sleep(wait) => {
                 if app.running_count() > 0 {
