@@ -374,6 +374,9 @@ fn print_summary(s: &Summary) {
     if let (Some(e), Some(acc)) = (s.restored_epoch, s.final_eval_acc) {
         println!("   kept weights of epoch {e} (best validation): eval acc {:.2}%", acc * 100.0);
     }
+    if s.params == 0 {
+        return; // it ended before the data and the model existed
+    }
     println!(
         "   noise: {:.0}% requested, {:.1}% of labels wrong; {} parameters{}",
         s.noise_rate * 100.0,
