@@ -9,11 +9,13 @@ pub fn final_acc(r: &RunRecord) -> Option<f64> {
     r.summary.as_ref().and_then(|s| s.final_eval_acc).or_else(|| r.metrics.last().map(|m| m.eval_acc))
 }
 
-/// Status name, with runs that stopped writing while "running" shown as interrupted.
+/// Status name of a record read from disk. A record still marked `running` belongs to a process that
+/// died (or is training elsewhere): it is shown as interrupted; re-run it with
+/// `qat-lab run runs/<id>/experiment.toml`.
 pub fn status_name(r: &RunRecord) -> &'static str {
     match &r.summary {
-        Some(s) => s.status.name(),
-        None => "interrupted",
+        Some(s) if s.status != crate::train::Status::Running => s.status.name(),
+        _ => "interrupted",
     }
 }
 
