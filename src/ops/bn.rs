@@ -55,16 +55,37 @@ impl CustomOp1 for Moments {
         Ok((CpuStorage::F32(out), Shape::from((2, d.1))))
     }
 
-    /// d mean/dx = 1/M, d var/dx = 2(x − mean)/M.
+    /// d mean/dx = 1/M, d var/dx = 2(x − mean)/M, in one pass.
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, c, h, w) = x.dims4()?;
-        let m = (n * h * w) as f64;
-        let mean = res.get(0)?.reshape((1, c, 1, 1))?;
-        let g_mean = grad.get(0)?.reshape((1, c, 1, 1))?;
-        let g_var = grad.get(1)?.reshape((1, c, 1, 1))?;
-        let centred = x.broadcast_sub(&mean)?;
-        let dx = (centred.broadcast_mul(&g_var)? * (2.0 / m))?.broadcast_add(&(g_mean / m)?)?;
-        Ok(Some(dx))
+        let mean = res.get(0)?.to_vec1::<f32>()?;
+        let grad = grad.to_vec2::<f32>()?;
+        let op = MomentsGrad { mean, g_mean: grad[0].clone(), g_var: grad[1].clone() };
+        Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// The input gradient of [`Moments`].
+struct MomentsGrad {
+    mean: Vec<f32>,
+    g_mean: Vec<f32>,
+    g_var: Vec<f32>,
+}
+
+impl CustomOp1 for MomentsGrad {
+    fn name(&self) -> &'static str {
+        "qat-bn-moments-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "input")?;
+        let (n, c, p) = dims(l)?;
+        let m = (n * p) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (dp, xp))| {
+            let ch = i % c;
+            let (mean, a, b) = (self.mean[ch], 2.0 * self.g_var[ch] / m, self.g_mean[ch] / m);
+            dp.iter_mut().zip(xp).for_each(|(d, &x)| *d = (x - mean) * a + b);
+        });
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
 }
 
