@@ -174,25 +174,13 @@ mod tests {
         exp.data.noise.rate = rate;
         let m = EpochMetrics { epoch: 1, eval_acc: acc, ..Default::default() };
         let summary = Summary {
-            run_id: "r".into(),
-            name: "n".into(),
-            label: exp.regularizer.label(),
             status: Status::Completed,
-            message: None,
             epochs_run: 1,
             last: Some(m.clone()),
-            best: None,
             final_eval_acc: Some(acc),
             final_eval_loss: Some(1.0),
-            restored_epoch: None,
-            noise_rate: rate,
             measured_noise_rate: rate,
-            params: 1,
-            macs: 1,
-            pruned_params: None,
-            pruned_macs: None,
-            wall_secs: 1.0,
-            device: "cpu".into(),
+            ..Summary::started("n", &exp.regularizer.label(), rate)
         };
         RunRecord { dir: "runs/x".into(), experiment: exp, metrics: vec![m], summary: Some(summary) }
     }

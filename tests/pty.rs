@@ -127,7 +127,7 @@ fn sigterm_stops_the_runs_and_restores_the_terminal() {
     let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path());
     screen.wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment"));
     writer.write_all(b"\r").unwrap();
-    screen.wait_for("a run to start", Duration::from_secs(30), |t| t.contains("running"));
+    screen.wait_for("a run to start", Duration::from_secs(30), |t| t.contains("1 running"));
     let pid = child.process_id().unwrap() as i32;
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -70,24 +70,18 @@ fn run(reg: Regularizer, epochs: usize, done: usize, overfits: bool, finished: b
             .map(|m| qat_lab::train::events::Best { epoch: m.epoch, eval_acc: m.eval_acc, eval_loss: m.eval_loss });
         v.record.summary = Some(Summary {
             run_id: "id".into(),
-            name: "demo-digits".into(),
-            label: v.label(),
             status: Status::Completed,
-            message: None,
             epochs_run: done,
             final_eval_acc: last.as_ref().map(|m| m.eval_acc),
             final_eval_loss: last.as_ref().map(|m| m.eval_loss),
             last,
             best,
-            restored_epoch: None,
-            noise_rate: 0.4,
             measured_noise_rate: 0.361,
             params: 75002,
             macs: 1_000_000,
-            pruned_params: None,
-            pruned_macs: None,
             wall_secs: 8.0,
             device: "cpu".into(),
+            ..Summary::started("demo-digits", &v.label(), 0.4)
         });
     } else {
         v.state = RunState::Running;

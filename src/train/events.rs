@@ -140,6 +140,33 @@ pub struct Summary {
     pub device: String,
 }
 
+impl Summary {
+    /// The summary of a run that has just started: nothing measured yet.
+    pub fn started(name: &str, label: &str, noise_rate: f64) -> Self {
+        Self {
+            run_id: String::new(),
+            name: name.into(),
+            label: label.into(),
+            status: Status::Running,
+            message: None,
+            epochs_run: 0,
+            last: None,
+            best: None,
+            final_eval_acc: None,
+            final_eval_loss: None,
+            restored_epoch: None,
+            noise_rate,
+            measured_noise_rate: 0.0,
+            params: 0,
+            macs: 0,
+            pruned_params: None,
+            pruned_macs: None,
+            wall_secs: 0.0,
+            device: String::new(),
+        }
+    }
+}
+
 /// Progress inside an epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchProgress {

@@ -112,27 +112,7 @@ fn run_with(
     load: impl FnOnce() -> Result<Dataset>,
 ) -> Summary {
     let started = Instant::now();
-    let mut summary = Summary {
-        run_id: String::new(),
-        name: exp.name.clone(),
-        label: exp.regularizer.label(),
-        status: Status::Running,
-        message: None,
-        epochs_run: 0,
-        last: None,
-        best: None,
-        final_eval_acc: None,
-        final_eval_loss: None,
-        restored_epoch: None,
-        noise_rate: exp.data.noise.rate,
-        measured_noise_rate: 0.0,
-        params: 0,
-        macs: 0,
-        pruned_params: None,
-        pruned_macs: None,
-        wall_secs: 0.0,
-        device: String::new(),
-    };
+    let mut summary = Summary::started(&exp.name, &exp.regularizer.label(), exp.data.noise.rate);
     let mut dir: Option<RunDir> = None;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         train(exp, opts, control, tx, &mut summary, &mut dir, load)

@@ -469,25 +469,9 @@ mod tests {
         a.on_key(key(KeyCode::Enter));
         let uid = a.runs[0].uid;
         let summary = Summary {
-            run_id: "r".into(),
-            name: "n".into(),
-            label: "baseline".into(),
             status: Status::Failed,
             message: Some("CIFAR-10 not found: run `qat-lab data fetch cifar10`".into()),
-            epochs_run: 0,
-            last: None,
-            best: None,
-            final_eval_acc: None,
-            final_eval_loss: None,
-            restored_epoch: None,
-            noise_rate: 0.4,
-            measured_noise_rate: 0.0,
-            params: 0,
-            macs: 0,
-            pruned_params: None,
-            pruned_macs: None,
-            wall_secs: 0.0,
-            device: "cpu".into(),
+            ..Summary::started("n", "baseline", 0.4)
         };
         a.on_train_event(uid, TrainEvent::Finished(Box::new(summary)));
         let (msg, error) = a.status.clone().unwrap();
