@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub arch: Arch,
     /// Run the bundled PyTorch reference when `python3 -c 'import torch'` works.
     pub torch: bool,
+    /// Measure only this configuration (`float`, `w4a4-fold`, `w4a4-keep`); all when `None`.
+    pub only: Option<String>,
 }
 
 /// One measured configuration.
@@ -158,12 +160,14 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         bn: crate::config::BnMode::Keep,
         ema_momentum: 0.9,
     };
-    let only = std::env::var("QAT_BENCH_ONLY").unwrap_or_default();
     let mut ours = Vec::new();
     for (name, reg) in [("float", Regularizer::None), ("w4a4-fold", q), ("w4a4-keep", q_keep)] {
-        if only.is_empty() || only == name {
+        if opts.only.as_deref().is_none_or(|o| o == name) {
             ours.push(measure(name, &reg, opts, &device)?);
         }
+    }
+    if ours.is_empty() {
+        anyhow::bail!("--only must be one of float, w4a4-fold, w4a4-keep");
     }
     println!("\n{:<22} {:>14} {:>14}", "qat-lab (candle)", "train img/s", "eval img/s");
     for r in &ours {

@@ -98,6 +98,9 @@ pub enum Command {
         /// Skip the PyTorch reference even when torch is installed.
         #[arg(long)]
         no_torch: bool,
+        /// Measure one configuration only: float, w4a4-fold or w4a4-keep.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Datasets that need a download.
     Data {
@@ -186,7 +189,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_tables(&records);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { batch, steps, warmup, device, arch, no_torch } => {
+        Command::Bench { batch, steps, warmup, device, arch, no_torch, only } => {
             crate::threads::configure(false);
             let arch = match arch.as_str() {
                 "resnet8" => crate::config::Arch::Resnet8,
@@ -198,7 +201,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 BenchDevice::Cpu => crate::config::DeviceKind::Cpu,
                 BenchDevice::Cuda => crate::config::DeviceKind::Cuda,
             };
-            crate::bench::run(&crate::bench::BenchOptions { batch, steps, warmup, device, arch, torch: !no_torch })?;
+            crate::bench::run(&crate::bench::BenchOptions {
+                batch,
+                steps,
+                warmup,
+                device,
+                arch,
+                torch: !no_torch,
+                only,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Data { action: DataAction::Fetch { dataset, dir, url } } => {
