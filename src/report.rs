@@ -125,9 +125,11 @@ pub fn noise_sweep_table(records: &[RunRecord]) -> String {
     out
 }
 
-/// Per-label F1 (×100) of the weights a multi-label record keeps: its last epoch's.
+/// Per-label F1 (×100) of the weights a multi-label record keeps: the restored epoch's under early
+/// stopping, else the last epoch's.
 pub fn label_f1(r: &RunRecord) -> Option<Vec<f64>> {
-    r.metrics.last().filter(|m| !m.f1.is_empty()).map(|m| m.f1.iter().map(|f| f * 100.0).collect())
+    let kept = r.summary.as_ref().and_then(|s| s.restored_epoch).and_then(|e| r.metrics.iter().find(|m| m.epoch == e));
+    kept.or(r.metrics.last()).filter(|m| !m.f1.is_empty()).map(|m| m.f1.iter().map(|f| f * 100.0).collect())
 }
 
 /// The paper's Table 1 for multi-label runs: one row per method, the F1 of each label and the
@@ -193,9 +195,17 @@ mod tests {
         b.metrics[0].f1 = vec![0.7, 0.9];
         let mut q = record(Regularizer::default_for("quantization").unwrap(), 0.2, 0.5);
         q.metrics[0].f1 = vec![0.8, 0.8];
-        let t = table1(&[a, b, q], &["AU1".into(), "AU2".into()]);
+        let t = table1(&[a, b, q.clone()], &["AU1".into(), "AU2".into()]);
         assert!(t.contains("| baseline | 60.0 | 80.0 | 70.0 ± 14.1 | 2 |"), "{t}");
         assert!(t.contains("| W4/A4 | 80.0 | 80.0 | 80.0 | 1 |"), "{t}");
+        // Early stopping keeps an earlier epoch's weights: its F1 is reported, not the last epoch's.
+        let mut es = q;
+        let mut later = es.metrics[0].clone();
+        later.epoch = 2;
+        later.f1 = vec![0.1, 0.1];
+        es.metrics.push(later);
+        es.summary.as_mut().unwrap().restored_epoch = Some(1);
+        assert_eq!(label_f1(&es).unwrap(), vec![80.0, 80.0]);
     }
 
     #[test]
