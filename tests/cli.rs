@@ -81,6 +81,16 @@ fn bad_input_gets_a_message_naming_cause_and_fix() {
     assert!(!o.status.success());
     assert!(text(&o).contains("bad.toml"), "{}", text(&o));
 
+    // --device and --data are shorthands for --set; their errors name the fix.
+    if !cfg!(feature = "cuda") {
+        let o = qat_lab(&["run", "demo-digits", "--device", "cuda"], tmp.path());
+        assert!(!o.status.success());
+        assert!(text(&o).contains("--features cuda"), "{}", text(&o));
+    }
+    let o = qat_lab(&["run", "fig1-baseline", "--data", "/nonexistent/cifar"], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("/nonexistent/cifar") && text(&o).contains("data fetch cifar10"), "{}", text(&o));
+
     let o = qat_lab(&["data", "fetch", "imagenet"], tmp.path());
     assert!(!o.status.success());
     assert!(text(&o).contains("cifar10"));
