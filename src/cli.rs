@@ -191,11 +191,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench { batch, steps, warmup, device, arch, no_torch, only } => {
             crate::threads::configure(false);
-            let arch = match arch.as_str() {
-                "resnet8" => crate::config::Arch::Resnet8,
-                "resnet14" => crate::config::Arch::Resnet14,
-                "resnet20" => crate::config::Arch::Resnet20,
-                other => bail!("unknown --arch {other}; allowed: resnet8, resnet14, resnet20"),
+            let Some(arch) = crate::config::Arch::ALL.into_iter().find(|a| a.name() == arch) else {
+                bail!("unknown --arch {arch}; allowed: resnet8, resnet14, resnet20");
             };
             let device = match device {
                 BenchDevice::Cpu => crate::config::DeviceKind::Cpu,

@@ -60,12 +60,7 @@ pub fn comparison_table(records: &[RunRecord]) -> String {
         let s = r.summary.as_ref();
         let last = r.metrics.last();
         let best = s.and_then(|s| s.best.as_ref());
-        let gain = match (final_acc(r), baseline_acc(records, r)) {
-            (Some(a), Some(b)) if r.experiment.regularizer.kind() != "none" => {
-                format!("{:+.2}", (a - b) * 100.0)
-            }
-            _ => "-".into(),
-        };
+        let gain = gain_vs_baseline(records, r).map(|g| format!("{g:+.2}")).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "| {} | {} | {} | {:.0}% {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.id(),
@@ -135,6 +130,45 @@ pub fn label_f1(r: &RunRecord) -> Option<Vec<f64>> {
 /// The paper's Table 1 for multi-label runs: one row per method, the F1 of each label and the
 /// average, as the mean over the method's runs (seeds); the average also shows its spread (±1 std).
 pub fn table1(records: &[RunRecord], label_names: &[String]) -> String {
+    let rows = table1_rows(records);
+    let Some(first) = rows.first() else { return String::new() };
+    let width = first.f1.len();
+    let mut out = format!(
+        "| F1 score (%) | {} | Avg. | runs |\n|---|",
+        label_names.iter().take(width).cloned().collect::<Vec<_>>().join(" | ")
+    );
+    out.push_str(&"---|".repeat(width + 2));
+    out.push('\n');
+    for row in &rows {
+        let cells: Vec<String> = row.f1.iter().map(|v| format!("{v:.1}")).collect();
+        out.push_str(&format!("| {} | {} | {} | {} |\n", row.method, cells.join(" | "), row.average_text(), row.runs));
+    }
+    out
+}
+
+/// One method's line of Table 1: per-label F1 (×100) averaged over its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table1Row {
+    pub method: String,
+    pub f1: Vec<f64>,
+    /// Mean over runs of each run's average F1, and its spread (±1 std) when there are several runs.
+    pub average: f64,
+    pub spread: Option<f64>,
+    pub runs: usize,
+}
+
+impl Table1Row {
+    /// `62.7 ± 4.1`, or `62.7` for a single run.
+    pub fn average_text(&self) -> String {
+        match self.spread {
+            Some(s) => format!("{:.1} ± {s:.1}", self.average),
+            None => format!("{:.1}", self.average),
+        }
+    }
+}
+
+/// The rows of [`table1`], methods in order of first appearance.
+pub fn table1_rows(records: &[RunRecord]) -> Vec<Table1Row> {
     let mut groups: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
     for r in records {
         let Some(f1) = label_f1(r) else { continue };
@@ -144,25 +178,30 @@ pub fn table1(records: &[RunRecord], label_names: &[String]) -> String {
             None => groups.push((method, vec![f1])),
         }
     }
-    if groups.is_empty() {
-        return String::new();
+    groups
+        .into_iter()
+        .map(|(method, runs)| {
+            let width = runs[0].len();
+            let f1 = (0..width).map(|j| runs.iter().map(|r| r[j]).sum::<f64>() / runs.len() as f64).collect();
+            let avgs: Vec<f64> = runs.iter().map(|r| r.iter().sum::<f64>() / width.max(1) as f64).collect();
+            Table1Row {
+                method,
+                f1,
+                average: mean(&avgs).unwrap_or(0.0),
+                spread: (runs.len() > 1).then(|| std_dev(&avgs)),
+                runs: runs.len(),
+            }
+        })
+        .collect()
+}
+
+/// Final accuracy (or average F1) minus the baseline's on the same data, in points; `None` for the
+/// baseline itself or when there is no baseline.
+pub fn gain_vs_baseline(records: &[RunRecord], r: &RunRecord) -> Option<f64> {
+    if r.experiment.regularizer.kind() == "none" {
+        return None;
     }
-    let width = groups[0].1[0].len();
-    let mut out = format!(
-        "| F1 score (%) | {} | Avg. | runs |\n|---|",
-        label_names.iter().take(width).cloned().collect::<Vec<_>>().join(" | ")
-    );
-    out.push_str(&"---|".repeat(width + 2));
-    out.push('\n');
-    for (method, runs) in &groups {
-        let mean: Vec<f64> = (0..width).map(|j| runs.iter().map(|r| r[j]).sum::<f64>() / runs.len() as f64).collect();
-        let avgs: Vec<f64> = runs.iter().map(|r| r.iter().sum::<f64>() / width as f64).collect();
-        let avg = avgs.iter().sum::<f64>() / avgs.len() as f64;
-        let cells: Vec<String> = mean.iter().map(|v| format!("{v:.1}")).collect();
-        let spread = if runs.len() > 1 { format!(" ± {:.1}", std_dev(&avgs)) } else { String::new() };
-        out.push_str(&format!("| {method} | {} | {avg:.1}{spread} | {} |\n", cells.join(" | "), runs.len()));
-    }
-    out
+    Some((final_acc(r)? - baseline_acc(records, r)?) * 100.0)
 }
 
 #[cfg(test)]

@@ -38,10 +38,11 @@ struct Lab {
     screen: Screen,
 }
 
-fn start_lab(runs: &std::path::Path) -> Lab {
+fn start_lab(runs: &std::path::Path, args: &[&str]) -> Lab {
     let pty = native_pty_system();
     let pair = pty.openpty(PtySize { rows: 30, cols: 100, pixel_width: 0, pixel_height: 0 }).unwrap();
     let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_qat-lab"));
+    cmd.args(args);
     cmd.cwd(env!("CARGO_MANIFEST_DIR"));
     cmd.env("QAT_LAB_RUNS", runs);
     cmd.env("TERM", "xterm-256color");
@@ -83,7 +84,7 @@ fn assert_restored(screen: &Screen) {
 #[test]
 fn start_a_run_watch_it_and_quit_cleanly() {
     let runs = tempfile::tempdir().unwrap();
-    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path());
+    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path(), &[]);
 
     screen.wait_for("the setup screen", Duration::from_secs(20), |t| {
         t.contains("Experiment") && t.contains("demo-digits")
@@ -124,7 +125,7 @@ fn start_a_run_watch_it_and_quit_cleanly() {
 #[test]
 fn sigterm_stops_the_runs_and_restores_the_terminal() {
     let runs = tempfile::tempdir().unwrap();
-    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path());
+    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path(), &[]);
     screen.wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment"));
     writer.write_all(b"\r").unwrap();
     screen.wait_for("a run to start", Duration::from_secs(30), |t| t.contains("1 running"));
@@ -141,4 +142,34 @@ fn sigterm_stops_the_runs_and_restores_the_terminal() {
     assert_eq!(records.len(), 1);
     let status = records[0].summary.as_ref().unwrap().status;
     assert!(matches!(status, qat_lab::train::Status::Stopped | qat_lab::train::Status::Completed), "{status:?}");
+}
+
+/// `qat-lab compare DIR...` opens the compare screen on finished records; `r` adds the rest of runs/.
+#[test]
+fn compare_opens_records_directly() {
+    let runs = tempfile::tempdir().unwrap();
+    for reg in ["none", "quantization"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_qat-lab"))
+            .args(["run", "demo-digits", "--set", "train.epochs=2", "--set", &format!("regularizer.kind={reg}")])
+            .args(["--plain", "--out", runs.path().to_str().unwrap()])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    }
+    let dirs: Vec<String> = qat_lab::runs::list(runs.path()).iter().map(|r| r.dir.display().to_string()).collect();
+    assert_eq!(dirs.len(), 2);
+    let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path(), &["compare", &dirs[0]]);
+    let one = screen.wait_for("the compare table", Duration::from_secs(20), |t| t.contains("Final and best"));
+    assert!(one.contains("baseline") && !one.contains("W4/A4"), "{one}");
+    writer.write_all(b"r").unwrap();
+    let both = screen.wait_for("the other run loaded", Duration::from_secs(10), |t| t.contains("W4/A4"));
+    assert!(both.contains("loaded 1 run"), "{both}");
+    writer.write_all(b"q").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "did not quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_restored(&screen);
 }

@@ -36,6 +36,15 @@ pub enum Task {
     MultiLabel,
 }
 
+/// Rows `idx` of a row-major matrix of `width` columns, concatenated (images, targets, flags...).
+pub fn rows<T: Copy>(values: &[T], idx: &[usize], width: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(idx.len() * width);
+    for &i in idx {
+        out.extend_from_slice(&values[i * width..(i + 1) * width]);
+    }
+    out
+}
+
 /// A set of images with their labels.
 #[derive(Debug, Clone, Default)]
 pub struct Split {
@@ -69,23 +78,13 @@ impl Split {
     /// Keeps the examples at `idx`, in that order.
     pub fn select(&self, idx: &[usize], image_len: usize) -> Split {
         let l = self.num_targets();
-        let rows = |v: &Vec<f32>| -> Vec<f32> {
-            if v.is_empty() {
-                Vec::new()
-            } else {
-                idx.iter().flat_map(|&i| v[i * l..(i + 1) * l].iter().copied()).collect()
-            }
-        };
+        let per_label = |v: &[f32]| if v.is_empty() { Vec::new() } else { rows(v, idx, l) };
         Split {
-            images: idx.iter().flat_map(|&i| self.images[i * image_len..(i + 1) * image_len].iter().copied()).collect(),
-            labels: idx.iter().map(|&i| self.labels[i]).collect(),
-            targets: rows(&self.targets),
-            intensity: rows(&self.intensity),
-            subjects: if self.subjects.is_empty() {
-                Vec::new()
-            } else {
-                idx.iter().map(|&i| self.subjects[i].clone()).collect()
-            },
+            images: rows(&self.images, idx, image_len),
+            labels: rows(&self.labels, idx, 1),
+            targets: per_label(&self.targets),
+            intensity: per_label(&self.intensity),
+            subjects: idx.iter().filter_map(|&i| self.subjects.get(i).cloned()).collect(),
         }
     }
 }

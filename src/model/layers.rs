@@ -10,11 +10,29 @@ use candle_core::{Result, Tensor, Var};
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
+/// Moves batch-norm running statistics toward a batch's; `count` values per channel went into the
+/// batch statistics (the running variance is unbiased, as in PyTorch).
+fn update_running(running_mean: &Var, running_var: &Var, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+    let m = BN_MOMENTUM;
+    let unbias = count as f64 / (count.max(2) - 1) as f64;
+    running_mean.set(&((running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
+    running_var.set(&((running_var.as_tensor() * (1.0 - m))? + (var.detach() * (m * unbias))?)?)?;
+    Ok(())
+}
+
 /// How one layer is quantized.
 #[derive(Debug, Clone)]
 pub struct LayerQuant {
     pub weight_bits: u32,
     pub input: ActQuant,
+}
+
+impl LayerQuant {
+    /// The quantizer of layer `name`, with `groups` input scales (1 = per tensor).
+    fn new(params: &mut Params, name: &str, q: QuantSpec, groups: usize) -> Self {
+        let ema = params.constant(&format!("{name}.act_scale"), &[groups], 0.0, Role::Buffer);
+        Self { weight_bits: q.weight_bits, input: ActQuant::new(q.act_bits, q.ema_momentum, ema) }
+    }
 }
 
 /// Quantization settings handed to a layer constructor.
@@ -63,14 +81,7 @@ impl ConvBn {
         let running_mean = params.constant(&format!("{name}.bn.running_mean"), &[out_ch], 0.0, Role::Buffer);
         let running_var = params.constant(&format!("{name}.bn.running_var"), &[out_ch], 1.0, Role::Buffer);
         let bn_mode = quant.map(|q| q.bn).unwrap_or(BnMode::Keep);
-        let quant = quant.map(|q| LayerQuant {
-            weight_bits: q.weight_bits,
-            input: ActQuant::new(
-                q.act_bits,
-                q.ema_momentum,
-                params.constant(&format!("{name}.act_scale"), &[1], 0.0, Role::Buffer),
-            ),
-        });
+        let quant = quant.map(|q| LayerQuant::new(params, name, q, 1));
         Self {
             name: name.to_string(),
             in_ch,
@@ -111,7 +122,13 @@ impl ConvBn {
                     let y_float = both.narrow(1, 0, self.out_ch)?;
                     let y_quant = both.narrow(1, self.out_ch, self.out_ch)?;
                     let (mean, var) = ops::channel_stats(&y_float)?;
-                    self.update_running(&(mean.detach(), var.detach()), y_float.elem_count() / self.out_ch)?;
+                    update_running(
+                        &self.running_mean,
+                        &self.running_var,
+                        &mean,
+                        &var,
+                        y_float.elem_count() / self.out_ch,
+                    )?;
                     let scale = (self.gamma.as_tensor() / (var + BN_EPS)?.sqrt()?)?;
                     let shift = (self.beta.as_tensor() - (&mean * &scale)?)?;
                     let y = ops::channel_affine(&y_quant, &scale, &shift)?;
@@ -152,7 +169,7 @@ impl ConvBn {
         if train {
             let (out, mean, var) =
                 ops::batch_norm_train(y, self.gamma.as_tensor(), self.beta.as_tensor(), BN_EPS, relu)?;
-            self.update_running(&(mean, var), y.elem_count() / self.out_ch)?;
+            update_running(&self.running_mean, &self.running_var, &mean, &var, y.elem_count() / self.out_ch)?;
             return Ok(out);
         }
         let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
@@ -163,18 +180,6 @@ impl ConvBn {
         } else {
             Ok(out)
         }
-    }
-
-    /// Moving averages of the batch statistics; `count` values per channel went into them.
-    fn update_running(&self, (mean, var): &(Tensor, Tensor), count: usize) -> Result<()> {
-        let m = BN_MOMENTUM;
-        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?;
-        // The running variance is unbiased, as in PyTorch.
-        let unbias = count as f64 / (count.max(2) - 1) as f64;
-        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (var.detach() * (m * unbias))?)?;
-        self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)?;
-        Ok(())
     }
 
     /// Per-output-channel L1 norms of the weights (the pruning criterion).
@@ -211,14 +216,7 @@ impl Linear {
     ) -> Self {
         let weight = params.uniform(&format!("{name}.weight"), &[out_features, in_features], in_features, Role::Weight);
         let bias = params.uniform(&format!("{name}.bias"), &[out_features], in_features, Role::NoDecay);
-        let quant = quant.map(|q| LayerQuant {
-            weight_bits: q.weight_bits,
-            input: ActQuant::new(
-                q.act_bits,
-                q.ema_momentum,
-                params.constant(&format!("{name}.act_scale"), &[1], 0.0, Role::Buffer),
-            ),
-        });
+        let quant = quant.map(|q| LayerQuant::new(params, name, q, 1));
         Self { in_features, out_features, weight, bias, quant }
     }
 
@@ -250,8 +248,8 @@ pub struct LabelHeads {
     /// (L, F) weights and (L) biases.
     pub weight: Var,
     pub bias: Var,
-    /// Bits of weights and inputs (float when `None`), with the per-head moving scale (L).
-    pub quant: Option<(u32, u32, f64, Var)>,
+    /// Weight bits and the input quantizer, with one moving scale per head (L).
+    pub quant: Option<LayerQuant>,
 }
 
 impl LabelHeads {
@@ -265,10 +263,7 @@ impl LabelHeads {
             running_var: params.constant(&format!("{name}.bn.running_var"), &[features], 1.0, Role::Buffer),
             weight: params.uniform(&format!("{name}.weight"), &[labels, features], features, Role::Weight),
             bias: params.uniform(&format!("{name}.bias"), &[labels], features, Role::NoDecay),
-            quant: quant.map(|q| {
-                let ema = params.constant(&format!("{name}.act_scale"), &[labels], 0.0, Role::Buffer);
-                (q.weight_bits, q.act_bits, q.ema_momentum, ema)
-            }),
+            quant: quant.map(|q| LayerQuant::new(params, name, q, labels)),
         }
     }
 
@@ -278,10 +273,7 @@ impl LabelHeads {
         let (mean, var) = if train {
             let mean = x.mean(0)?;
             let var = x.broadcast_sub(&mean)?.sqr()?.mean(0)?;
-            let m = BN_MOMENTUM;
-            let unbias = n as f64 / (n.max(2) - 1) as f64;
-            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
-            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var.detach() * (m * unbias))?)?)?;
+            update_running(&self.running_mean, &self.running_var, &mean, &var, n)?;
             (mean, var)
         } else {
             (self.running_mean.as_tensor().clone(), self.running_var.as_tensor().clone())
@@ -293,32 +285,8 @@ impl LabelHeads {
             .broadcast_mul(&self.gamma.as_tensor().unsqueeze(1)?)?
             .broadcast_add(&self.beta.as_tensor().unsqueeze(1)?)?; // (L, N, F)
         let (z, w) = match &self.quant {
-            Some((w_bits, a_bits, momentum, ema)) => {
-                let z = if *a_bits >= crate::regularize::quant::FLOAT_BITS {
-                    z
-                } else {
-                    let batch = z.detach().abs()?.flatten_from(1)?.max(1)?; // (L)
-                    let scale = if train {
-                        let seen = ema.as_tensor().max(0)?.to_scalar::<f32>()? > 0.0;
-                        let updated = if seen {
-                            ((ema.as_tensor() * *momentum)? + (&batch * (1.0 - momentum))?)?
-                        } else {
-                            batch.clone()
-                        };
-                        ema.set(&updated)?;
-                        batch
-                    } else if ema.as_tensor().max(0)?.to_scalar::<f32>()? > 0.0 {
-                        ema.as_tensor().clone()
-                    } else {
-                        batch // eval before any training step
-                    };
-                    ops::fake_quant(
-                        &z.contiguous()?,
-                        &scale.reshape((l, 1, 1))?,
-                        crate::regularize::quant::levels(*a_bits),
-                    )?
-                };
-                (z, quantize_weight(self.weight.as_tensor(), *w_bits)?)
+            Some(q) => {
+                (q.input.forward(&z.contiguous()?, train)?, quantize_weight(self.weight.as_tensor(), q.weight_bits)?)
             }
             None => (z, self.weight.as_tensor().clone()),
         };

@@ -103,8 +103,11 @@ impl Params {
 
     /// Writes every tensor to a safetensors file, atomically (temp file, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let map: HashMap<String, Tensor> =
-            self.entries.iter().map(|p| (p.name.clone(), p.var.as_tensor().to_dtype(DType::F32).unwrap())).collect();
+        let map = self
+            .entries
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?)))
+            .collect::<candle_core::Result<HashMap<String, Tensor>>>()?;
         save_tensors(&map, path)
     }
 

@@ -32,7 +32,9 @@ pub fn quantize_weight(w: &Tensor, bits: u32) -> Result<Tensor> {
     ops::fake_quant(w, &scales, levels(bits))
 }
 
-/// The input quantizer of one layer: its bit-width and the moving average of its scale.
+/// The input quantizer of one layer: its bit-width and the moving average of its scale. With an `ema`
+/// of one element the scale is per tensor; with `L` elements there is one scale per index of the
+/// input's first dimension (one per head of [`crate::model::layers::LabelHeads`]).
 #[derive(Debug, Clone)]
 pub struct ActQuant {
     pub bits: u32,
@@ -52,9 +54,11 @@ impl ActQuant {
         if self.bits >= FLOAT_BITS {
             return Ok(x.clone());
         }
-        let batch_scale = x.detach().abs()?.max_all()?.reshape(1)?;
+        let groups = self.ema.elem_count();
+        let abs = x.detach().abs()?;
+        let batch_scale = if groups == 1 { abs.max_all()?.reshape(1)? } else { abs.flatten_from(1)?.max(1)? };
         let ema = self.ema.as_tensor();
-        let seen = ema.to_vec1::<f32>()?[0] > 0.0;
+        let seen = ema.max(0)?.to_scalar::<f32>()? > 0.0;
         let scale = if train {
             let updated = if seen {
                 ((ema * self.momentum)? + (&batch_scale * (1.0 - self.momentum))?)?
@@ -68,6 +72,10 @@ impl ActQuant {
         } else {
             batch_scale
         };
+        // One scale per group, shaped to broadcast along the leading dimension.
+        let mut shape = vec![groups];
+        shape.extend(std::iter::repeat_n(1, x.rank().saturating_sub(1)));
+        let scale = if groups == 1 { scale } else { scale.reshape(shape)? };
         ops::fake_quant(x, &scale, levels(self.bits))
     }
 }

@@ -280,14 +280,14 @@ fn train(
                 stopped = true;
                 break;
             }
-            let mut images = gather(&data.train, chunk, image_len);
+            let mut images = data::rows(&data.train.images, chunk, image_len);
             if exp.data.augment {
                 augment::crop_flip(&mut images, data.shape, &mut rng);
             }
             let labels: Vec<u32> = chunk.iter().map(|&i| data.train.labels[i]).collect();
             let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), &device)?;
             let logits = net.forward(&x, true)?;
-            let targets = if multi { gather_rows(&data.train.targets, chunk, classes) } else { Vec::new() };
+            let targets = if multi { data::rows(&data.train.targets, chunk, classes) } else { Vec::new() };
             let mut loss = if multi {
                 let (soft, mask) = binary_targets(&targets, smoothing);
                 let shape = (chunk.len(), classes);
@@ -321,7 +321,7 @@ fn train(
             let out = logits.detach().to_vec2::<f32>()?.concat();
             if multi {
                 // Per known (image, label): predicted present (logit > 0) against the noisy target.
-                let flags = gather_flags(&data.corrupted, chunk, classes);
+                let flags = data::rows(&data.corrupted, chunk, classes);
                 let known: Vec<usize> = (0..targets.len()).filter(|&k| targets[k] >= 0.0).collect();
                 let preds: Vec<u32> = known.iter().map(|&k| (out[k] > 0.0) as u32).collect();
                 let noisy: Vec<u32> = known.iter().map(|&k| (targets[k] > 0.5) as u32).collect();
@@ -446,14 +446,6 @@ fn train(
     Ok(())
 }
 
-fn gather(split: &Split, idx: &[usize], image_len: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(idx.len() * image_len);
-    for &i in idx {
-        out.extend_from_slice(&split.images[i * image_len..(i + 1) * image_len]);
-    }
-    out
-}
-
 /// What one pass over a split in eval mode measured.
 #[derive(Debug, Clone, Default)]
 pub struct Evaluation {
@@ -487,14 +479,14 @@ pub fn evaluate(
     let idx: Vec<usize> = (0..split.len()).collect();
     for chunk in idx.chunks(EVAL_BATCH) {
         let x = Tensor::from_vec(
-            gather(split, chunk, image_len),
+            data::rows(&split.images, chunk, image_len),
             (chunk.len(), data.shape[0], data.shape[1], data.shape[2]),
             device,
         )?;
         let logits = net.forward(&x, false)?;
         let z = logits.to_vec2::<f32>()?.concat();
         if multi {
-            let t = gather_rows(&split.targets, chunk, classes);
+            let t = data::rows(&split.targets, chunk, classes);
             for (k, (&zk, &tk)) in z.iter().zip(&t).enumerate() {
                 if tk >= 0.0 {
                     // Stable BCE on the logit: max(z,0) - z·y + log(1 + e^-|z|).
@@ -523,15 +515,6 @@ pub fn evaluate(
         out.per_class = acc.per_class();
     }
     Ok(out)
-}
-
-/// Rows `idx` of a row-major (N, width) matrix, concatenated.
-fn gather_rows(values: &[f32], idx: &[usize], width: usize) -> Vec<f32> {
-    idx.iter().flat_map(|&i| values[i * width..(i + 1) * width].iter().copied()).collect()
-}
-
-fn gather_flags(values: &[bool], idx: &[usize], width: usize) -> Vec<bool> {
-    idx.iter().flat_map(|&i| values[i * width..(i + 1) * width].iter().copied()).collect()
 }
 
 /// Label-wise smoothed targets, y' = (1 - α)·y + α/2 (C = 2), and the mask of known labels.

@@ -221,9 +221,9 @@ impl App {
             return Vec::new();
         }
         match key.code {
-            KeyCode::Char('q') | KeyCode::Esc if self.screen == Screen::Setup || key.code == KeyCode::Char('q') => {
-                return self.ask_quit();
-            }
+            // q quits from anywhere; Esc only from the first screen (elsewhere it would be too easy to hit).
+            KeyCode::Char('q') => return self.ask_quit(),
+            KeyCode::Esc if self.screen == Screen::Setup => return self.ask_quit(),
             _ if ctrl_c => return self.ask_quit(),
             KeyCode::Char('?') => self.show_help = true,
             KeyCode::Char('1') | KeyCode::F(1) => self.screen = Screen::Setup,

@@ -556,12 +556,8 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
         .map(|(i, r)| {
             let rec = &r.record;
             let fin = report::final_acc(rec);
-            let gain = match (fin, report::baseline_acc(&records, rec)) {
-                (Some(a), Some(b)) if rec.experiment.regularizer.kind() != "none" => {
-                    format!("{:+.2}", (a - b) * 100.0)
-                }
-                _ => "-".into(),
-            };
+            let gain =
+                report::gain_vs_baseline(&records, rec).map(|g| format!("{g:+.2}")).unwrap_or_else(|| "-".into());
             let best =
                 r.summary().and_then(|s| s.best.as_ref()).map(|b| format!("{:.2}@{}", b.eval_acc * 100.0, b.epoch));
             let best = best.or_else(|| {
@@ -616,25 +612,23 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
 
 /// The paper's Table 1 layout: per-AU F1 of each method (mean over its runs) and the average.
 fn draw_table1(f: &mut Frame, app: &App, records: &[crate::runs::RunRecord], area: Rect) {
+    let rows = report::table1_rows(records);
+    let Some(first) = rows.first() else { return };
+    let labels = first.f1.len();
     let names = crate::data::faces::au_names();
-    let text = report::table1(records, &names);
-    // Markdown rows -> table rows; the separator line is dropped.
-    let mut rows: Vec<Vec<String>> = text
-        .lines()
-        .filter(|l| !l.starts_with("|---"))
-        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
-        .collect();
-    if rows.is_empty() {
-        return;
-    }
-    let header = rows.remove(0);
-    let n = header.len();
+    let mut header = vec!["F1 %".to_string()];
+    header.extend(names.iter().take(labels).map(|n| n.trim_start_matches("AU").to_string()));
+    header.extend(["Avg.".to_string(), "runs".to_string()]);
     let mut widths = vec![Constraint::Length(12)];
-    widths.extend(std::iter::repeat_n(Constraint::Length(5), n.saturating_sub(3)));
-    widths.push(Constraint::Length(11));
-    widths.push(Constraint::Length(4));
-    let header: Vec<String> = header.into_iter().map(|h| h.replace("F1 score (%)", "F1 %").replace("AU", "")).collect();
-    let table = Table::new(rows.into_iter().map(Row::new), widths)
+    widths.extend(std::iter::repeat_n(Constraint::Length(5), labels));
+    widths.extend([Constraint::Length(11), Constraint::Length(4)]);
+    let body = rows.iter().map(|r| {
+        let mut cells = vec![r.method.clone()];
+        cells.extend(r.f1.iter().map(|v| format!("{v:.1}")));
+        cells.extend([r.average_text(), r.runs.to_string()]);
+        Row::new(cells)
+    });
+    let table = Table::new(body, widths)
         .header(Row::new(header).style(Style::default().add_modifier(Modifier::BOLD)))
         .column_spacing(0)
         .block(block(app, " Per-AU F1 (%), mean over runs: the paper's Table 1 "));
