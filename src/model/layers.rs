@@ -118,9 +118,8 @@ impl ConvBn {
                 // im2col: a single convolution with [W; q(W)] stacked as 2·O output channels.
                 if train {
                     let wq = quantize_weight(w, q.weight_bits)?;
-                    let both = ops::conv2d(&x, &Tensor::cat(&[w, &wq], 0)?, self.stride, self.padding)?;
-                    let y_float = both.narrow(1, 0, self.out_ch)?;
-                    let y_quant = both.narrow(1, self.out_ch, self.out_ch)?;
+                    let y_float = ops::conv2d(&x, w, self.stride, self.padding)?;
+                    let y_quant = ops::conv2d(&x, &wq, self.stride, self.padding)?;
                     let (mean, var) = ops::channel_stats(&y_float)?;
                     update_running(
                         &self.running_mean,
@@ -131,23 +130,13 @@ impl ConvBn {
                     )?;
                     let scale = (self.gamma.as_tensor() / (var + BN_EPS)?.sqrt()?)?;
                     let shift = (self.beta.as_tensor() - (&mean * &scale)?)?;
-                    let y = ops::channel_affine(&y_quant, &scale, &shift)?;
-                    if relu {
-                        y.relu()?
-                    } else {
-                        y
-                    }
+                    ops::channel_affine(&y_quant, &scale, &shift, relu)?
                 } else {
                     let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
                     let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
                     let folded = w.broadcast_mul(&scale.reshape((self.out_ch, 1, 1, 1))?)?;
                     let y = ops::conv2d(&x, &quantize_weight(&folded, q.weight_bits)?, self.stride, self.padding)?;
-                    let y = ops::channel_affine(&y, &Tensor::ones_like(&shift)?, &shift)?;
-                    if relu {
-                        y.relu()?
-                    } else {
-                        y
-                    }
+                    ops::channel_affine(&y, &Tensor::ones_like(&shift)?, &shift, relu)?
                 }
             }
             (q, _) => {
@@ -174,12 +163,7 @@ impl ConvBn {
         }
         let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
         let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
-        let out = ops::channel_affine(y, &scale, &shift)?;
-        if relu {
-            out.relu()
-        } else {
-            Ok(out)
-        }
+        ops::channel_affine(y, &scale, &shift, relu)
     }
 
     /// Per-output-channel L1 norms of the weights (the pruning criterion).

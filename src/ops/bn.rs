@@ -378,8 +378,11 @@ mod moment_tests {
     }
 }
 
-/// `y = x·scale[c] + shift[c]`, differentiable in all three. Inputs: x (NCHW), scale (C), shift (C).
-struct ChannelAffine;
+/// `y = x·scale[c] + shift[c]`, then a ReLU when `relu`; differentiable in all three. Inputs: x (NCHW),
+/// scale (C), shift (C).
+struct ChannelAffine {
+    relu: bool,
+}
 
 impl CustomOp3 for ChannelAffine {
     fn name(&self) -> &'static str {
@@ -402,7 +405,15 @@ impl CustomOp3 for ChannelAffine {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
             let (a, b) = (scale[i % c], shift[i % c]);
-            yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * a + b);
+            if self.relu {
+                // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| {
+                    let v = x * a + b;
+                    *y = if v < 0.0 { 0.0 } else { v };
+                });
+            } else {
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * a + b);
+            }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -412,16 +423,17 @@ impl CustomOp3 for ChannelAffine {
         x: &Tensor,
         scale: &Tensor,
         _shift: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        let dy = if self.relu { dy.apply_op2_no_bwd(y, &ReluGrad)? } else { dy };
         let c = scale.dim(0)?;
         let sums = dy.apply_op2_no_bwd(x, &AffineGradSums)?;
         let dshift = sums.get(0)?;
         let dscale = sums.get(1)?;
         let zeros = Tensor::zeros(c, scale.dtype(), scale.device())?;
-        let dx = dy.apply_op3_no_bwd(scale, &zeros, &ChannelAffine)?;
+        let dx = dy.apply_op3_no_bwd(scale, &zeros, &ChannelAffine { relu: false })?;
         Ok((Some(dx), Some(dscale), Some(dshift)))
     }
 }
@@ -454,9 +466,9 @@ impl candle_core::CustomOp2 for AffineGradSums {
     }
 }
 
-/// `x·scale[c] + shift[c]` on f32 NCHW `x` on the CPU, differentiable.
-pub fn channel_affine_cpu(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine)
+/// `x·scale[c] + shift[c]` (then a ReLU when `relu`) on f32 NCHW `x` on the CPU, differentiable.
+pub fn channel_affine_cpu(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffine { relu })
 }
 
 #[cfg(test)]
@@ -472,21 +484,24 @@ mod affine_tests {
         let a = Var::new(&[0.5f32, -2.0], &dev).unwrap();
         let b = Var::new(&[1.0f32, 0.25], &dev).unwrap();
         let up = Tensor::arange(0f32, 72.0, &dev).unwrap().reshape((3, 2, 3, 4)).unwrap();
-        let ours = channel_affine_cpu(x.as_tensor(), a.as_tensor(), b.as_tensor()).unwrap();
-        let refr = x
-            .as_tensor()
-            .broadcast_mul(&a.as_tensor().reshape((1, 2, 1, 1)).unwrap())
-            .unwrap()
-            .broadcast_add(&b.as_tensor().reshape((1, 2, 1, 1)).unwrap())
-            .unwrap();
-        let diff = |p: &Tensor, q: &Tensor| {
-            (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-        };
-        assert!(diff(&ours, &refr) < 1e-6);
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (refr * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &a, &b] {
-            assert!(diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-3);
+        for relu in [false, true] {
+            let ours = channel_affine_cpu(x.as_tensor(), a.as_tensor(), b.as_tensor(), relu).unwrap();
+            let refr = x
+                .as_tensor()
+                .broadcast_mul(&a.as_tensor().reshape((1, 2, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&b.as_tensor().reshape((1, 2, 1, 1)).unwrap())
+                .unwrap();
+            let refr = if relu { refr.relu().unwrap() } else { refr };
+            let diff = |p: &Tensor, q: &Tensor| {
+                (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(diff(&ours, &refr) < 1e-6);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (refr * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &a, &b] {
+                assert!(diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-3);
+            }
         }
     }
 }

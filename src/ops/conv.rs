@@ -9,6 +9,12 @@
 //! input grad:     dX[n] = col2im(Wᵀ · dY[n])                  (K×O)·(O×P)
 //! weight grad:    dW    = Σₙ dY[n] · col(X[n])ᵀ               (O×P)·(P×K)
 //! with K = C·k·k and P = OH·OW.
+//!
+//! Stride-1 convolutions with enough channels (all but two of ResNet-20's) skip im2col altogether
+//! ([`Shifted`]): on an input padded to width Wp, the im2col row of tap (ky, kx) is the padded plane
+//! itself, shifted by ky·Wp + kx. So the convolution is k·k GEMMs that read the padded image in place,
+//! computed on a grid Wp wide whose few extra columns are dropped. That removes the im2col and col2im
+//! copies (a fifth of a training step) and the weight gradient's second im2col.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -40,6 +46,190 @@ impl Geometry {
     /// Columns of the im2col matrix (output pixels of one image).
     fn pixels(&self) -> usize {
         self.oh() * self.ow()
+    }
+    /// Whether [`Shifted`] kernels handle this shape: stride 1, and enough channels that the per-tap
+    /// GEMMs (inner dimension C or O) keep the GEMM kernels busy.
+    fn shifted(&self) -> bool {
+        self.stride == 1 && self.k > 1 && self.c >= 8 && self.o >= 8
+    }
+}
+
+/// The stride-1 convolution as k·k shifted GEMMs over a padded image (see the module docs).
+///
+/// An image is padded to `wp` = W + 2·pad columns and H + 2·pad + 1 rows (the extra zero row keeps the
+/// shifted reads of the dropped columns inside the plane); the output is computed on `q` = OH·wp
+/// positions, of which the last wp − OW of each row are dropped.
+struct Shifted {
+    g: Geometry,
+    wp: usize,
+    plane: usize,
+    q: usize,
+}
+
+impl Shifted {
+    fn new(g: Geometry) -> Self {
+        let wp = g.w + 2 * g.pad;
+        Shifted { g, wp, plane: (g.h + 2 * g.pad + 1) * wp, q: g.oh() * wp }
+    }
+
+    /// Offset of tap `t` = ky·k + kx in the padded plane.
+    fn shift(&self, t: usize) -> usize {
+        (t / self.g.k) * self.wp + t % self.g.k
+    }
+
+    /// Copies one CHW image into the zeroed borders of `xpad` (C planes).
+    #[inline(never)]
+    fn pad(&self, x: &[f32], xpad: &mut [f32]) {
+        let g = &self.g;
+        xpad.fill(0.0);
+        for (src, dst) in x.chunks_exact(g.h * g.w).zip(xpad.chunks_exact_mut(self.plane)) {
+            for (row, out) in src.chunks_exact(g.w).zip(dst[g.pad * self.wp..].chunks_exact_mut(self.wp)) {
+                out[g.pad..g.pad + g.w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// Keeps the OH·OW valid positions of `ext` (planes of `stride` values, rows `wp` wide).
+    #[inline(never)]
+    fn crop(&self, ext: &[f32], stride: usize, rows: usize, cols: usize, out: &mut [f32]) {
+        for (src, dst) in ext.chunks_exact(stride).zip(out.chunks_exact_mut(rows * cols)) {
+            for (r, d) in src.chunks_exact(self.wp).zip(dst.chunks_exact_mut(cols)) {
+                d.copy_from_slice(&r[..cols]);
+            }
+        }
+    }
+
+    /// Y[n] = Σ_t W_t · shift_t(Xpad): `w_toc` is the weight as (tap, O, C).
+    fn forward(&self, x: &[f32], w_toc: &[f32], xpad: &mut [f32], yext: &mut [f32], y: &mut [f32]) {
+        let g = &self.g;
+        self.pad(x, xpad);
+        for t in 0..g.k * g.k {
+            let wt = &w_toc[t * g.o * g.c..(t + 1) * g.o * g.c];
+            // yext (O×Q) += W_t (O×C) · Xpad_t (C×Q)
+            gemm_split(
+                g.o,
+                self.q,
+                g.c,
+                yext,
+                (self.q, 1),
+                wt,
+                (g.c, 1),
+                &xpad[self.shift(t)..],
+                (self.plane, 1),
+                t > 0,
+            );
+        }
+        self.crop(yext, self.q, g.oh(), g.ow(), y);
+    }
+
+    /// dX[n] = crop(Σ_t shift_tᵀ(W_tᵀ · dYext)): `w_tco` is the weight as (tap, C, O).
+    #[inline(never)]
+    fn input_grad(&self, dy: &[f32], w_tco: &[f32], dyext: &mut [f32], dxpad: &mut [f32], dx: &mut [f32]) {
+        let g = &self.g;
+        let (oh, ow) = (g.oh(), g.ow());
+        dyext.fill(0.0);
+        for (src, dst) in dy.chunks_exact(oh * ow).zip(dyext.chunks_exact_mut(self.q)) {
+            for (row, out) in src.chunks_exact(ow).zip(dst.chunks_exact_mut(self.wp)) {
+                out[..ow].copy_from_slice(row);
+            }
+        }
+        dxpad.fill(0.0);
+        for t in 0..g.k * g.k {
+            let wt = &w_tco[t * g.o * g.c..(t + 1) * g.o * g.c];
+            // dXpad_t (C×Q) += W_tᵀ (C×O) · dYext (O×Q)
+            gemm_split(
+                g.c,
+                self.q,
+                g.o,
+                &mut dxpad[self.shift(t)..],
+                (self.plane, 1),
+                wt,
+                (g.o, 1),
+                dyext,
+                (self.q, 1),
+                true,
+            );
+        }
+        let interior = &dxpad[g.pad * self.wp + g.pad..];
+        for (src, dst) in interior.chunks(self.plane).zip(dx.chunks_exact_mut(g.h * g.w)) {
+            for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(g.w)) {
+                d.copy_from_slice(&r[..g.w]);
+            }
+        }
+    }
+
+    /// acc (tap, C, O) += Σ_q dYext[o, q] · shift_t(Xpad)[c, q] for one image.
+    #[inline(never)]
+    fn weight_grad(&self, x: &[f32], dy: &[f32], xpad: &mut [f32], dyt: &mut [f32], acc: &mut [f32]) {
+        let g = &self.g;
+        let (oh, ow) = (g.oh(), g.ow());
+        self.pad(x, xpad);
+        // dY transposed to (Q, O), zero on the dropped columns, so that the GEMM reads it in place.
+        dyt.fill(0.0);
+        for (o, plane) in dy.chunks_exact(oh * ow).enumerate() {
+            for (oy, row) in plane.chunks_exact(ow).enumerate() {
+                for (ox, v) in row.iter().enumerate() {
+                    dyt[(oy * self.wp + ox) * g.o + o] = *v;
+                }
+            }
+        }
+        for t in 0..g.k * g.k {
+            // acc_t (O×C, column-major) += dY (O×Q) · Xpad_tᵀ (Q×C)
+            let acc_t = &mut acc[t * g.o * g.c..(t + 1) * g.o * g.c];
+            let xs = &xpad[self.shift(t)..];
+            gemm_split(g.o, g.c, self.q, acc_t, (1, g.o), dyt, (1, g.o), xs, (1, self.plane), true);
+        }
+    }
+}
+
+/// [`matmul`] in pieces of at most 48 columns of the column-major product: above that the gemm crate
+/// copies the large operand into its own layout first, which costs as much as the shifted reads save.
+#[allow(clippy::too_many_arguments)]
+fn gemm_split(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+) {
+    const MAX: usize = 48;
+    // gemm works on the column-major product: with a row-major dst it computes dstᵀ = rhsᵀ · lhsᵀ.
+    let transposed = dst_cs < dst_rs;
+    let cols = if transposed { m } else { n };
+    for start in (0..cols).step_by(MAX) {
+        let len = MAX.min(cols - start);
+        if transposed {
+            matmul(
+                len,
+                n,
+                k,
+                &mut dst[start * dst_rs..],
+                (dst_rs, dst_cs),
+                &lhs[start * lhs_rs..],
+                (lhs_rs, lhs_cs),
+                rhs,
+                (rhs_rs, rhs_cs),
+                accumulate,
+            );
+        } else {
+            matmul(
+                m,
+                len,
+                k,
+                &mut dst[start * dst_cs..],
+                (dst_rs, dst_cs),
+                lhs,
+                (lhs_rs, lhs_cs),
+                &rhs[start * rhs_cs..],
+                (rhs_rs, rhs_cs),
+                accumulate,
+            );
+        }
     }
 }
 
@@ -119,20 +309,23 @@ fn col2im(col: &[f32], g: &Geometry, x: &mut [f32]) {
 }
 
 /// dst (m×n) = lhs (m×k) · rhs (k×n), each given by its row and column strides; `accumulate` adds to dst.
+///
+/// The gemm crate copies ("packs") an operand whose elements are not laid out the way its kernels read
+/// them; the callers pick strides so that the large operand is read in place.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
-    dst_rs: usize,
+    (dst_rs, dst_cs): (usize, usize),
     lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
     accumulate: bool,
 ) {
-    debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
+    debug_assert!(dst.len() > (m - 1) * dst_rs + (n - 1) * dst_cs);
     debug_assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     debug_assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     // SAFETY: the slices cover every element the strides address (checked above in debug builds, and
@@ -143,7 +336,7 @@ fn matmul(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_cs as isize,
             dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
@@ -187,11 +380,21 @@ impl CustomOp2 for Conv2d {
         let w = slice(s2, l2, "weight")?;
         let (kd, p) = (g.kdim(), g.pixels());
         let mut y = vec![0f32; g.n * g.o * p];
+        let image = g.c * g.h * g.w;
+        if g.shifted() {
+            let sh = Shifted::new(g);
+            let w_toc = taps_first(w, &g, false);
+            y.par_chunks_mut(g.o * p).enumerate().for_each_init(
+                || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
+                |(xpad, yext), (n, yn)| sh.forward(&x[n * image..(n + 1) * image], &w_toc, xpad, yext, yn),
+            );
+            return Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh(), g.ow()))));
+        }
         y.par_chunks_mut(g.o * p).enumerate().for_each_init(
             || vec![0f32; kd * p],
             |col, (n, yn)| {
                 im2col(&x[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w], &g, col);
-                matmul(g.o, p, kd, yn, p, w, (kd, 1), col, (p, 1), false);
+                matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
             },
         );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh(), g.ow()))))
@@ -220,11 +423,22 @@ impl CustomOp2 for ConvInputGrad {
         let w = slice(s2, l2, "weight")?;
         let (kd, p) = (g.kdim(), g.pixels());
         let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+        if g.shifted() {
+            let sh = Shifted::new(g);
+            let w_tco = taps_first(w, &g, true);
+            dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
+                || (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]),
+                |(dyext, dxpad), (n, dxn)| {
+                    sh.input_grad(&dy[n * g.o * p..(n + 1) * g.o * p], &w_tco, dyext, dxpad, dxn)
+                },
+            );
+            return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))));
+        }
         dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
             || vec![0f32; kd * p],
             |dcol, (n, dxn)| {
                 // dcol (K×P) = Wᵀ (K×O) · dY[n] (O×P)
-                matmul(kd, p, g.o, dcol, p, w, (1, kd), &dy[n * g.o * p..(n + 1) * g.o * p], (p, 1), false);
+                matmul(kd, p, g.o, dcol, (p, 1), w, (1, kd), &dy[n * g.o * p..(n + 1) * g.o * p], (p, 1), false);
                 col2im(dcol, &g, dxn);
             },
         );
@@ -249,26 +463,73 @@ impl CustomOp2 for ConvWeightGrad {
         // Fixed groups of images summed in a fixed order: the same seed gives the same weights, however
         // rayon schedules the work.
         const GROUP: usize = 8;
+        if g.shifted() {
+            let sh = Shifted::new(g);
+            let taps = g.k * g.k;
+            let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
+                .into_par_iter()
+                .map(|grp| {
+                    let mut acc = vec![0f32; taps * g.c * g.o];
+                    let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
+                    for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
+                        let (xn, dyn_) = (&x[n * image..(n + 1) * image], &dy[n * g.o * p..(n + 1) * g.o * p]);
+                        sh.weight_grad(xn, dyn_, &mut xpad, &mut dyt, &mut acc);
+                    }
+                    acc
+                })
+                .collect();
+            let mut sum = vec![0f32; taps * g.c * g.o];
+            for part in &partials {
+                sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+            // (tap, C, O) -> (O, C, tap)
+            let mut dw = vec![0f32; g.o * kd];
+            for (i, v) in sum.iter().enumerate() {
+                let (t, c, o) = (i / (g.c * g.o), (i / g.o) % g.c, i % g.o);
+                dw[(o * g.c + c) * taps + t] = *v;
+            }
+            return Ok((CpuStorage::F32(dw), Shape::from((g.o, g.c, g.k, g.k))));
+        }
         let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
             .into_par_iter()
             .map(|grp| {
-                let mut acc = vec![0f32; g.o * kd];
+                // acc holds dWᵀ (K×O): stored column-major as the O×K product, so gemm reads colᵀ in
+                // place and packs only the small dY (packing the K×P col would cost more than the GEMM).
+                let mut acc = vec![0f32; kd * g.o];
                 let mut col = vec![0f32; kd * p];
                 for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
                     im2col(&x[n * image..(n + 1) * image], &g, &mut col);
                     // acc (O×K) += dY[n] (O×P) · colᵀ (P×K)
                     let dyn_ = &dy[n * g.o * p..(n + 1) * g.o * p];
-                    matmul(g.o, kd, p, &mut acc, kd, dyn_, (p, 1), &col, (1, p), true);
+                    matmul(g.o, kd, p, &mut acc, (1, g.o), dyn_, (p, 1), &col, (1, p), true);
                 }
                 acc
             })
             .collect();
-        let mut dw = vec![0f32; g.o * kd];
+        let mut dw_t = vec![0f32; kd * g.o];
         for part in &partials {
-            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            dw_t.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        let mut dw = vec![0f32; g.o * kd];
+        for (ki, row) in dw_t.chunks_exact(g.o).enumerate() {
+            for (oi, v) in row.iter().enumerate() {
+                dw[oi * kd + ki] = *v;
+            }
         }
         Ok((CpuStorage::F32(dw), Shape::from((g.o, g.c, g.k, g.k))))
     }
+}
+
+/// The OIHW weight with the taps first: (tap, O, C), or (tap, C, O) when `c_major`.
+fn taps_first(w: &[f32], g: &Geometry, c_major: bool) -> Vec<f32> {
+    let taps = g.k * g.k;
+    let mut out = vec![0f32; w.len()];
+    for (i, v) in w.iter().enumerate() {
+        let (o, c, t) = (i / (g.c * taps), (i / taps) % g.c, i % taps);
+        let j = if c_major { (t * g.c + c) * g.o + o } else { (t * g.o + o) * g.c + c };
+        out[j] = *v;
+    }
+    out
 }
 
 /// Convolution of contiguous f32 NCHW `x` with OIHW `w` on the CPU, differentiable.
@@ -308,6 +569,12 @@ mod tests {
             (2, 4, 6, 5, 2, 3, 1, 0),
             (2, 3, 9, 9, 4, 5, 2, 2),
             (1, 1, 3, 3, 1, 3, 3, 1),
+            // The shifted (stride-1, ≥ 8 channels) kernels, with more than 48 channels on either side.
+            (2, 8, 7, 9, 10, 3, 1, 1),
+            (3, 9, 6, 5, 8, 3, 1, 0),
+            (2, 8, 9, 9, 12, 5, 1, 2),
+            (2, 64, 8, 8, 50, 3, 1, 1),
+            (1, 50, 5, 6, 64, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();

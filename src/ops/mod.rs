@@ -97,8 +97,7 @@ pub fn batch_norm_train(
     let (mean, var) = channel_stats(x)?;
     let scale = (gamma / (&var + eps)?.sqrt()?)?;
     let shift = (beta - (&mean * &scale)?)?;
-    let y = channel_affine(x, &scale, &shift)?;
-    let y = if relu { y.relu()? } else { y };
+    let y = channel_affine(x, &scale, &shift, relu)?;
     Ok((y, mean.detach(), var.detach()))
 }
 
@@ -110,13 +109,33 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     (a + b)?.relu()
 }
 
-/// `x * scale[c] + shift[c]` on NCHW `x`; `scale`, `shift` shaped (C).
-pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+/// `x * scale[c] + shift[c]` on NCHW `x`, followed by a ReLU when `relu`; `scale`, `shift` shaped (C).
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return bn::channel_affine_cpu(x, scale, shift);
+        return bn::channel_affine_cpu(x, scale, shift, relu);
     }
     let c = x.dim(1)?;
-    x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)
+    let y = x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// max|x| over everything (`groups` = 1, shape (1)) or over each index of the leading dimension
+/// (shape (`groups`)): the scale of a fake-quantizer, in one pass and no copy on the CPU.
+pub fn max_abs(x: &Tensor, groups: usize) -> Result<Tensor> {
+    let x = x.detach();
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return quant::max_abs_cpu(&x, groups);
+    }
+    let abs = x.abs()?;
+    if groups == 1 {
+        abs.max_all()?.reshape(1)
+    } else {
+        abs.reshape((groups, ()))?.max(1)
+    }
 }
 
 /// Rounds `x` onto the symmetric grid of `levels` = 2^(b-1)-1 steps per side of `scale` (λ):
@@ -229,6 +248,20 @@ mod tests {
             let d = (fused - composite).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
         }
+    }
+
+    #[test]
+    fn max_abs_matches_candle_per_tensor_and_per_group() {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..3 * 40_000).map(|i| ((i * 7919 % 100_003) as f32 / 25_000.0) - 2.1).collect();
+        let x = Tensor::from_vec(data, (3, 200, 200), &dev).unwrap();
+        let all = max_abs(&x, 1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(all, vec![x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()]);
+        let per = max_abs(&x, 3).unwrap().to_vec1::<f32>().unwrap();
+        let want = x.abs().unwrap().flatten_from(1).unwrap().max(1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(per, want);
+        let nan = Tensor::new(&[1f32, f32::NAN, -3.0], &dev).unwrap();
+        assert!(max_abs(&nan, 1).unwrap().to_vec1::<f32>().unwrap()[0].is_nan(), "a NaN is not hidden");
     }
 
     #[test]

@@ -65,6 +65,27 @@ pub fn fake_quant_cpu(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor>
     x.contiguous()?.apply_op2(&scale.flatten_all()?.contiguous()?, FakeQuant { levels: levels as f32 })
 }
 
+/// max|x| per group of the leading dimension, in one parallel pass (NaN wins, so that a diverging
+/// run is not hidden behind a finite scale).
+pub fn max_abs_cpu(x: &Tensor, groups: usize) -> Result<Tensor> {
+    let x = x.contiguous()?.flatten_all()?;
+    let n = x.elem_count();
+    if groups == 0 || n % groups != 0 {
+        candle_core::bail!("max_abs: {n} values cannot be split into {groups} groups");
+    }
+    let per = n / groups;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else { candle_core::bail!("max_abs: f32 only") };
+    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("max_abs: contiguous input only") };
+    let max = |v: &[f32]| v.iter().fold(0f32, |m, &x| if x.abs() > m || x.is_nan() { x.abs() } else { m });
+    const CHUNK: usize = 16 * 1024;
+    let out: Vec<f32> = data[a..b]
+        .par_chunks(per)
+        .map(|g| g.par_chunks(CHUNK).map(max).reduce(|| 0.0, |p, q| if q > p || q.is_nan() { q } else { p }))
+        .collect();
+    Tensor::from_vec(out, groups, x.device())
+}
+
 #[cfg(test)]
 mod tests {
     use super::round_half_away;

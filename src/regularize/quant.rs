@@ -20,7 +20,7 @@ pub fn weight_scales(w: &Tensor) -> Result<Tensor> {
     let o = w.dim(0)?;
     let mut shape = vec![o];
     shape.extend(std::iter::repeat_n(1, w.rank() - 1));
-    w.abs()?.flatten_from(1)?.max_keepdim(1)?.reshape(shape)
+    ops::max_abs(w, o)?.reshape(shape)
 }
 
 /// Fake-quantizes a weight tensor per output channel (identity when `bits` is float).
@@ -55,8 +55,7 @@ impl ActQuant {
             return Ok(x.clone());
         }
         let groups = self.ema.elem_count();
-        let abs = x.detach().abs()?;
-        let batch_scale = if groups == 1 { abs.max_all()?.reshape(1)? } else { abs.flatten_from(1)?.max(1)? };
+        let batch_scale = ops::max_abs(x, groups)?;
         let ema = self.ema.as_tensor();
         let seen = ema.max(0)?.to_scalar::<f32>()? > 0.0;
         let scale = if train {
