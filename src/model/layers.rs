@@ -114,8 +114,9 @@ impl ConvBn {
                 // β − s·μ, where (μ, σ) are the batch statistics of the float convolution in training
                 // and the running ones in eval; W_f is quantized per output channel. Per-channel
                 // quantization commutes with that per-channel scale (q(W·s) = s·q(W) exactly, rounding
-                // being symmetric), so in training the float and the quantized convolution share one
-                // im2col: a single convolution with [W; q(W)] stacked as 2·O output channels.
+                // being symmetric), so training runs conv(x, W) for the statistics and conv(x, q(W)),
+                // scaled by s afterwards, for the output. The two convolutions (forward and backward)
+                // are why `fold` costs about twice `keep`.
                 if train {
                     let wq = quantize_weight(w, q.weight_bits)?;
                     let y_float = ops::conv2d(&x, w, self.stride, self.padding)?;
