@@ -30,6 +30,31 @@ fn planes<'a>(x: &'a [f32], (n, c, p): (usize, usize, usize), ch: usize) -> impl
     (0..n).map(move |i| &x[(i * c + ch) * p..(i * c + ch + 1) * p])
 }
 
+/// Sums `f` over the elements of three equally long slices, as two totals. The 32 independent partial
+/// sums let the loop vectorise: a single running f32 sum is bound by the latency of each add (4x
+/// slower here), and an f64 one by that and the conversions.
+#[inline(always)]
+fn lane_sums(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> (f64, f64) {
+    const LANES: usize = 32;
+    let (mut s, mut t) = ([0f32; LANES], [0f32; LANES]);
+    let (ca, cb, cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for j in 0..LANES {
+            let (u, v) = f(x[j], y[j], z[j]);
+            s[j] += u;
+            t[j] += v;
+        }
+    }
+    let (mut u_total, mut v_total) = (0f64, 0f64);
+    for ((&x, &y), &z) in ra.iter().zip(rb).zip(rc) {
+        let (u, v) = f(x, y, z);
+        u_total += u as f64;
+        v_total += v as f64;
+    }
+    (u_total + s.iter().map(|&v| v as f64).sum::<f64>(), v_total + t.iter().map(|&v| v as f64).sum::<f64>())
+}
+
 /// Mean and biased variance per channel, as a (2, C) tensor, differentiable.
 struct Moments;
 
@@ -44,9 +69,10 @@ impl CustomOp1 for Moments {
         let stats: Vec<(f32, f32)> = (0..d.1)
             .into_par_iter()
             .map(|ch| {
-                let sum: f64 = planes(x, d, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
+                let sum: f64 = planes(x, d, ch).map(|p| lane_sums(p, p, p, |v, _, _| (v, 0.0)).0).sum();
                 let mean = sum / count;
-                let sq: f64 = planes(x, d, ch).map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum();
+                let m = mean as f32;
+                let sq: f64 = planes(x, d, ch).map(|p| lane_sums(p, p, p, |v, _, _| ((v - m) * (v - m), 0.0)).0).sum();
                 (mean as f32, (sq / count) as f32)
             })
             .collect();
@@ -195,14 +221,16 @@ impl CustomOp3 for BnGradSums {
                 let (m, is) = (self.mean[ch], self.invstd[ch]);
                 let (mut s1, mut s2) = (0f64, 0f64);
                 for ((g, xp), yp) in planes(dy, d, ch).zip(planes(x, d, ch)).zip(planes(y, d, ch)) {
-                    let (mut a, mut b) = (0f32, 0f32);
-                    for ((&g, &x), &y) in g.iter().zip(xp).zip(yp) {
-                        let g = if self.relu && y <= 0.0 { 0.0 } else { g };
-                        a += g;
-                        b += g * (x - m) * is;
-                    }
-                    s1 += a as f64;
-                    s2 += b as f64;
+                    let (a, b) = if self.relu {
+                        lane_sums(g, xp, yp, |g, x, y| {
+                            let g = if y <= 0.0 { 0.0 } else { g };
+                            (g, g * (x - m))
+                        })
+                    } else {
+                        lane_sums(g, xp, yp, |g, x, _| (g, g * (x - m)))
+                    };
+                    s1 += a;
+                    s2 += b * is as f64;
                 }
                 (s1 as f32, s2 as f32)
             })
@@ -454,8 +482,9 @@ impl candle_core::CustomOp2 for AffineGradSums {
             .map(|ch| {
                 let (mut a, mut b) = (0f64, 0f64);
                 for (g, xp) in planes(dy, d, ch).zip(planes(x, d, ch)) {
-                    a += g.iter().sum::<f32>() as f64;
-                    b += g.iter().zip(xp).map(|(g, x)| g * x).sum::<f32>() as f64;
+                    let (u, v) = lane_sums(g, xp, xp, |g, x, _| (g, g * x));
+                    a += u;
+                    b += v;
                 }
                 (a as f32, b as f32)
             })

@@ -77,12 +77,21 @@ pub fn max_abs_cpu(x: &Tensor, groups: usize) -> Result<Tensor> {
     let (storage, layout) = x.storage_and_layout();
     let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else { candle_core::bail!("max_abs: f32 only") };
     let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("max_abs: contiguous input only") };
-    let max = |v: &[f32]| v.iter().fold(0f32, |m, &x| if x.abs() > m || x.is_nan() { x.abs() } else { m });
+    // 32 running maxima so the loop vectorises; a NaN, once seen, stays.
+    let keep = |m: f32, a: f32| if m.is_nan() || a <= m { m } else { a };
+    let max = |v: &[f32]| {
+        let mut lanes = [0f32; 32];
+        let chunks = v.chunks_exact(32);
+        let tail = chunks.remainder().iter().fold(0f32, |m, &x| keep(m, x.abs()));
+        for c in chunks {
+            for (m, &x) in lanes.iter_mut().zip(c) {
+                *m = keep(*m, x.abs());
+            }
+        }
+        lanes.iter().fold(tail, |m, &x| keep(m, x))
+    };
     const CHUNK: usize = 16 * 1024;
-    let out: Vec<f32> = data[a..b]
-        .par_chunks(per)
-        .map(|g| g.par_chunks(CHUNK).map(max).reduce(|| 0.0, |p, q| if q > p || q.is_nan() { q } else { p }))
-        .collect();
+    let out: Vec<f32> = data[a..b].par_chunks(per).map(|g| g.par_chunks(CHUNK).map(max).reduce(|| 0.0, keep)).collect();
     Tensor::from_vec(out, groups, x.device())
 }
 
