@@ -2,6 +2,7 @@
 //! the CPU. candle's composite version reduces over a transposed copy and makes several passes per op;
 //! here statistics take one parallel pass per channel and the backward two.
 
+use super::written;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -105,11 +106,12 @@ impl CustomOp1 for MomentsGrad {
         let x = slice(s, l, "input")?;
         let (n, c, p) = dims(l)?;
         let m = (n * p) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (dp, xp))| {
-            let ch = i % c;
-            let (mean, a, b) = (self.mean[ch], 2.0 * self.g_var[ch] / m, self.g_mean[ch] / m);
-            dp.iter_mut().zip(xp).for_each(|(d, &x)| *d = (x - mean) * a + b);
+        let dx = written(x.len(), |dx| {
+            dx.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (dp, xp))| {
+                let ch = i % c;
+                let (mean, a, b) = (self.mean[ch], 2.0 * self.g_var[ch] / m, self.g_mean[ch] / m);
+                dp.iter_mut().zip(xp).for_each(|(d, &x)| _ = d.write((x - mean) * a + b));
+            })
         });
         Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
@@ -141,20 +143,21 @@ impl CustomOp3 for BnTrain {
         let gamma = slice(s2, l2, "gamma")?;
         let beta = slice(s3, l3, "beta")?;
         let (_, c, p) = dims(l1)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
-            let ch = i % c;
-            let scale = gamma[ch] * self.invstd[ch];
-            let shift = beta[ch] - self.mean[ch] * scale;
-            if self.relu {
-                // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| {
-                    let v = x * scale + shift;
-                    *y = if v < 0.0 { 0.0 } else { v };
-                });
-            } else {
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * scale + shift);
-            }
+        let y = written(x.len(), |y| {
+            y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
+                let ch = i % c;
+                let scale = gamma[ch] * self.invstd[ch];
+                let shift = beta[ch] - self.mean[ch] * scale;
+                if self.relu {
+                    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+                    yp.iter_mut().zip(xp).for_each(|(y, &x)| {
+                        let v = x * scale + shift;
+                        _ = y.write(if v < 0.0 { 0.0 } else { v });
+                    });
+                } else {
+                    yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * scale + shift));
+                }
+            });
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -269,20 +272,21 @@ impl CustomOp3 for BnInputGrad {
         let y = slice(s3, l3, "output")?;
         let (n, c, p) = dims(l2)?;
         let m = (n * p) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(p).enumerate().for_each(|(i, dxp)| {
-            let ch = i % c;
-            let (mean, is, g) = (self.mean[ch], self.invstd[ch], self.gamma[ch]);
-            let (s1, s2) = (self.sums[ch] / m, self.sums[c + ch] / m);
-            let k = g * is;
-            let range = i * p..(i + 1) * p;
-            for ((d, (&gy, &xv)), &yv) in
-                dxp.iter_mut().zip(dy[range.clone()].iter().zip(&x[range.clone()])).zip(&y[range])
-            {
-                let gy = if self.relu && yv <= 0.0 { 0.0 } else { gy };
-                let xhat = (xv - mean) * is;
-                *d = k * (gy - s1 - xhat * s2);
-            }
+        let dx = written(x.len(), |dx| {
+            dx.par_chunks_mut(p).enumerate().for_each(|(i, dxp)| {
+                let ch = i % c;
+                let (mean, is, g) = (self.mean[ch], self.invstd[ch], self.gamma[ch]);
+                let (s1, s2) = (self.sums[ch] / m, self.sums[c + ch] / m);
+                let k = g * is;
+                let range = i * p..(i + 1) * p;
+                for ((d, (&gy, &xv)), &yv) in
+                    dxp.iter_mut().zip(dy[range.clone()].iter().zip(&x[range.clone()])).zip(&y[range])
+                {
+                    let gy = if self.relu && yv <= 0.0 { 0.0 } else { gy };
+                    let xhat = (xv - mean) * is;
+                    d.write(k * (gy - s1 - xhat * s2));
+                }
+            })
         });
         Ok((CpuStorage::F32(dx), l2.shape().clone()))
     }
@@ -430,18 +434,19 @@ impl CustomOp3 for ChannelAffine {
         let scale = slice(s2, l2, "scale")?;
         let shift = slice(s3, l3, "shift")?;
         let (_, c, p) = dims(l1)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
-            let (a, b) = (scale[i % c], shift[i % c]);
-            if self.relu {
-                // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| {
-                    let v = x * a + b;
-                    *y = if v < 0.0 { 0.0 } else { v };
-                });
-            } else {
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * a + b);
-            }
+        let y = written(x.len(), |y| {
+            y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
+                let (a, b) = (scale[i % c], shift[i % c]);
+                if self.relu {
+                    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+                    yp.iter_mut().zip(xp).for_each(|(y, &x)| {
+                        let v = x * a + b;
+                        _ = y.write(if v < 0.0 { 0.0 } else { v });
+                    });
+                } else {
+                    yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * a + b));
+                }
+            });
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -549,15 +554,16 @@ impl candle_core::CustomOp2 for AddRelu {
         if a.len() != b.len() {
             candle_core::bail!("add_relu: shapes differ ({:?} vs {:?})", l1.dims(), l2.dims());
         }
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(16 * 1024).zip(a.par_chunks(16 * 1024).zip(b.par_chunks(16 * 1024))).for_each(
-            |(yc, (ac, bc))| {
-                for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
-                    let v = a + b;
-                    *y = if v < 0.0 { 0.0 } else { v };
-                }
-            },
-        );
+        let y = written(a.len(), |y| {
+            y.par_chunks_mut(16 * 1024).zip(a.par_chunks(16 * 1024).zip(b.par_chunks(16 * 1024))).for_each(
+                |(yc, (ac, bc))| {
+                    for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+                        let v = a + b;
+                        y.write(if v < 0.0 { 0.0 } else { v });
+                    }
+                },
+            )
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(&self, _a: &Tensor, _b: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -576,14 +582,15 @@ impl candle_core::CustomOp2 for ReluGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = slice(s1, l1, "gradient")?;
         let y = slice(s2, l2, "output")?;
-        let mut d = vec![0f32; g.len()];
-        d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
-            |(dc, (gc, yc))| {
-                for ((d, &g), &y) in dc.iter_mut().zip(gc).zip(yc) {
-                    *d = if y > 0.0 { g } else { 0.0 };
-                }
-            },
-        );
+        let d = written(g.len(), |d| {
+            d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
+                |(dc, (gc, yc))| {
+                    for ((d, &g), &y) in dc.iter_mut().zip(gc).zip(yc) {
+                        d.write(if y > 0.0 { g } else { 0.0 });
+                    }
+                },
+            )
+        });
         Ok((CpuStorage::F32(d), l1.shape().clone()))
     }
 }

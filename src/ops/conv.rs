@@ -16,8 +16,10 @@
 //! computed on a grid Wp wide whose few extra columns are dropped. That removes the im2col and col2im
 //! copies (a fifth of a training step) and the weight gradient's second im2col.
 
+use super::written;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Shape of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,16 +93,16 @@ impl Shifted {
 
     /// Keeps the OH·OW valid positions of `ext` (planes of `stride` values, rows `wp` wide).
     #[inline(never)]
-    fn crop(&self, ext: &[f32], stride: usize, rows: usize, cols: usize, out: &mut [f32]) {
-        for (src, dst) in ext.chunks_exact(stride).zip(out.chunks_exact_mut(rows * cols)) {
-            for (r, d) in src.chunks_exact(self.wp).zip(dst.chunks_exact_mut(cols)) {
-                d.copy_from_slice(&r[..cols]);
+    fn crop(&self, ext: &[f32], stride: usize, rows: usize, cols: usize, out: &mut [MaybeUninit<f32>]) {
+        for (src, dst) in ext.chunks(stride).zip(out.chunks_exact_mut(rows * cols)) {
+            for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(cols)) {
+                d.iter_mut().zip(&r[..cols]).for_each(|(d, &v)| _ = d.write(v));
             }
         }
     }
 
     /// Y[n] = Σ_t W_t · shift_t(Xpad): `w_toc` is the weight as (tap, O, C).
-    fn forward(&self, x: &[f32], w_toc: &[f32], xpad: &mut [f32], yext: &mut [f32], y: &mut [f32]) {
+    fn forward(&self, x: &[f32], w_toc: &[f32], xpad: &mut [f32], yext: &mut [f32], y: &mut [MaybeUninit<f32>]) {
         let g = &self.g;
         self.pad(x, xpad);
         for t in 0..g.k * g.k {
@@ -124,7 +126,7 @@ impl Shifted {
 
     /// dX[n] = crop(Σ_t shift_tᵀ(W_tᵀ · dYext)): `w_tco` is the weight as (tap, C, O).
     #[inline(never)]
-    fn input_grad(&self, dy: &[f32], w_tco: &[f32], dyext: &mut [f32], dxpad: &mut [f32], dx: &mut [f32]) {
+    fn input_grad(&self, dy: &[f32], w_tco: &[f32], dyext: &mut [f32], dxpad: &mut [f32], dx: &mut [MaybeUninit<f32>]) {
         let g = &self.g;
         let (oh, ow) = (g.oh(), g.ow());
         dyext.fill(0.0);
@@ -150,12 +152,7 @@ impl Shifted {
                 true,
             );
         }
-        let interior = &dxpad[g.pad * self.wp + g.pad..];
-        for (src, dst) in interior.chunks(self.plane).zip(dx.chunks_exact_mut(g.h * g.w)) {
-            for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(g.w)) {
-                d.copy_from_slice(&r[..g.w]);
-            }
-        }
+        self.crop(&dxpad[g.pad * self.wp + g.pad..], self.plane, g.h, g.w, dx);
     }
 
     /// acc (tap, C, O) += Σ_q dYext[o, q] · shift_t(Xpad)[c, q] for one image.
@@ -379,17 +376,19 @@ impl CustomOp2 for Conv2d {
         let x = slice(s1, l1, "input")?;
         let w = slice(s2, l2, "weight")?;
         let (kd, p) = (g.kdim(), g.pixels());
-        let mut y = vec![0f32; g.n * g.o * p];
         let image = g.c * g.h * g.w;
         if g.shifted() {
             let sh = Shifted::new(g);
             let w_toc = taps_first(w, &g, false);
-            y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-                || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
-                |(xpad, yext), (n, yn)| sh.forward(&x[n * image..(n + 1) * image], &w_toc, xpad, yext, yn),
-            );
+            let y = written(g.n * g.o * p, |y| {
+                y.par_chunks_mut(g.o * p).enumerate().for_each_init(
+                    || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
+                    |(xpad, yext), (n, yn)| sh.forward(&x[n * image..(n + 1) * image], &w_toc, xpad, yext, yn),
+                )
+            });
             return Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh(), g.ow()))));
         }
+        let mut y = vec![0f32; g.n * g.o * p];
         y.par_chunks_mut(g.o * p).enumerate().for_each_init(
             || vec![0f32; kd * p],
             |col, (n, yn)| {
@@ -422,18 +421,20 @@ impl CustomOp2 for ConvInputGrad {
         let dy = slice(s1, l1, "output gradient")?;
         let w = slice(s2, l2, "weight")?;
         let (kd, p) = (g.kdim(), g.pixels());
-        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
         if g.shifted() {
             let sh = Shifted::new(g);
             let w_tco = taps_first(w, &g, true);
-            dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
-                || (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]),
-                |(dyext, dxpad), (n, dxn)| {
-                    sh.input_grad(&dy[n * g.o * p..(n + 1) * g.o * p], &w_tco, dyext, dxpad, dxn)
-                },
-            );
+            let dx = written(g.n * g.c * g.h * g.w, |dx| {
+                dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
+                    || (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]),
+                    |(dyext, dxpad), (n, dxn)| {
+                        sh.input_grad(&dy[n * g.o * p..(n + 1) * g.o * p], &w_tco, dyext, dxpad, dxn)
+                    },
+                )
+            });
             return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))));
         }
+        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
         dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
             || vec![0f32; kd * p],
             |dcol, (n, dxn)| {

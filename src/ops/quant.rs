@@ -26,16 +26,17 @@ impl CustomOp2 for FakeQuant {
             candle_core::bail!("fake-quant: {} values cannot be split into {groups} scale groups", x.len());
         }
         let per = x.len() / groups;
-        let mut y = vec![0f32; x.len()];
         const CHUNK: usize = 16 * 1024;
-        y.par_chunks_mut(per).zip(x.par_chunks(per)).zip(scales.par_iter()).for_each(|((yg, xg), &lambda)| {
-            let lambda = lambda.max(1e-8);
-            let (step, inv_step) = (lambda / self.levels, self.levels / lambda);
-            yg.par_chunks_mut(CHUNK).zip(xg.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-                for (y, &x) in yc.iter_mut().zip(xc) {
-                    *y = round_half_away(x.clamp(-lambda, lambda) * inv_step) * step;
-                }
-            });
+        let y = super::written(x.len(), |y| {
+            y.par_chunks_mut(per).zip(x.par_chunks(per)).zip(scales.par_iter()).for_each(|((yg, xg), &lambda)| {
+                let lambda = lambda.max(1e-8);
+                let (step, inv_step) = (lambda / self.levels, self.levels / lambda);
+                yg.par_chunks_mut(CHUNK).zip(xg.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+                    for (y, &x) in yc.iter_mut().zip(xc) {
+                        y.write(round_half_away(x.clamp(-lambda, lambda) * inv_step) * step);
+                    }
+                });
+            })
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
