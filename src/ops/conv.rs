@@ -49,6 +49,16 @@ impl Geometry {
     fn pixels(&self) -> usize {
         self.oh() * self.ow()
     }
+    /// The output columns `lo..hi` whose tap `kx` falls inside the image: 0 <= ox·stride + kx − pad < w.
+    fn valid_columns(&self, kx: usize) -> (usize, usize) {
+        let ow = self.ow();
+        let lo = self.pad.saturating_sub(kx).div_ceil(self.stride).min(ow);
+        let hi = match (self.w + self.pad).checked_sub(kx + 1) {
+            Some(last) => (last / self.stride + 1).min(ow),
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
     /// Whether [`Shifted`] kernels handle this shape: stride 1, and enough channels that the per-tap
     /// GEMMs (inner dimension C or O) keep the GEMM kernels busy.
     fn shifted(&self) -> bool {
@@ -247,19 +257,14 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
                         continue;
                     }
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    let (lo, hi) = g.valid_columns(kx);
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    let start = lo * g.stride + kx - g.pad;
                     if g.stride == 1 {
-                        // Valid ox: 0 <= ox + kx - pad < w.
-                        let lo = g.pad.saturating_sub(kx).min(ow);
-                        let hi = (g.w + g.pad).saturating_sub(kx).min(ow).max(lo);
-                        out[..lo].fill(0.0);
-                        out[hi..].fill(0.0);
-                        let start = lo + kx - g.pad;
                         out[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
                     } else {
-                        for (ox, o) in out.iter_mut().enumerate() {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            *o = if ix < 0 || ix >= g.w as isize { 0.0 } else { src[ix as usize] };
-                        }
+                        out[lo..hi].iter_mut().zip(src[start..].iter().step_by(g.stride)).for_each(|(o, &v)| *o = v);
                     }
                 }
             }
@@ -284,20 +289,10 @@ fn col2im(col: &[f32], g: &Geometry, x: &mut [f32]) {
                     }
                     let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                     let src = &row[oy * ow..(oy + 1) * ow];
-                    if g.stride == 1 {
-                        let lo = g.pad.saturating_sub(kx).min(ow);
-                        let hi = (g.w + g.pad).saturating_sub(kx).min(ow).max(lo);
-                        let start = lo + kx - g.pad;
-                        for (d, s) in dst[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
-                            *d += s;
-                        }
-                    } else {
-                        for (ox, s) in src.iter().enumerate() {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix >= 0 && (ix as usize) < g.w {
-                                dst[ix as usize] += s;
-                            }
-                        }
+                    let (lo, hi) = g.valid_columns(kx);
+                    let start = lo * g.stride + kx - g.pad;
+                    for (d, s) in dst[start..].iter_mut().step_by(g.stride).zip(&src[lo..hi]) {
+                        *d += s;
                     }
                 }
             }
