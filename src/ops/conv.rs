@@ -16,6 +16,7 @@
 //! computed on a grid Wp wide whose few extra columns are dropped. That removes the im2col and col2im
 //! copies (a fifth of a training step) and the weight gradient's second im2col.
 
+use super::quant::Grid;
 use super::written;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -73,15 +74,17 @@ impl Geometry {
 /// positions, of which the last wp − OW of each row are dropped.
 struct Shifted {
     g: Geometry,
+    /// The layer input's quantizer, applied while padding.
+    grid: Option<Grid>,
     wp: usize,
     plane: usize,
     q: usize,
 }
 
 impl Shifted {
-    fn new(g: Geometry) -> Self {
+    fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let wp = g.w + 2 * g.pad;
-        Shifted { g, wp, plane: (g.h + 2 * g.pad + 1) * wp, q: g.oh() * wp }
+        Shifted { g, grid, wp, plane: (g.h + 2 * g.pad + 1) * wp, q: g.oh() * wp }
     }
 
     /// Offset of tap `t` = ky·k + kx in the padded plane.
@@ -89,14 +92,18 @@ impl Shifted {
         (t / self.g.k) * self.wp + t % self.g.k
     }
 
-    /// Copies one CHW image into the zeroed borders of `xpad` (C planes).
+    /// Copies one CHW image (quantized, with a grid) into the zeroed borders of `xpad` (C planes).
     #[inline(never)]
     fn pad(&self, x: &[f32], xpad: &mut [f32]) {
         let g = &self.g;
         xpad.fill(0.0);
         for (src, dst) in x.chunks_exact(g.h * g.w).zip(xpad.chunks_exact_mut(self.plane)) {
             for (row, out) in src.chunks_exact(g.w).zip(dst[g.pad * self.wp..].chunks_exact_mut(self.wp)) {
-                out[g.pad..g.pad + g.w].copy_from_slice(row);
+                let out = &mut out[g.pad..g.pad + g.w];
+                match self.grid {
+                    Some(grid) => out.iter_mut().zip(row).for_each(|(o, &v)| *o = grid.apply(v)),
+                    None => out.copy_from_slice(row),
+                }
             }
         }
     }
@@ -358,8 +365,25 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// The forward op; its backward calls [`ConvInputGrad`] and [`ConvWeightGrad`].
-struct Conv2d(Geometry);
+/// One image of `x`, quantized onto `grid` in `buf` when there is one.
+fn image<'a>(x: &'a [f32], grid: Option<Grid>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match grid {
+        None => x,
+        Some(grid) => {
+            buf.clear();
+            buf.extend(x.iter().map(|&v| grid.apply(v)));
+            buf
+        }
+    }
+}
+
+/// The forward op: the convolution of the input (fake-quantized on `grid` first, when there is one:
+/// fused here, it costs nothing over the copy the convolution makes anyway) with the weight. Its
+/// backward calls [`ConvInputGrad`] and [`ConvWeightGrad`]; the input's gradient is straight-through.
+struct Conv2d {
+    g: Geometry,
+    grid: Option<Grid>,
+}
 
 impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
@@ -367,27 +391,27 @@ impl CustomOp2 for Conv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let (g, grid) = (self.g, self.grid);
         let x = slice(s1, l1, "input")?;
         let w = slice(s2, l2, "weight")?;
         let (kd, p) = (g.kdim(), g.pixels());
-        let image = g.c * g.h * g.w;
+        let size = g.c * g.h * g.w;
         if g.shifted() {
-            let sh = Shifted::new(g);
+            let sh = Shifted::new(g, grid);
             let w_toc = taps_first(w, &g, false);
             let y = written(g.n * g.o * p, |y| {
                 y.par_chunks_mut(g.o * p).enumerate().for_each_init(
                     || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
-                    |(xpad, yext), (n, yn)| sh.forward(&x[n * image..(n + 1) * image], &w_toc, xpad, yext, yn),
+                    |(xpad, yext), (n, yn)| sh.forward(&x[n * size..(n + 1) * size], &w_toc, xpad, yext, yn),
                 )
             });
             return Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh(), g.ow()))));
         }
         let mut y = vec![0f32; g.n * g.o * p];
         y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-            || vec![0f32; kd * p],
-            |col, (n, yn)| {
-                im2col(&x[n * g.c * g.h * g.w..(n + 1) * g.c * g.h * g.w], &g, col);
+            || (vec![0f32; kd * p], Vec::new()),
+            |(col, buf), (n, yn)| {
+                im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
                 matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
             },
         );
@@ -397,8 +421,8 @@ impl CustomOp2 for Conv2d {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         // The image itself needs no gradient: skip the input gradient of the first layer.
-        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &ConvInputGrad(self.0))?) } else { None };
-        let dw = grad.apply_op2_no_bwd(x, &ConvWeightGrad(self.0))?;
+        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &ConvInputGrad(self.g))?) } else { None };
+        let dw = grad.apply_op2_no_bwd(x, &ConvWeightGrad { g: self.g, grid: self.grid })?;
         Ok((dx, Some(dw)))
     }
 }
@@ -417,7 +441,7 @@ impl CustomOp2 for ConvInputGrad {
         let w = slice(s2, l2, "weight")?;
         let (kd, p) = (g.kdim(), g.pixels());
         if g.shifted() {
-            let sh = Shifted::new(g);
+            let sh = Shifted::new(g, None);
             let w_tco = taps_first(w, &g, true);
             let dx = written(g.n * g.c * g.h * g.w, |dx| {
                 dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
@@ -443,7 +467,11 @@ impl CustomOp2 for ConvInputGrad {
 }
 
 /// dW from dY and X.
-struct ConvWeightGrad(Geometry);
+/// dW from dY and X (quantized on `grid` as in the forward).
+struct ConvWeightGrad {
+    g: Geometry,
+    grid: Option<Grid>,
+}
 
 impl CustomOp2 for ConvWeightGrad {
     fn name(&self) -> &'static str {
@@ -451,16 +479,16 @@ impl CustomOp2 for ConvWeightGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let (g, grid) = (self.g, self.grid);
         let dy = slice(s1, l1, "output gradient")?;
         let x = slice(s2, l2, "input")?;
         let (kd, p) = (g.kdim(), g.pixels());
-        let image = g.c * g.h * g.w;
+        let size = g.c * g.h * g.w;
         // Fixed groups of images summed in a fixed order: the same seed gives the same weights, however
         // rayon schedules the work.
         const GROUP: usize = 8;
         if g.shifted() {
-            let sh = Shifted::new(g);
+            let sh = Shifted::new(g, grid);
             let taps = g.k * g.k;
             let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
                 .into_par_iter()
@@ -468,7 +496,7 @@ impl CustomOp2 for ConvWeightGrad {
                     let mut acc = vec![0f32; taps * g.c * g.o];
                     let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
                     for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
-                        let (xn, dyn_) = (&x[n * image..(n + 1) * image], &dy[n * g.o * p..(n + 1) * g.o * p]);
+                        let (xn, dyn_) = (&x[n * size..(n + 1) * size], &dy[n * g.o * p..(n + 1) * g.o * p]);
                         sh.weight_grad(xn, dyn_, &mut xpad, &mut dyt, &mut acc);
                     }
                     acc
@@ -492,9 +520,9 @@ impl CustomOp2 for ConvWeightGrad {
                 // acc holds dWᵀ (K×O): stored column-major as the O×K product, so gemm reads colᵀ in
                 // place and packs only the small dY (packing the K×P col would cost more than the GEMM).
                 let mut acc = vec![0f32; kd * g.o];
-                let mut col = vec![0f32; kd * p];
+                let (mut col, mut buf) = (vec![0f32; kd * p], Vec::new());
                 for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
-                    im2col(&x[n * image..(n + 1) * image], &g, &mut col);
+                    im2col(image(&x[n * size..(n + 1) * size], grid, &mut buf), &g, &mut col);
                     // acc (O×K) += dY[n] (O×P) · colᵀ (P×K)
                     let dyn_ = &dy[n * g.o * p..(n + 1) * g.o * p];
                     matmul(g.o, kd, p, &mut acc, (1, g.o), dyn_, (p, 1), &col, (1, p), true);
@@ -528,15 +556,16 @@ fn taps_first(w: &[f32], g: &Geometry, c_major: bool) -> Vec<f32> {
     out
 }
 
-/// Convolution of contiguous f32 NCHW `x` with OIHW `w` on the CPU, differentiable.
-pub fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+/// Convolution of contiguous f32 NCHW `x` (fake-quantized onto `grid` first, with a straight-through
+/// gradient, when there is one) with OIHW `w` on the CPU, differentiable.
+pub fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, pad: usize, grid: Option<Grid>) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, ci, k, k2) = w.dims4()?;
     if ci != c || k != k2 {
         candle_core::bail!("conv2d: input has {c} channels, weight expects {ci} (kernel {k}x{k2})");
     }
     let g = Geometry { n, c, h, w: wd, o, k, stride, pad };
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d(g))
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { g, grid })
 }
 
 #[cfg(test)]
@@ -574,7 +603,7 @@ mod tests {
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();
-            let ours = conv2d_cpu(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+            let ours = conv2d_cpu(x.as_tensor(), wt.as_tensor(), stride, pad, None).unwrap();
             let reference = x.as_tensor().conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
             assert_eq!(ours.dims(), reference.dims());
             assert!(max_diff(&ours, &reference) < 1e-4, "forward {:?}", (n, c, h, w, o, k, stride, pad));
@@ -593,7 +622,7 @@ mod tests {
     fn the_image_gets_no_gradient_work() {
         let x = rand(&[2, 3, 6, 6], 1);
         let wt = Var::from_tensor(&rand(&[4, 3, 3, 3], 2)).unwrap();
-        let y = conv2d_cpu(&x, wt.as_tensor(), 1, 1).unwrap();
+        let y = conv2d_cpu(&x, wt.as_tensor(), 1, 1, None).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
         assert!(g.get(wt.as_tensor()).is_some());

@@ -27,10 +27,28 @@ pub(crate) fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) ->
 /// ([`conv2d_unfold`]), since candle's GPU convolution backward is a naive kernel.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        conv::conv2d_cpu(x, w, stride, padding)
+        conv::conv2d_cpu(x, w, stride, padding, None)
     } else {
         conv2d_unfold(x, w, stride, padding)
     }
+}
+
+/// [`conv2d`] of `x` fake-quantized with one scale (shape (1)) onto `levels` steps per side, i.e.
+/// `conv2d(fake_quant(x, scale, levels), w)`, with the same straight-through gradient. On the CPU the
+/// quantization happens inside the convolution's own copy of its input, so it costs no pass of its own.
+pub fn conv2d_quantized_input(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    scale: &Tensor,
+    levels: f64,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && scale.elem_count() == 1 {
+        let grid = quant::Grid::new(scale.flatten_all()?.to_vec1::<f32>()?[0], levels as f32);
+        return conv::conv2d_cpu(x, w, stride, padding, Some(grid));
+    }
+    conv2d(&fake_quant(x, scale, levels)?, w, stride, padding)
 }
 
 /// Convolution from differentiable tensor ops only, for any device: the k·k shifted (and strided)
@@ -260,6 +278,32 @@ mod tests {
             let composite = quantize(&x, &scale, levels).unwrap();
             let d = (fused - composite).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+    }
+
+    /// The fused input quantizer equals a separate fake-quant: values, and both gradients (the input's
+    /// straight through), for the shifted kernels and the im2col ones (stride 2, 3 channels).
+    #[test]
+    fn conv_with_quantized_input_equals_fake_quant_then_conv() {
+        let dev = Device::Cpu;
+        for (n, c, h, w, o, stride) in [(2, 8, 7, 9, 10, 1), (2, 3, 9, 8, 4, 2), (1, 16, 6, 6, 16, 1)] {
+            let xd: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 / 40.0) - 1.2).collect();
+            let wd: Vec<f32> = (0..o * c * 9).map(|i| ((i * 53 % 89) as f32 / 44.0) - 1.0).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(xd, (n, c, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::from_vec(wd, (o, c, 3, 3), &dev).unwrap()).unwrap();
+            let scale = Tensor::new(&[1.7f32], &dev).unwrap();
+            let fused = conv2d_quantized_input(x.as_tensor(), wt.as_tensor(), stride, 1, &scale, 7.0).unwrap();
+            let apart = conv2d(&fake_quant(x.as_tensor(), &scale, 7.0).unwrap(), wt.as_tensor(), stride, 1).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(diff(&fused, &apart) < 1e-5);
+            let up = fused.ones_like().unwrap().affine(0.5, 0.25).unwrap();
+            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt] {
+                assert!(diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-4);
+            }
         }
     }
 

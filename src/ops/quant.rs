@@ -29,11 +29,10 @@ impl CustomOp2 for FakeQuant {
         const CHUNK: usize = 16 * 1024;
         let y = super::written(x.len(), |y| {
             y.par_chunks_mut(per).zip(x.par_chunks(per)).zip(scales.par_iter()).for_each(|((yg, xg), &lambda)| {
-                let lambda = lambda.max(1e-8);
-                let (step, inv_step) = (lambda / self.levels, self.levels / lambda);
+                let grid = Grid::new(lambda, self.levels);
                 yg.par_chunks_mut(CHUNK).zip(xg.par_chunks(CHUNK)).for_each(|(yc, xc)| {
                     for (y, &x) in yc.iter_mut().zip(xc) {
-                        y.write(round_half_away(x.clamp(-lambda, lambda) * inv_step) * step);
+                        y.write(grid.apply(x));
                     }
                 });
             })
@@ -53,12 +52,38 @@ impl CustomOp2 for FakeQuant {
     }
 }
 
-/// `v.round()` without the libm call (which the generic x86-64 target makes): adding the largest
-/// float below ½ with v's sign, then truncating, rounds halves away from zero exactly. |v| stays below
-/// 2^15 here (the grid's levels), well inside i32.
+/// The symmetric uniform grid of one scale λ with `levels` steps per side: v ↦ round(clamp(v, ±λ)·L/λ)·λ/L.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grid {
+    lambda: f32,
+    step: f32,
+    inv_step: f32,
+}
+
+impl Grid {
+    pub fn new(lambda: f32, levels: f32) -> Self {
+        let lambda = lambda.max(1e-8);
+        Grid { lambda, step: lambda / levels, inv_step: levels / lambda }
+    }
+
+    #[inline]
+    pub fn apply(&self, v: f32) -> f32 {
+        round_half_away(v.clamp(-self.lambda, self.lambda) * self.inv_step) * self.step
+    }
+}
+
+/// `v.round()` in a form the generic x86-64 target vectorises (`round` is a libm call there, and a
+/// saturating `as i32` is scalar code with NaN checks): floor(|v| + the largest float below ½), with
+/// floor from the 2^23 trick (adding and subtracting 2^23 rounds to an integer; one step back if that
+/// went up), and v's sign. Exact for |v| < 2^22; here |v| is at most the grid's levels (< 2^15). A NaN
+/// stays a NaN, so a diverging run is not hidden.
 #[inline]
 fn round_half_away(v: f32) -> f32 {
-    (v + 0.49999997f32.copysign(v)) as i32 as f32
+    const TWO_23: f32 = 8_388_608.0;
+    let t = v.abs() + 0.49999997;
+    let r = (t + TWO_23) - TWO_23;
+    let floor = if r > t { r - 1.0 } else { r };
+    floor.copysign(v)
 }
 
 /// Fake-quantizes contiguous f32 `x` on the CPU with one scale (shape (1)) or one per leading index.
@@ -106,6 +131,13 @@ mod tests {
         fn fast_round_equals_f32_round(v in -40000f32..40000.0) {
             prop_assert_eq!(round_half_away(v), v.round());
         }
+
+        #[test]
+        fn fast_round_is_exact_at_and_near_halves(i in -40000i32..40000) {
+            for v in [i as f32 + 0.5, i as f32 - 0.5, i as f32, (i as f32 + 0.5).next_up(), (i as f32 + 0.5).next_down()] {
+                prop_assert_eq!(round_half_away(v), v.round(), "{}", v);
+            }
+        }
     }
 
     #[test]
@@ -113,5 +145,6 @@ mod tests {
         for v in [0.5f32, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 126.5, 0.0] {
             assert_eq!(round_half_away(v), v.round(), "{v}");
         }
+        assert!(round_half_away(f32::NAN).is_nan());
     }
 }

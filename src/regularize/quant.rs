@@ -51,8 +51,23 @@ impl ActQuant {
     /// Fake-quantizes a layer input. Training uses the batch's max|X| and updates the moving average;
     /// eval uses the moving average (falling back to the batch scale before any training step).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self.scale(x, train)? {
+            Some(scale) => ops::fake_quant(x, &scale, self.levels()),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// Steps per side of zero of this quantizer's grid.
+    pub fn levels(&self) -> f64 {
+        levels(self.bits)
+    }
+
+    /// The scale [`Self::forward`] quantizes `x` with (None in float), shaped to broadcast along the
+    /// leading dimension; updates the moving average in training. For callers that fuse the
+    /// quantization into their own kernel ([`ops::conv2d_quantized_input`]).
+    pub fn scale(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         if self.bits >= FLOAT_BITS {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let groups = self.ema.elem_count();
         let batch_scale = ops::max_abs(x, groups)?;
@@ -74,8 +89,7 @@ impl ActQuant {
         // One scale per group, shaped to broadcast along the leading dimension.
         let mut shape = vec![groups];
         shape.extend(std::iter::repeat_n(1, x.rank().saturating_sub(1)));
-        let scale = if groups == 1 { scale } else { scale.reshape(shape)? };
-        ops::fake_quant(x, &scale, levels(self.bits))
+        Ok(Some(if groups == 1 { scale } else { scale.reshape(shape)? }))
     }
 }
 
