@@ -3,7 +3,7 @@
 Adam, cross-entropy, random 3x32x32 inputs, timed the same way, in NCHW and channels_last.
 Prints `RESULT <name> <train img/s> <eval img/s>` lines. Install: pip install torch (CPU wheels:
 pip install torch --index-url <the PyTorch CPU index>), then run `qat-lab bench`."""
-import argparse, time
+import argparse, statistics, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
 
@@ -42,36 +42,42 @@ class ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def bench(fmt, args, dev):
-    torch.manual_seed(0)
-    net = ResNet(args.depth).to(dev)
-    x = torch.randn(args.batch, 3, 32, 32, device=dev)
-    if fmt == "channels_last":
-        net = net.to(memory_format=torch.channels_last); x = x.to(memory_format=torch.channels_last)
-    y = torch.arange(args.batch, device=dev) % 10
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    sync = (lambda: torch.cuda.synchronize()) if dev == "cuda" else (lambda: None)
+class Subject:
+    """One layout, built and warmed up once, then timed in rounds like `qat-lab bench` does."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    net.train()
-    for _ in range(args.warmup):
-        step()
-    sync(); t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(); train = args.steps * args.batch / (time.perf_counter() - t)
-    net.eval()
-    with torch.no_grad():
+    def __init__(self, fmt, args, dev):
+        torch.manual_seed(0)
+        self.fmt, self.args = fmt, args
+        self.net = ResNet(args.depth).to(dev)
+        self.x = torch.randn(args.batch, 3, 32, 32, device=dev)
+        if fmt == "channels_last":
+            self.net = self.net.to(memory_format=torch.channels_last)
+            self.x = self.x.to(memory_format=torch.channels_last)
+        self.y = torch.arange(args.batch, device=dev) % 10
+        self.opt = torch.optim.Adam(self.net.parameters(), 1e-3)
+        self.sync = (lambda: torch.cuda.synchronize()) if dev == "cuda" else (lambda: None)
         for _ in range(max(args.warmup, 1)):
-            net(x)
-        sync(); t = time.perf_counter()
-        for _ in range(args.steps * 2):
-            net(x)
-        sync(); ev = args.steps * 2 * args.batch / (time.perf_counter() - t)
-    print(f"RESULT torch-{fmt} {train:.1f} {ev:.1f}", flush=True)
+            self.step()
+            self.forward()
+        self.sync()
+
+    def step(self):
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.net(self.x), self.y).backward()
+        self.opt.step()
+
+    def forward(self):
+        self.net.eval()
+        with torch.no_grad():
+            self.net(self.x)
+
+    def rate(self, fn, n):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        self.sync()
+        return n * self.args.batch / (time.perf_counter() - t)
 
 
 if __name__ == "__main__":
@@ -79,8 +85,15 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=128); p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3); p.add_argument("--threads", type=int, default=0)
     p.add_argument("--depth", type=int, default=20); p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    for fmt in ["nchw", "channels_last"]:
-        bench(fmt, a, a.device)
+    subjects = [Subject(fmt, a, a.device) for fmt in ["nchw", "channels_last"]]
+    rates = {s.fmt: ([], []) for s in subjects}
+    for _ in range(max(a.rounds, 1)):
+        for s in subjects:
+            rates[s.fmt][0].append(s.rate(s.step, a.steps))
+            rates[s.fmt][1].append(s.rate(s.forward, a.steps * 2))
+    for fmt, (train, ev) in rates.items():
+        print(f"RESULT torch-{fmt} {statistics.median(train):.1f} {statistics.median(ev):.1f}", flush=True)

@@ -14,8 +14,11 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub batch: usize,
-    /// Timed training steps (after warm-up).
+    /// Timed training steps per round (after warm-up).
     pub steps: usize,
+    /// Rounds: every configuration is timed once per round, round-robin, and the median is reported,
+    /// so that a slow spell of the machine (shared vCPUs drift by ±5%) hits them all alike.
+    pub rounds: usize,
     pub warmup: usize,
     pub device: DeviceKind,
     pub arch: Arch,
@@ -38,43 +41,94 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Training and eval throughput of one network configuration on random data.
-pub fn measure(name: &str, reg: &Regularizer, opts: &BenchOptions, device: &Device) -> Result<BenchResult> {
-    let spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10, per_label_heads: false };
-    let net = ResNet::new(spec, reg, device, 0);
-    let mut opt = Adam::new(&net.params.entries, 1e-3, 0.0)?;
-    let x = Tensor::randn(0f32, 1.0, (opts.batch, 3, 32, 32), device)?;
-    let labels: Vec<u32> = (0..opts.batch as u32).map(|i| i % 10).collect();
-    let y = Tensor::new(labels.as_slice(), device)?;
-    let step = |opt: &mut Adam| -> Result<()> {
-        let logits = net.forward(&x, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        opt.step(&loss.backward()?)?;
-        Ok(())
-    };
-    for _ in 0..opts.warmup {
-        step(&mut opt)?;
-    }
-    sync(device)?;
-    let t = Instant::now();
-    for _ in 0..opts.steps {
-        step(&mut opt)?;
-    }
-    sync(device)?;
-    let train = (opts.steps * opts.batch) as f64 / t.elapsed().as_secs_f64();
+/// One network configuration on random data, built and warmed up once, then timed in rounds.
+struct Subject {
+    name: String,
+    net: ResNet,
+    opt: Adam,
+    x: Tensor,
+    y: Tensor,
+}
 
-    for _ in 0..opts.warmup.max(1) {
-        net.forward(&x, false)?;
+impl Subject {
+    fn new(name: &str, reg: &Regularizer, opts: &BenchOptions, device: &Device) -> Result<Self> {
+        let spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10, per_label_heads: false };
+        let net = ResNet::new(spec, reg, device, 0);
+        let opt = Adam::new(&net.params.entries, 1e-3, 0.0)?;
+        let x = Tensor::randn(0f32, 1.0, (opts.batch, 3, 32, 32), device)?;
+        let labels: Vec<u32> = (0..opts.batch as u32).map(|i| i % 10).collect();
+        let y = Tensor::new(labels.as_slice(), device)?;
+        let mut subject = Subject { name: name.into(), net, opt, x, y };
+        for _ in 0..opts.warmup.max(1) {
+            subject.step()?;
+            subject.net.forward(&subject.x, false)?;
+        }
+        sync(device)?;
+        Ok(subject)
     }
-    sync(device)?;
-    let t = Instant::now();
-    let eval_steps = opts.steps * 2;
-    for _ in 0..eval_steps {
-        net.forward(&x, false)?;
+
+    fn step(&mut self) -> Result<()> {
+        let logits = self.net.forward(&self.x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?;
+        self.opt.step(&loss.backward()?)?;
+        Ok(())
     }
-    sync(device)?;
-    let eval = (eval_steps * opts.batch) as f64 / t.elapsed().as_secs_f64();
-    Ok(BenchResult { name: name.into(), train_images_per_sec: train, eval_images_per_sec: eval })
+
+    /// Training images per second over `steps` steps.
+    fn train(&mut self, steps: usize, device: &Device) -> Result<f64> {
+        let t = Instant::now();
+        for _ in 0..steps {
+            self.step()?;
+        }
+        sync(device)?;
+        Ok((steps * self.x.dim(0)?) as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// Eval (inference) images per second over `batches` forward passes.
+    fn eval(&self, batches: usize, device: &Device) -> Result<f64> {
+        let t = Instant::now();
+        for _ in 0..batches {
+            self.net.forward(&self.x, false)?;
+        }
+        sync(device)?;
+        Ok((batches * self.x.dim(0)?) as f64 / t.elapsed().as_secs_f64())
+    }
+}
+
+/// The median of some measurements (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Times every configuration once per round, round-robin, and reports each one's median.
+fn measure_all(configs: &[(&str, Regularizer)], opts: &BenchOptions, device: &Device) -> Result<Vec<BenchResult>> {
+    let mut subjects =
+        configs.iter().map(|(name, reg)| Subject::new(name, reg, opts, device)).collect::<Result<Vec<_>>>()?;
+    let mut rates = vec![(Vec::new(), Vec::new()); subjects.len()];
+    for _ in 0..opts.rounds.max(1) {
+        for (subject, (train, eval)) in subjects.iter_mut().zip(&mut rates) {
+            train.push(subject.train(opts.steps, device)?);
+            eval.push(subject.eval(opts.steps * 2, device)?);
+        }
+    }
+    Ok(subjects
+        .iter()
+        .zip(rates)
+        .map(|(s, (train, eval))| BenchResult {
+            name: s.name.clone(),
+            train_images_per_sec: median(train),
+            eval_images_per_sec: median(eval),
+        })
+        .collect())
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
@@ -108,6 +162,8 @@ pub fn torch_reference(opts: &BenchOptions) -> Option<String> {
             &opts.steps.to_string(),
             "--warmup",
             &opts.warmup.to_string(),
+            "--rounds",
+            &opts.rounds.to_string(),
         ])
         .args(["--threads", &threads, "--depth", &(6 * opts.arch.blocks_per_stage() + 2).to_string()])
         .args(["--device", if opts.device == DeviceKind::Cuda { "cuda" } else { "cpu" }])
@@ -138,9 +194,11 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let device = crate::train::trainer::device_for(opts.device)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "?".into());
     println!(
-        "ResNet-{} on 3x32x32, batch {}, {} timed steps after {} warm-up, device {:?}, {} threads",
+        "ResNet-{} on 3x32x32, batch {}, median of {} interleaved rounds of {} timed steps after {} warm-up, \
+         device {:?}, {} threads",
         6 * opts.arch.blocks_per_stage() + 2,
         opts.batch,
+        opts.rounds.max(1),
         opts.steps,
         opts.warmup,
         opts.device,
@@ -160,15 +218,14 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         bn: crate::config::BnMode::Keep,
         ema_momentum: 0.9,
     };
-    let mut ours = Vec::new();
-    for (name, reg) in [("float", Regularizer::None), ("w4a4-fold", q), ("w4a4-keep", q_keep)] {
-        if opts.only.as_deref().is_none_or(|o| o == name) {
-            ours.push(measure(name, &reg, opts, &device)?);
-        }
-    }
-    if ours.is_empty() {
+    let configs: Vec<(&str, Regularizer)> = [("float", Regularizer::None), ("w4a4-fold", q), ("w4a4-keep", q_keep)]
+        .into_iter()
+        .filter(|(name, _)| opts.only.as_deref().is_none_or(|o| o == *name))
+        .collect();
+    if configs.is_empty() {
         anyhow::bail!("--only must be one of float, w4a4-fold, w4a4-keep");
     }
+    let ours = measure_all(&configs, opts, &device)?;
     println!("\n{:<22} {:>14} {:>14}", "qat-lab (candle)", "train img/s", "eval img/s");
     for r in &ours {
         println!("{:<22} {:>14.0} {:>14.0}", r.name, r.train_images_per_sec, r.eval_images_per_sec);
@@ -212,10 +269,14 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                     );
                 }
                 if best_train > 0.0 {
+                    let ratios: Vec<String> = ours
+                        .iter()
+                        .map(|r| format!("{} train {:.2}x", r.name, r.train_images_per_sec / best_train))
+                        .collect();
                     println!(
-                        "ratio vs PyTorch's best layout: float train {:.2}x, W4/A4 train {:.2}x, eval {:.2}x",
-                        float.train_images_per_sec / best_train,
-                        ours.get(1).map(|q| q.train_images_per_sec).unwrap_or(0.0) / best_train,
+                        "ratio vs PyTorch's best layout: {}, {} eval {:.2}x",
+                        ratios.join(", "),
+                        float.name,
                         float.eval_images_per_sec / best_eval
                     );
                 }

@@ -86,10 +86,14 @@ pub enum Command {
     Bench {
         #[arg(long, default_value_t = 128)]
         batch: usize,
+        /// Timed training steps per round (eval times twice as many forward passes).
         #[arg(long, default_value_t = 10)]
         steps: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Rounds; the configurations are timed round-robin and each one's median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         #[arg(long, value_enum, default_value = "cpu")]
         device: BenchDevice,
         /// resnet8, resnet14 or resnet20.
@@ -189,7 +193,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_tables(&records);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { batch, steps, warmup, device, arch, no_torch, only } => {
+        Command::Bench { batch, steps, warmup, rounds, device, arch, no_torch, only } => {
             crate::threads::configure(false);
             let Some(arch) = crate::config::Arch::ALL.into_iter().find(|a| a.name() == arch) else {
                 bail!("unknown --arch {arch}; allowed: resnet8, resnet14, resnet20");
@@ -202,6 +206,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 batch,
                 steps,
                 warmup,
+                rounds,
                 device,
                 arch,
                 torch: !no_torch,
