@@ -4,6 +4,7 @@
 
 use super::written;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -33,8 +34,8 @@ fn planes<'a>(x: &'a [f32], (n, c, p): (usize, usize, usize), ch: usize) -> impl
 
 /// Sums `f` over the elements of three equally long slices, as two totals. The 32 independent partial
 /// sums let the loop vectorise: a single running f32 sum is bound by the latency of each add (4x
-/// slower here), and an f64 one by that and the conversions.
-#[inline(always)]
+/// slower here), and an f64 one by that and the conversions. Compiled for the CPU's SIMD extensions.
+#[multiversion(targets = "simd")]
 fn lane_sums(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> (f64, f64) {
     const LANES: usize = 32;
     let (mut s, mut t) = ([0f32; LANES], [0f32; LANES]);

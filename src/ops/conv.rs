@@ -16,7 +16,7 @@
 //! computed on a grid Wp wide whose few extra columns are dropped. That removes the im2col and col2im
 //! copies (a fifth of a training step) and the weight gradient's second im2col.
 
-use super::quant::Grid;
+use super::quant::{quantize_into, Grid};
 use super::written;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -101,7 +101,7 @@ impl Shifted {
             for (row, out) in src.chunks_exact(g.w).zip(dst[g.pad * self.wp..].chunks_exact_mut(self.wp)) {
                 let out = &mut out[g.pad..g.pad + g.w];
                 match self.grid {
-                    Some(grid) => out.iter_mut().zip(row).for_each(|(o, &v)| *o = grid.apply(v)),
+                    Some(grid) => quantize_into(grid, row, out),
                     None => out.copy_from_slice(row),
                 }
             }
@@ -370,8 +370,8 @@ fn image<'a>(x: &'a [f32], grid: Option<Grid>, buf: &'a mut Vec<f32>) -> &'a [f3
     match grid {
         None => x,
         Some(grid) => {
-            buf.clear();
-            buf.extend(x.iter().map(|&v| grid.apply(v)));
+            buf.resize(x.len(), 0.0);
+            quantize_into(grid, x, buf);
             buf
         }
     }

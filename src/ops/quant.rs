@@ -2,7 +2,9 @@
 //! straight-through backward (the incoming gradient, untouched).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// round(clamp(x, −λ, λ)·L/λ)·λ/L with λ broadcast along dimension 0 (one per output channel) or a
 /// single value.
@@ -30,11 +32,7 @@ impl CustomOp2 for FakeQuant {
         let y = super::written(x.len(), |y| {
             y.par_chunks_mut(per).zip(x.par_chunks(per)).zip(scales.par_iter()).for_each(|((yg, xg), &lambda)| {
                 let grid = Grid::new(lambda, self.levels);
-                yg.par_chunks_mut(CHUNK).zip(xg.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-                    for (y, &x) in yc.iter_mut().zip(xc) {
-                        y.write(grid.apply(x));
-                    }
-                });
+                yg.par_chunks_mut(CHUNK).zip(xg.par_chunks(CHUNK)).for_each(|(yc, xc)| quantize_uninit(grid, xc, yc));
             })
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -72,6 +70,43 @@ impl Grid {
     }
 }
 
+/// `dst[i] = grid.apply(src[i])`. Compiled for the SIMD extensions the CPU has (AVX-512, AVX2, ...;
+/// chosen once at run time): the crate targets baseline x86-64, where this loop runs 4 lanes wide.
+#[multiversion(targets = "simd")]
+pub fn quantize_into(grid: Grid, src: &[f32], dst: &mut [f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = grid.apply(v));
+}
+
+/// [`quantize_into`] for an output buffer that is being filled for the first time.
+#[multiversion(targets = "simd")]
+fn quantize_uninit(grid: Grid, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(grid.apply(v)));
+}
+
+/// The larger of two running maxima; a NaN, once seen, stays.
+#[inline]
+fn keep_max(m: f32, a: f32) -> f32 {
+    if m.is_nan() || a <= m {
+        m
+    } else {
+        a
+    }
+}
+
+/// max|v| with 32 running maxima so that the loop vectorises (NaN-preserving).
+#[multiversion(targets = "simd")]
+fn max_abs_slice(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 32];
+    let chunks = v.chunks_exact(32);
+    let tail = chunks.remainder().iter().fold(0f32, |m, &x| keep_max(m, x.abs()));
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = keep_max(*m, x.abs());
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| keep_max(m, x))
+}
+
 /// `v.round()` in a form the generic x86-64 target vectorises (`round` is a libm call there, and a
 /// saturating `as i32` is scalar code with NaN checks): floor(|v| + the largest float below ½), with
 /// floor from the 2^23 trick (adding and subtracting 2^23 rounds to an integer; one step back if that
@@ -103,21 +138,9 @@ pub fn max_abs_cpu(x: &Tensor, groups: usize) -> Result<Tensor> {
     let (storage, layout) = x.storage_and_layout();
     let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else { candle_core::bail!("max_abs: f32 only") };
     let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("max_abs: contiguous input only") };
-    // 32 running maxima so the loop vectorises; a NaN, once seen, stays.
-    let keep = |m: f32, a: f32| if m.is_nan() || a <= m { m } else { a };
-    let max = |v: &[f32]| {
-        let mut lanes = [0f32; 32];
-        let chunks = v.chunks_exact(32);
-        let tail = chunks.remainder().iter().fold(0f32, |m, &x| keep(m, x.abs()));
-        for c in chunks {
-            for (m, &x) in lanes.iter_mut().zip(c) {
-                *m = keep(*m, x.abs());
-            }
-        }
-        lanes.iter().fold(tail, |m, &x| keep(m, x))
-    };
     const CHUNK: usize = 16 * 1024;
-    let out: Vec<f32> = data[a..b].par_chunks(per).map(|g| g.par_chunks(CHUNK).map(max).reduce(|| 0.0, keep)).collect();
+    let out: Vec<f32> =
+        data[a..b].par_chunks(per).map(|g| g.par_chunks(CHUNK).map(max_abs_slice).reduce(|| 0.0, keep_max)).collect();
     Tensor::from_vec(out, groups, x.device())
 }
 
