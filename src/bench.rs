@@ -5,6 +5,7 @@
 use crate::config::{Arch, DeviceKind, Regularizer};
 use crate::model::resnet::NetSpec;
 use crate::model::ResNet;
+use crate::ops::conv::{self, Geometry};
 use crate::train::optim::Adam;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -26,6 +27,8 @@ pub struct BenchOptions {
     pub torch: bool,
     /// Measure only this configuration (`float`, `w4a4-fold`, `w4a4-keep`); all when `None`.
     pub only: Option<String>,
+    /// Also time each convolution kernel of the network on its own (CPU): the per-op breakdown.
+    pub ops: bool,
 }
 
 /// One measured configuration.
@@ -129,6 +132,74 @@ fn measure_all(configs: &[(&str, Regularizer)], opts: &BenchOptions, device: &De
             eval_images_per_sec: median(eval),
         })
         .collect())
+}
+
+/// The convolutions of a CIFAR ResNet (stem, then three stages of 16/32/64 channels at 32/16/8 pixels)
+/// at batch `n`, each with how many times it occurs.
+fn conv_shapes(arch: Arch, n: usize) -> Vec<(Geometry, usize)> {
+    let blocks = arch.blocks_per_stage();
+    let conv = |c, h, o, stride| Geometry { n, c, h, w: h, o, k: 3, stride, pad: 1 };
+    vec![
+        (conv(3, 32, 16, 1), 1),
+        (conv(16, 32, 16, 1), 2 * blocks),
+        (conv(16, 32, 32, 2), 1),
+        (conv(32, 16, 32, 1), 2 * blocks - 1),
+        (conv(32, 16, 64, 2), 1),
+        (conv(64, 8, 64, 1), 2 * blocks - 1),
+    ]
+}
+
+/// Median milliseconds of `f` over a few runs (after one warm-up run).
+fn time_ms(mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+}
+
+/// The per-op breakdown: every convolution kernel of the network timed on its own (forward, input
+/// gradient, weight gradient), its GFLOP/s, and its share of a measured float training step.
+fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
+    println!("\nconvolution kernels, batch {} (median of 5; GFLOP/s counts a multiply-add as 2)", opts.batch);
+    println!(
+        "{:<24} {:>5} {:>9} {:>9} {:>9} {:>22} {:>11}",
+        "C->O, size, stride", "count", "fwd ms", "dX ms", "dW ms", "GFLOP/s fwd / dX / dW", "ms per step"
+    );
+    let mut total = 0.0;
+    for (g, count) in conv_shapes(opts.arch, opts.batch) {
+        let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+        let w: Vec<f32> = (0..g.o * g.c * g.k * g.k).map(|i| ((i % 13) as f32 - 6.0) / 20.0).collect();
+        let dy: Vec<f32> = (0..g.n * g.o * g.oh() * g.ow()).map(|i| ((i % 31) as f32 - 15.0) / 30.0).collect();
+        let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w)));
+        // The stem's input is the image: no input gradient is computed for it.
+        let dx = if g.c == 3 { 0.0 } else { time_ms(|| drop(conv::input_grad(g, &dy, &w))) };
+        let dw = time_ms(|| drop(conv::weight_grad(g, None, &dy, &x)));
+        let flop = 2.0 * (g.n * g.o * g.c * g.k * g.k * g.oh() * g.ow()) as f64;
+        let rate = |ms: f64| if ms > 0.0 { format!("{:.0}", flop / ms / 1e6) } else { "-".into() };
+        let per_step = (fwd + dx + dw) * count as f64;
+        total += per_step;
+        println!(
+            "{:<24} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>22} {:>11.1}",
+            format!("{}->{}, {}x{}, s{}", g.c, g.o, g.h, g.w, g.stride),
+            count,
+            fwd,
+            dx,
+            dw,
+            format!("{} / {} / {}", rate(fwd), rate(dx), rate(dw)),
+            per_step
+        );
+    }
+    println!(
+        "convolutions: {total:.0} ms of a {step_ms:.0} ms {step} training step ({:.0}%); the rest is batch norm, \
+         element-wise ops, autograd and the optimiser",
+        100.0 * total / step_ms
+    );
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
@@ -241,6 +312,13 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     }
     if let Some(mib) = peak_memory_mib() {
         println!("peak memory (VmHWM): {mib:.0} MiB");
+    }
+    if opts.ops {
+        if opts.device != DeviceKind::Cpu {
+            println!("\n--ops times the CPU kernels; it is skipped on {:?}", opts.device);
+        } else {
+            print_conv_breakdown(opts, &ours[0].name, 1e3 * opts.batch as f64 / ours[0].train_images_per_sec);
+        }
     }
     if opts.torch {
         match torch_reference(opts) {

@@ -105,6 +105,9 @@ pub enum Command {
         /// Measure one configuration only: float, w4a4-fold or w4a4-keep.
         #[arg(long)]
         only: Option<String>,
+        /// Also time every convolution kernel on its own (the per-op breakdown; CPU).
+        #[arg(long)]
+        ops: bool,
     },
     /// Datasets that need a download.
     Data {
@@ -193,7 +196,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_tables(&records);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { batch, steps, warmup, rounds, device, arch, no_torch, only } => {
+        Command::Bench { batch, steps, warmup, rounds, device, arch, no_torch, only, ops } => {
             crate::threads::configure(false);
             let Some(arch) = crate::config::Arch::ALL.into_iter().find(|a| a.name() == arch) else {
                 bail!("unknown --arch {arch}; allowed: resnet8, resnet14, resnet20");
@@ -211,6 +214,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 arch,
                 torch: !no_torch,
                 only,
+                ops,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -365,6 +365,123 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// The convolution of a batch: NCHW `x` (quantized onto `grid` first, when there is one) with OIHW `w`.
+pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (kd, p) = (g.kdim(), g.pixels());
+    let size = g.c * g.h * g.w;
+    if g.shifted() {
+        let sh = Shifted::new(g, grid);
+        let w_toc = taps_first(w, &g, false);
+        let y = written(g.n * g.o * p, |y| {
+            y.par_chunks_mut(g.o * p).enumerate().for_each_init(
+                || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
+                |(xpad, yext), (n, yn)| sh.forward(&x[n * size..(n + 1) * size], &w_toc, xpad, yext, yn),
+            )
+        });
+        return y;
+    }
+    let mut y = vec![0f32; g.n * g.o * p];
+    y.par_chunks_mut(g.o * p).enumerate().for_each_init(
+        || (vec![0f32; kd * p], Vec::new()),
+        |(col, buf), (n, yn)| {
+            im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
+            matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
+        },
+    );
+    y
+}
+
+/// dX of a batch from dY and the weight.
+pub(crate) fn input_grad(g: Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (kd, p) = (g.kdim(), g.pixels());
+    if g.shifted() {
+        let sh = Shifted::new(g, None);
+        let w_tco = taps_first(w, &g, true);
+        let dx = written(g.n * g.c * g.h * g.w, |dx| {
+            dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
+                || (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]),
+                |(dyext, dxpad), (n, dxn)| {
+                    sh.input_grad(&dy[n * g.o * p..(n + 1) * g.o * p], &w_tco, dyext, dxpad, dxn)
+                },
+            )
+        });
+        return dx;
+    }
+    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+    dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
+        || vec![0f32; kd * p],
+        |dcol, (n, dxn)| {
+            // dcol (K×P) = Wᵀ (K×O) · dY[n] (O×P)
+            matmul(kd, p, g.o, dcol, (p, 1), w, (1, kd), &dy[n * g.o * p..(n + 1) * g.o * p], (p, 1), false);
+            col2im(dcol, &g, dxn);
+        },
+    );
+    dx
+}
+
+/// dW (OIHW) of a batch from dY and X (quantized onto `grid` as in the forward).
+pub(crate) fn weight_grad(g: Geometry, grid: Option<Grid>, dy: &[f32], x: &[f32]) -> Vec<f32> {
+    let (kd, p) = (g.kdim(), g.pixels());
+    let size = g.c * g.h * g.w;
+    // Fixed groups of images summed in a fixed order: the same seed gives the same weights, however
+    // rayon schedules the work.
+    const GROUP: usize = 8;
+    if g.shifted() {
+        let sh = Shifted::new(g, grid);
+        let taps = g.k * g.k;
+        let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
+            .into_par_iter()
+            .map(|grp| {
+                let mut acc = vec![0f32; taps * g.c * g.o];
+                let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
+                for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
+                    let (xn, dyn_) = (&x[n * size..(n + 1) * size], &dy[n * g.o * p..(n + 1) * g.o * p]);
+                    sh.weight_grad(xn, dyn_, &mut xpad, &mut dyt, &mut acc);
+                }
+                acc
+            })
+            .collect();
+        let mut sum = vec![0f32; taps * g.c * g.o];
+        for part in &partials {
+            sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        // (tap, C, O) -> (O, C, tap)
+        let mut dw = vec![0f32; g.o * kd];
+        for (i, v) in sum.iter().enumerate() {
+            let (t, c, o) = (i / (g.c * g.o), (i / g.o) % g.c, i % g.o);
+            dw[(o * g.c + c) * taps + t] = *v;
+        }
+        return dw;
+    }
+    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
+        .into_par_iter()
+        .map(|grp| {
+            // acc holds dWᵀ (K×O): stored column-major as the O×K product, so gemm reads colᵀ in
+            // place and packs only the small dY (packing the K×P col would cost more than the GEMM).
+            let mut acc = vec![0f32; kd * g.o];
+            let (mut col, mut buf) = (vec![0f32; kd * p], Vec::new());
+            for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
+                im2col(image(&x[n * size..(n + 1) * size], grid, &mut buf), &g, &mut col);
+                // acc (O×K) += dY[n] (O×P) · colᵀ (P×K)
+                let dyn_ = &dy[n * g.o * p..(n + 1) * g.o * p];
+                matmul(g.o, kd, p, &mut acc, (1, g.o), dyn_, (p, 1), &col, (1, p), true);
+            }
+            acc
+        })
+        .collect();
+    let mut dw_t = vec![0f32; kd * g.o];
+    for part in &partials {
+        dw_t.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    let mut dw = vec![0f32; g.o * kd];
+    for (ki, row) in dw_t.chunks_exact(g.o).enumerate() {
+        for (oi, v) in row.iter().enumerate() {
+            dw[oi * kd + ki] = *v;
+        }
+    }
+    dw
+}
+
 /// One image of `x`, quantized onto `grid` in `buf` when there is one.
 fn image<'a>(x: &'a [f32], grid: Option<Grid>, buf: &'a mut Vec<f32>) -> &'a [f32] {
     match grid {
@@ -391,31 +508,8 @@ impl CustomOp2 for Conv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, grid) = (self.g, self.grid);
-        let x = slice(s1, l1, "input")?;
-        let w = slice(s2, l2, "weight")?;
-        let (kd, p) = (g.kdim(), g.pixels());
-        let size = g.c * g.h * g.w;
-        if g.shifted() {
-            let sh = Shifted::new(g, grid);
-            let w_toc = taps_first(w, &g, false);
-            let y = written(g.n * g.o * p, |y| {
-                y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-                    || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
-                    |(xpad, yext), (n, yn)| sh.forward(&x[n * size..(n + 1) * size], &w_toc, xpad, yext, yn),
-                )
-            });
-            return Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh(), g.ow()))));
-        }
-        let mut y = vec![0f32; g.n * g.o * p];
-        y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-            || (vec![0f32; kd * p], Vec::new()),
-            |(col, buf), (n, yn)| {
-                im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
-                matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
-            },
-        );
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh(), g.ow()))))
+        let y = forward(self.g, self.grid, slice(s1, l1, "input")?, slice(s2, l2, "weight")?);
+        Ok((CpuStorage::F32(y), Shape::from((self.g.n, self.g.o, self.g.oh(), self.g.ow()))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -436,37 +530,11 @@ impl CustomOp2 for ConvInputGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let dy = slice(s1, l1, "output gradient")?;
-        let w = slice(s2, l2, "weight")?;
-        let (kd, p) = (g.kdim(), g.pixels());
-        if g.shifted() {
-            let sh = Shifted::new(g, None);
-            let w_tco = taps_first(w, &g, true);
-            let dx = written(g.n * g.c * g.h * g.w, |dx| {
-                dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
-                    || (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]),
-                    |(dyext, dxpad), (n, dxn)| {
-                        sh.input_grad(&dy[n * g.o * p..(n + 1) * g.o * p], &w_tco, dyext, dxpad, dxn)
-                    },
-                )
-            });
-            return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))));
-        }
-        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-        dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
-            || vec![0f32; kd * p],
-            |dcol, (n, dxn)| {
-                // dcol (K×P) = Wᵀ (K×O) · dY[n] (O×P)
-                matmul(kd, p, g.o, dcol, (p, 1), w, (1, kd), &dy[n * g.o * p..(n + 1) * g.o * p], (p, 1), false);
-                col2im(dcol, &g, dxn);
-            },
-        );
-        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
+        let dx = input_grad(self.0, slice(s1, l1, "output gradient")?, slice(s2, l2, "weight")?);
+        Ok((CpuStorage::F32(dx), Shape::from((self.0.n, self.0.c, self.0.h, self.0.w))))
     }
 }
 
-/// dW from dY and X.
 /// dW from dY and X (quantized on `grid` as in the forward).
 struct ConvWeightGrad {
     g: Geometry,
@@ -479,68 +547,8 @@ impl CustomOp2 for ConvWeightGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, grid) = (self.g, self.grid);
-        let dy = slice(s1, l1, "output gradient")?;
-        let x = slice(s2, l2, "input")?;
-        let (kd, p) = (g.kdim(), g.pixels());
-        let size = g.c * g.h * g.w;
-        // Fixed groups of images summed in a fixed order: the same seed gives the same weights, however
-        // rayon schedules the work.
-        const GROUP: usize = 8;
-        if g.shifted() {
-            let sh = Shifted::new(g, grid);
-            let taps = g.k * g.k;
-            let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
-                .into_par_iter()
-                .map(|grp| {
-                    let mut acc = vec![0f32; taps * g.c * g.o];
-                    let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
-                    for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
-                        let (xn, dyn_) = (&x[n * size..(n + 1) * size], &dy[n * g.o * p..(n + 1) * g.o * p]);
-                        sh.weight_grad(xn, dyn_, &mut xpad, &mut dyt, &mut acc);
-                    }
-                    acc
-                })
-                .collect();
-            let mut sum = vec![0f32; taps * g.c * g.o];
-            for part in &partials {
-                sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-            }
-            // (tap, C, O) -> (O, C, tap)
-            let mut dw = vec![0f32; g.o * kd];
-            for (i, v) in sum.iter().enumerate() {
-                let (t, c, o) = (i / (g.c * g.o), (i / g.o) % g.c, i % g.o);
-                dw[(o * g.c + c) * taps + t] = *v;
-            }
-            return Ok((CpuStorage::F32(dw), Shape::from((g.o, g.c, g.k, g.k))));
-        }
-        let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
-            .into_par_iter()
-            .map(|grp| {
-                // acc holds dWᵀ (K×O): stored column-major as the O×K product, so gemm reads colᵀ in
-                // place and packs only the small dY (packing the K×P col would cost more than the GEMM).
-                let mut acc = vec![0f32; kd * g.o];
-                let (mut col, mut buf) = (vec![0f32; kd * p], Vec::new());
-                for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
-                    im2col(image(&x[n * size..(n + 1) * size], grid, &mut buf), &g, &mut col);
-                    // acc (O×K) += dY[n] (O×P) · colᵀ (P×K)
-                    let dyn_ = &dy[n * g.o * p..(n + 1) * g.o * p];
-                    matmul(g.o, kd, p, &mut acc, (1, g.o), dyn_, (p, 1), &col, (1, p), true);
-                }
-                acc
-            })
-            .collect();
-        let mut dw_t = vec![0f32; kd * g.o];
-        for part in &partials {
-            dw_t.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
-        let mut dw = vec![0f32; g.o * kd];
-        for (ki, row) in dw_t.chunks_exact(g.o).enumerate() {
-            for (oi, v) in row.iter().enumerate() {
-                dw[oi * kd + ki] = *v;
-            }
-        }
-        Ok((CpuStorage::F32(dw), Shape::from((g.o, g.c, g.k, g.k))))
+        let dw = weight_grad(self.g, self.grid, slice(s1, l1, "output gradient")?, slice(s2, l2, "input")?);
+        Ok((CpuStorage::F32(dw), Shape::from((self.g.o, self.g.c, self.g.k, self.g.k))))
     }
 }
 
