@@ -2,7 +2,7 @@
 //! the CPU. candle's composite version reduces over a transposed copy and makes several passes per op;
 //! here statistics take one parallel pass per channel and the backward two.
 
-use super::written;
+use super::{with_slices, written};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -57,6 +57,113 @@ fn lane_sums(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32,
     (u_total + s.iter().map(|&v| v as f64).sum::<f64>(), v_total + t.iter().map(|&v| v as f64).sum::<f64>())
 }
 
+/// Per-channel mean and biased variance of NCHW data with dims `d` = (N, C, H·W).
+pub(crate) fn moments(x: &[f32], d: (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let count = (d.0 * d.2) as f64;
+    (0..d.1)
+        .into_par_iter()
+        .map(|ch| {
+            let sum: f64 = planes(x, d, ch).map(|p| lane_sums(p, p, p, |v, _, _| (v, 0.0)).0).sum();
+            let mean = sum / count;
+            let m = mean as f32;
+            let sq: f64 = planes(x, d, ch).map(|p| lane_sums(p, p, p, |v, _, _| ((v - m) * (v - m), 0.0)).0).sum();
+            (mean as f32, (sq / count) as f32)
+        })
+        .unzip()
+}
+
+/// `relu?(γ·(x − μ)·σ⁻¹ + β)` per channel of NCHW data with dims (N, C, H·W).
+pub(crate) fn normalize(x: &[f32], d: (usize, usize, usize), stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    let (_, c, p) = d;
+    written(x.len(), |y| {
+        y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
+            let ch = i % c;
+            let scale = gamma[ch] * stats.invstd[ch];
+            let shift = beta[ch] - stats.mean[ch] * scale;
+            if stats.relu {
+                // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| {
+                    let v = x * scale + shift;
+                    _ = y.write(if v < 0.0 { 0.0 } else { v });
+                });
+            } else {
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * scale + shift));
+            }
+        })
+    })
+}
+
+/// 1/√(var + eps) per channel.
+pub(crate) fn invstd(var: &[f32], eps: f64) -> Vec<f32> {
+    var.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect()
+}
+
+/// The batch statistics a training batch norm normalised with, and whether a ReLU followed.
+#[derive(Debug, Clone)]
+pub(crate) struct Stats {
+    pub mean: Vec<f32>,
+    pub invstd: Vec<f32>,
+    pub relu: bool,
+}
+
+/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU, `y` the forward output).
+pub(crate) fn grad_sums(
+    dy: &[f32],
+    x: &[f32],
+    y: &[f32],
+    d: (usize, usize, usize),
+    stats: &Stats,
+) -> (Vec<f32>, Vec<f32>) {
+    (0..d.1)
+        .into_par_iter()
+        .map(|ch| {
+            let (m, is) = (stats.mean[ch], stats.invstd[ch]);
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for ((g, xp), yp) in planes(dy, d, ch).zip(planes(x, d, ch)).zip(planes(y, d, ch)) {
+                let (a, b) = if stats.relu {
+                    lane_sums(g, xp, yp, |g, x, y| {
+                        let g = if y <= 0.0 { 0.0 } else { g };
+                        (g, g * (x - m))
+                    })
+                } else {
+                    lane_sums(g, xp, yp, |g, x, _| (g, g * (x - m)))
+                };
+                s1 += a;
+                s2 += b * is as f64;
+            }
+            (s1 as f32, s2 as f32)
+        })
+        .unzip()
+}
+
+/// dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M), with the sums from [`grad_sums`].
+pub(crate) fn input_grad(
+    (dy, x, y): (&[f32], &[f32], &[f32]),
+    d: (usize, usize, usize),
+    stats: &Stats,
+    gamma: &[f32],
+    (sum_dy, sum_dy_xhat): (&[f32], &[f32]),
+) -> Vec<f32> {
+    let (n, c, p) = d;
+    let m = (n * p) as f32;
+    written(x.len(), |dx| {
+        dx.par_chunks_mut(p).enumerate().for_each(|(i, dxp)| {
+            let ch = i % c;
+            let (mean, is, g) = (stats.mean[ch], stats.invstd[ch], gamma[ch]);
+            let (s1, s2) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m);
+            let k = g * is;
+            let range = i * p..(i + 1) * p;
+            for ((d, (&gy, &xv)), &yv) in
+                dxp.iter_mut().zip(dy[range.clone()].iter().zip(&x[range.clone()])).zip(&y[range])
+            {
+                let gy = if stats.relu && yv <= 0.0 { 0.0 } else { gy };
+                let xhat = (xv - mean) * is;
+                d.write(k * (gy - s1 - xhat * s2));
+            }
+        })
+    })
+}
+
 /// Mean and biased variance per channel, as a (2, C) tensor, differentiable.
 struct Moments;
 
@@ -65,22 +172,9 @@ impl CustomOp1 for Moments {
         "qat-bn-moments"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "input")?;
-        let d = dims(l)?;
-        let count = (d.0 * d.2) as f64;
-        let stats: Vec<(f32, f32)> = (0..d.1)
-            .into_par_iter()
-            .map(|ch| {
-                let sum: f64 = planes(x, d, ch).map(|p| lane_sums(p, p, p, |v, _, _| (v, 0.0)).0).sum();
-                let mean = sum / count;
-                let m = mean as f32;
-                let sq: f64 = planes(x, d, ch).map(|p| lane_sums(p, p, p, |v, _, _| ((v - m) * (v - m), 0.0)).0).sum();
-                (mean as f32, (sq / count) as f32)
-            })
-            .collect();
-        let mut out: Vec<f32> = stats.iter().map(|s| s.0).collect();
-        out.extend(stats.iter().map(|s| s.1));
-        Ok((CpuStorage::F32(out), Shape::from((2, d.1))))
+        let (mut mean, var) = moments(slice(s, l, "input")?, dims(l)?);
+        mean.extend(var);
+        Ok((CpuStorage::F32(mean), Shape::from((2, l.dims()[1]))))
     }
 
     /// d mean/dx = 1/M, d var/dx = 2(x − mean)/M, in one pass.
@@ -118,13 +212,21 @@ impl CustomOp1 for MomentsGrad {
     }
 }
 
+/// The batch norm backward over slices: (dx, dγ, dβ).
+pub(crate) fn backward(
+    (dy, x, y): (&[f32], &[f32], &[f32]),
+    d: (usize, usize, usize),
+    stats: &Stats,
+    gamma: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (sum_dy, sum_dy_xhat) = grad_sums(dy, x, y, d, stats);
+    let dx = input_grad((dy, x, y), d, stats, gamma, (&sum_dy, &sum_dy_xhat));
+    (dx, sum_dy_xhat, sum_dy)
+}
+
 /// Training-mode batch norm with fixed batch statistics (computed by [`Moments`] from the same input),
 /// `relu` fused. Inputs: x, gamma, beta.
-struct BnTrain {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
-    relu: bool,
-}
+struct BnTrain(Stats);
 
 impl CustomOp3 for BnTrain {
     fn name(&self) -> &'static str {
@@ -141,25 +243,7 @@ impl CustomOp3 for BnTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "input")?;
-        let gamma = slice(s2, l2, "gamma")?;
-        let beta = slice(s3, l3, "beta")?;
-        let (_, c, p) = dims(l1)?;
-        let y = written(x.len(), |y| {
-            y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
-                let ch = i % c;
-                let scale = gamma[ch] * self.invstd[ch];
-                let shift = beta[ch] - self.mean[ch] * scale;
-                if self.relu {
-                    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
-                    yp.iter_mut().zip(xp).for_each(|(y, &x)| {
-                        let v = x * scale + shift;
-                        _ = y.write(if v < 0.0 { 0.0 } else { v });
-                    });
-                } else {
-                    yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * scale + shift));
-                }
-            });
-        });
+        let y = normalize(x, dims(l1)?, &self.0, slice(s2, l2, "gamma")?, slice(s3, l3, "beta")?);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -171,125 +255,15 @@ impl CustomOp3 for BnTrain {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let sums = dy.apply_op3_no_bwd(
-            x,
-            y,
-            &BnGradSums { mean: self.mean.clone(), invstd: self.invstd.clone(), relu: self.relu },
-        )?;
-        let c = self.mean.len();
-        let dbeta = sums.narrow(0, 0, 1)?.reshape(c)?;
-        let dgamma = sums.narrow(0, 1, 1)?.reshape(c)?;
-        let dx = dy.apply_op3_no_bwd(
-            x,
-            y,
-            &BnInputGrad {
-                mean: self.mean.clone(),
-                invstd: self.invstd.clone(),
-                gamma: gamma.to_vec1::<f32>()?,
-                sums: sums.flatten_all()?.to_vec1::<f32>()?,
-                relu: self.relu,
-            },
-        )?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
-    }
-}
-
-/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU), as a (2, C) tensor.
-struct BnGradSums {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
-    relu: bool,
-}
-
-impl CustomOp3 for BnGradSums {
-    fn name(&self) -> &'static str {
-        "qat-bn-grad-sums"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dy = slice(s1, l1, "gradient")?;
-        let x = slice(s2, l2, "input")?;
-        let y = slice(s3, l3, "output")?;
-        let d = dims(l2)?;
-        let sums: Vec<(f32, f32)> = (0..d.1)
-            .into_par_iter()
-            .map(|ch| {
-                let (m, is) = (self.mean[ch], self.invstd[ch]);
-                let (mut s1, mut s2) = (0f64, 0f64);
-                for ((g, xp), yp) in planes(dy, d, ch).zip(planes(x, d, ch)).zip(planes(y, d, ch)) {
-                    let (a, b) = if self.relu {
-                        lane_sums(g, xp, yp, |g, x, y| {
-                            let g = if y <= 0.0 { 0.0 } else { g };
-                            (g, g * (x - m))
-                        })
-                    } else {
-                        lane_sums(g, xp, yp, |g, x, _| (g, g * (x - m)))
-                    };
-                    s1 += a;
-                    s2 += b * is as f64;
-                }
-                (s1 as f32, s2 as f32)
-            })
-            .collect();
-        let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        out.extend(sums.iter().map(|s| s.1));
-        Ok((CpuStorage::F32(out), Shape::from((2, d.1))))
-    }
-}
-
-/// dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M).
-struct BnInputGrad {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
-    gamma: Vec<f32>,
-    /// Σdy' for every channel, then Σdy'·x̂.
-    sums: Vec<f32>,
-    relu: bool,
-}
-
-impl CustomOp3 for BnInputGrad {
-    fn name(&self) -> &'static str {
-        "qat-bn-input-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dy = slice(s1, l1, "gradient")?;
-        let x = slice(s2, l2, "input")?;
-        let y = slice(s3, l3, "output")?;
-        let (n, c, p) = dims(l2)?;
-        let m = (n * p) as f32;
-        let dx = written(x.len(), |dx| {
-            dx.par_chunks_mut(p).enumerate().for_each(|(i, dxp)| {
-                let ch = i % c;
-                let (mean, is, g) = (self.mean[ch], self.invstd[ch], self.gamma[ch]);
-                let (s1, s2) = (self.sums[ch] / m, self.sums[c + ch] / m);
-                let k = g * is;
-                let range = i * p..(i + 1) * p;
-                for ((d, (&gy, &xv)), &yv) in
-                    dxp.iter_mut().zip(dy[range.clone()].iter().zip(&x[range.clone()])).zip(&y[range])
-                {
-                    let gy = if self.relu && yv <= 0.0 { 0.0 } else { gy };
-                    let xhat = (xv - mean) * is;
-                    d.write(k * (gy - s1 - xhat * s2));
-                }
-            })
-        });
-        Ok((CpuStorage::F32(dx), l2.shape().clone()))
+        let d = dims(x.layout())?;
+        let (dx, dgamma, dbeta) =
+            with_slices([dy, x, y, gamma], |[dy, x, y, gamma]| backward((dy, x, y), d, &self.0, gamma))?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma, d.1, dev)?),
+            Some(Tensor::from_vec(dbeta, d.1, dev)?),
+        ))
     }
 }
 
@@ -310,9 +284,8 @@ pub fn batch_norm_train_cpu(
     let x = x.contiguous()?;
     let m = x.apply_op1_no_bwd(&Moments)?;
     let (mean, var) = (m.get(0)?, m.get(1)?);
-    let mean_v = mean.to_vec1::<f32>()?;
-    let invstd: Vec<f32> = var.to_vec1::<f32>()?.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
-    let y = x.apply_op3(gamma, beta, BnTrain { mean: mean_v, invstd, relu })?;
+    let stats = Stats { mean: mean.to_vec1::<f32>()?, invstd: invstd(&var.to_vec1::<f32>()?, eps), relu };
+    let y = x.apply_op3(gamma, beta, BnTrain(stats))?;
     Ok((y, mean, var))
 }
 

@@ -10,6 +10,26 @@ pub mod quant;
 use candle_core::{DType, Result, Tensor, D};
 use std::mem::MaybeUninit;
 
+/// Runs `f` on the contiguous f32 data of CPU tensors (for kernels that run inside a backward pass).
+pub(crate) fn with_slices<R, const K: usize>(tensors: [&Tensor; K], f: impl FnOnce([&[f32]; K]) -> R) -> Result<R> {
+    let tensors = tensors.map(|t| t.contiguous());
+    let mut owned = Vec::with_capacity(K);
+    for t in tensors {
+        owned.push(t?);
+    }
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(K);
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &**storage else {
+            candle_core::bail!("expected f32 tensors on the CPU")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("expected contiguous tensors") };
+        slices.push(&data[a..b]);
+    }
+    let slices: [&[f32]; K] = slices.try_into().map_err(|_| candle_core::Error::Msg("slice count".into()))?;
+    Ok(f(slices))
+}
+
 /// A new op output of `len` floats, every one of which `fill` writes: no zero fill first, which would
 /// be one more pass over memory per op (measured ~5% of a training step). Each kernel below writes its
 /// output chunk by chunk, element by element, covering the whole buffer; the tests of every op compare
