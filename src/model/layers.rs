@@ -150,8 +150,17 @@ impl ConvBn {
                     Some(q) => quantize_weight(w, q.weight_bits)?,
                     None => w.clone(),
                 };
-                let y = conv(&w)?;
-                self.batch_norm(&y, train, relu)?
+                if train {
+                    let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
+                    let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
+                    let geometry = (self.stride, self.padding);
+                    let (out, mean, var) = ops::conv_bn_train(x, &w, gamma, beta, geometry, input, BN_EPS, relu)?;
+                    let count = out.elem_count() / self.out_ch;
+                    update_running(&self.running_mean, &self.running_var, &mean, &var, count)?;
+                    out
+                } else {
+                    self.batch_norm_eval(&conv(&w)?, relu)?
+                }
             }
         };
         match &self.keep {
@@ -160,13 +169,8 @@ impl ConvBn {
         }
     }
 
-    fn batch_norm(&self, y: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if train {
-            let (out, mean, var) =
-                ops::batch_norm_train(y, self.gamma.as_tensor(), self.beta.as_tensor(), BN_EPS, relu)?;
-            update_running(&self.running_mean, &self.running_var, &mean, &var, y.elem_count() / self.out_ch)?;
-            return Ok(out);
-        }
+    /// Eval-mode batch norm (running statistics), then a ReLU if `relu`.
+    fn batch_norm_eval(&self, y: &Tensor, relu: bool) -> Result<Tensor> {
         let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
         let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
         ops::channel_affine(y, &scale, &shift, relu)

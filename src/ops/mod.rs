@@ -5,6 +5,7 @@
 
 pub mod bn;
 pub mod conv;
+pub mod conv_bn;
 pub mod quant;
 
 use candle_core::{DType, Result, Tensor, D};
@@ -150,6 +151,36 @@ pub fn batch_norm_train(
     let shift = (beta - (&mean * &scale)?)?;
     let y = channel_affine(x, &scale, &shift, relu)?;
     Ok((y, mean.detach(), var.detach()))
+}
+
+/// Convolution, then training-mode batch norm, then a ReLU when `relu`; the input fake-quantized first
+/// when `input` = Some((scale, levels)). Returns the output and the batch mean and biased variance. One
+/// fused op on the CPU ([`conv_bn`]: the convolution's output never becomes an autograd node), the
+/// composite of [`conv2d_quantized_input`] / [`conv2d`] and [`batch_norm_train`] elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_train(
+    x: &Tensor,
+    w: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    (stride, padding): (usize, usize),
+    input: Option<(&Tensor, f64)>,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let per_tensor = input.is_none_or(|(scale, _)| scale.elem_count() == 1);
+    if x.device().is_cpu() && x.dtype() == DType::F32 && per_tensor {
+        let grid = match input {
+            Some((scale, levels)) => Some(quant::Grid::new(scale.flatten_all()?.to_vec1::<f32>()?[0], levels as f32)),
+            None => None,
+        };
+        return conv_bn::conv_bn_train_cpu(x, w, gamma, beta, (stride, padding), grid, eps, relu);
+    }
+    let y = match input {
+        Some((scale, levels)) => conv2d_quantized_input(x, w, stride, padding, scale, levels)?,
+        None => conv2d(x, w, stride, padding)?,
+    };
+    batch_norm_train(&y, gamma, beta, eps, relu)
 }
 
 /// `relu(a + b)`: the residual join of a ResNet block. NaN propagates (a diverging run must show it).
