@@ -74,20 +74,31 @@ pub(crate) fn moments(x: &[f32], d: (usize, usize, usize)) -> (Vec<f32>, Vec<f32
 
 /// `relu?(γ·(x − μ)·σ⁻¹ + β)` per channel of NCHW data with dims (N, C, H·W).
 pub(crate) fn normalize(x: &[f32], d: (usize, usize, usize), stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
-    let (_, c, p) = d;
+    let coefficients = |ch: usize| {
+        let scale = gamma[ch] * stats.invstd[ch];
+        (scale, beta[ch] - stats.mean[ch] * scale)
+    };
+    affine_planes(x, (d.1, d.2), coefficients, stats.relu)
+}
+
+/// `relu?(x·a + b)` with (a, b) = `coefficients(channel)`, over NCHW data of `c` channels of `p` values.
+fn affine_planes(
+    x: &[f32],
+    (c, p): (usize, usize),
+    coefficients: impl Fn(usize) -> (f32, f32) + Sync,
+    relu: bool,
+) -> Vec<f32> {
     written(x.len(), |y| {
         y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
-            let ch = i % c;
-            let scale = gamma[ch] * stats.invstd[ch];
-            let shift = beta[ch] - stats.mean[ch] * scale;
-            if stats.relu {
+            let (a, b) = coefficients(i % c);
+            if relu {
                 // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
                 yp.iter_mut().zip(xp).for_each(|(y, &x)| {
-                    let v = x * scale + shift;
+                    let v = x * a + b;
                     _ = y.write(if v < 0.0 { 0.0 } else { v });
                 });
             } else {
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * scale + shift));
+                yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * a + b));
             }
         })
     })
@@ -408,20 +419,7 @@ impl CustomOp3 for ChannelAffine {
         let scale = slice(s2, l2, "scale")?;
         let shift = slice(s3, l3, "shift")?;
         let (_, c, p) = dims(l1)?;
-        let y = written(x.len(), |y| {
-            y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
-                let (a, b) = (scale[i % c], shift[i % c]);
-                if self.relu {
-                    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
-                    yp.iter_mut().zip(xp).for_each(|(y, &x)| {
-                        let v = x * a + b;
-                        _ = y.write(if v < 0.0 { 0.0 } else { v });
-                    });
-                } else {
-                    yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * a + b));
-                }
-            });
-        });
+        let y = affine_planes(x, (c, p), |ch| (scale[ch], shift[ch]), self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -132,18 +132,8 @@ pub fn conv_bn_train_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> =
-            (0..n).map(|i| (((i as u64 * 2654435761 + seed * 40503) % 1000) as f32 / 500.0) - 1.0).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::ops::testing::{max_diff, rand};
+    use candle_core::Var;
 
     /// Values, statistics and all four gradients against the two ops it fuses, for both convolution
     /// kernels (shifted: stride 1 with 8+ channels; im2col otherwise), with and without ReLU and input

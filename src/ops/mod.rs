@@ -258,6 +258,25 @@ pub fn masked_bce_with_logits(logits: &Tensor, targets: &Tensor, mask: &Tensor) 
     (per * mask)?.sum_all()?.div(&known)
 }
 
+/// Inputs and comparisons shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    /// A deterministic tensor with values in [-1, 1).
+    pub fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> =
+            (0..n).map(|i| (((i as u64 * 2654435761 + seed * 40503) % 1000) as f32 / 500.0) - 1.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The largest absolute difference between two tensors of one shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
