@@ -2,21 +2,10 @@
 //! the CPU. candle's composite version reduces over a transposed copy and makes several passes per op;
 //! here statistics take one parallel pass per channel and the backward two.
 
-use super::{with_slices, written};
+use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("batch norm: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch norm: {what} must be contiguous"),
-    }
-}
 
 /// (N, C, H·W) of an NCHW layout.
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -253,8 +242,8 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "input")?;
-        let y = normalize(x, dims(l1)?, &self.0, slice(s2, l2, "gamma")?, slice(s3, l3, "beta")?);
+        let x = slice(s1, l1, "batch norm input")?;
+        let y = normalize(x, dims(l1)?, &self.0, slice(s2, l2, "batch norm gamma")?, slice(s3, l3, "batch norm beta")?);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -415,9 +404,9 @@ impl CustomOp3 for ChannelAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "input")?;
-        let scale = slice(s2, l2, "scale")?;
-        let shift = slice(s3, l3, "shift")?;
+        let x = slice(s1, l1, "channel affine input")?;
+        let scale = slice(s2, l2, "channel affine scale")?;
+        let shift = slice(s3, l3, "channel affine shift")?;
         let (_, c, p) = dims(l1)?;
         let y = affine_planes(x, (c, p), |ch| (scale[ch], shift[ch]), self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -451,8 +440,8 @@ impl candle_core::CustomOp2 for AffineGradSums {
         "qat-affine-grad-sums"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dy = slice(s1, l1, "gradient")?;
-        let x = slice(s2, l2, "input")?;
+        let dy = slice(s1, l1, "channel affine gradient")?;
+        let x = slice(s2, l2, "channel affine input")?;
         let d = dims(l2)?;
         let sums: Vec<(f32, f32)> = (0..d.1)
             .into_par_iter()
@@ -521,8 +510,8 @@ impl candle_core::CustomOp2 for AddRelu {
         "qat-add-relu"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let a = slice(s1, l1, "lhs")?;
-        let b = slice(s2, l2, "rhs")?;
+        let a = slice(s1, l1, "add_relu lhs")?;
+        let b = slice(s2, l2, "add_relu rhs")?;
         if a.len() != b.len() {
             candle_core::bail!("add_relu: shapes differ ({:?} vs {:?})", l1.dims(), l2.dims());
         }
@@ -552,8 +541,8 @@ impl candle_core::CustomOp2 for ReluGrad {
         "qat-relu-grad"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = slice(s1, l1, "gradient")?;
-        let y = slice(s2, l2, "output")?;
+        let g = slice(s1, l1, "relu gradient")?;
+        let y = slice(s2, l2, "relu output")?;
         let d = written(g.len(), |d| {
             d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
                 |(dc, (gc, yc))| {

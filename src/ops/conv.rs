@@ -17,7 +17,7 @@
 //! copies (a fifth of a training step) and the weight gradient's second im2col.
 
 use super::quant::{quantize_into, Grid};
-use super::written;
+use super::{slice, written};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -354,17 +354,6 @@ fn matmul(
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("conv2d: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
-}
-
 /// The convolution of a batch: NCHW `x` (quantized onto `grid` first, when there is one) with OIHW `w`.
 pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (kd, p) = (g.kdim(), g.pixels());
@@ -508,7 +497,7 @@ impl CustomOp2 for Conv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = forward(self.g, self.grid, slice(s1, l1, "input")?, slice(s2, l2, "weight")?);
+        let y = forward(self.g, self.grid, slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?);
         Ok((CpuStorage::F32(y), Shape::from((self.g.n, self.g.o, self.g.oh(), self.g.ow()))))
     }
 
@@ -530,7 +519,7 @@ impl CustomOp2 for ConvInputGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dx = input_grad(self.0, slice(s1, l1, "output gradient")?, slice(s2, l2, "weight")?);
+        let dx = input_grad(self.0, slice(s1, l1, "conv2d output gradient")?, slice(s2, l2, "conv2d weight")?);
         Ok((CpuStorage::F32(dx), Shape::from((self.0.n, self.0.c, self.0.h, self.0.w))))
     }
 }
@@ -547,7 +536,8 @@ impl CustomOp2 for ConvWeightGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dw = weight_grad(self.g, self.grid, slice(s1, l1, "output gradient")?, slice(s2, l2, "input")?);
+        let dw =
+            weight_grad(self.g, self.grid, slice(s1, l1, "conv2d output gradient")?, slice(s2, l2, "conv2d input")?);
         Ok((CpuStorage::F32(dw), Shape::from((self.g.o, self.g.c, self.g.k, self.g.k))))
     }
 }

@@ -9,7 +9,7 @@
 use super::bn::{self, Stats};
 use super::conv::{self, Geometry};
 use super::quant::Grid;
-use super::with_slices;
+use super::{slice, with_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -38,14 +38,6 @@ impl ConvBnTrain {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("conv + batch norm: {what} must be f32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv + batch norm: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp3 for ConvBnTrain {
     fn name(&self) -> &'static str {
         "qat-conv-bn-train"
@@ -60,7 +52,7 @@ impl CustomOp3 for ConvBnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, gb) = (slice(s1, l1, "input")?, slice(s2, l2, "weight")?, slice(s3, l3, "gamma/beta")?);
+        let (x, w, gb) = (slice(s1, l1, "conv input")?, slice(s2, l2, "conv weight")?, slice(s3, l3, "gamma/beta")?);
         let o = self.g.o;
         let conv_out = conv::forward(self.g, self.grid, x, w);
         let d = self.out_dims();

@@ -11,6 +11,15 @@ pub mod quant;
 use candle_core::{DType, Result, Tensor, D};
 use std::mem::MaybeUninit;
 
+/// The contiguous f32 data behind a custom op's CPU input.
+pub(crate) fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = s else { candle_core::bail!("{what} must be f32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 /// Runs `f` on the contiguous f32 data of CPU tensors (for kernels that run inside a backward pass).
 pub(crate) fn with_slices<R, const K: usize>(tensors: [&Tensor; K], f: impl FnOnce([&[f32]; K]) -> R) -> Result<R> {
     let tensors = tensors.map(|t| t.contiguous());
