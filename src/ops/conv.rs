@@ -93,7 +93,6 @@ impl Shifted {
     }
 
     /// Copies one CHW image (quantized, with a grid) into the zeroed borders of `xpad` (C planes).
-    #[inline(never)]
     fn pad(&self, x: &[f32], xpad: &mut [f32]) {
         let g = &self.g;
         xpad.fill(0.0);
@@ -109,7 +108,6 @@ impl Shifted {
     }
 
     /// Keeps the OH·OW valid positions of `ext` (planes of `stride` values, rows `wp` wide).
-    #[inline(never)]
     fn crop(&self, ext: &[f32], stride: usize, rows: usize, cols: usize, out: &mut [MaybeUninit<f32>]) {
         for (src, dst) in ext.chunks(stride).zip(out.chunks_exact_mut(rows * cols)) {
             for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(cols)) {
@@ -142,7 +140,6 @@ impl Shifted {
     }
 
     /// dX[n] = crop(Σ_t shift_tᵀ(W_tᵀ · dYext)): `w_tco` is the weight as (tap, C, O).
-    #[inline(never)]
     fn input_grad(&self, dy: &[f32], w_tco: &[f32], dyext: &mut [f32], dxpad: &mut [f32], dx: &mut [MaybeUninit<f32>]) {
         let g = &self.g;
         let (oh, ow) = (g.oh(), g.ow());
@@ -173,7 +170,6 @@ impl Shifted {
     }
 
     /// acc (tap, C, O) += Σ_q dYext[o, q] · shift_t(Xpad)[c, q] for one image.
-    #[inline(never)]
     fn weight_grad(&self, x: &[f32], dy: &[f32], xpad: &mut [f32], dyt: &mut [f32], acc: &mut [f32]) {
         let g = &self.g;
         let (oh, ow) = (g.oh(), g.ow());
