@@ -51,9 +51,9 @@ pub enum Command {
         #[arg(long)]
         data: Option<String>,
     },
-    /// Train every combination of the preset's [sweep] values (and --vary) headless, then print tables.
+    /// Train every combination of the preset's `[sweep]` values (and --vary) headless, then print tables.
     Sweep {
-        /// Preset with a [sweep] table, e.g. fig2-noise-sweep.
+        /// Preset with a `[sweep]` table, e.g. fig2-noise-sweep.
         preset: String,
         /// KEY=V1,V2,... ; repeat for a grid, e.g. --vary data.noise.rate=0,0.2,0.4.
         #[arg(long = "vary", value_name = "KEY=V1,V2,...")]
@@ -71,7 +71,7 @@ pub enum Command {
     },
     /// Compare finished or running runs side by side in the lab.
     Compare {
-        /// Run folders (runs/<id>).
+        /// Run folders (`runs/<id>`).
         runs: Vec<PathBuf>,
         /// Print the comparison table as Markdown instead of opening the lab.
         #[arg(long)]

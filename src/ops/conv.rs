@@ -5,13 +5,15 @@
 //! im2col into a small per-thread buffer, then one single-threaded GEMM, so the batch is spread over
 //! the cores with no synchronisation and the working set stays in cache.
 //!
+//! ```text
 //! forward:        Y[n]  = W · col(X[n])                       (O×K)·(K×P)
 //! input grad:     dX[n] = col2im(Wᵀ · dY[n])                  (K×O)·(O×P)
 //! weight grad:    dW    = Σₙ dY[n] · col(X[n])ᵀ               (O×P)·(P×K)
+//! ```
 //! with K = C·k·k and P = OH·OW.
 //!
 //! Stride-1 convolutions with enough channels (all but two of ResNet-20's) skip im2col altogether
-//! ([`Shifted`]): on an input padded to width Wp, the im2col row of tap (ky, kx) is the padded plane
+//! (`Shifted`): on an input padded to width Wp, the im2col row of tap (ky, kx) is the padded plane
 //! itself, shifted by ky·Wp + kx. So the convolution is k·k GEMMs that read the padded image in place,
 //! computed on a grid Wp wide whose few extra columns are dropped. That removes the im2col and col2im
 //! copies (a fifth of a training step) and the weight gradient's second im2col.

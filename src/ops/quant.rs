@@ -59,11 +59,14 @@ pub struct Grid {
 }
 
 impl Grid {
+    /// The grid of scale `lambda` (floored at 1e-8, so an all-zero tensor does not divide by zero) with
+    /// `levels` = 2^(b-1) − 1 steps per side.
     pub fn new(lambda: f32, levels: f32) -> Self {
         let lambda = lambda.max(1e-8);
         Grid { lambda, step: lambda / levels, inv_step: levels / lambda }
     }
 
+    /// The grid point nearest to `v` clamped to ±λ (halves away from zero, like `f32::round`).
     #[inline]
     pub fn apply(&self, v: f32) -> f32 {
         round_half_away(v.clamp(-self.lambda, self.lambda) * self.inv_step) * self.step
