@@ -22,11 +22,7 @@ pub(crate) fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout,
 
 /// Runs `f` on the contiguous f32 data of CPU tensors (for kernels that run inside a backward pass).
 pub(crate) fn with_slices<R, const K: usize>(tensors: [&Tensor; K], f: impl FnOnce([&[f32]; K]) -> R) -> Result<R> {
-    let tensors = tensors.map(|t| t.contiguous());
-    let mut owned = Vec::with_capacity(K);
-    for t in tensors {
-        owned.push(t?);
-    }
+    let owned = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
     let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices: Vec<&[f32]> = Vec::with_capacity(K);
     for (storage, layout) in &guards {

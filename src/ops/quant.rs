@@ -132,18 +132,14 @@ pub fn fake_quant_cpu(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor>
 /// max|x| per group of the leading dimension, in one parallel pass (NaN wins, so that a diverging
 /// run is not hidden behind a finite scale).
 pub fn max_abs_cpu(x: &Tensor, groups: usize) -> Result<Tensor> {
-    let x = x.contiguous()?.flatten_all()?;
     let n = x.elem_count();
-    if groups == 0 || n % groups != 0 {
+    if groups == 0 || !n.is_multiple_of(groups) {
         candle_core::bail!("max_abs: {n} values cannot be split into {groups} groups");
     }
-    let per = n / groups;
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else { candle_core::bail!("max_abs: f32 only") };
-    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("max_abs: contiguous input only") };
     const CHUNK: usize = 16 * 1024;
-    let out: Vec<f32> =
-        data[a..b].par_chunks(per).map(|g| g.par_chunks(CHUNK).map(max_abs_slice).reduce(|| 0.0, keep_max)).collect();
+    let out: Vec<f32> = super::with_slices([x], |[data]| {
+        data.par_chunks(n / groups).map(|g| g.par_chunks(CHUNK).map(max_abs_slice).reduce(|| 0.0, keep_max)).collect()
+    })?;
     Tensor::from_vec(out, groups, x.device())
 }
 
