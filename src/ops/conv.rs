@@ -185,11 +185,60 @@ impl Shifted {
                 }
             }
         }
+        let sixteen = g.o == 16 && g.c.is_multiple_of(16) && has_avx512();
         for t in 0..g.k * g.k {
             // acc_t (O×C, column-major) += dY (O×Q) · Xpad_tᵀ (Q×C)
             let acc_t = &mut acc[t * g.o * g.c..(t + 1) * g.o * g.c];
             let xs = &xpad[self.shift(t)..];
-            gemm_split(g.o, g.c, self.q, acc_t, (1, g.o), dyt, (1, g.o), xs, (1, self.plane), true);
+            if sixteen {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: has_avx512() checked that the CPU has AVX-512F.
+                unsafe {
+                    weight_grad_o16(dyt, xs, self.plane, self.q, acc_t)
+                };
+            } else {
+                gemm_split(g.o, g.c, self.q, acc_t, (1, g.o), dyt, (1, g.o), xs, (1, self.plane), true);
+            }
+        }
+    }
+}
+
+/// Whether the CPU has AVX-512F (checked once).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// acc (C×16, the 16 output channels fastest) += Σ_q dyt[q][o] · xs[c·plane + q] for 16 output
+/// channels. gemm runs this product (m = 16) with its 1×6 kernel: 6 accumulators, 7 loads per 6 FMAs.
+/// Here 16 registers accumulate a 16×16 block: one load and 16 broadcasts per 16 FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn weight_grad_o16(dyt: &[f32], xs: &[f32], plane: usize, q: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let dyt = &dyt[..q * 16];
+    for (cb, acc_block) in acc.chunks_exact_mut(256).enumerate() {
+        // Bounds are checked here, once: every read below is inside these slices.
+        let rows: [&[f32]; 16] = std::array::from_fn(|ci| &xs[(cb * 16 + ci) * plane..][..q]);
+        let mut sums = [_mm512_setzero_ps(); 16];
+        for p in 0..q {
+            // SAFETY: p < q, and dyt holds q rows of 16 (sliced above).
+            let d = unsafe { _mm512_loadu_ps(dyt.as_ptr().add(p * 16)) };
+            for ci in 0..16 {
+                // SAFETY: every row holds q values and p < q.
+                let x = unsafe { *rows[ci].get_unchecked(p) };
+                sums[ci] = _mm512_fmadd_ps(d, _mm512_set1_ps(x), sums[ci]);
+            }
+        }
+        for (ci, sum) in sums.iter().enumerate() {
+            let out = &mut acc_block[ci * 16..(ci + 1) * 16];
+            // SAFETY: out holds exactly 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(out.as_ptr()), *sum)) };
         }
     }
 }
@@ -586,6 +635,9 @@ mod tests {
             (2, 8, 9, 9, 12, 5, 1, 2),
             (2, 64, 8, 8, 50, 3, 1, 1),
             (1, 50, 5, 6, 64, 3, 1, 1),
+            // 16 output channels: the 16x16 weight-gradient block (on AVX-512 CPUs).
+            (2, 16, 6, 7, 16, 3, 1, 1),
+            (1, 32, 5, 5, 16, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();
