@@ -163,13 +163,13 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
     )
 }
 
-/// The per-op breakdown: every convolution kernel of the network timed on its own (forward, input
-/// gradient, weight gradient), its GFLOP/s, and its share of a measured float training step.
+/// The per-op breakdown: every convolution of the network timed on its own (forward; backward, i.e.
+/// input and weight gradient), its GFLOP/s, and its share of a measured training step.
 fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
     println!("\nconvolution kernels, batch {} (median of 5; GFLOP/s counts a multiply-add as 2)", opts.batch);
     println!(
-        "{:<24} {:>5} {:>9} {:>9} {:>9} {:>22} {:>11}",
-        "C->O, size, stride", "count", "fwd ms", "dX ms", "dW ms", "GFLOP/s fwd / dX / dW", "ms per step"
+        "{:<24} {:>5} {:>9} {:>13} {:>18} {:>11}",
+        "C->O, size, stride", "count", "fwd ms", "dX + dW ms", "GFLOP/s fwd / bwd", "ms per step"
     );
     let mut total = 0.0;
     for (g, count) in conv_shapes(opts.arch, opts.batch) {
@@ -178,20 +178,19 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
         let dy: Vec<f32> = (0..g.n * g.o * g.oh() * g.ow()).map(|i| ((i % 31) as f32 - 15.0) / 30.0).collect();
         let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w)));
         // The stem's input is the image: no input gradient is computed for it.
-        let dx = if g.c == 3 { 0.0 } else { time_ms(|| drop(conv::input_grad(g, &dy, &w))) };
-        let dw = time_ms(|| drop(conv::weight_grad(g, None, &dy, &x)));
+        let want_dx = g.c != 3;
+        let bwd = time_ms(|| drop(conv::backward(g, None, &dy, &x, &w, want_dx)));
         let flop = 2.0 * (g.n * g.o * g.c * g.k * g.k * g.oh() * g.ow()) as f64;
-        let rate = |ms: f64| if ms > 0.0 { format!("{:.0}", flop / ms / 1e6) } else { "-".into() };
-        let per_step = (fwd + dx + dw) * count as f64;
+        let bwd_flop = if want_dx { 2.0 * flop } else { flop };
+        let per_step = (fwd + bwd) * count as f64;
         total += per_step;
         println!(
-            "{:<24} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>22} {:>11.1}",
+            "{:<24} {:>5} {:>9.2} {:>13.2} {:>18} {:>11.1}",
             format!("{}->{}, {}x{}, s{}", g.c, g.o, g.h, g.w, g.stride),
             count,
             fwd,
-            dx,
-            dw,
-            format!("{} / {} / {}", rate(fwd), rate(dx), rate(dw)),
+            bwd,
+            format!("{:.0} / {:.0}", flop / fwd / 1e6, bwd_flop / bwd / 1e6),
             per_step
         );
     }

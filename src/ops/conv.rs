@@ -19,7 +19,7 @@
 //! copies (a fifth of a training step) and the weight gradient's second im2col.
 
 use super::quant::{quantize_into, Grid};
-use super::{slice, written};
+use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -427,22 +427,67 @@ pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> 
     y
 }
 
-/// dX of a batch from dY and the weight.
-pub(crate) fn input_grad(g: Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let (kd, p) = (g.kdim(), g.pixels());
-    if g.shifted() {
-        let sh = Shifted::new(g, None);
-        let w_tco = taps_first(w, &g, true);
-        let dx = written(g.n * g.c * g.h * g.w, |dx| {
-            dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
-                || (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]),
-                |(dyext, dxpad), (n, dxn)| {
-                    sh.input_grad(&dy[n * g.o * p..(n + 1) * g.o * p], &w_tco, dyext, dxpad, dxn)
-                },
-            )
-        });
-        return dx;
+/// Images per group of the weight gradient: fixed groups summed in a fixed order give the same weights
+/// for the same seed, however rayon schedules the work.
+const GROUP: usize = 8;
+
+/// dX (when `want_dx`) and dW (OIHW) of a batch from dY, X (quantized onto `grid` as in the forward)
+/// and the weight. With the shifted kernels both come from one pass over the images, so each image's
+/// output gradient is read from memory once, for both.
+pub(crate) fn backward(
+    g: Geometry,
+    grid: Option<Grid>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    want_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
+    if !g.shifted() {
+        return (want_dx.then(|| unfolded_input_grad(g, dy, w)), unfolded_weight_grad(g, grid, dy, x));
     }
+    let sh = Shifted::new(g, grid);
+    let (size, out, taps) = (g.c * g.h * g.w, g.o * g.pixels(), g.k * g.k);
+    let w_tco = if want_dx { taps_first(w, &g, true) } else { Vec::new() };
+    // One group of images: its partial dW (tap, C, O), and its dX written into `dx` when given.
+    let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
+        let mut acc = vec![0f32; taps * g.c * g.o];
+        let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
+        let (mut dyext, mut dxpad) = (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]);
+        for (i, n) in (grp * GROUP..((grp + 1) * GROUP).min(g.n)).enumerate() {
+            let dyn_ = &dy[n * out..(n + 1) * out];
+            if let Some(dx) = dx.as_deref_mut() {
+                sh.input_grad(dyn_, &w_tco, &mut dyext, &mut dxpad, &mut dx[i * size..(i + 1) * size]);
+            }
+            sh.weight_grad(&x[n * size..(n + 1) * size], dyn_, &mut xpad, &mut dyt, &mut acc);
+        }
+        acc
+    };
+    let groups = g.n.div_ceil(GROUP);
+    let mut partials = Vec::new();
+    let dx = want_dx.then(|| {
+        written(g.n * size, |dx| {
+            partials = dx.par_chunks_mut(GROUP * size).enumerate().map(|(grp, d)| group(grp, Some(d))).collect()
+        })
+    });
+    if !want_dx {
+        partials = (0..groups).into_par_iter().map(|grp| group(grp, None)).collect();
+    }
+    let mut sum = vec![0f32; taps * g.c * g.o];
+    for part in &partials {
+        sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    // (tap, C, O) -> (O, C, tap)
+    let mut dw = vec![0f32; g.o * g.kdim()];
+    for (i, v) in sum.iter().enumerate() {
+        let (t, c, o) = (i / (g.c * g.o), (i / g.o) % g.c, i % g.o);
+        dw[(o * g.c + c) * taps + t] = *v;
+    }
+    (dx, dw)
+}
+
+/// dX of a batch from dY and the weight, through im2col (the shapes [`Shifted`] does not take).
+fn unfolded_input_grad(g: Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (kd, p) = (g.kdim(), g.pixels());
     let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
     dx.par_chunks_mut(g.c * g.h * g.w).enumerate().for_each_init(
         || vec![0f32; kd * p],
@@ -455,40 +500,10 @@ pub(crate) fn input_grad(g: Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     dx
 }
 
-/// dW (OIHW) of a batch from dY and X (quantized onto `grid` as in the forward).
-pub(crate) fn weight_grad(g: Geometry, grid: Option<Grid>, dy: &[f32], x: &[f32]) -> Vec<f32> {
+/// dW (OIHW) of a batch from dY and X (quantized onto `grid` as in the forward), through im2col.
+fn unfolded_weight_grad(g: Geometry, grid: Option<Grid>, dy: &[f32], x: &[f32]) -> Vec<f32> {
     let (kd, p) = (g.kdim(), g.pixels());
     let size = g.c * g.h * g.w;
-    // Fixed groups of images summed in a fixed order: the same seed gives the same weights, however
-    // rayon schedules the work.
-    const GROUP: usize = 8;
-    if g.shifted() {
-        let sh = Shifted::new(g, grid);
-        let taps = g.k * g.k;
-        let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
-            .into_par_iter()
-            .map(|grp| {
-                let mut acc = vec![0f32; taps * g.c * g.o];
-                let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
-                for n in grp * GROUP..((grp + 1) * GROUP).min(g.n) {
-                    let (xn, dyn_) = (&x[n * size..(n + 1) * size], &dy[n * g.o * p..(n + 1) * g.o * p]);
-                    sh.weight_grad(xn, dyn_, &mut xpad, &mut dyt, &mut acc);
-                }
-                acc
-            })
-            .collect();
-        let mut sum = vec![0f32; taps * g.c * g.o];
-        for part in &partials {
-            sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
-        // (tap, C, O) -> (O, C, tap)
-        let mut dw = vec![0f32; g.o * kd];
-        for (i, v) in sum.iter().enumerate() {
-            let (t, c, o) = (i / (g.c * g.o), (i / g.o) % g.c, i % g.o);
-            dw[(o * g.c + c) * taps + t] = *v;
-        }
-        return dw;
-    }
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(GROUP))
         .into_par_iter()
         .map(|grp| {
@@ -532,7 +547,7 @@ fn image<'a>(x: &'a [f32], grid: Option<Grid>, buf: &'a mut Vec<f32>) -> &'a [f3
 
 /// The forward op: the convolution of the input (fake-quantized on `grid` first, when there is one:
 /// fused here, it costs nothing over the copy the convolution makes anyway) with the weight. Its
-/// backward calls [`ConvInputGrad`] and [`ConvWeightGrad`]; the input's gradient is straight-through.
+/// backward is [`backward`]; the input's gradient is straight-through.
 struct Conv2d {
     g: Geometry,
     grid: Option<Grid>,
@@ -549,43 +564,11 @@ impl CustomOp2 for Conv2d {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
         // The image itself needs no gradient: skip the input gradient of the first layer.
-        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &ConvInputGrad(self.g))?) } else { None };
-        let dw = grad.apply_op2_no_bwd(x, &ConvWeightGrad { g: self.g, grid: self.grid })?;
-        Ok((dx, Some(dw)))
-    }
-}
-
-/// dX from dY and W.
-struct ConvInputGrad(Geometry);
-
-impl CustomOp2 for ConvInputGrad {
-    fn name(&self) -> &'static str {
-        "qat-conv2d-input-grad"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dx = input_grad(self.0, slice(s1, l1, "conv2d output gradient")?, slice(s2, l2, "conv2d weight")?);
-        Ok((CpuStorage::F32(dx), Shape::from((self.0.n, self.0.c, self.0.h, self.0.w))))
-    }
-}
-
-/// dW from dY and X (quantized on `grid` as in the forward).
-struct ConvWeightGrad {
-    g: Geometry,
-    grid: Option<Grid>,
-}
-
-impl CustomOp2 for ConvWeightGrad {
-    fn name(&self) -> &'static str {
-        "qat-conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dw =
-            weight_grad(self.g, self.grid, slice(s1, l1, "conv2d output gradient")?, slice(s2, l2, "conv2d input")?);
-        Ok((CpuStorage::F32(dw), Shape::from((self.g.o, self.g.c, self.g.k, self.g.k))))
+        let want_dx = x.track_op();
+        let (dx, dw) = with_slices([grad, x, w], |[dy, x, w]| backward(self.g, self.grid, dy, x, w, want_dx))?;
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
+        Ok((dx, Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
 }
 

@@ -80,8 +80,8 @@ impl CustomOp3 for ConvBnTrain {
         let (dx, dw, dgamma, dbeta) = with_slices([grad, out, gb, w, x], |[grad, out, gb, w, x]| {
             let (d_conv, dgamma, dbeta) =
                 bn::backward((grad, &saved.conv_out, out), self.out_dims(), &saved.stats, &gb[..o]);
-            let dx = want_dx.then(|| conv::input_grad(g, &d_conv, w));
-            (dx, conv::weight_grad(g, self.grid, &d_conv, x), dgamma, dbeta)
+            let (dx, dw) = conv::backward(g, self.grid, &d_conv, x, w, want_dx);
+            (dx, dw, dgamma, dbeta)
         })?;
         let dev = x.device();
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
