@@ -12,11 +12,12 @@
 //! ```
 //! with K = C·k·k and P = OH·OW.
 //!
-//! Stride-1 convolutions with enough channels (all but two of ResNet-20's) skip im2col altogether
-//! (`Shifted`): on an input padded to width Wp, the im2col row of tap (ky, kx) is the padded plane
-//! itself, shifted by ky·Wp + kx. So the convolution is k·k GEMMs that read the padded image in place,
-//! computed on a grid Wp wide whose few extra columns are dropped. That removes the im2col and col2im
-//! copies (a fifth of a training step) and the weight gradient's second im2col.
+//! Stride-1 convolutions with 8+ channels (16 of ResNet-20's 19; not the 3-channel stem nor the two
+//! stride-2 ones) skip im2col altogether (`Shifted`): on an input padded to width Wp, the im2col row of
+//! tap (ky, kx) is the padded plane itself, shifted by ky·Wp + kx. So the convolution is k·k GEMMs that
+//! read the padded image in place, computed on a grid Wp wide whose few extra columns are dropped. That
+//! removes the im2col and col2im copies (a fifth of a training step) and the weight gradient's second
+//! im2col; their backward computes dX and dW in one pass over the images.
 
 use super::quant::{quantize_into, Grid};
 use super::{slice, with_slices, written};
