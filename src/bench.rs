@@ -176,7 +176,7 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
         let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
         let w: Vec<f32> = (0..g.o * g.c * g.k * g.k).map(|i| ((i % 13) as f32 - 6.0) / 20.0).collect();
         let dy: Vec<f32> = (0..g.n * g.o * g.oh() * g.ow()).map(|i| ((i % 31) as f32 - 15.0) / 30.0).collect();
-        let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w)));
+        let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w, None)));
         // The stem's input is the image: no input gradient is computed for it.
         let want_dx = g.c != 3;
         let bwd = time_ms(|| drop(conv::backward(g, None, &dy, &x, &w, want_dx)));

@@ -108,6 +108,7 @@ impl ConvBn {
             Some(q) => q.input.scale(x, train)?.map(|s| (s, q.input.levels())),
             None => None,
         };
+        let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
         let conv = |w: &Tensor| match &input_scale {
             Some((scale, levels)) => ops::conv2d_quantized_input(x, w, self.stride, self.padding, scale, *levels),
             None => ops::conv2d(x, w, self.stride, self.padding),
@@ -138,11 +139,11 @@ impl ConvBn {
                     let shift = (self.beta.as_tensor() - (&mean * &scale)?)?;
                     ops::channel_affine(&y_quant, &scale, &shift, relu)?
                 } else {
-                    let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
-                    let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+                    let (scale, shift) = self.eval_affine()?;
                     let folded = w.broadcast_mul(&scale.reshape((self.out_ch, 1, 1, 1))?)?;
-                    let y = conv(&quantize_weight(&folded, q.weight_bits)?)?;
-                    ops::channel_affine(&y, &Tensor::ones_like(&shift)?, &shift, relu)?
+                    let folded = quantize_weight(&folded, q.weight_bits)?;
+                    let ones = Tensor::ones_like(&shift)?;
+                    ops::conv2d_eval(x, &folded, (self.stride, self.padding), input, &ones, &shift, relu)?
                 }
             }
             (q, _) => {
@@ -151,7 +152,6 @@ impl ConvBn {
                     None => w.clone(),
                 };
                 if train {
-                    let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
                     let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
                     let geometry = (self.stride, self.padding);
                     let (out, mean, var) = ops::conv_bn_train(x, &w, gamma, beta, geometry, input, BN_EPS, relu)?;
@@ -159,7 +159,8 @@ impl ConvBn {
                     update_running(&self.running_mean, &self.running_var, &mean, &var, count)?;
                     out
                 } else {
-                    self.batch_norm_eval(&conv(&w)?, relu)?
+                    let (scale, shift) = self.eval_affine()?;
+                    ops::conv2d_eval(x, &w, (self.stride, self.padding), input, &scale, &shift, relu)?
                 }
             }
         };
@@ -169,11 +170,11 @@ impl ConvBn {
         }
     }
 
-    /// Eval-mode batch norm (running statistics), then a ReLU if `relu`.
-    fn batch_norm_eval(&self, y: &Tensor, relu: bool) -> Result<Tensor> {
+    /// Eval-mode batch norm as a per-channel affine: (γ/σ, β − μ·γ/σ) with the running statistics.
+    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
         let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
         let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
-        ops::channel_affine(y, &scale, &shift, relu)
+        Ok((scale, shift))
     }
 
     /// Per-output-channel L1 norms of the weights (the pruning criterion).

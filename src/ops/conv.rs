@@ -70,6 +70,29 @@ impl Geometry {
     }
 }
 
+/// What the eval-mode convolution applies to each output channel while it writes it: `relu?(y·a + b)`
+/// with (a, b) = (scale[o], shift[o]) (the batch norm with running statistics, or folded BN's shift).
+#[derive(Debug, Clone)]
+pub struct Epilogue {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+    pub relu: bool,
+}
+
+impl Epilogue {
+    /// Applies the epilogue of channel `o` to `v`.
+    #[inline]
+    fn apply(&self, o: usize, v: f32) -> f32 {
+        let v = v * self.scale[o] + self.shift[o];
+        // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+        if self.relu && v < 0.0 {
+            0.0
+        } else {
+            v
+        }
+    }
+}
+
 /// The stride-1 convolution as k·k shifted GEMMs over a padded image (see the module docs).
 ///
 /// An image is padded to `wp` = W + 2·pad columns and H + 2·pad + 1 rows (the extra zero row keeps the
@@ -120,7 +143,14 @@ impl Shifted {
     }
 
     /// Y[n] = Σ_t W_t · shift_t(Xpad): `w_toc` is the weight as (tap, O, C).
-    fn forward(&self, x: &[f32], w_toc: &[f32], xpad: &mut [f32], yext: &mut [f32], y: &mut [MaybeUninit<f32>]) {
+    fn forward(
+        &self,
+        (x, w_toc): (&[f32], &[f32]),
+        xpad: &mut [f32],
+        yext: &mut [f32],
+        y: &mut [MaybeUninit<f32>],
+        epilogue: Option<&Epilogue>,
+    ) {
         let g = &self.g;
         self.pad(x, xpad);
         for t in 0..g.k * g.k {
@@ -139,7 +169,17 @@ impl Shifted {
                 t > 0,
             );
         }
-        self.crop(yext, self.q, g.oh(), g.ow(), y);
+        match epilogue {
+            None => self.crop(yext, self.q, g.oh(), g.ow(), y),
+            Some(e) => {
+                let (oh, ow) = (g.oh(), g.ow());
+                for (o, (src, dst)) in yext.chunks(self.q).zip(y.chunks_exact_mut(oh * ow)).enumerate() {
+                    for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(ow)) {
+                        d.iter_mut().zip(&r[..ow]).for_each(|(d, &v)| _ = d.write(e.apply(o, v)));
+                    }
+                }
+            }
+        }
     }
 
     /// dX[n] = crop(Σ_t shift_tᵀ(W_tᵀ · dYext)): `w_tco` is the weight as (tap, C, O).
@@ -402,8 +442,9 @@ fn matmul(
     }
 }
 
-/// The convolution of a batch: NCHW `x` (quantized onto `grid` first, when there is one) with OIHW `w`.
-pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> Vec<f32> {
+/// The convolution of a batch: NCHW `x` (quantized onto `grid` first, when there is one) with OIHW `w`,
+/// each output channel passed through `epilogue` when there is one.
+pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
     let (kd, p) = (g.kdim(), g.pixels());
     let size = g.c * g.h * g.w;
     if g.shifted() {
@@ -412,7 +453,7 @@ pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> 
         let y = written(g.n * g.o * p, |y| {
             y.par_chunks_mut(g.o * p).enumerate().for_each_init(
                 || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
-                |(xpad, yext), (n, yn)| sh.forward(&x[n * size..(n + 1) * size], &w_toc, xpad, yext, yn),
+                |(xpad, yext), (n, yn)| sh.forward((&x[n * size..(n + 1) * size], &w_toc), xpad, yext, yn, epilogue),
             )
         });
         return y;
@@ -423,6 +464,11 @@ pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> 
         |(col, buf), (n, yn)| {
             im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
             matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
+            if let Some(e) = epilogue {
+                for (o, plane) in yn.chunks_exact_mut(p).enumerate() {
+                    plane.iter_mut().for_each(|v| *v = e.apply(o, *v));
+                }
+            }
         },
     );
     y
@@ -560,7 +606,7 @@ impl CustomOp2 for Conv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = forward(self.g, self.grid, slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?);
+        let y = forward(self.g, self.grid, slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?, None);
         Ok((CpuStorage::F32(y), Shape::from((self.g.n, self.g.o, self.g.oh(), self.g.ow()))))
     }
 
@@ -571,6 +617,38 @@ impl CustomOp2 for Conv2d {
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
         Ok((dx, Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
+}
+
+/// The eval-mode convolution with its per-channel epilogue; no backward (eval needs none).
+struct Conv2dEval {
+    g: Geometry,
+    grid: Option<Grid>,
+    epilogue: Epilogue,
+}
+
+impl CustomOp2 for Conv2dEval {
+    fn name(&self) -> &'static str {
+        "qat-conv2d-eval"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?);
+        let y = forward(self.g, self.grid, x, w, Some(&self.epilogue));
+        Ok((CpuStorage::F32(y), Shape::from((self.g.n, self.g.o, self.g.oh(), self.g.ow()))))
+    }
+}
+
+/// `relu?(conv2d(q(x), w)·scale[o] + shift[o])` on the CPU, without gradient: the eval-mode layer, with
+/// the affine and the ReLU applied while the convolution writes its output.
+pub fn conv2d_eval_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    (stride, pad): (usize, usize),
+    grid: Option<Grid>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    let g = geometry(x, w, stride, pad)?;
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Conv2dEval { g, grid, epilogue })
 }
 
 /// The OIHW weight with the taps first: (tap, O, C), or (tap, C, O) when `c_major`.
@@ -585,15 +663,20 @@ fn taps_first(w: &[f32], g: &Geometry, c_major: bool) -> Vec<f32> {
     out
 }
 
-/// Convolution of contiguous f32 NCHW `x` (fake-quantized onto `grid` first, with a straight-through
-/// gradient, when there is one) with OIHW `w` on the CPU, differentiable.
-pub fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, pad: usize, grid: Option<Grid>) -> Result<Tensor> {
+/// The geometry of NCHW `x` convolved with OIHW `w` (square kernel).
+pub(crate) fn geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometry> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, ci, k, k2) = w.dims4()?;
     if ci != c || k != k2 {
         candle_core::bail!("conv2d: input has {c} channels, weight expects {ci} (kernel {k}x{k2})");
     }
-    let g = Geometry { n, c, h, w: wd, o, k, stride, pad };
+    Ok(Geometry { n, c, h, w: wd, o, k, stride, pad })
+}
+
+/// Convolution of contiguous f32 NCHW `x` (fake-quantized onto `grid` first, with a straight-through
+/// gradient, when there is one) with OIHW `w` on the CPU, differentiable.
+pub fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, pad: usize, grid: Option<Grid>) -> Result<Tensor> {
+    let g = geometry(x, w, stride, pad)?;
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { g, grid })
 }
 

@@ -54,7 +54,7 @@ impl CustomOp3 for ConvBnTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, gb) = (slice(s1, l1, "conv input")?, slice(s2, l2, "conv weight")?, slice(s3, l3, "gamma/beta")?);
         let o = self.g.o;
-        let conv_out = conv::forward(self.g, self.grid, x, w);
+        let conv_out = conv::forward(self.g, self.grid, x, w, None);
         let d = self.out_dims();
         let (mean, var) = bn::moments(&conv_out, d);
         let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu };
@@ -104,12 +104,7 @@ pub fn conv_bn_train_cpu(
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, ci, k, k2) = w.dims4()?;
-    if ci != c || k != k2 {
-        candle_core::bail!("conv2d: input has {c} channels, weight expects {ci} (kernel {k}x{k2})");
-    }
-    let g = Geometry { n, c, h, w: wd, o, k, stride, pad };
+    let g = conv::geometry(x, w, stride, pad)?;
     let saved = Arc::new(Mutex::new(None));
     let op = ConvBnTrain { g, grid, eps, relu, saved: saved.clone() };
     let gb = Tensor::stack(&[gamma, beta], 0)?;

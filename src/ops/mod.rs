@@ -70,9 +70,8 @@ pub fn conv2d_quantized_input(
     scale: &Tensor,
     levels: f64,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && scale.elem_count() == 1 {
-        let grid = quant::Grid::new(scale.flatten_all()?.to_vec1::<f32>()?[0], levels as f32);
-        return conv::conv2d_cpu(x, w, stride, padding, Some(grid));
+    if let Some(grid) = cpu_grid(x, Some((scale, levels)))? {
+        return conv::conv2d_cpu(x, w, stride, padding, grid);
     }
     conv2d(&fake_quant(x, scale, levels)?, w, stride, padding)
 }
@@ -158,6 +157,22 @@ pub fn batch_norm_train(
     Ok((y, mean.detach(), var.detach()))
 }
 
+/// For ops with a CPU kernel that quantizes the input itself: `Some(grid)` (the grid, or None when the
+/// input is not quantized) when `x` is f32 on the CPU and the input scale is per tensor; None when the
+/// composite must run instead.
+fn cpu_grid(x: &Tensor, input: Option<(&Tensor, f64)>) -> Result<Option<Option<quant::Grid>>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    Ok(match input {
+        None => Some(None),
+        Some((scale, levels)) if scale.elem_count() == 1 => {
+            Some(Some(quant::Grid::new(scale.flatten_all()?.to_vec1::<f32>()?[0], levels as f32)))
+        }
+        Some(_) => None,
+    })
+}
+
 /// Convolution, then training-mode batch norm, then a ReLU when `relu`; the input fake-quantized first
 /// when `input` = Some((scale, levels)). Returns the output and the batch mean and biased variance. One
 /// fused op on the CPU ([`conv_bn`]: the convolution's output never becomes an autograd node), the
@@ -173,12 +188,7 @@ pub fn conv_bn_train(
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let per_tensor = input.is_none_or(|(scale, _)| scale.elem_count() == 1);
-    if x.device().is_cpu() && x.dtype() == DType::F32 && per_tensor {
-        let grid = match input {
-            Some((scale, levels)) => Some(quant::Grid::new(scale.flatten_all()?.to_vec1::<f32>()?[0], levels as f32)),
-            None => None,
-        };
+    if let Some(grid) = cpu_grid(x, input)? {
         return conv_bn::conv_bn_train_cpu(x, w, gamma, beta, (stride, padding), grid, eps, relu);
     }
     let y = match input {
@@ -186,6 +196,31 @@ pub fn conv_bn_train(
         None => conv2d(x, w, stride, padding)?,
     };
     batch_norm_train(&y, gamma, beta, eps, relu)
+}
+
+/// Eval-mode convolution then `x·scale[o] + shift[o]` (batch norm with running statistics, or folded
+/// BN's shift), then a ReLU when `relu`; the input fake-quantized first when `input` = Some((scale,
+/// levels)). No gradient: on the CPU the affine and the ReLU are applied while the convolution writes
+/// its output ([`conv::conv2d_eval_cpu`]), one pass over memory fewer per layer.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_eval(
+    x: &Tensor,
+    w: &Tensor,
+    (stride, padding): (usize, usize),
+    input: Option<(&Tensor, f64)>,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+) -> Result<Tensor> {
+    if let Some(grid) = cpu_grid(x, input)? {
+        let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
+        return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue);
+    }
+    let y = match input {
+        Some((s, levels)) => conv2d_quantized_input(x, w, stride, padding, s, levels)?,
+        None => conv2d(x, w, stride, padding)?,
+    };
+    channel_affine(&y.detach(), &scale.detach(), &shift.detach(), relu)
 }
 
 /// `relu(a + b)`: the residual join of a ResNet block. NaN propagates (a diverging run must show it).
@@ -379,6 +414,31 @@ mod tests {
             for v in [&x, &wt] {
                 assert!(diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-4);
             }
+        }
+    }
+
+    /// The eval convolution with its fused affine (+ ReLU) equals conv2d then channel_affine, for both
+    /// convolution kernels, with and without input quantization.
+    #[test]
+    fn eval_conv_equals_conv_then_affine() {
+        use testing::{max_diff, rand};
+        let dev = Device::Cpu;
+        for (c, o, stride, relu, quantized) in
+            [(8, 10, 1, true, false), (3, 4, 2, false, true), (16, 16, 1, true, true)]
+        {
+            let x = rand(&[2, c, 7, 9], 1);
+            let w = rand(&[o, c, 3, 3], 2);
+            let scale = rand(&[o], 3);
+            let shift = rand(&[o], 4);
+            let s = Tensor::new(&[0.9f32], &dev).unwrap();
+            let input = quantized.then_some((&s, 7.0));
+            let fused = conv2d_eval(&x, &w, (stride, 1), input, &scale, &shift, relu).unwrap();
+            let y = match input {
+                Some((s, levels)) => conv2d_quantized_input(&x, &w, stride, 1, s, levels).unwrap(),
+                None => conv2d(&x, &w, stride, 1).unwrap(),
+            };
+            let apart = channel_affine(&y, &scale, &shift, relu).unwrap();
+            assert!(max_diff(&fused, &apart) < 1e-5, "{:?}", (c, o, stride, relu, quantized));
         }
     }
 
