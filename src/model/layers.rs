@@ -109,10 +109,8 @@ impl ConvBn {
             None => None,
         };
         let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
-        let conv = |w: &Tensor| match &input_scale {
-            Some((scale, levels)) => ops::conv2d_quantized_input(x, w, self.stride, self.padding, scale, *levels),
-            None => ops::conv2d(x, w, self.stride, self.padding),
-        };
+        let geometry = (self.stride, self.padding);
+        let conv = |w: &Tensor| ops::conv2d_quantized(x, w, geometry, input);
         let w = self.weight.as_tensor();
         let out = match (&self.quant, self.bn_mode) {
             (Some(q), BnMode::Fold) => {
@@ -143,7 +141,7 @@ impl ConvBn {
                     let folded = w.broadcast_mul(&scale.reshape((self.out_ch, 1, 1, 1))?)?;
                     let folded = quantize_weight(&folded, q.weight_bits)?;
                     let ones = Tensor::ones_like(&shift)?;
-                    ops::conv2d_eval(x, &folded, (self.stride, self.padding), input, &ones, &shift, relu)?
+                    ops::conv2d_eval(x, &folded, geometry, input, &ones, &shift, relu)?
                 }
             }
             (q, _) => {
@@ -153,14 +151,13 @@ impl ConvBn {
                 };
                 if train {
                     let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
-                    let geometry = (self.stride, self.padding);
                     let (out, mean, var) = ops::conv_bn_train(x, &w, gamma, beta, geometry, input, BN_EPS, relu)?;
                     let count = out.elem_count() / self.out_ch;
                     update_running(&self.running_mean, &self.running_var, &mean, &var, count)?;
                     out
                 } else {
                     let (scale, shift) = self.eval_affine()?;
-                    ops::conv2d_eval(x, &w, (self.stride, self.padding), input, &scale, &shift, relu)?
+                    ops::conv2d_eval(x, &w, geometry, input, &scale, &shift, relu)?
                 }
             }
         };

@@ -244,13 +244,10 @@ impl Shifted {
     }
 }
 
-/// Whether the CPU has AVX-512F (checked once).
+/// Whether the CPU has AVX-512F (std caches the detection).
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
+    return std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }

@@ -59,21 +59,23 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
 }
 
-/// [`conv2d`] of `x` fake-quantized with one scale (shape (1)) onto `levels` steps per side, i.e.
-/// `conv2d(fake_quant(x, scale, levels), w)`, with the same straight-through gradient. On the CPU the
-/// quantization happens inside the convolution's own copy of its input, so it costs no pass of its own.
-pub fn conv2d_quantized_input(
+/// [`conv2d`] of `x`, fake-quantized first when `input` = Some((scale, levels)), i.e.
+/// `conv2d(fake_quant(x, scale, levels), w)` with the same straight-through gradient. On the CPU (one
+/// scale) the quantization happens inside the convolution's own copy of its input, so it costs no pass
+/// of its own.
+pub fn conv2d_quantized(
     x: &Tensor,
     w: &Tensor,
-    stride: usize,
-    padding: usize,
-    scale: &Tensor,
-    levels: f64,
+    (stride, padding): (usize, usize),
+    input: Option<(&Tensor, f64)>,
 ) -> Result<Tensor> {
-    if let Some(grid) = cpu_grid(x, Some((scale, levels)))? {
+    if let Some(grid) = cpu_grid(x, input)? {
         return conv::conv2d_cpu(x, w, stride, padding, grid);
     }
-    conv2d(&fake_quant(x, scale, levels)?, w, stride, padding)
+    match input {
+        Some((scale, levels)) => conv2d(&fake_quant(x, scale, levels)?, w, stride, padding),
+        None => conv2d(x, w, stride, padding),
+    }
 }
 
 /// Convolution from differentiable tensor ops only, for any device: the k·k shifted (and strided)
@@ -176,7 +178,7 @@ fn cpu_grid(x: &Tensor, input: Option<(&Tensor, f64)>) -> Result<Option<Option<q
 /// Convolution, then training-mode batch norm, then a ReLU when `relu`; the input fake-quantized first
 /// when `input` = Some((scale, levels)). Returns the output and the batch mean and biased variance. One
 /// fused op on the CPU ([`conv_bn`]: the convolution's output never becomes an autograd node), the
-/// composite of [`conv2d_quantized_input`] / [`conv2d`] and [`batch_norm_train`] elsewhere.
+/// composite of [`conv2d_quantized`] and [`batch_norm_train`] elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_train(
     x: &Tensor,
@@ -191,10 +193,7 @@ pub fn conv_bn_train(
     if let Some(grid) = cpu_grid(x, input)? {
         return conv_bn::conv_bn_train_cpu(x, w, gamma, beta, (stride, padding), grid, eps, relu);
     }
-    let y = match input {
-        Some((scale, levels)) => conv2d_quantized_input(x, w, stride, padding, scale, levels)?,
-        None => conv2d(x, w, stride, padding)?,
-    };
+    let y = conv2d_quantized(x, w, (stride, padding), input)?;
     batch_norm_train(&y, gamma, beta, eps, relu)
 }
 
@@ -216,10 +215,7 @@ pub fn conv2d_eval(
         let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
         return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue);
     }
-    let y = match input {
-        Some((s, levels)) => conv2d_quantized_input(x, w, stride, padding, s, levels)?,
-        None => conv2d(x, w, stride, padding)?,
-    };
+    let y = conv2d_quantized(x, w, (stride, padding), input)?;
     channel_affine(&y.detach(), &scale.detach(), &shift.detach(), relu)
 }
 
@@ -402,7 +398,7 @@ mod tests {
             let x = Var::from_tensor(&Tensor::from_vec(xd, (n, c, h, w), &dev).unwrap()).unwrap();
             let wt = Var::from_tensor(&Tensor::from_vec(wd, (o, c, 3, 3), &dev).unwrap()).unwrap();
             let scale = Tensor::new(&[1.7f32], &dev).unwrap();
-            let fused = conv2d_quantized_input(x.as_tensor(), wt.as_tensor(), stride, 1, &scale, 7.0).unwrap();
+            let fused = conv2d_quantized(x.as_tensor(), wt.as_tensor(), (stride, 1), Some((&scale, 7.0))).unwrap();
             let apart = conv2d(&fake_quant(x.as_tensor(), &scale, 7.0).unwrap(), wt.as_tensor(), stride, 1).unwrap();
             let diff = |a: &Tensor, b: &Tensor| {
                 (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -433,10 +429,7 @@ mod tests {
             let s = Tensor::new(&[0.9f32], &dev).unwrap();
             let input = quantized.then_some((&s, 7.0));
             let fused = conv2d_eval(&x, &w, (stride, 1), input, &scale, &shift, relu).unwrap();
-            let y = match input {
-                Some((s, levels)) => conv2d_quantized_input(&x, &w, stride, 1, s, levels).unwrap(),
-                None => conv2d(&x, &w, stride, 1).unwrap(),
-            };
+            let y = conv2d_quantized(&x, &w, (stride, 1), input).unwrap();
             let apart = channel_affine(&y, &scale, &shift, relu).unwrap();
             assert!(max_diff(&fused, &apart) < 1e-5, "{:?}", (c, o, stride, relu, quantized));
         }

@@ -64,7 +64,7 @@ impl ActQuant {
 
     /// The scale [`Self::forward`] quantizes `x` with (None in float), shaped to broadcast along the
     /// leading dimension; updates the moving average in training. For callers that fuse the
-    /// quantization into their own kernel ([`ops::conv2d_quantized_input`]).
+    /// quantization into their own kernel ([`ops::conv2d_quantized`]).
     pub fn scale(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         if self.bits >= FLOAT_BITS {
             return Ok(None);
