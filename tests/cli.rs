@@ -137,3 +137,26 @@ fn a_sweep_trains_the_grid_and_prints_the_tables_then_compare_and_report_read_th
     let o = qat_lab(&["report", out_dir.to_str().unwrap()], tmp.path());
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// `bench` as BENCHMARKS.md runs it: every configuration timed over rounds, the QAT cost, peak memory,
+/// and with `--ops` a line per convolution of the network and its share of a step.
+#[test]
+fn bench_prints_throughput_qat_cost_and_the_per_op_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["bench", "--arch", "resnet8", "--batch", "8", "--steps", "1", "--warmup", "1", "--rounds", "2"];
+    let o = qat_lab(&[&args[..], &["--ops", "--no-torch"]].concat(), tmp.path());
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("median of 2 interleaved rounds"), "{out}");
+    for name in ["float", "w4a4-fold", "w4a4-keep"] {
+        assert!(out.lines().any(|l| l.starts_with(name)), "{name} missing:\n{out}");
+    }
+    assert!(out.contains("QAT cost (w4a4-keep)") && out.contains("peak memory"), "{out}");
+    // ResNet-8: the stem and one row per stage shape, then the total.
+    for shape in ["3->16, 32x32, s1", "16->16, 32x32, s1", "16->32, 32x32, s2", "64->64, 8x8, s1"] {
+        assert!(out.contains(shape), "{shape} missing:\n{out}");
+    }
+    assert!(out.contains("float training step"), "{out}");
+    let o = qat_lab(&["bench", "--only", "int8", "--no-torch"], tmp.path());
+    assert!(!o.status.success() && text(&o).contains("--only must be one of"), "{}", text(&o));
+}
