@@ -17,8 +17,12 @@
 //! tap (ky, kx) is the padded plane itself, shifted by ky·Wp + kx. So the convolution is k·k GEMMs that
 //! read the padded image in place, computed on a grid Wp wide whose few extra columns are dropped. That
 //! removes the im2col and col2im copies (a fifth of a training step) and the weight gradient's second
-//! im2col; their backward computes dX and dW in one pass over the images.
+//! im2col; their backward computes dX and dW in one pass over the images. On AVX-512 CPUs the k·k
+//! GEMMs of the forward are one direct kernel ([`kernels::direct`]) instead, which keeps its outputs in
+//! registers across all taps; the input gradient then runs on the same kernel, as the forward
+//! convolution of dY with the weight turned by 180° ([`Shifted::transposed`]).
 
+use super::kernels;
 use super::quant::{quantize_into, Grid};
 use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -105,12 +109,56 @@ struct Shifted {
     wp: usize,
     plane: usize,
     q: usize,
+    /// Whether the forward runs the direct AVX-512 kernel ([`kernels::direct`]) rather than k·k GEMMs.
+    direct: bool,
 }
 
 impl Shifted {
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let wp = g.w + 2 * g.pad;
-        Shifted { g, grid, wp, plane: (g.h + 2 * g.pad + 1) * wp, q: g.oh() * wp }
+        let direct = kernels::available();
+        Shifted { g, grid, wp, plane: (g.h + 2 * g.pad + 1) * wp, q: g.oh() * wp, direct }
+    }
+
+    /// The input gradient's convolution, when the direct kernel runs it: dX = conv(pad(dY), w′) with
+    /// w′ the weight turned by 180° and its channels swapped, padded by k − 1 − pad (a stride-1
+    /// convolution's transpose is again one). None where the gemm kernels run it instead.
+    fn transposed(&self) -> Option<Shifted> {
+        let g = &self.g;
+        (self.direct && g.pad < g.k).then(|| {
+            let pad = g.k - 1 - g.pad;
+            Shifted::new(Geometry { c: g.o, h: g.oh(), w: g.ow(), o: g.c, pad, ..*g }, None)
+        })
+    }
+
+    /// Positions the forward computes per channel: the grid, rounded up to the direct kernel's tiles.
+    fn positions(&self) -> usize {
+        if self.direct {
+            kernels::padded_positions(self.q)
+        } else {
+            self.q
+        }
+    }
+
+    /// Length of the padded input buffer: C planes, and the direct kernel's reads past the last one.
+    fn padded_len(&self) -> usize {
+        self.g.c * self.plane + self.positions() - self.q
+    }
+
+    /// Length of the forward's output buffer: O (whole blocks for the direct kernel) by positions.
+    fn output_len(&self) -> usize {
+        let rows = if self.direct { self.g.o.div_ceil(kernels::OB) * kernels::OB } else { self.g.o };
+        rows * self.positions()
+    }
+
+    /// The OIHW weight (O, C, k, k) as [`Shifted::forward`] reads it.
+    fn forward_weight(&self, w: &[f32]) -> Vec<f32> {
+        let g = &self.g;
+        if self.direct {
+            kernels::blocked_weight(w, (g.o, g.c, g.k * g.k))
+        } else {
+            taps_first(w, g, false)
+        }
     }
 
     /// Offset of tap `t` = ky·k + kx in the padded plane.
@@ -142,10 +190,10 @@ impl Shifted {
         }
     }
 
-    /// Y[n] = Σ_t W_t · shift_t(Xpad): `w_toc` is the weight as (tap, O, C).
+    /// Y[n] = Σ_t W_t · shift_t(Xpad): `w` as [`Shifted::forward_weight`] lays it out.
     fn forward(
         &self,
-        (x, w_toc): (&[f32], &[f32]),
+        (x, w): (&[f32], &[f32]),
         xpad: &mut [f32],
         yext: &mut [f32],
         y: &mut [MaybeUninit<f32>],
@@ -153,27 +201,34 @@ impl Shifted {
     ) {
         let g = &self.g;
         self.pad(x, xpad);
-        for t in 0..g.k * g.k {
-            let wt = &w_toc[t * g.o * g.c..(t + 1) * g.o * g.c];
-            // yext (O×Q) += W_t (O×C) · Xpad_t (C×Q)
-            gemm_split(
-                g.o,
-                self.q,
-                g.c,
-                yext,
-                (self.q, 1),
-                wt,
-                (g.c, 1),
-                &xpad[self.shift(t)..],
-                (self.plane, 1),
-                t > 0,
-            );
+        let positions = self.positions();
+        if self.direct {
+            let shifts: Vec<usize> = (0..g.k * g.k).map(|t| self.shift(t)).collect();
+            // SAFETY: `direct` is set only where kernels::available() found AVX-512F.
+            unsafe { kernels::direct((xpad, self.plane, g.c), &shifts, w, (yext, positions), self.q) };
+        } else {
+            for t in 0..g.k * g.k {
+                let wt = &w[t * g.o * g.c..(t + 1) * g.o * g.c];
+                // yext (O×Q) += W_t (O×C) · Xpad_t (C×Q)
+                gemm_split(
+                    g.o,
+                    self.q,
+                    g.c,
+                    yext,
+                    (self.q, 1),
+                    wt,
+                    (g.c, 1),
+                    &xpad[self.shift(t)..],
+                    (self.plane, 1),
+                    t > 0,
+                );
+            }
         }
         match epilogue {
-            None => self.crop(yext, self.q, g.oh(), g.ow(), y),
+            None => self.crop(yext, positions, g.oh(), g.ow(), y),
             Some(e) => {
                 let (oh, ow) = (g.oh(), g.ow());
-                for (o, (src, dst)) in yext.chunks(self.q).zip(y.chunks_exact_mut(oh * ow)).enumerate() {
+                for (o, (src, dst)) in yext.chunks(positions).zip(y.chunks_exact_mut(oh * ow)).enumerate() {
                     for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(ow)) {
                         d.iter_mut().zip(&r[..ow]).for_each(|(d, &v)| _ = d.write(e.apply(o, v)));
                     }
@@ -226,57 +281,17 @@ impl Shifted {
                 }
             }
         }
-        let sixteen = g.o == 16 && g.c.is_multiple_of(16) && has_avx512();
+        let sixteen = g.o == 16 && g.c.is_multiple_of(16) && self.direct;
         for t in 0..g.k * g.k {
             // acc_t (O×C, column-major) += dY (O×Q) · Xpad_tᵀ (Q×C)
             let acc_t = &mut acc[t * g.o * g.c..(t + 1) * g.o * g.c];
             let xs = &xpad[self.shift(t)..];
             if sixteen {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: has_avx512() checked that the CPU has AVX-512F.
-                unsafe {
-                    weight_grad_o16(dyt, xs, self.plane, self.q, acc_t)
-                };
+                // SAFETY: `direct` is set only where kernels::available() found AVX-512F.
+                unsafe { kernels::weight_grad_o16(dyt, xs, self.plane, self.q, acc_t) };
             } else {
                 gemm_split(g.o, g.c, self.q, acc_t, (1, g.o), dyt, (1, g.o), xs, (1, self.plane), true);
             }
-        }
-    }
-}
-
-/// Whether the CPU has AVX-512F (std caches the detection).
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// acc (C×16, the 16 output channels fastest) += Σ_q dyt[q][o] · xs[c·plane + q] for 16 output
-/// channels. gemm runs this product (m = 16) with its 1×6 kernel: 6 accumulators, 7 loads per 6 FMAs.
-/// Here 16 registers accumulate a 16×16 block: one load and 16 broadcasts per 16 FMAs.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn weight_grad_o16(dyt: &[f32], xs: &[f32], plane: usize, q: usize, acc: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let dyt = &dyt[..q * 16];
-    for (cb, acc_block) in acc.chunks_exact_mut(256).enumerate() {
-        // Bounds are checked here, once: every read below is inside these slices.
-        let rows: [&[f32]; 16] = std::array::from_fn(|ci| &xs[(cb * 16 + ci) * plane..][..q]);
-        let mut sums = [_mm512_setzero_ps(); 16];
-        for p in 0..q {
-            // SAFETY: p < q, and dyt holds q rows of 16 (sliced above).
-            let d = unsafe { _mm512_loadu_ps(dyt.as_ptr().add(p * 16)) };
-            for ci in 0..16 {
-                // SAFETY: every row holds q values and p < q.
-                let x = unsafe { *rows[ci].get_unchecked(p) };
-                sums[ci] = _mm512_fmadd_ps(d, _mm512_set1_ps(x), sums[ci]);
-            }
-        }
-        for (ci, sum) in sums.iter().enumerate() {
-            let out = &mut acc_block[ci * 16..(ci + 1) * 16];
-            // SAFETY: out holds exactly 16 floats.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(out.as_ptr()), *sum)) };
         }
     }
 }
@@ -446,11 +461,11 @@ pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32], epi
     let size = g.c * g.h * g.w;
     if g.shifted() {
         let sh = Shifted::new(g, grid);
-        let w_toc = taps_first(w, &g, false);
+        let w_fwd = sh.forward_weight(w);
         let y = written(g.n * g.o * p, |y| {
             y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-                || (vec![0f32; g.c * sh.plane], vec![0f32; g.o * sh.q]),
-                |(xpad, yext), (n, yn)| sh.forward((&x[n * size..(n + 1) * size], &w_toc), xpad, yext, yn, epilogue),
+                || (vec![0f32; sh.padded_len()], vec![0f32; sh.output_len()]),
+                |(xpad, yext), (n, yn)| sh.forward((&x[n * size..(n + 1) * size], &w_fwd), xpad, yext, yn, epilogue),
             )
         });
         return y;
@@ -491,16 +506,30 @@ pub(crate) fn backward(
     }
     let sh = Shifted::new(g, grid);
     let (size, out, taps) = (g.c * g.h * g.w, g.o * g.pixels(), g.k * g.k);
-    let w_tco = if want_dx { taps_first(w, &g, true) } else { Vec::new() };
+    // dX as a forward convolution of dY (the direct kernel), or by shifted GEMMs with w as (tap, C, O).
+    let transposed = sh.transposed();
+    let w_dx = match &transposed {
+        _ if !want_dx => Vec::new(),
+        Some(t) => t.forward_weight(&flipped(w, &g)),
+        None => taps_first(w, &g, true),
+    };
+    let dx_buffers = match &transposed {
+        Some(t) => (t.padded_len(), t.output_len()),
+        None => (g.o * sh.q, g.c * sh.plane),
+    };
     // One group of images: its partial dW (tap, C, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; taps * g.c * g.o];
         let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
-        let (mut dyext, mut dxpad) = (vec![0f32; g.o * sh.q], vec![0f32; g.c * sh.plane]);
+        let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
         for (i, n) in (grp * GROUP..((grp + 1) * GROUP).min(g.n)).enumerate() {
             let dyn_ = &dy[n * out..(n + 1) * out];
             if let Some(dx) = dx.as_deref_mut() {
-                sh.input_grad(dyn_, &w_tco, &mut dyext, &mut dxpad, &mut dx[i * size..(i + 1) * size]);
+                let dx = &mut dx[i * size..(i + 1) * size];
+                match &transposed {
+                    Some(t) => t.forward((dyn_, &w_dx), &mut dx_in, &mut dx_out, dx, None),
+                    None => sh.input_grad(dyn_, &w_dx, &mut dx_in, &mut dx_out, dx),
+                }
             }
             sh.weight_grad(&x[n * size..(n + 1) * size], dyn_, &mut xpad, &mut dyt, &mut acc);
         }
@@ -648,6 +677,20 @@ pub fn conv2d_eval_cpu(
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Conv2dEval { g, grid, epilogue })
 }
 
+/// The weight of a stride-1 convolution's input gradient, as a convolution of dY: OIHW (O, C, k, k) to
+/// (C, O, k, k), each kernel turned by 180°.
+fn flipped(w: &[f32], g: &Geometry) -> Vec<f32> {
+    let taps = g.k * g.k;
+    let mut out = vec![0f32; w.len()];
+    for (o, per_o) in w.chunks_exact(g.c * taps).enumerate() {
+        for (c, kernel) in per_o.chunks_exact(taps).enumerate() {
+            let dst = &mut out[(c * g.o + o) * taps..][..taps];
+            dst.iter_mut().zip(kernel.iter().rev()).for_each(|(d, &v)| *d = v);
+        }
+    }
+    out
+}
+
 /// The OIHW weight with the taps first: (tap, O, C), or (tap, C, O) when `c_major`.
 fn taps_first(w: &[f32], g: &Geometry, c_major: bool) -> Vec<f32> {
     let taps = g.k * g.k;
@@ -683,9 +726,15 @@ mod tests {
     use crate::ops::testing::{max_diff, rand};
     use candle_core::Var;
 
-    /// Values and both gradients against candle's reference conv2d, on odd shapes, strides and padding.
+    /// Values and both gradients against candle's reference conv2d, on odd shapes, strides and padding,
+    /// with the AVX-512 kernels (where the CPU has them) and with the portable ones.
     #[test]
     fn matches_candle_reference_values_and_gradients() {
+        check_against_candle();
+        kernels::portable(check_against_candle);
+    }
+
+    fn check_against_candle() {
         for (n, c, h, w, o, k, stride, pad) in [
             (2, 3, 8, 8, 4, 3, 1, 1),
             (3, 5, 7, 9, 6, 3, 2, 1),
@@ -702,6 +751,9 @@ mod tests {
             // 16 output channels: the 16x16 weight-gradient block (on AVX-512 CPUs).
             (2, 16, 6, 7, 16, 3, 1, 1),
             (1, 32, 5, 5, 16, 3, 1, 1),
+            // The direct kernel's 5-register tile (80 positions), and channels that fill no whole block.
+            (2, 12, 8, 8, 20, 3, 1, 1),
+            (1, 9, 4, 14, 13, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();

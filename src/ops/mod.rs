@@ -6,6 +6,7 @@
 pub mod bn;
 pub mod conv;
 pub mod conv_bn;
+mod kernels;
 pub mod quant;
 
 use candle_core::{DType, Result, Tensor, D};

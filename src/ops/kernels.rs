@@ -1,0 +1,184 @@
+//! Hand-written AVX-512 inner loops for the shifted stride-1 convolution (see [`super::conv`]).
+//!
+//! Through the `gemm` crate, the shifted convolution is k·k small GEMMs per image whose inner
+//! dimension is the channel count (16 to 64 in ResNet-20): every call reloads and stores its
+//! accumulators after only C multiply-adds each. The direct kernel here keeps a block of outputs in
+//! registers across all taps and channels (C·k·k multiply-adds, 144 to 576), so the loads and stores
+//! around the multiply-adds nearly vanish. The caller checks [`available`] first; other CPUs keep
+//! the `gemm` path.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[cfg(test)]
+thread_local! {
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as if the CPU had no AVX-512, on this thread: how the tests cover the portable path.
+#[cfg(test)]
+pub(crate) fn portable<R>(f: impl FnOnce() -> R) -> R {
+    PORTABLE.set(true);
+    let result = f();
+    PORTABLE.set(false);
+    result
+}
+
+/// Whether the CPU runs these kernels (AVX-512F; std caches the detection).
+pub(crate) fn available() -> bool {
+    #[cfg(test)]
+    if PORTABLE.get() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Lanes of one AVX-512 register.
+pub(crate) const LANES: usize = 16;
+
+/// Output channels of one block of the direct kernel: the weights are laid out in blocks of this many
+/// (zero-padded past the last channel).
+pub(crate) const OB: usize = 8;
+
+/// The register tile of [`direct`]: positions (in registers of 16) of one block, for a grid of `q`
+/// positions. Three registers of 16 positions by 8 channels (24 accumulators, 11 loads per 24
+/// multiply-adds) unless five registers by 4 channels make up the grid exactly (the 8x8 maps: 80
+/// positions, where a 48-wide tile would compute 16 wasted positions).
+fn tile(q: usize) -> usize {
+    if !q.div_ceil(LANES).is_multiple_of(3) && q.div_ceil(LANES).is_multiple_of(5) {
+        5
+    } else {
+        3
+    }
+}
+
+/// Positions the kernel computes for a grid of `q`: `q` rounded up to whole tiles.
+pub(crate) fn padded_positions(q: usize) -> usize {
+    let tile = tile(q) * LANES;
+    q.div_ceil(tile) * tile
+}
+
+/// `out[o·qstride + i] = Σ_t Σ_c w[o / OB][t][c][o % OB] · x[c·plane + shifts[t] + i]` for every
+/// output channel `o` of `w` (whole blocks of [`OB`]), input channel `c < C` and position
+/// `i < padded_positions(q)`.
+///
+/// `x` must hold every position read: `(C − 1)·plane + max(shifts) + padded_positions(q)` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn direct(
+    (x, plane, c): (&[f32], usize, usize),
+    shifts: &[usize],
+    w: &[f32],
+    (out, qstride): (&mut [f32], usize),
+    q: usize,
+) {
+    match tile(q) {
+        5 => direct_tiled::<5, 4>((x, plane, c), shifts, w, (out, qstride), q),
+        _ => direct_tiled::<3, 8>((x, plane, c), shifts, w, (out, qstride), q),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn direct_tiled<const V: usize, const J: usize>(
+    (x, plane, c): (&[f32], usize, usize),
+    shifts: &[usize],
+    w: &[f32],
+    (out, qstride): (&mut [f32], usize),
+    q: usize,
+) {
+    let (taps, qpad) = (shifts.len(), padded_positions(q));
+    let block = taps * c * OB;
+    let blocks = w.len() / block;
+    let reach = (c - 1) * plane + shifts.iter().max().copied().unwrap_or(0) + qpad;
+    // Checked once here: every access below stays inside these bounds.
+    assert!(c > 0 && w.len() == blocks * block && x.len() >= reach);
+    assert!(out.len() >= (blocks * OB - 1) * qstride + qpad && qstride >= qpad);
+    for q0 in (0..qpad).step_by(V * LANES) {
+        // Each block of OB channels as OB / J register tiles of J channels.
+        for (b, wb) in (0..blocks * OB / J).map(|b| (b, &w[b * J / OB * block..][..block])) {
+            let sub = b * J % OB;
+            let mut acc = [[_mm512_setzero_ps(); V]; J];
+            for (t, &shift) in shifts.iter().enumerate() {
+                for ci in 0..c {
+                    // SAFETY: ci·plane + shift + q0 + V·16 <= reach <= x.len() (asserted above).
+                    let xp = unsafe { x.as_ptr().add(ci * plane + shift + q0) };
+                    let mut xs = [_mm512_setzero_ps(); V];
+                    for (v, xv) in xs.iter_mut().enumerate() {
+                        // SAFETY: see above.
+                        *xv = unsafe { _mm512_loadu_ps(xp.add(v * LANES)) };
+                    }
+                    let wt = &wb[(t * c + ci) * OB + sub..][..J];
+                    for (j, row) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(wt[j]);
+                        for (a, xv) in row.iter_mut().zip(&xs) {
+                            *a = _mm512_fmadd_ps(*xv, wv, *a);
+                        }
+                    }
+                }
+            }
+            for (j, row) in acc.iter().enumerate() {
+                let dst = &mut out[(b * J + j) * qstride + q0..][..V * LANES];
+                for (v, a) in row.iter().enumerate() {
+                    // SAFETY: dst holds V·16 floats.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(v * LANES), *a) };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn direct(_: (&[f32], usize, usize), _: &[usize], _: &[f32], _: (&mut [f32], usize), _: usize) {
+    unreachable!("the direct kernel needs AVX-512 (callers check `available`)")
+}
+
+/// The weight, OIHW (O, C, k·k taps), in the blocks [`direct`] reads: (O/OB, tap, C, OB), zero past
+/// the last output channel.
+pub(crate) fn blocked_weight(w: &[f32], (o, c, taps): (usize, usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; o.div_ceil(OB) * taps * c * OB];
+    for (oo, per_o) in w.chunks_exact(c * taps).enumerate() {
+        for (ci, kernel) in per_o.chunks_exact(taps).enumerate() {
+            for (t, &v) in kernel.iter().enumerate() {
+                out[(((oo / OB) * taps + t) * c + ci) * OB + oo % OB] = v;
+            }
+        }
+    }
+    out
+}
+
+/// acc (C×16, the 16 output channels fastest) += Σ_q dyt[q][o] · xs[c·plane + q] for 16 output
+/// channels. gemm runs this product (m = 16) with its 1×6 kernel: 6 accumulators, 7 loads per 6 FMAs.
+/// Here 16 registers accumulate a 16×16 block: one load and 16 broadcasts per 16 FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn weight_grad_o16(dyt: &[f32], xs: &[f32], plane: usize, q: usize, acc: &mut [f32]) {
+    let dyt = &dyt[..q * 16];
+    for (cb, acc_block) in acc.chunks_exact_mut(256).enumerate() {
+        // Bounds are checked here, once: every read below is inside these slices.
+        let rows: [&[f32]; 16] = std::array::from_fn(|ci| &xs[(cb * 16 + ci) * plane..][..q]);
+        let mut sums = [_mm512_setzero_ps(); 16];
+        for p in 0..q {
+            // SAFETY: p < q, and dyt holds q rows of 16 (sliced above).
+            let d = unsafe { _mm512_loadu_ps(dyt.as_ptr().add(p * 16)) };
+            for ci in 0..16 {
+                // SAFETY: every row holds q values and p < q.
+                let x = unsafe { *rows[ci].get_unchecked(p) };
+                sums[ci] = _mm512_fmadd_ps(d, _mm512_set1_ps(x), sums[ci]);
+            }
+        }
+        for (ci, sum) in sums.iter().enumerate() {
+            let out = &mut acc_block[ci * 16..(ci + 1) * 16];
+            // SAFETY: out holds exactly 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(out.as_ptr()), *sum)) };
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn weight_grad_o16(_: &[f32], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("the 16x16 block needs AVX-512 (callers check `available`)")
+}
