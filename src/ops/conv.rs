@@ -18,9 +18,9 @@
 //! read the padded image in place, computed on a grid Wp wide whose few extra columns are dropped. That
 //! removes the im2col and col2im copies (a fifth of a training step) and the weight gradient's second
 //! im2col; their backward computes dX and dW in one pass over the images. On AVX-512 CPUs the k·k
-//! GEMMs of the forward are one direct kernel ([`kernels::direct`]) instead, which keeps its outputs in
+//! GEMMs of the forward are one direct kernel (`kernels::direct`) instead, which keeps its outputs in
 //! registers across all taps; the input gradient then runs on the same kernel, as the forward
-//! convolution of dY with the weight turned by 180° ([`Shifted::transposed`]).
+//! convolution of dY with the weight turned by 180° (`Shifted::transposed`).
 
 use super::kernels;
 use super::quant::{quantize_into, Grid};
@@ -75,7 +75,7 @@ impl Geometry {
 }
 
 /// What the eval-mode convolution applies to each output channel while it writes it: `relu?(y·a + b)`
-/// with (a, b) = (scale[o], shift[o]) (the batch norm with running statistics, or folded BN's shift).
+/// with (a, b) = (`scale[o]`, `shift[o]`) (the batch norm with running statistics, or folded BN's shift).
 #[derive(Debug, Clone)]
 pub struct Epilogue {
     pub scale: Vec<f32>,

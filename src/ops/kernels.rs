@@ -150,7 +150,7 @@ pub(crate) fn blocked_weight(w: &[f32], (o, c, taps): (usize, usize, usize)) -> 
     out
 }
 
-/// acc (C×16, the 16 output channels fastest) += Σ_q dyt[q][o] · xs[c·plane + q] for 16 output
+/// acc (C×16, the 16 output channels fastest) += `Σ_q dyt[q][o] · xs[c·plane + q]` for 16 output
 /// channels. gemm runs this product (m = 16) with its 1×6 kernel: 6 accumulators, 7 loads per 6 FMAs.
 /// Here 16 registers accumulate a 16×16 block: one load and 16 broadcasts per 16 FMAs.
 #[cfg(target_arch = "x86_64")]
