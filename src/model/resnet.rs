@@ -5,7 +5,6 @@
 use super::layers::{ConvBn, LabelHeads, Linear, QuantSpec};
 use super::{Cost, Params};
 use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
-use crate::ops;
 use crate::regularize::prune::channel_mask;
 use candle_core::{Device, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -112,8 +111,7 @@ impl ResNet {
         let mut h = self.stem.forward(x, train, true)?;
         for block in &self.blocks {
             let r = block.conv1.forward(&h, train, true)?;
-            let r = block.conv2.forward(&r, train, false)?;
-            h = ops::add_relu(&r, &shortcut(&h, block.conv1.stride, block.conv2.out_ch)?)?;
+            h = block.conv2.forward_residual(&r, &shortcut(&h, block.conv1.stride, block.conv2.out_ch)?, train)?;
             if let Some((p, DropoutPosition::Blocks)) = self.dropout {
                 h = self.drop(&h, p, train)?;
             }

@@ -61,33 +61,42 @@ pub(crate) fn moments(x: &[f32], d: (usize, usize, usize)) -> (Vec<f32>, Vec<f32
         .unzip()
 }
 
-/// `relu?(γ·(x − μ)·σ⁻¹ + β)` per channel of NCHW data with dims (N, C, H·W).
-pub(crate) fn normalize(x: &[f32], d: (usize, usize, usize), stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+/// `relu?(γ·(x − μ)·σ⁻¹ + β)` per channel of NCHW data with dims (N, C, H·W), or with a residual
+/// `relu(γ·(x − μ)·σ⁻¹ + β + residual)`.
+pub(crate) fn normalize(
+    x: &[f32],
+    d: (usize, usize, usize),
+    stats: &Stats,
+    (gamma, beta): (&[f32], &[f32]),
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let coefficients = |ch: usize| {
         let scale = gamma[ch] * stats.invstd[ch];
         (scale, beta[ch] - stats.mean[ch] * scale)
     };
-    affine_planes(x, (d.1, d.2), coefficients, stats.relu)
+    affine_planes(x, (d.1, d.2), coefficients, stats.relu, residual)
 }
 
-/// `relu?(x·a + b)` with (a, b) = `coefficients(channel)`, over NCHW data of `c` channels of `p` values.
+/// `relu?(x·a + b [+ residual])` with (a, b) = `coefficients(channel)`, over NCHW data of `c` channels of
+/// `p` values.
 fn affine_planes(
     x: &[f32],
     (c, p): (usize, usize),
     coefficients: impl Fn(usize) -> (f32, f32) + Sync,
     relu: bool,
+    residual: Option<&[f32]>,
 ) -> Vec<f32> {
+    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+    let relu = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
     written(x.len(), |y| {
         y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
             let (a, b) = coefficients(i % c);
-            if relu {
-                // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| {
-                    let v = x * a + b;
-                    _ = y.write(if v < 0.0 { 0.0 } else { v });
-                });
-            } else {
-                yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(x * a + b));
+            match residual {
+                Some(r) => yp
+                    .iter_mut()
+                    .zip(xp.iter().zip(&r[i * p..(i + 1) * p]))
+                    .for_each(|(y, (&x, &r))| _ = y.write(relu(x * a + b + r))),
+                None => yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(relu(x * a + b))),
             }
         })
     })
@@ -243,7 +252,8 @@ impl CustomOp3 for BnTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "batch norm input")?;
-        let y = normalize(x, dims(l1)?, &self.0, slice(s2, l2, "batch norm gamma")?, slice(s3, l3, "batch norm beta")?);
+        let (gamma, beta) = (slice(s2, l2, "batch norm gamma")?, slice(s3, l3, "batch norm beta")?);
+        let y = normalize(x, dims(l1)?, &self.0, (gamma, beta), None);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -408,7 +418,7 @@ impl CustomOp3 for ChannelAffine {
         let scale = slice(s2, l2, "channel affine scale")?;
         let shift = slice(s3, l3, "channel affine shift")?;
         let (_, c, p) = dims(l1)?;
-        let y = affine_planes(x, (c, p), |ch| (scale[ch], shift[ch]), self.relu);
+        let y = affine_planes(x, (c, p), |ch| (scale[ch], shift[ch]), self.relu, None);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -541,19 +551,22 @@ impl candle_core::CustomOp2 for ReluGrad {
         "qat-relu-grad"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = slice(s1, l1, "relu gradient")?;
-        let y = slice(s2, l2, "relu output")?;
-        let d = written(g.len(), |d| {
-            d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
-                |(dc, (gc, yc))| {
-                    for ((d, &g), &y) in dc.iter_mut().zip(gc).zip(yc) {
-                        d.write(if y > 0.0 { g } else { 0.0 });
-                    }
-                },
-            )
-        });
-        Ok((CpuStorage::F32(d), l1.shape().clone()))
+        let (g, y) = (slice(s1, l1, "relu gradient")?, slice(s2, l2, "relu output")?);
+        Ok((CpuStorage::F32(relu_grad(g, y)), l1.shape().clone()))
     }
+}
+
+/// The gradient `g` where the ReLU's output `y` is positive, zero elsewhere.
+pub(crate) fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
+    written(g.len(), |d| {
+        d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
+            |(dc, (gc, yc))| {
+                for ((d, &g), &y) in dc.iter_mut().zip(gc).zip(yc) {
+                    d.write(if y > 0.0 { g } else { 0.0 });
+                }
+            },
+        )
+    })
 }
 
 /// `relu(a + b)` for two f32 tensors of the same shape on the CPU, differentiable.

@@ -166,10 +166,11 @@ impl Shifted {
         (t / self.g.k) * self.wp + t % self.g.k
     }
 
-    /// Copies one CHW image (quantized, with a grid) into the zeroed borders of `xpad` (C planes).
+    /// Copies one CHW image (quantized, with a grid) inside the borders of `xpad` (C planes). Only the
+    /// image's own positions are written: the borders stay zero from the buffer's allocation, since
+    /// nothing else writes to it.
     fn pad(&self, x: &[f32], xpad: &mut [f32]) {
         let g = &self.g;
-        xpad.fill(0.0);
         for (src, dst) in x.chunks_exact(g.h * g.w).zip(xpad.chunks_exact_mut(self.plane)) {
             for (row, out) in src.chunks_exact(g.w).zip(dst[g.pad * self.wp..].chunks_exact_mut(self.wp)) {
                 let out = &mut out[g.pad..g.pad + g.w];
@@ -272,8 +273,8 @@ impl Shifted {
         let g = &self.g;
         let (oh, ow) = (g.oh(), g.ow());
         self.pad(x, xpad);
-        // dY transposed to (Q, O), zero on the dropped columns, so that the GEMM reads it in place.
-        dyt.fill(0.0);
+        // dY transposed to (Q, O), so that the GEMM reads it in place. The dropped columns are never
+        // written and stay zero from the buffer's allocation.
         for (o, plane) in dy.chunks_exact(oh * ow).enumerate() {
             for (oy, row) in plane.chunks_exact(ow).enumerate() {
                 for (ox, v) in row.iter().enumerate() {

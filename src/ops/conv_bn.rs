@@ -1,10 +1,12 @@
-//! A convolution followed by training-mode batch norm (and a ReLU), as one differentiable op on the CPU.
+//! A convolution followed by training-mode batch norm (and a ReLU, or a residual block's join
+//! `relu(· + shortcut)`), as one differentiable op on the CPU.
 //!
-//! As two ops, candle's autograd keeps the convolution's output as a graph node: in the backward its
-//! gradient is accumulated into a fresh zero tensor (two more passes over memory) before the
-//! convolution's own backward reads it. Fused, the batch-norm gradient of that output is a private
-//! buffer handed straight to the convolution kernels. Values and gradients are those of
-//! `batch_norm_train(conv2d(x, w))` (tested against it).
+//! As separate ops, candle's autograd keeps every intermediate output as a graph node: in the backward
+//! its gradient is accumulated into a fresh zero tensor (two more passes over memory) before the next
+//! op's backward reads it. Fused, the batch-norm gradient of the convolution's output is a private
+//! buffer handed straight to the convolution kernels, and the join needs no pass of its own. Values
+//! and gradients are those of `add_relu(batch_norm_train(conv2d(x, w)), shortcut)` (tested against
+//! them).
 
 use super::bn::{self, Stats};
 use super::conv::{self, Geometry};
@@ -21,12 +23,14 @@ struct Saved {
     var: Vec<f32>,
 }
 
-/// Inputs: x (NCHW), w (OIHW), and γ and β stacked as a (2, O) tensor.
+/// Inputs: x (NCHW), w (OIHW), and γ and β stacked as a (2, O) tensor; with a residual (custom ops
+/// take three inputs), x, the parameters w, γ, β flattened into one vector, and the shortcut.
 struct ConvBnTrain {
     g: Geometry,
     grid: Option<Grid>,
     eps: f64,
     relu: bool,
+    residual: bool,
     /// Shared with the caller, which reads the batch statistics for the running averages.
     saved: Arc<Mutex<Option<Saved>>>,
 }
@@ -35,6 +39,16 @@ impl ConvBnTrain {
     /// (N, O, OH·OW) of the output.
     fn out_dims(&self) -> (usize, usize, usize) {
         (self.g.n, self.g.o, self.g.oh() * self.g.ow())
+    }
+
+    /// (w, γ and β as one slice, shortcut) from the second and third inputs.
+    fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
+        if self.residual {
+            let (w, gb) = second.split_at(second.len() - 2 * self.g.o);
+            (w, gb, Some(third))
+        } else {
+            (second, third, None)
+        }
     }
 }
 
@@ -52,13 +66,15 @@ impl CustomOp3 for ConvBnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, gb) = (slice(s1, l1, "conv input")?, slice(s2, l2, "conv weight")?, slice(s3, l3, "gamma/beta")?);
+        let x = slice(s1, l1, "conv input")?;
+        let (w, gb, residual) = self.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
         let o = self.g.o;
         let conv_out = conv::forward(self.g, self.grid, x, w, None);
         let d = self.out_dims();
         let (mean, var) = bn::moments(&conv_out, d);
-        let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu };
-        let out = bn::normalize(&conv_out, d, &stats, &gb[..o], &gb[o..]);
+        // With a join, the ReLU follows the sum: the backward masks by the output all the same.
+        let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || self.residual };
+        let out = bn::normalize(&conv_out, d, &stats, (&gb[..o], &gb[o..]), residual);
         *self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? =
             Some(Saved { conv_out, stats, var });
         Ok((CpuStorage::F32(out), Shape::from((self.g.n, o, self.g.oh(), self.g.ow()))))
@@ -67,8 +83,8 @@ impl CustomOp3 for ConvBnTrain {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        gb: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -77,38 +93,59 @@ impl CustomOp3 for ConvBnTrain {
         let (g, o) = (self.g, self.g.o);
         // The image itself needs no gradient: skip the input gradient of the first layer.
         let want_dx = x.track_op();
-        let (dx, dw, dgamma, dbeta) = with_slices([grad, out, gb, w, x], |[grad, out, gb, w, x]| {
-            let (d_conv, dgamma, dbeta) =
-                bn::backward((grad, &saved.conv_out, out), self.out_dims(), &saved.stats, &gb[..o]);
-            let (dx, dw) = conv::backward(g, self.grid, &d_conv, x, w, want_dx);
-            (dx, dw, dgamma, dbeta)
-        })?;
+        let (dx, mut dw, dgamma, dbeta, d_shortcut) =
+            with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
+                let (w, gb, _) = self.unpack(second, third);
+                let (d_conv, dgamma, dbeta) =
+                    bn::backward((grad, &saved.conv_out, out), self.out_dims(), &saved.stats, &gb[..o]);
+                // d(relu(a + b))/db: the gradient where the output is positive.
+                let d_shortcut = self.residual.then(|| bn::relu_grad(grad, out));
+                let (dx, dw) = conv::backward(g, self.grid, &d_conv, x, w, want_dx);
+                (dx, dw, dgamma, dbeta, d_shortcut)
+            })?;
         let dev = x.device();
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
+        if self.residual {
+            dw.extend(dgamma);
+            dw.extend(dbeta);
+            let d_shortcut = d_shortcut.map(|v| Tensor::from_vec(v, third.shape(), dev)).transpose()?;
+            return Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), d_shortcut));
+        }
         let mut dgb = dgamma;
         dgb.extend(dbeta);
-        Ok((dx, Some(Tensor::from_vec(dw, w.shape(), dev)?), Some(Tensor::from_vec(dgb, (2, o), dev)?)))
+        Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), Some(Tensor::from_vec(dgb, (2, o), dev)?)))
     }
 }
 
-/// `relu?(batch_norm(conv2d(q(x), w)))` in training mode on the CPU (x quantized onto `grid` first
-/// when there is one, straight-through); returns the output and the batch mean and biased variance.
+/// `relu?(batch_norm(conv2d(q(x), w)))` in training mode on the CPU, or `relu(batch_norm(..) +
+/// residual)` with a residual (x quantized onto `grid` first when there is one, straight-through);
+/// returns the output and the batch mean and biased variance.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_train_cpu(
     x: &Tensor,
     w: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
     (stride, pad): (usize, usize),
     grid: Option<Grid>,
     eps: f64,
     relu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let g = conv::geometry(x, w, stride, pad)?;
     let saved = Arc::new(Mutex::new(None));
-    let op = ConvBnTrain { g, grid, eps, relu, saved: saved.clone() };
-    let gb = Tensor::stack(&[gamma, beta], 0)?;
-    let out = x.contiguous()?.apply_op3(&w.contiguous()?, &gb, op)?;
+    let op = ConvBnTrain { g, grid, eps, relu, residual: residual.is_some(), saved: saved.clone() };
+    let x = x.contiguous()?;
+    let out = match residual {
+        None => x.apply_op3(&w.contiguous()?, &Tensor::stack(&[gamma, beta], 0)?, op)?,
+        Some(r) => {
+            let out_dims = [g.n, g.o, g.oh(), g.ow()];
+            if r.dims() != out_dims {
+                candle_core::bail!("residual join: shortcut is {:?}, the layer's output {out_dims:?}", r.dims());
+            }
+            let params = Tensor::cat(&[&w.flatten_all()?, gamma, beta], 0)?;
+            x.apply_op3(&params, &r.contiguous()?, op)?
+        }
+    };
     let guard = saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
     let Some(saved) = guard.as_ref() else { candle_core::bail!("conv + batch norm: the forward did not run") };
     let mean = Tensor::new(saved.stats.mean.as_slice(), x.device())?;
@@ -122,43 +159,53 @@ mod tests {
     use crate::ops::testing::{max_diff, rand};
     use candle_core::Var;
 
-    /// Values, statistics and all four gradients against the two ops it fuses, for both convolution
-    /// kernels (shifted: stride 1 with 8+ channels; im2col otherwise), with and without ReLU and input
-    /// quantization.
+    /// Values, statistics and all gradients against the ops it fuses, for both convolution kernels
+    /// (shifted: stride 1 with 8+ channels; im2col otherwise), with and without ReLU, residual join and
+    /// input quantization.
     #[test]
     fn matches_conv_then_batch_norm() {
-        for (n, c, h, w, o, stride, relu, quant) in [
-            (2, 8, 7, 9, 10, 1, true, false),
-            (3, 3, 8, 8, 4, 2, false, false),
-            (2, 16, 6, 6, 16, 1, false, true),
-            (2, 4, 9, 7, 8, 2, true, true),
+        for (n, c, h, w, o, stride, relu, quant, join) in [
+            (2, 8, 7, 9, 10, 1, true, false, false),
+            (3, 3, 8, 8, 4, 2, false, false, false),
+            (2, 16, 6, 6, 16, 1, false, true, false),
+            (2, 4, 9, 7, 8, 2, true, true, false),
+            (2, 8, 7, 9, 10, 1, false, false, true),
+            (2, 4, 9, 7, 8, 2, false, true, true),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();
             let gamma = Var::from_tensor(&(rand(&[o], 3) + 1.5).unwrap()).unwrap();
             let beta = Var::from_tensor(&rand(&[o], 4)).unwrap();
+            let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+            let shortcut = Var::from_tensor(&rand(&[n, o, oh, ow], 6)).unwrap();
+            let residual = join.then_some(shortcut.as_tensor());
             let grid = quant.then(|| Grid::new(0.8, 7.0));
+            let (gamma_t, beta_t) = (gamma.as_tensor(), beta.as_tensor());
             let (fused, mean, var) = conv_bn_train_cpu(
                 x.as_tensor(),
                 wt.as_tensor(),
-                gamma.as_tensor(),
-                beta.as_tensor(),
+                (gamma_t, beta_t),
                 (stride, 1),
                 grid,
                 1e-5,
                 relu,
+                residual,
             )
             .unwrap();
             let conv = conv::conv2d_cpu(x.as_tensor(), wt.as_tensor(), stride, 1, grid).unwrap();
-            let (apart, mean2, var2) =
-                bn::batch_norm_train_cpu(&conv, gamma.as_tensor(), beta.as_tensor(), 1e-5, relu).unwrap();
-            let case = (n, c, h, w, o, stride, relu, quant);
+            let (apart, mean2, var2) = bn::batch_norm_train_cpu(&conv, gamma_t, beta_t, 1e-5, relu).unwrap();
+            let apart = match residual {
+                Some(r) => (apart + r).unwrap().relu().unwrap(),
+                None => apart,
+            };
+            let case = (n, c, h, w, o, stride, relu, quant, join);
             assert!(max_diff(&fused, &apart) < 1e-5, "{case:?}");
             assert!(max_diff(&mean, &mean2) < 1e-6 && max_diff(&var, &var2) < 1e-6, "{case:?}");
             let up = rand(fused.dims(), 5);
             let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &wt, &gamma, &beta] {
+            let vars = [&x, &wt, &gamma, &beta, &shortcut];
+            for v in &vars[..if join { 5 } else { 4 }] {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert!(max_diff(a, b) < 1e-4, "{case:?}: {}", max_diff(a, b));
             }

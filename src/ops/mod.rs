@@ -176,26 +176,33 @@ fn cpu_grid(x: &Tensor, input: Option<(&Tensor, f64)>) -> Result<Option<Option<q
     })
 }
 
-/// Convolution, then training-mode batch norm, then a ReLU when `relu`; the input fake-quantized first
-/// when `input` = Some((scale, levels)). Returns the output and the batch mean and biased variance. One
-/// fused op on the CPU ([`conv_bn`]: the convolution's output never becomes an autograd node), the
-/// composite of [`conv2d_quantized`] and [`batch_norm_train`] elsewhere.
+/// Convolution, then training-mode batch norm, then a ReLU when `relu`, or `relu(· + residual)` when
+/// there is a residual (a residual block's join); the input fake-quantized first when `input` =
+/// Some((scale, levels)). Returns the output and the batch mean and biased variance. One fused op on the
+/// CPU ([`conv_bn`]: the convolution's output never becomes an autograd node, nor does the batch norm's
+/// before the join), the composite of [`conv2d_quantized`], [`batch_norm_train`] and [`add_relu`]
+/// elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_train(
     x: &Tensor,
     w: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
     (stride, padding): (usize, usize),
     input: Option<(&Tensor, f64)>,
     eps: f64,
     relu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if let Some(grid) = cpu_grid(x, input)? {
-        return conv_bn::conv_bn_train_cpu(x, w, gamma, beta, (stride, padding), grid, eps, relu);
+    let fusable = residual.is_none_or(|r| r.dtype() == DType::F32 && r.device().is_cpu());
+    if let Some(grid) = cpu_grid(x, input)?.filter(|_| fusable) {
+        return conv_bn::conv_bn_train_cpu(x, w, (gamma, beta), (stride, padding), grid, eps, relu, residual);
     }
     let y = conv2d_quantized(x, w, (stride, padding), input)?;
-    batch_norm_train(&y, gamma, beta, eps, relu)
+    let (y, mean, var) = batch_norm_train(&y, gamma, beta, eps, relu && residual.is_none())?;
+    match residual {
+        Some(r) => Ok((add_relu(&y, r)?, mean, var)),
+        None => Ok((y, mean, var)),
+    }
 }
 
 /// Eval-mode convolution then `x·scale[o] + shift[o]` (batch norm with running statistics, or folded
