@@ -67,10 +67,12 @@ impl Geometry {
         };
         (lo, hi.max(lo))
     }
-    /// Whether [`Shifted`] kernels handle this shape: stride 1, and enough channels that the per-tap
-    /// GEMMs (inner dimension C or O) keep the GEMM kernels busy.
+    /// Whether [`Shifted`] kernels handle this shape: stride 1, or stride 2 with a 3x3 kernel and
+    /// padding 1 (ResNet's downsampling layers), and enough channels that the per-tap GEMMs (inner
+    /// dimension C or O) keep the GEMM kernels busy.
     fn shifted(&self) -> bool {
-        self.stride == 1 && self.k > 1 && self.c >= 8 && self.o >= 8
+        let stride = self.stride == 1 || (self.stride == 2 && self.k == 3 && self.pad == 1);
+        stride && self.k > 1 && self.c >= 8 && self.o >= 8
     }
 }
 
@@ -97,15 +99,22 @@ impl Epilogue {
     }
 }
 
-/// The stride-1 convolution as k·k shifted GEMMs over a padded image (see the module docs).
+/// The convolution as k·k shifted GEMMs over a padded image (see the module docs).
 ///
-/// An image is padded to `wp` = W + 2·pad columns and H + 2·pad + 1 rows (the extra zero row keeps the
-/// shifted reads of the dropped columns inside the plane); the output is computed on `q` = OH·wp
-/// positions, of which the last wp − OW of each row are dropped.
+/// Stride 1: an image is padded to `wp` = W + 2·pad columns and H + 2·pad + 1 rows (the extra zero row
+/// keeps the shifted reads of the dropped columns inside the plane); the output is computed on `q` =
+/// OH·wp positions, of which the last wp − OW of each row are dropped.
+///
+/// Stride 2 (3x3, pad 1) becomes stride 1 on the image split into its four phases (even/odd rows by
+/// even/odd columns, each ⌈H/2⌉×⌈W/2⌉ padded by one zero row and column before): tap (ky, kx) reads
+/// one phase, shifted by 0 or 1 row and column. The phases lie one after another, C planes each, so
+/// a tap's shift includes its phase's offset and every kernel below runs unchanged.
 struct Shifted {
     g: Geometry,
     /// The layer input's quantizer, applied while padding.
     grid: Option<Grid>,
+    /// Zero rows and columns before a padded plane's image (pad, or 1 for the phases of stride 2).
+    top: usize,
     wp: usize,
     plane: usize,
     q: usize,
@@ -115,9 +124,31 @@ struct Shifted {
 
 impl Shifted {
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
-        let wp = g.w + 2 * g.pad;
+        let s = g.stride;
+        let (top, wp) = (g.pad.div_ceil(s), (g.w + 2 * g.pad).div_ceil(s));
+        let plane = ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp;
         let direct = kernels::available();
-        Shifted { g, grid, wp, plane: (g.h + 2 * g.pad + 1) * wp, q: g.oh() * wp, direct }
+        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct }
+    }
+
+    /// Offset of tap `t` = ky·k + kx in the padded planes: its phase's C planes, then the shift.
+    fn shift(&self, t: usize) -> usize {
+        let g = &self.g;
+        // Input row s·oy + ky − pad lies in phase (ky − pad) mod s, at row oy + ⌊(ky − pad)/s⌋.
+        let place = |k: usize| {
+            let d = k as isize - g.pad as isize;
+            let s = g.stride as isize;
+            (d.rem_euclid(s) as usize, (d.div_euclid(s) + self.top as isize) as usize)
+        };
+        let ((a, dy), (b, dx)) = (place(t / g.k), place(t % g.k));
+        (a * g.stride + b) * g.c * self.plane + dy * self.wp + dx
+    }
+
+    /// Where pixel (iy, ix) of channel c lies in the padded planes.
+    fn position(&self, c: usize, iy: usize, ix: usize) -> usize {
+        let s = self.g.stride;
+        let phase = (iy % s) * s + ix % s;
+        (phase * self.g.c + c) * self.plane + (iy / s + self.top) * self.wp + ix / s + self.top
     }
 
     /// The input gradient's convolution, when the direct kernel runs it: dX = conv(pad(dY), w′) with
@@ -125,7 +156,7 @@ impl Shifted {
     /// convolution's transpose is again one). None where the gemm kernels run it instead.
     fn transposed(&self) -> Option<Shifted> {
         let g = &self.g;
-        (self.direct && g.pad < g.k).then(|| {
+        (self.direct && g.stride == 1 && g.pad < g.k).then(|| {
             let pad = g.k - 1 - g.pad;
             Shifted::new(Geometry { c: g.o, h: g.oh(), w: g.ow(), o: g.c, pad, ..*g }, None)
         })
@@ -140,9 +171,10 @@ impl Shifted {
         }
     }
 
-    /// Length of the padded input buffer: C planes, and the direct kernel's reads past the last one.
+    /// Length of the padded input buffer: C planes per phase, and the direct kernel's reads past the
+    /// last one.
     fn padded_len(&self) -> usize {
-        self.g.c * self.plane + self.positions() - self.q
+        self.g.stride * self.g.stride * self.g.c * self.plane + self.positions() - self.q
     }
 
     /// Length of the forward's output buffer: O (whole blocks for the direct kernel) by positions.
@@ -161,22 +193,56 @@ impl Shifted {
         }
     }
 
-    /// Offset of tap `t` = ky·k + kx in the padded plane.
-    fn shift(&self, t: usize) -> usize {
-        (t / self.g.k) * self.wp + t % self.g.k
-    }
-
-    /// Copies one CHW image (quantized, with a grid) inside the borders of `xpad` (C planes). Only the
-    /// image's own positions are written: the borders stay zero from the buffer's allocation, since
-    /// nothing else writes to it.
+    /// Copies one CHW image (quantized, with a grid) inside the borders of `xpad` (C planes per phase).
+    /// Only the image's own positions are written: the borders stay zero from the buffer's allocation,
+    /// since nothing else writes to it.
     fn pad(&self, x: &[f32], xpad: &mut [f32]) {
         let g = &self.g;
-        for (src, dst) in x.chunks_exact(g.h * g.w).zip(xpad.chunks_exact_mut(self.plane)) {
-            for (row, out) in src.chunks_exact(g.w).zip(dst[g.pad * self.wp..].chunks_exact_mut(self.wp)) {
-                let out = &mut out[g.pad..g.pad + g.w];
-                match self.grid {
-                    Some(grid) => quantize_into(grid, row, out),
-                    None => out.copy_from_slice(row),
+        let quantize = |src: &[f32], dst: &mut [f32]| match self.grid {
+            Some(grid) => quantize_into(grid, src, dst),
+            None => dst.copy_from_slice(src),
+        };
+        if g.stride == 1 {
+            for (c, src) in x.chunks_exact(g.h * g.w).enumerate() {
+                for (iy, row) in src.chunks_exact(g.w).enumerate() {
+                    let start = self.position(c, iy, 0);
+                    quantize(row, &mut xpad[start..start + g.w]);
+                }
+            }
+            return;
+        }
+        // Stride 2: each row's even and odd columns go to two phases.
+        let half = g.w.div_ceil(2);
+        let mut buf = vec![0f32; g.w];
+        for (c, src) in x.chunks_exact(g.h * g.w).enumerate() {
+            for (iy, row) in src.chunks_exact(g.w).enumerate() {
+                let (even, odd) = buf.split_at_mut(half);
+                row.chunks(2).enumerate().for_each(|(i, pair)| {
+                    even[i] = pair[0];
+                    if let Some(&v) = pair.get(1) {
+                        odd[i] = v;
+                    }
+                });
+                let (even_at, odd_at) = (self.position(c, iy, 0), self.position(c, iy, 1));
+                quantize(even, &mut xpad[even_at..even_at + half]);
+                quantize(&odd[..g.w / 2], &mut xpad[odd_at..odd_at + g.w / 2]);
+            }
+        }
+    }
+
+    /// The image's positions of the padded planes `xpad` (the inverse of [`Shifted::pad`], unquantized).
+    fn unpad(&self, xpad: &[f32], x: &mut [MaybeUninit<f32>]) {
+        let g = &self.g;
+        for (c, dst) in x.chunks_exact_mut(g.h * g.w).enumerate() {
+            for (iy, row) in dst.chunks_exact_mut(g.w).enumerate() {
+                if g.stride == 1 {
+                    let start = self.position(c, iy, 0);
+                    row.iter_mut().zip(&xpad[start..start + g.w]).for_each(|(d, &v)| _ = d.write(v));
+                    continue;
+                }
+                let (even, odd) = (&xpad[self.position(c, iy, 0)..], &xpad[self.position(c, iy, 1)..]);
+                for (ix, d) in row.iter_mut().enumerate() {
+                    d.write(if ix % 2 == 0 { even[ix / 2] } else { odd[ix / 2] });
                 }
             }
         }
@@ -265,7 +331,7 @@ impl Shifted {
                 true,
             );
         }
-        self.crop(&dxpad[g.pad * self.wp + g.pad..], self.plane, g.h, g.w, dx);
+        self.unpad(dxpad, dx);
     }
 
     /// acc (tap, C, O) += Σ_q dYext[o, q] · shift_t(Xpad)[c, q] for one image.
@@ -516,12 +582,12 @@ pub(crate) fn backward(
     };
     let dx_buffers = match &transposed {
         Some(t) => (t.padded_len(), t.output_len()),
-        None => (g.o * sh.q, g.c * sh.plane),
+        None => (g.o * sh.q, sh.padded_len()),
     };
     // One group of images: its partial dW (tap, C, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; taps * g.c * g.o];
-        let (mut xpad, mut dyt) = (vec![0f32; g.c * sh.plane], vec![0f32; sh.q * g.o]);
+        let (mut xpad, mut dyt) = (vec![0f32; sh.padded_len()], vec![0f32; sh.q * g.o]);
         let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
         for (i, n) in (grp * GROUP..((grp + 1) * GROUP).min(g.n)).enumerate() {
             let dyn_ = &dy[n * out..(n + 1) * out];
@@ -743,7 +809,11 @@ mod tests {
             (2, 4, 6, 5, 2, 3, 1, 0),
             (2, 3, 9, 9, 4, 5, 2, 2),
             (1, 1, 3, 3, 1, 3, 3, 1),
-            // The shifted (stride-1, ≥ 8 channels) kernels, with more than 48 channels on either side.
+            // The shifted (≥ 8 channels) kernels, with more than 48 channels on either side; stride 2
+            // on even and odd sizes (the phase split).
+            (2, 8, 8, 8, 8, 3, 2, 1),
+            (2, 9, 7, 9, 10, 3, 2, 1),
+            (1, 16, 5, 7, 32, 3, 2, 1),
             (2, 8, 7, 9, 10, 3, 1, 1),
             (3, 9, 6, 5, 8, 3, 1, 0),
             (2, 8, 9, 9, 12, 5, 1, 2),

@@ -43,21 +43,23 @@ pub(crate) const LANES: usize = 16;
 /// (zero-padded past the last channel).
 pub(crate) const OB: usize = 8;
 
-/// The register tile of [`direct`]: positions (in registers of 16) of one block, for a grid of `q`
-/// positions. Three registers of 16 positions by 8 channels (24 accumulators, 11 loads per 24
-/// multiply-adds) unless five registers by 4 channels make up the grid exactly (the 8x8 maps: 80
-/// positions, where a 48-wide tile would compute 16 wasted positions).
-fn tile(q: usize) -> usize {
-    if !q.div_ceil(LANES).is_multiple_of(3) && q.div_ceil(LANES).is_multiple_of(5) {
-        5
-    } else {
-        3
-    }
+/// The register tiles of [`direct`], as (registers of 16 positions, channels, relative cost per
+/// position in tenths), preferred first: 3 x 8 (24 accumulators, 11 loads per 24 multiply-adds), then
+/// tiles that make up grids of 5 or 4 registers exactly (the 8x8 maps: 80 positions, or 64 without
+/// padding), where a 48-wide tile would compute up to half its positions for nothing. 4 x 4 needs 8
+/// loads per 16 multiply-adds: taken only where it saves more than that costs.
+const TILES: [(usize, usize, usize); 3] = [(3, 8, 10), (5, 4, 10), (4, 4, 11)];
+
+/// The tile for a grid of `q` positions: the cheapest, wasted positions included.
+fn tile(q: usize) -> (usize, usize) {
+    let registers = q.div_ceil(LANES);
+    let (v, j, _) = TILES.into_iter().min_by_key(|&(v, _, cost)| registers.div_ceil(v) * v * cost).unwrap_or(TILES[0]);
+    (v, j)
 }
 
 /// Positions the kernel computes for a grid of `q`: `q` rounded up to whole tiles.
 pub(crate) fn padded_positions(q: usize) -> usize {
-    let tile = tile(q) * LANES;
+    let tile = tile(q).0 * LANES;
     q.div_ceil(tile) * tile
 }
 
@@ -76,7 +78,8 @@ pub(crate) fn direct(
     q: usize,
 ) {
     match tile(q) {
-        5 => direct_tiled::<5, 4>((x, plane, c), shifts, w, (out, qstride), q),
+        (5, _) => direct_tiled::<5, 4>((x, plane, c), shifts, w, (out, qstride), q),
+        (4, _) => direct_tiled::<4, 4>((x, plane, c), shifts, w, (out, qstride), q),
         _ => direct_tiled::<3, 8>((x, plane, c), shifts, w, (out, qstride), q),
     }
 }
