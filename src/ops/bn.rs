@@ -61,6 +61,31 @@ pub(crate) fn moments(x: &[f32], d: (usize, usize, usize)) -> (Vec<f32>, Vec<f32
         .unzip()
 }
 
+/// (mean, sum of squared deviations) of each channel plane of one image's `p`-value planes.
+pub(crate) fn image_moments(image: &[f32], p: usize) -> Vec<(f64, f64)> {
+    image
+        .chunks_exact(p)
+        .map(|plane| {
+            let mean = lane_sums(plane, plane, plane, |v, _, _| (v, 0.0)).0 / p as f64;
+            let m = mean as f32;
+            (mean, lane_sums(plane, plane, plane, |v, _, _| ((v - m) * (v - m), 0.0)).0)
+        })
+        .collect()
+}
+
+/// Per-channel mean and biased variance of a batch from each image's [`image_moments`] (`p` values per
+/// channel and image), merged exactly: M2 = Σ M2ᵢ + p·Σ (meanᵢ − mean)² (Chan et al. 1979).
+pub(crate) fn merge_moments(per_image: &[Vec<(f64, f64)>], c: usize, p: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = per_image.len() as f64;
+    (0..c)
+        .map(|ch| {
+            let mean = per_image.iter().map(|m| m[ch].0).sum::<f64>() / n;
+            let m2: f64 = per_image.iter().map(|m| m[ch].1 + p as f64 * (m[ch].0 - mean).powi(2)).sum();
+            (mean as f32, (m2 / (n * p as f64)) as f32)
+        })
+        .unzip()
+}
+
 /// `relu?(γ·(x − μ)·σ⁻¹ + β)` per channel of NCHW data with dims (N, C, H·W), or with a residual
 /// `relu(γ·(x − μ)·σ⁻¹ + β + residual)`.
 pub(crate) fn normalize(
@@ -303,6 +328,29 @@ pub fn batch_norm_train_cpu(
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Per-image moments merged (Chan) equal the two-pass moments of the whole batch, also for data
+        /// far from zero, where a sum of squares would cancel.
+        #[test]
+        fn merged_image_moments_equal_batch_moments(
+            (n, c, p) in (1usize..5, 1usize..4, 1usize..40),
+            offset in -1000f32..1000.0,
+            seed in 0u64..1000,
+        ) {
+            let x: Vec<f32> = (0..n * c * p)
+                .map(|i| offset + (((i as u64 * 2654435761 + seed * 40503) % 1000) as f32 / 100.0))
+                .collect();
+            let per_image: Vec<_> = x.chunks_exact(c * p).map(|image| image_moments(image, p)).collect();
+            let (mean, var) = merge_moments(&per_image, c, p);
+            let (mean2, var2) = moments(&x, (n, c, p));
+            for ch in 0..c {
+                prop_assert!((mean[ch] - mean2[ch]).abs() <= 1e-5 * (1.0 + mean2[ch].abs()));
+                prop_assert!((var[ch] - var2[ch]).abs() <= 1e-4 * (1.0 + var2[ch]), "{} vs {}", var[ch], var2[ch]);
+            }
+        }
+    }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();

@@ -22,6 +22,7 @@
 //! registers across all taps; the input gradient then runs on the same kernel, as the forward
 //! convolution of dY with the weight turned by 180° (`Shifted::transposed`).
 
+use super::bn;
 use super::kernels;
 use super::quant::{quantize_into, Grid};
 use super::{slice, with_slices, written};
@@ -524,33 +525,68 @@ fn matmul(
 /// The convolution of a batch: NCHW `x` (quantized onto `grid` first, when there is one) with OIHW `w`,
 /// each output channel passed through `epilogue` when there is one.
 pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
+    forward_then(g, grid, (x, w), epilogue, |_| ()).0
+}
+
+/// The convolution of a batch as [`forward`] (no epilogue), and the per-channel mean and biased
+/// variance of its output (for batch norm). Each image's statistics are taken while its output is still
+/// in cache, and merged exactly (Chan et al.): two passes over the output in memory fewer.
+pub(crate) fn forward_moments(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let p = g.pixels();
+    let (y, per_image) = forward_then(g, grid, (x, w), None, |yn| bn::image_moments(yn, p));
+    let (mean, var) = bn::merge_moments(&per_image, g.o, p);
+    (y, mean, var)
+}
+
+/// [`forward`], and `after` of each image's output (O·OH·OW values), in image order.
+fn forward_then<R: Send>(
+    g: Geometry,
+    grid: Option<Grid>,
+    (x, w): (&[f32], &[f32]),
+    epilogue: Option<&Epilogue>,
+    after: impl Fn(&[f32]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
     let (kd, p) = (g.kdim(), g.pixels());
     let size = g.c * g.h * g.w;
+    let mut per_image = Vec::new();
     if g.shifted() {
         let sh = Shifted::new(g, grid);
         let w_fwd = sh.forward_weight(w);
         let y = written(g.n * g.o * p, |y| {
-            y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-                || (vec![0f32; sh.padded_len()], vec![0f32; sh.output_len()]),
-                |(xpad, yext), (n, yn)| sh.forward((&x[n * size..(n + 1) * size], &w_fwd), xpad, yext, yn, epilogue),
-            )
+            per_image = y
+                .par_chunks_mut(g.o * p)
+                .enumerate()
+                .map_init(
+                    || (vec![0f32; sh.padded_len()], vec![0f32; sh.output_len()]),
+                    |(xpad, yext), (n, yn)| {
+                        sh.forward((&x[n * size..(n + 1) * size], &w_fwd), xpad, yext, yn, epilogue);
+                        // SAFETY: Shifted::forward wrote every element of yn (its crop covers O·OH·OW).
+                        after(unsafe { std::slice::from_raw_parts(yn.as_ptr().cast::<f32>(), yn.len()) })
+                    },
+                )
+                .collect()
         });
-        return y;
+        return (y, per_image);
     }
     let mut y = vec![0f32; g.n * g.o * p];
-    y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-        || (vec![0f32; kd * p], Vec::new()),
-        |(col, buf), (n, yn)| {
-            im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
-            matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
-            if let Some(e) = epilogue {
-                for (o, plane) in yn.chunks_exact_mut(p).enumerate() {
-                    plane.iter_mut().for_each(|v| *v = e.apply(o, *v));
+    per_image = y
+        .par_chunks_mut(g.o * p)
+        .enumerate()
+        .map_init(
+            || (vec![0f32; kd * p], Vec::new()),
+            |(col, buf), (n, yn)| {
+                im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
+                matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
+                if let Some(e) = epilogue {
+                    for (o, plane) in yn.chunks_exact_mut(p).enumerate() {
+                        plane.iter_mut().for_each(|v| *v = e.apply(o, *v));
+                    }
                 }
-            }
-        },
-    );
-    y
+                after(yn)
+            },
+        )
+        .collect();
+    (y, per_image)
 }
 
 /// Images per group of the weight gradient: fixed groups summed in a fixed order give the same weights

@@ -69,9 +69,8 @@ impl CustomOp3 for ConvBnTrain {
         let x = slice(s1, l1, "conv input")?;
         let (w, gb, residual) = self.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
         let o = self.g.o;
-        let conv_out = conv::forward(self.g, self.grid, x, w, None);
+        let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, x, w);
         let d = self.out_dims();
-        let (mean, var) = bn::moments(&conv_out, d);
         // With a join, the ReLU follows the sum: the backward masks by the output all the same.
         let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || self.residual };
         let out = bn::normalize(&conv_out, d, &stats, (&gb[..o], &gb[o..]), residual);
