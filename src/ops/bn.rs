@@ -6,6 +6,7 @@ use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// (N, C, H·W) of an NCHW layout.
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -140,20 +141,29 @@ pub(crate) struct Stats {
     pub relu: bool,
 }
 
-/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU, `y` the forward output).
+/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU, `y` the forward output), and dy'
+/// itself when `want_masked` (the gradient of a residual join's shortcut). Images are summed in
+/// parallel and merged in image order, so the sums do not depend on scheduling; dy' is written in the
+/// same pass that reads dy and y for the sums.
 pub(crate) fn grad_sums(
-    dy: &[f32],
-    x: &[f32],
-    y: &[f32],
+    (dy, x, y): (&[f32], &[f32], &[f32]),
     d: (usize, usize, usize),
     stats: &Stats,
-) -> (Vec<f32>, Vec<f32>) {
-    (0..d.1)
-        .into_par_iter()
-        .map(|ch| {
-            let (m, is) = (stats.mean[ch], stats.invstd[ch]);
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for ((g, xp), yp) in planes(dy, d, ch).zip(planes(x, d, ch)).zip(planes(y, d, ch)) {
+    want_masked: bool,
+) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+    let (_, c, p) = d;
+    let image = |n: usize, mut masked: Option<&mut [MaybeUninit<f32>]>| -> Vec<(f64, f64)> {
+        (0..c)
+            .map(|ch| {
+                let at = (n * c + ch) * p..(n * c + ch + 1) * p;
+                let (g, xp, yp) = (&dy[at.clone()], &x[at.clone()], &y[at]);
+                if let Some(m) = masked.as_deref_mut() {
+                    let m = &mut m[ch * p..(ch + 1) * p];
+                    m.iter_mut()
+                        .zip(g.iter().zip(yp))
+                        .for_each(|(m, (&g, &y))| _ = m.write(if y > 0.0 { g } else { 0.0 }));
+                }
+                let m = stats.mean[ch];
                 let (a, b) = if stats.relu {
                     lane_sums(g, xp, yp, |g, x, y| {
                         let g = if y <= 0.0 { 0.0 } else { g };
@@ -162,40 +172,50 @@ pub(crate) fn grad_sums(
                 } else {
                     lane_sums(g, xp, yp, |g, x, _| (g, g * (x - m)))
                 };
-                s1 += a;
-                s2 += b * is as f64;
-            }
-            (s1 as f32, s2 as f32)
-        })
-        .unzip()
+                (a, b * stats.invstd[ch] as f64)
+            })
+            .collect()
+    };
+    let mut masked = None;
+    let per_image: Vec<Vec<(f64, f64)>> = if want_masked {
+        let mut per_image = Vec::new();
+        masked = Some(written(dy.len(), |m| {
+            per_image = m.par_chunks_mut(c * p).enumerate().map(|(n, m)| image(n, Some(m))).collect()
+        }));
+        per_image
+    } else {
+        (0..d.0).into_par_iter().map(|n| image(n, None)).collect()
+    };
+    let (sum_dy, sum_dy_xhat) = (0..c)
+        .map(|ch| per_image.iter().fold((0f64, 0f64), |(a, b), m| (a + m[ch].0, b + m[ch].1)))
+        .unzip::<_, _, Vec<_>, Vec<_>>();
+    let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (narrow(sum_dy), narrow(sum_dy_xhat), masked)
 }
 
-/// dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M), with the sums from [`grad_sums`].
-pub(crate) fn input_grad(
+/// dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) of image `n`, into `dx` (C·H·W values), with the sums from
+/// [`grad_sums`].
+pub(crate) fn image_input_grad(
+    n: usize,
     (dy, x, y): (&[f32], &[f32], &[f32]),
     d: (usize, usize, usize),
     stats: &Stats,
     gamma: &[f32],
     (sum_dy, sum_dy_xhat): (&[f32], &[f32]),
-) -> Vec<f32> {
-    let (n, c, p) = d;
-    let m = (n * p) as f32;
-    written(x.len(), |dx| {
-        dx.par_chunks_mut(p).enumerate().for_each(|(i, dxp)| {
-            let ch = i % c;
-            let (mean, is, g) = (stats.mean[ch], stats.invstd[ch], gamma[ch]);
-            let (s1, s2) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m);
-            let k = g * is;
-            let range = i * p..(i + 1) * p;
-            for ((d, (&gy, &xv)), &yv) in
-                dxp.iter_mut().zip(dy[range.clone()].iter().zip(&x[range.clone()])).zip(&y[range])
-            {
-                let gy = if stats.relu && yv <= 0.0 { 0.0 } else { gy };
-                let xhat = (xv - mean) * is;
-                d.write(k * (gy - s1 - xhat * s2));
-            }
-        })
-    })
+    dx: &mut [f32],
+) {
+    let (_, c, p) = d;
+    let m = (d.0 * p) as f32;
+    for (ch, dxp) in dx.chunks_exact_mut(p).enumerate() {
+        let (mean, is) = (stats.mean[ch], stats.invstd[ch]);
+        let (s1, s2, k) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m, gamma[ch] * is);
+        let at = (n * c + ch) * p..(n * c + ch + 1) * p;
+        for ((d, &gy), (&xv, &yv)) in dxp.iter_mut().zip(&dy[at.clone()]).zip(x[at.clone()].iter().zip(&y[at])) {
+            let gy = if stats.relu && yv <= 0.0 { 0.0 } else { gy };
+            let xhat = (xv - mean) * is;
+            *d = k * (gy - s1 - xhat * s2);
+        }
+    }
 }
 
 /// Mean and biased variance per channel, as a (2, C) tensor, differentiable.
@@ -253,8 +273,12 @@ pub(crate) fn backward(
     stats: &Stats,
     gamma: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (sum_dy, sum_dy_xhat) = grad_sums(dy, x, y, d, stats);
-    let dx = input_grad((dy, x, y), d, stats, gamma, (&sum_dy, &sum_dy_xhat));
+    let (sum_dy, sum_dy_xhat, _) = grad_sums((dy, x, y), d, stats, false);
+    let image = d.1 * d.2;
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(image)
+        .enumerate()
+        .for_each(|(n, dxn)| image_input_grad(n, (dy, x, y), d, stats, gamma, (&sum_dy, &sum_dy_xhat), dxn));
     (dx, sum_dy_xhat, sum_dy)
 }
 

@@ -589,6 +589,14 @@ fn forward_then<R: Send>(
     (y, per_image)
 }
 
+/// The output gradient a backward reads: given whole, or computed image by image into a buffer of
+/// O·OH·OW values (by a fused op, so that it is never written to memory whole and read back).
+#[derive(Clone, Copy)]
+pub(crate) enum OutputGrad<'a> {
+    Given(&'a [f32]),
+    PerImage(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
+}
+
 /// Images per group of the weight gradient: fixed groups summed in a fixed order give the same weights
 /// for the same seed, however rayon schedules the work.
 const GROUP: usize = 8;
@@ -599,16 +607,25 @@ const GROUP: usize = 8;
 pub(crate) fn backward(
     g: Geometry,
     grid: Option<Grid>,
-    dy: &[f32],
+    dy: OutputGrad,
     x: &[f32],
     w: &[f32],
     want_dx: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
+    let out = g.o * g.pixels();
     if !g.shifted() {
-        return (want_dx.then(|| unfolded_input_grad(g, dy, w)), unfolded_weight_grad(g, grid, dy, x));
+        let whole = match dy {
+            OutputGrad::Given(dy) => std::borrow::Cow::Borrowed(dy),
+            OutputGrad::PerImage(image) => {
+                let mut whole = vec![0f32; g.n * out];
+                whole.par_chunks_mut(out).enumerate().for_each(|(n, d)| image(n, d));
+                std::borrow::Cow::Owned(whole)
+            }
+        };
+        return (want_dx.then(|| unfolded_input_grad(g, &whole, w)), unfolded_weight_grad(g, grid, &whole, x));
     }
     let sh = Shifted::new(g, grid);
-    let (size, out, taps) = (g.c * g.h * g.w, g.o * g.pixels(), g.k * g.k);
+    let (size, taps) = (g.c * g.h * g.w, g.k * g.k);
     // dX as a forward convolution of dY (the direct kernel), or by shifted GEMMs with w as (tap, C, O).
     let transposed = sh.transposed();
     let w_dx = match &transposed {
@@ -625,8 +642,18 @@ pub(crate) fn backward(
         let mut acc = vec![0f32; taps * g.c * g.o];
         let (mut xpad, mut dyt) = (vec![0f32; sh.padded_len()], vec![0f32; sh.q * g.o]);
         let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
+        let mut dy_image = match dy {
+            OutputGrad::Given(_) => Vec::new(),
+            OutputGrad::PerImage(_) => vec![0f32; out],
+        };
         for (i, n) in (grp * GROUP..((grp + 1) * GROUP).min(g.n)).enumerate() {
-            let dyn_ = &dy[n * out..(n + 1) * out];
+            let dyn_ = match dy {
+                OutputGrad::Given(dy) => &dy[n * out..(n + 1) * out],
+                OutputGrad::PerImage(image) => {
+                    image(n, &mut dy_image);
+                    &dy_image
+                }
+            };
             if let Some(dx) = dx.as_deref_mut() {
                 let dx = &mut dx[i * size..(i + 1) * size];
                 match &transposed {
@@ -742,7 +769,8 @@ impl CustomOp2 for Conv2d {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The image itself needs no gradient: skip the input gradient of the first layer.
         let want_dx = x.track_op();
-        let (dx, dw) = with_slices([grad, x, w], |[dy, x, w]| backward(self.g, self.grid, dy, x, w, want_dx))?;
+        let (dx, dw) =
+            with_slices([grad, x, w], |[dy, x, w]| backward(self.g, self.grid, OutputGrad::Given(dy), x, w, want_dx))?;
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
         Ok((dx, Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }

@@ -95,11 +95,15 @@ impl CustomOp3 for ConvBnTrain {
         let (dx, mut dw, dgamma, dbeta, d_shortcut) =
             with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
                 let (w, gb, _) = self.unpack(second, third);
-                let (d_conv, dgamma, dbeta) =
-                    bn::backward((grad, &saved.conv_out, out), self.out_dims(), &saved.stats, &gb[..o]);
-                // d(relu(a + b))/db: the gradient where the output is positive.
-                let d_shortcut = self.residual.then(|| bn::relu_grad(grad, out));
-                let (dx, dw) = conv::backward(g, self.grid, &d_conv, x, w, want_dx);
+                let (d, stats, saved_out) = (self.out_dims(), &saved.stats, (grad, &saved.conv_out[..], out));
+                // The sums first (one pass, which also writes d(relu(a + b))/db: the gradient where the
+                // output is positive); then the convolution's backward takes each image's batch-norm
+                // input gradient straight from here, never written to memory whole.
+                let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, self.residual);
+                let image = |n: usize, d_conv: &mut [f32]| {
+                    bn::image_input_grad(n, saved_out, d, stats, &gb[..o], (&dbeta, &dgamma), d_conv)
+                };
+                let (dx, dw) = conv::backward(g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
                 (dx, dw, dgamma, dbeta, d_shortcut)
             })?;
         let dev = x.device();
