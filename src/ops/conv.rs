@@ -26,7 +26,7 @@ use super::bn;
 use super::kernels;
 use super::quant::{quantize_into, Grid};
 use super::{slice, with_slices, written};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -78,7 +78,8 @@ impl Geometry {
 }
 
 /// What the eval-mode convolution applies to each output channel while it writes it: `relu?(y·a + b)`
-/// with (a, b) = (`scale[o]`, `shift[o]`) (the batch norm with running statistics, or folded BN's shift).
+/// with (a, b) = (`scale[o]`, `shift[o]`) (the batch norm with running statistics, or folded BN's shift),
+/// or `relu(y·a + b + r)` with `r` a residual block's shortcut, given to the op as a third input.
 #[derive(Debug, Clone)]
 pub struct Epilogue {
     pub scale: Vec<f32>,
@@ -87,10 +88,10 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    /// Applies the epilogue of channel `o` to `v`.
+    /// Applies the epilogue of channel `o` to `v`, adding `r` (the shortcut, or 0) before the ReLU.
     #[inline]
-    fn apply(&self, o: usize, v: f32) -> f32 {
-        let v = v * self.scale[o] + self.shift[o];
+    fn apply(&self, o: usize, v: f32, r: f32) -> f32 {
+        let v = v * self.scale[o] + self.shift[o] + r;
         // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
         if self.relu && v < 0.0 {
             0.0
@@ -265,7 +266,7 @@ impl Shifted {
         xpad: &mut [f32],
         yext: &mut [f32],
         y: &mut [MaybeUninit<f32>],
-        epilogue: Option<&Epilogue>,
+        epilogue: Option<(&Epilogue, Option<&[f32]>)>,
     ) {
         let g = &self.g;
         self.pad(x, xpad);
@@ -294,11 +295,17 @@ impl Shifted {
         }
         match epilogue {
             None => self.crop(yext, positions, g.oh(), g.ow(), y),
-            Some(e) => {
+            Some((e, residual)) => {
                 let (oh, ow) = (g.oh(), g.ow());
                 for (o, (src, dst)) in yext.chunks(positions).zip(y.chunks_exact_mut(oh * ow)).enumerate() {
-                    for (r, d) in src.chunks(self.wp).zip(dst.chunks_exact_mut(ow)) {
-                        d.iter_mut().zip(&r[..ow]).for_each(|(d, &v)| _ = d.write(e.apply(o, v)));
+                    for (oy, (row, d)) in src.chunks(self.wp).zip(dst.chunks_exact_mut(ow)).enumerate() {
+                        match residual {
+                            Some(r) => d
+                                .iter_mut()
+                                .zip(row[..ow].iter().zip(&r[(o * oh + oy) * ow..][..ow]))
+                                .for_each(|(d, (&v, &r))| _ = d.write(e.apply(o, v, r))),
+                            None => d.iter_mut().zip(&row[..ow]).for_each(|(d, &v)| _ = d.write(e.apply(o, v, 0.0))),
+                        }
                     }
                 }
             }
@@ -525,7 +532,7 @@ fn matmul(
 /// The convolution of a batch: NCHW `x` (quantized onto `grid` first, when there is one) with OIHW `w`,
 /// each output channel passed through `epilogue` when there is one.
 pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
-    forward_then(g, grid, (x, w), epilogue, |_| ()).0
+    forward_then(g, grid, (x, w), epilogue.map(|e| (e, None)), |_| ()).0
 }
 
 /// The convolution of a batch as [`forward`] (no epilogue), and the per-channel mean and biased
@@ -538,16 +545,19 @@ pub(crate) fn forward_moments(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f
     (y, mean, var)
 }
 
-/// [`forward`], and `after` of each image's output (O·OH·OW values), in image order.
+/// [`forward`] with the epilogue and the whole batch's shortcut, when there are, and `after` of each
+/// image's output (O·OH·OW values), in image order.
 fn forward_then<R: Send>(
     g: Geometry,
     grid: Option<Grid>,
     (x, w): (&[f32], &[f32]),
-    epilogue: Option<&Epilogue>,
+    epilogue: Option<(&Epilogue, Option<&[f32]>)>,
     after: impl Fn(&[f32]) -> R + Sync,
 ) -> (Vec<f32>, Vec<R>) {
     let (kd, p) = (g.kdim(), g.pixels());
     let size = g.c * g.h * g.w;
+    // The epilogue of image n, with its slice of the shortcut.
+    let epilogue_of = |n: usize| epilogue.map(|(e, r)| (e, r.map(|r| &r[n * g.o * p..(n + 1) * g.o * p])));
     let mut per_image = Vec::new();
     if g.shifted() {
         let sh = Shifted::new(g, grid);
@@ -559,7 +569,7 @@ fn forward_then<R: Send>(
                 .map_init(
                     || (vec![0f32; sh.padded_len()], vec![0f32; sh.output_len()]),
                     |(xpad, yext), (n, yn)| {
-                        sh.forward((&x[n * size..(n + 1) * size], &w_fwd), xpad, yext, yn, epilogue);
+                        sh.forward((&x[n * size..(n + 1) * size], &w_fwd), xpad, yext, yn, epilogue_of(n));
                         // SAFETY: Shifted::forward wrote every element of yn (its crop covers O·OH·OW).
                         after(unsafe { std::slice::from_raw_parts(yn.as_ptr().cast::<f32>(), yn.len()) })
                     },
@@ -577,9 +587,12 @@ fn forward_then<R: Send>(
             |(col, buf), (n, yn)| {
                 im2col(image(&x[n * size..(n + 1) * size], grid, buf), &g, col);
                 matmul(g.o, p, kd, yn, (p, 1), w, (kd, 1), col, (p, 1), false);
-                if let Some(e) = epilogue {
+                if let Some((e, residual)) = epilogue_of(n) {
                     for (o, plane) in yn.chunks_exact_mut(p).enumerate() {
-                        plane.iter_mut().for_each(|v| *v = e.apply(o, *v));
+                        match residual {
+                            Some(r) => plane.iter_mut().zip(&r[o * p..]).for_each(|(v, &r)| *v = e.apply(o, *v, r)),
+                            None => plane.iter_mut().for_each(|v| *v = e.apply(o, *v, 0.0)),
+                        }
                     }
                 }
                 after(yn)
@@ -776,11 +789,19 @@ impl CustomOp2 for Conv2d {
     }
 }
 
-/// The eval-mode convolution with its per-channel epilogue; no backward (eval needs none).
+/// The eval-mode convolution with its per-channel epilogue; no backward (eval needs none). Inputs x and
+/// w, and the shortcut as a third input when the epilogue joins one.
 struct Conv2dEval {
     g: Geometry,
     grid: Option<Grid>,
     epilogue: Epilogue,
+}
+
+impl Conv2dEval {
+    fn run(&self, x: &[f32], w: &[f32], residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let y = forward_then(self.g, self.grid, (x, w), Some((&self.epilogue, residual)), |_| ()).0;
+        Ok((CpuStorage::F32(y), Shape::from((self.g.n, self.g.o, self.g.oh(), self.g.ow()))))
+    }
 }
 
 impl CustomOp2 for Conv2dEval {
@@ -789,23 +810,53 @@ impl CustomOp2 for Conv2dEval {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?);
-        let y = forward(self.g, self.grid, x, w, Some(&self.epilogue));
-        Ok((CpuStorage::F32(y), Shape::from((self.g.n, self.g.o, self.g.oh(), self.g.ow()))))
+        self.run(slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?, None)
+    }
+}
+
+impl CustomOp3 for Conv2dEval {
+    fn name(&self) -> &'static str {
+        "qat-conv2d-eval-join"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let residual = slice(s3, l3, "shortcut")?;
+        self.run(slice(s1, l1, "conv2d input")?, slice(s2, l2, "conv2d weight")?, Some(residual))
     }
 }
 
 /// `relu?(conv2d(q(x), w)·scale[o] + shift[o])` on the CPU, without gradient: the eval-mode layer, with
-/// the affine and the ReLU applied while the convolution writes its output.
+/// the affine and the ReLU applied while the convolution writes its output; with a residual,
+/// `relu(conv2d(q(x), w)·scale[o] + shift[o] + residual)` (a residual block's join, fused too).
 pub fn conv2d_eval_cpu(
     x: &Tensor,
     w: &Tensor,
     (stride, pad): (usize, usize),
     grid: Option<Grid>,
     epilogue: Epilogue,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let g = geometry(x, w, stride, pad)?;
-    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Conv2dEval { g, grid, epilogue })
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match residual {
+        None => x.apply_op2_no_bwd(&w, &Conv2dEval { g, grid, epilogue }),
+        Some(r) => {
+            let out_dims = [g.n, g.o, g.oh(), g.ow()];
+            if r.dims() != out_dims {
+                candle_core::bail!("residual join: shortcut is {:?}, the layer's output {out_dims:?}", r.dims());
+            }
+            let epilogue = Epilogue { relu: true, ..epilogue };
+            x.apply_op3_no_bwd(&w, &r.detach().contiguous()?, &Conv2dEval { g, grid, epilogue })
+        }
+    }
 }
 
 /// The weight of a stride-1 convolution's input gradient, as a convolution of dY: OIHW (O, C, k, k) to

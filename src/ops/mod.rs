@@ -206,25 +206,31 @@ pub fn conv_bn_train(
 }
 
 /// Eval-mode convolution then `x·scale[o] + shift[o]` (batch norm with running statistics, or folded
-/// BN's shift), then a ReLU when `relu`; the input fake-quantized first when `input` = Some((scale,
-/// levels)). No gradient: on the CPU the affine and the ReLU are applied while the convolution writes
-/// its output ([`conv::conv2d_eval_cpu`]), one pass over memory fewer per layer.
+/// BN's shift), then a ReLU when `relu`, or `relu(· + residual)` when there is a residual (a residual
+/// block's join); the input fake-quantized first when `input` = Some((scale, levels)). No gradient: on
+/// the CPU the affine, the join and the ReLU are applied while the convolution writes its output
+/// ([`conv::conv2d_eval_cpu`]), a pass or two over memory fewer per layer.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_eval(
     x: &Tensor,
     w: &Tensor,
     (stride, padding): (usize, usize),
     input: Option<(&Tensor, f64)>,
-    scale: &Tensor,
-    shift: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
     relu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if let Some(grid) = cpu_grid(x, input)? {
+    let fusable = residual.is_none_or(|r| r.dtype() == DType::F32 && r.device().is_cpu());
+    if let Some(grid) = cpu_grid(x, input)?.filter(|_| fusable) {
         let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
-        return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue);
+        return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue, residual);
     }
     let y = conv2d_quantized(x, w, (stride, padding), input)?;
-    channel_affine(&y.detach(), &scale.detach(), &shift.detach(), relu)
+    let y = channel_affine(&y.detach(), &scale.detach(), &shift.detach(), relu && residual.is_none())?;
+    match residual {
+        Some(r) => add_relu(&y, &r.detach()),
+        None => Ok(y),
+    }
 }
 
 /// `relu(a + b)`: the residual join of a ResNet block. NaN propagates (a diverging run must show it).
@@ -427,19 +433,31 @@ mod tests {
     fn eval_conv_equals_conv_then_affine() {
         use testing::{max_diff, rand};
         let dev = Device::Cpu;
-        for (c, o, stride, relu, quantized) in
-            [(8, 10, 1, true, false), (3, 4, 2, false, true), (16, 16, 1, true, true)]
-        {
+        for (c, o, stride, relu, quantized, join) in [
+            (8, 10, 1, true, false, false),
+            (3, 4, 2, false, true, false),
+            (16, 16, 1, true, true, false),
+            (8, 10, 1, false, false, true),
+            (3, 4, 2, false, true, true),
+            (16, 8, 2, false, false, true),
+        ] {
             let x = rand(&[2, c, 7, 9], 1);
             let w = rand(&[o, c, 3, 3], 2);
             let scale = rand(&[o], 3);
             let shift = rand(&[o], 4);
+            let (oh, ow) = ((7 - 1) / stride + 1, (9 - 1) / stride + 1);
+            let shortcut = rand(&[2, o, oh, ow], 5);
+            let residual = join.then_some(&shortcut);
             let s = Tensor::new(&[0.9f32], &dev).unwrap();
             let input = quantized.then_some((&s, 7.0));
-            let fused = conv2d_eval(&x, &w, (stride, 1), input, &scale, &shift, relu).unwrap();
+            let fused = conv2d_eval(&x, &w, (stride, 1), input, (&scale, &shift), relu, residual).unwrap();
             let y = conv2d_quantized(&x, &w, (stride, 1), input).unwrap();
             let apart = channel_affine(&y, &scale, &shift, relu).unwrap();
-            assert!(max_diff(&fused, &apart) < 1e-5, "{:?}", (c, o, stride, relu, quantized));
+            let apart = match residual {
+                Some(r) => add_relu(&apart, r).unwrap(),
+                None => apart,
+            };
+            assert!(max_diff(&fused, &apart) < 1e-5, "{:?}", (c, o, stride, relu, quantized, join));
         }
     }
 
