@@ -125,7 +125,6 @@ impl ConvBn {
         // (all but pruned layers).
         let fused = residual.filter(|_| self.keep.is_none());
         let geometry = (self.stride, self.padding);
-        let conv = |w: &Tensor| ops::conv2d_quantized(x, w, geometry, input);
         let w = self.weight.as_tensor();
         let out = match (&self.quant, self.bn_mode) {
             (Some(q), BnMode::Fold) => {
@@ -138,23 +137,12 @@ impl ConvBn {
                 // are why `fold` costs about twice `keep`.
                 if train {
                     let wq = quantize_weight(w, q.weight_bits)?;
-                    let y_float = conv(w)?;
-                    let y_quant = conv(&wq)?;
-                    let (mean, var) = ops::channel_stats(&y_float)?;
-                    update_running(
-                        &self.running_mean,
-                        &self.running_var,
-                        &mean,
-                        &var,
-                        y_float.elem_count() / self.out_ch,
-                    )?;
-                    let scale = (self.gamma.as_tensor() / (var + BN_EPS)?.sqrt()?)?;
-                    let shift = (self.beta.as_tensor() - (&mean * &scale)?)?;
-                    let y = ops::channel_affine(&y_quant, &scale, &shift, relu && fused.is_none())?;
-                    match fused {
-                        Some(r) => ops::add_relu(&y, r)?,
-                        None => y,
-                    }
+                    let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
+                    let (out, mean, var) =
+                        ops::fold_conv_bn_train(x, (w, &wq), (gamma, beta), geometry, input, BN_EPS, relu, fused)?;
+                    let count = out.elem_count() / self.out_ch;
+                    update_running(&self.running_mean, &self.running_var, &mean, &var, count)?;
+                    out
                 } else {
                     let (scale, shift) = self.eval_affine()?;
                     let folded = w.broadcast_mul(&scale.reshape((self.out_ch, 1, 1, 1))?)?;

@@ -26,7 +26,7 @@ fn planes<'a>(x: &'a [f32], (n, c, p): (usize, usize, usize), ch: usize) -> impl
 /// sums let the loop vectorise: a single running f32 sum is bound by the latency of each add (4x
 /// slower here), and an f64 one by that and the conversions. Compiled for the CPU's SIMD extensions.
 #[multiversion(targets = "simd")]
-fn lane_sums(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> (f64, f64) {
+pub(crate) fn lane_sums(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> (f64, f64) {
     const LANES: usize = 32;
     let (mut s, mut t) = ([0f32; LANES], [0f32; LANES]);
     let (ca, cb, cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
@@ -205,13 +205,13 @@ pub(crate) fn image_input_grad(
     dx: &mut [f32],
 ) {
     let (_, c, p) = d;
-    let m = (d.0 * p) as f32;
+    let (m, relu) = ((d.0 * p) as f32, stats.relu);
     for (ch, dxp) in dx.chunks_exact_mut(p).enumerate() {
         let (mean, is) = (stats.mean[ch], stats.invstd[ch]);
         let (s1, s2, k) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m, gamma[ch] * is);
         let at = (n * c + ch) * p..(n * c + ch + 1) * p;
         for ((d, &gy), (&xv, &yv)) in dxp.iter_mut().zip(&dy[at.clone()]).zip(x[at.clone()].iter().zip(&y[at])) {
-            let gy = if stats.relu && yv <= 0.0 { 0.0 } else { gy };
+            let gy = if relu && yv <= 0.0 { 0.0 } else { gy };
             let xhat = (xv - mean) * is;
             *d = k * (gy - s1 - xhat * s2);
         }

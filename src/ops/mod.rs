@@ -6,6 +6,7 @@
 pub mod bn;
 pub mod conv;
 pub mod conv_bn;
+pub mod fold_bn;
 mod kernels;
 pub mod quant;
 
@@ -203,6 +204,50 @@ pub fn conv_bn_train(
         Some(r) => Ok((add_relu(&y, r)?, mean, var)),
         None => Ok((y, mean, var)),
     }
+}
+
+/// The training step of a quantized layer with batch norm folded into its weights (Jacob et al. 2018):
+/// `relu?(conv(x, w_quantized)·s + β − μ·s)`, or `relu(· + residual)` when there is a residual, with
+/// (μ, σ²) the batch statistics of the float `conv(x, w)` and s = γ/√(σ² + eps); the input
+/// fake-quantized first when `input` = Some((scale, levels)). Returns the output and the float
+/// convolution's batch mean and biased variance. One fused op on the CPU ([`fold_bn`]: both
+/// convolutions as one over the stacked weights), the separate ops elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_conv_bn_train(
+    x: &Tensor,
+    (w, w_quantized): (&Tensor, &Tensor),
+    (gamma, beta): (&Tensor, &Tensor),
+    (stride, padding): (usize, usize),
+    input: Option<(&Tensor, f64)>,
+    eps: f64,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let fusable = residual.is_none_or(|r| r.dtype() == DType::F32 && r.device().is_cpu());
+    if let Some(grid) = cpu_grid(x, input)?.filter(|_| fusable) {
+        let geometry = (stride, padding);
+        return fold_bn::fold_conv_bn_train_cpu(
+            x,
+            (w, w_quantized),
+            (gamma, beta),
+            geometry,
+            grid,
+            eps,
+            relu,
+            residual,
+        );
+    }
+    let y_float = conv2d_quantized(x, w, (stride, padding), input)?;
+    let y_quant = conv2d_quantized(x, w_quantized, (stride, padding), input)?;
+    let (mean, var) = channel_stats(&y_float)?;
+    let scale = (gamma / (&var + eps)?.sqrt()?)?;
+    let shift = (beta - (&mean * &scale)?)?;
+    let y = channel_affine(&y_quant, &scale, &shift, relu && residual.is_none())?;
+    let y = match residual {
+        Some(r) => add_relu(&y, r)?,
+        None => y,
+    };
+    Ok((y, mean.detach(), var.detach()))
 }
 
 /// Eval-mode convolution then `x·scale[o] + shift[o]` (batch norm with running statistics, or folded

@@ -1,0 +1,320 @@
+//! The training step of a quantized convolution with batch norm folded into its weights (Jacob et al.
+//! 2018), as one differentiable op on the CPU.
+//!
+//! The method needs two convolutions of the same input: the float one, whose batch statistics (μ, σ²)
+//! give the fold, and the one with quantized weights, whose output is scaled:
+//! `out = relu?(conv(x, q(W))·s + β − μ·s)` with `s = γ/√(σ² + ε)`, or `relu(· + shortcut)` with a
+//! residual join. As separate ops that is two convolutions (each padding the input), a moments op, an
+//! affine op and, in the backward, candle's gradient accumulation for every intermediate. Here the two
+//! weights are stacked, [W; q(W)], into one convolution of 2·O output channels: one pass over the input,
+//! one kernel call per image, and in the backward one transposed convolution for dX. The weight
+//! quantization itself stays outside (a fake-quant with a straight-through gradient), so the op's
+//! weight gradient is that of the stack. Values and gradients are those of the separate ops (tested).
+
+use super::bn;
+use super::conv::{self, Geometry};
+use super::quant::Grid;
+use super::{slice, with_slices, written};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// What the forward keeps for the backward.
+#[derive(Debug)]
+struct Saved {
+    /// The stacked convolution's output: per image, O float channels, then O quantized ones.
+    stacked: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+/// Inputs: x (NCHW), the stacked weight [W; q(W)] (2·O, C, k, k), and γ and β as a (2, O) tensor; with
+/// a residual (custom ops take three inputs), x, the stacked weight, γ and β flattened into one vector,
+/// and the shortcut.
+struct FoldConvBnTrain {
+    /// The geometry of the stacked convolution (2·O output channels).
+    g: Geometry,
+    grid: Option<Grid>,
+    eps: f64,
+    relu: bool,
+    residual: bool,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl FoldConvBnTrain {
+    /// Output channels of the layer (half the stack).
+    fn o(&self) -> usize {
+        self.g.o / 2
+    }
+
+    fn p(&self) -> usize {
+        self.g.oh() * self.g.ow()
+    }
+
+    /// (stacked weight, γ and β as one slice, shortcut) from the second and third inputs.
+    fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
+        if self.residual {
+            let (w, gb) = second.split_at(second.len() - 2 * self.o());
+            (w, gb, Some(third))
+        } else {
+            (second, third, None)
+        }
+    }
+
+    /// Whether a ReLU follows (alone or after the join): the backward masks by the output then.
+    fn masked(&self) -> bool {
+        self.relu || self.residual
+    }
+}
+
+/// The per-channel fold: s = γ·σ⁻¹ and shift = β − μ·s.
+fn fold(gb: &[f32], mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let o = mean.len();
+    (0..o).map(|c| (gb[c] * invstd[c], gb[o + c] - mean[c] * gb[c] * invstd[c])).unzip()
+}
+
+impl CustomOp3 for FoldConvBnTrain {
+    fn name(&self) -> &'static str {
+        "qat-fold-conv-bn-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv input")?;
+        let (w, gb, residual) = self.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
+        let (o, p) = (self.o(), self.p());
+        let (stacked, mut mean, mut var) = conv::forward_moments(self.g, self.grid, x, w);
+        // The statistics of the float half fold the batch norm.
+        mean.truncate(o);
+        var.truncate(o);
+        let invstd = bn::invstd(&var, self.eps);
+        let (scale, shift) = fold(gb, &mean, &invstd);
+        let masked = self.masked();
+        let relu = |v: f32| if masked && v < 0.0 { 0.0 } else { v };
+        let out = written(self.g.n * o * p, |out| {
+            out.par_chunks_mut(o * p).enumerate().for_each(|(n, out_n)| {
+                let quantized = &stacked[(2 * n + 1) * o * p..(2 * n + 2) * o * p];
+                for (c, (dst, src)) in out_n.chunks_exact_mut(p).zip(quantized.chunks_exact(p)).enumerate() {
+                    let (a, b) = (scale[c], shift[c]);
+                    match residual {
+                        Some(r) => dst
+                            .iter_mut()
+                            .zip(src.iter().zip(&r[(n * o + c) * p..][..p]))
+                            .for_each(|(d, (&v, &r))| _ = d.write(relu(v * a + b + r))),
+                        None => dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(relu(v * a + b))),
+                    }
+                }
+            })
+        });
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? =
+            Some(Saved { stacked, mean, var, invstd });
+        Ok((CpuStorage::F32(out), Shape::from((self.g.n, o, self.g.oh(), self.g.ow()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("folded conv + batch norm: backward before forward")
+        };
+        let want_dx = x.track_op();
+        let (n, o, p) = (self.g.n, self.o(), self.p());
+        let (dx, mut dw, dgamma, dbeta, d_shortcut) =
+            with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
+                let (w, gb, _) = self.unpack(second, third);
+                let relu = self.masked();
+                let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
+                // Per image and channel: Σ g′ and Σ g′·y_q (g′ the masked gradient), merged in image
+                // order; g′ itself is the shortcut's gradient.
+                let sums_of = |n: usize, mut shortcut: Option<&mut [std::mem::MaybeUninit<f32>]>| -> Vec<(f64, f64)> {
+                    (0..o)
+                        .map(|c| {
+                            let at = (n * o + c) * p..(n * o + c + 1) * p;
+                            let (g, y) = (&grad[at.clone()], &out[at]);
+                            let yq = &saved.stacked[((2 * n + 1) * o + c) * p..][..p];
+                            if let Some(d) = shortcut.as_deref_mut() {
+                                let d = &mut d[c * p..(c + 1) * p];
+                                d.iter_mut().zip(g.iter().zip(y)).for_each(|(d, (&g, &y))| _ = d.write(masked(g, y)));
+                            }
+                            bn::lane_sums(g, y, yq, |g, y, yq| {
+                                let g = masked(g, y);
+                                (g, g * yq)
+                            })
+                        })
+                        .collect()
+                };
+                let mut d_shortcut = None;
+                let per_image: Vec<Vec<(f64, f64)>> = if self.residual {
+                    let mut per_image = Vec::new();
+                    d_shortcut = Some(written(n * o * p, |d| {
+                        per_image = d.par_chunks_mut(o * p).enumerate().map(|(i, d)| sums_of(i, Some(d))).collect()
+                    }));
+                    per_image
+                } else {
+                    (0..n).into_par_iter().map(|i| sums_of(i, None)).collect()
+                };
+                let total = |c: usize| per_image.iter().fold((0f64, 0f64), |(a, b), m| (a + m[c].0, b + m[c].1));
+                let (scale, _) = fold(gb, &saved.mean, &saved.invstd);
+                let count = (n * p) as f32;
+                // out = y_q·s + β − μ·s, s = γ·(σ² + ε)^(−1/2): dβ = Σg′, ds = Σg′·y_q − μ·Σg′,
+                // dγ = ds·σ⁻¹, dμ = −s·Σg′, dσ² = −ds·s·σ⁻²/2; then through μ and σ² to y_f:
+                // dy_f = dμ/M + dσ²·2(y_f − μ)/M, and dy_q = g′·s.
+                let (mut dgamma, mut dbeta, mut c_mean, mut c_dev) =
+                    (vec![0f32; o], vec![0f32; o], vec![0f32; o], vec![0f32; o]);
+                for c in 0..o {
+                    let (a, b) = total(c);
+                    let (a, b) = (a as f32, b as f32);
+                    let (mu, is) = (saved.mean[c], saved.invstd[c]);
+                    let ds = b - mu * a;
+                    dbeta[c] = a;
+                    dgamma[c] = ds * is;
+                    c_mean[c] = -scale[c] * a / count;
+                    c_dev[c] = -ds * scale[c] * is * is / count;
+                }
+                let image = |i: usize, dy: &mut [f32]| {
+                    let (float, quant) = dy.split_at_mut(o * p);
+                    for c in 0..o {
+                        let yf = &saved.stacked[(2 * i * o + c) * p..][..p];
+                        let (k0, k1, mu) = (c_mean[c], c_dev[c], saved.mean[c]);
+                        float[c * p..(c + 1) * p].iter_mut().zip(yf).for_each(|(d, &y)| *d = k0 + k1 * (y - mu));
+                        let at = (i * o + c) * p..(i * o + c + 1) * p;
+                        let dq = quant[c * p..(c + 1) * p].iter_mut();
+                        dq.zip(grad[at.clone()].iter().zip(&out[at]))
+                            .for_each(|(d, (&g, &y))| *d = masked(g, y) * scale[c]);
+                    }
+                };
+                let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
+                (dx, dw, dgamma, dbeta, d_shortcut)
+            })?;
+        let dev = x.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
+        if self.residual {
+            dw.extend(dgamma);
+            dw.extend(dbeta);
+            let d_shortcut = d_shortcut.map(|v| Tensor::from_vec(v, third.shape(), dev)).transpose()?;
+            return Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), d_shortcut));
+        }
+        let mut dgb = dgamma;
+        dgb.extend(dbeta);
+        Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), Some(Tensor::from_vec(dgb, (2, o), dev)?)))
+    }
+}
+
+/// The folded-BN training layer on the CPU: `relu?(conv(q(x), w_q)·s + β − μ·s)`, or `relu(· +
+/// residual)`, with (μ, σ²) the batch statistics of `conv(q(x), w)` and s = γ/√(σ² + ε); x quantized onto
+/// `grid` first when there is one (straight-through). Returns the output and the batch mean and biased
+/// variance of the float convolution.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_conv_bn_train_cpu(
+    x: &Tensor,
+    (w, w_quantized): (&Tensor, &Tensor),
+    (gamma, beta): (&Tensor, &Tensor),
+    (stride, pad): (usize, usize),
+    grid: Option<Grid>,
+    eps: f64,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let stacked = Tensor::cat(&[w, w_quantized], 0)?;
+    let g = conv::geometry(x, &stacked, stride, pad)?;
+    let saved = Arc::new(Mutex::new(None));
+    let op = FoldConvBnTrain { g, grid, eps, relu, residual: residual.is_some(), saved: saved.clone() };
+    let x = x.contiguous()?;
+    let out = match residual {
+        None => x.apply_op3(&stacked, &Tensor::stack(&[gamma, beta], 0)?, op)?,
+        Some(r) => {
+            let out_dims = [g.n, g.o / 2, g.oh(), g.ow()];
+            if r.dims() != out_dims {
+                candle_core::bail!("residual join: shortcut is {:?}, the layer's output {out_dims:?}", r.dims());
+            }
+            let params = Tensor::cat(&[&stacked.flatten_all()?, gamma, beta], 0)?;
+            x.apply_op3(&params, &r.contiguous()?, op)?
+        }
+    };
+    let guard = saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+    let Some(saved) = guard.as_ref() else { candle_core::bail!("folded conv + batch norm: the forward did not run") };
+    let mean = Tensor::new(saved.mean.as_slice(), x.device())?;
+    let var = Tensor::new(saved.var.as_slice(), x.device())?;
+    Ok((out, mean, var))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{max_diff, rand};
+    use crate::ops::{add_relu, channel_affine, channel_stats, conv2d_quantized, fake_quant, max_abs};
+    use candle_core::Var;
+
+    /// Values, statistics and all gradients against the separate ops of the fold (two convolutions,
+    /// channel statistics, the affine and the join), with a quantized weight from a straight-through
+    /// fake-quant, on the shifted and im2col kernels, with and without ReLU, join and input quantization.
+    #[test]
+    fn matches_the_separate_ops() {
+        for (n, c, h, w, o, stride, relu, quant, join) in [
+            (2, 8, 7, 9, 10, 1, true, false, false),
+            (3, 3, 8, 8, 4, 2, false, true, false),
+            (2, 16, 6, 6, 16, 1, false, true, true),
+            (2, 8, 9, 7, 8, 2, false, false, true),
+        ] {
+            let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
+            let wt = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();
+            let gamma = Var::from_tensor(&(rand(&[o], 3) + 1.5).unwrap()).unwrap();
+            let beta = Var::from_tensor(&rand(&[o], 4)).unwrap();
+            let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+            let shortcut = Var::from_tensor(&rand(&[n, o, oh, ow], 6)).unwrap();
+            let residual = join.then_some(shortcut.as_tensor());
+            let s = Tensor::new(&[0.8f32], x.device()).unwrap();
+            let input = quant.then_some((&s, 7.0));
+            let grid = quant.then(|| Grid::new(0.8, 7.0));
+            let scales = max_abs(wt.as_tensor(), o).unwrap().reshape((o, 1, 1, 1)).unwrap();
+            let wq = fake_quant(wt.as_tensor(), &scales, 7.0).unwrap();
+            let (gamma_t, beta_t) = (gamma.as_tensor(), beta.as_tensor());
+            let (fused, mean, var) = fold_conv_bn_train_cpu(
+                x.as_tensor(),
+                (wt.as_tensor(), &wq),
+                (gamma_t, beta_t),
+                (stride, 1),
+                grid,
+                1e-5,
+                relu,
+                residual,
+            )
+            .unwrap();
+            let y_float = conv2d_quantized(x.as_tensor(), wt.as_tensor(), (stride, 1), input).unwrap();
+            let y_quant = conv2d_quantized(x.as_tensor(), &wq, (stride, 1), input).unwrap();
+            let (mean2, var2) = channel_stats(&y_float).unwrap();
+            let scale = (gamma_t / (&var2 + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+            let shift = (beta_t - (&mean2 * &scale).unwrap()).unwrap();
+            let apart = channel_affine(&y_quant, &scale, &shift, relu && !join).unwrap();
+            let apart = match residual {
+                Some(r) => add_relu(&apart, r).unwrap(),
+                None => apart,
+            };
+            let case = (n, c, h, w, o, stride, relu, quant, join);
+            assert!(max_diff(&fused, &apart) < 1e-4, "{case:?}: {}", max_diff(&fused, &apart));
+            assert!(max_diff(&mean, &mean2) < 1e-5 && max_diff(&var, &var2) < 1e-4, "{case:?}");
+            let up = rand(fused.dims(), 5);
+            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let vars = [&x, &wt, &gamma, &beta, &shortcut];
+            for (i, v) in vars[..if join { 5 } else { 4 }].iter().enumerate() {
+                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(max_diff(a, b) < 1e-3, "{case:?} input {i}: {}", max_diff(a, b));
+            }
+        }
+    }
+}
