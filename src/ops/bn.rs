@@ -112,20 +112,35 @@ fn affine_planes(
     relu: bool,
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
-    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
-    let relu = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
     written(x.len(), |y| {
         y.par_chunks_mut(p).zip(x.par_chunks(p)).enumerate().for_each(|(i, (yp, xp))| {
-            let (a, b) = coefficients(i % c);
-            match residual {
-                Some(r) => yp
-                    .iter_mut()
-                    .zip(xp.iter().zip(&r[i * p..(i + 1) * p]))
-                    .for_each(|(y, (&x, &r))| _ = y.write(relu(x * a + b + r))),
-                None => yp.iter_mut().zip(xp).for_each(|(y, &x)| _ = y.write(relu(x * a + b))),
-            }
+            affine_row(yp, xp, residual.map(|r| &r[i * p..(i + 1) * p]), coefficients(i % c), relu)
         })
     })
+}
+
+/// `dst = relu?(src·a + b)`, or `relu?(src·a + b + residual)`. Compiled for the CPU's SIMD extensions.
+#[multiversion(targets = "simd")]
+pub(crate) fn affine_row(
+    dst: &mut [MaybeUninit<f32>],
+    src: &[f32],
+    residual: Option<&[f32]>,
+    (a, b): (f32, f32),
+    relu: bool,
+) {
+    // Not f32::max, which would turn a NaN into 0 and hide a diverging run.
+    let relu = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
+    match residual {
+        Some(r) => dst.iter_mut().zip(src.iter().zip(r)).for_each(|(d, (&x, &r))| _ = d.write(relu(x * a + b + r))),
+        None => dst.iter_mut().zip(src).for_each(|(d, &x)| _ = d.write(relu(x * a + b))),
+    }
+}
+
+/// `dst = s·g` where the ReLU's output `y` is positive (everywhere without a ReLU), 0 elsewhere.
+/// Compiled for the CPU's SIMD extensions.
+#[multiversion(targets = "simd")]
+pub(crate) fn masked_row(dst: &mut [f32], (g, y): (&[f32], &[f32]), s: f32, relu: bool) {
+    dst.iter_mut().zip(g.iter().zip(y)).for_each(|(d, (&g, &y))| *d = if relu && y <= 0.0 { 0.0 } else { g * s });
 }
 
 /// 1/√(var + eps) per channel.
@@ -210,11 +225,22 @@ pub(crate) fn image_input_grad(
         let (mean, is) = (stats.mean[ch], stats.invstd[ch]);
         let (s1, s2, k) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m, gamma[ch] * is);
         let at = (n * c + ch) * p..(n * c + ch + 1) * p;
-        for ((d, &gy), (&xv, &yv)) in dxp.iter_mut().zip(&dy[at.clone()]).zip(x[at.clone()].iter().zip(&y[at])) {
-            let gy = if relu && yv <= 0.0 { 0.0 } else { gy };
-            let xhat = (xv - mean) * is;
-            *d = k * (gy - s1 - xhat * s2);
-        }
+        input_grad_row(dxp, (&dy[at.clone()], &x[at.clone()], &y[at]), (mean, is, k, s1, s2), relu);
+    }
+}
+
+/// One plane of [`image_input_grad`]: `dx = k·(g′ − s1 − (x − mean)·is·s2)`, g′ the gradient masked
+/// by the ReLU. Compiled for the CPU's SIMD extensions.
+#[multiversion(targets = "simd")]
+fn input_grad_row(
+    dx: &mut [f32],
+    (dy, x, y): (&[f32], &[f32], &[f32]),
+    (mean, is, k, s1, s2): (f32, f32, f32, f32, f32),
+    relu: bool,
+) {
+    for ((d, &gy), (&xv, &yv)) in dx.iter_mut().zip(dy).zip(x.iter().zip(y)) {
+        let gy = if relu && yv <= 0.0 { 0.0 } else { gy };
+        *d = k * (gy - s1 - (xv - mean) * is * s2);
     }
 }
 

@@ -97,20 +97,12 @@ impl CustomOp3 for FoldConvBnTrain {
         var.truncate(o);
         let invstd = bn::invstd(&var, self.eps);
         let (scale, shift) = fold(gb, &mean, &invstd);
-        let masked = self.masked();
-        let relu = |v: f32| if masked && v < 0.0 { 0.0 } else { v };
         let out = written(self.g.n * o * p, |out| {
             out.par_chunks_mut(o * p).enumerate().for_each(|(n, out_n)| {
                 let quantized = &stacked[(2 * n + 1) * o * p..(2 * n + 2) * o * p];
                 for (c, (dst, src)) in out_n.chunks_exact_mut(p).zip(quantized.chunks_exact(p)).enumerate() {
-                    let (a, b) = (scale[c], shift[c]);
-                    match residual {
-                        Some(r) => dst
-                            .iter_mut()
-                            .zip(src.iter().zip(&r[(n * o + c) * p..][..p]))
-                            .for_each(|(d, (&v, &r))| _ = d.write(relu(v * a + b + r))),
-                        None => dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(relu(v * a + b))),
-                    }
+                    let r = residual.map(|r| &r[(n * o + c) * p..][..p]);
+                    bn::affine_row(dst, src, r, (scale[c], shift[c]), self.masked());
                 }
             })
         });
@@ -192,9 +184,7 @@ impl CustomOp3 for FoldConvBnTrain {
                         let (k0, k1, mu) = (c_mean[c], c_dev[c], saved.mean[c]);
                         float[c * p..(c + 1) * p].iter_mut().zip(yf).for_each(|(d, &y)| *d = k0 + k1 * (y - mu));
                         let at = (i * o + c) * p..(i * o + c + 1) * p;
-                        let dq = quant[c * p..(c + 1) * p].iter_mut();
-                        dq.zip(grad[at.clone()].iter().zip(&out[at]))
-                            .for_each(|(d, (&g, &y))| *d = masked(g, y) * scale[c]);
+                        bn::masked_row(&mut quant[c * p..(c + 1) * p], (&grad[at.clone()], &out[at]), scale[c], relu);
                     }
                 };
                 let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
