@@ -1,7 +1,10 @@
 //! The hot tensor operations, in one place: models call layers, layers call these. A faster kernel for
 //! one op (a custom CPU convolution, a CUDA path) replaces it here without touching any model.
 //!
-//! Every op here is differentiable through candle's autograd.
+//! Every op here is differentiable through candle's autograd. On the CPU: [`conv`] (the convolution and
+//! its backward; `kernels` holds its AVX-512 inner loops), [`conv_bn`] (convolution, batch norm and ReLU
+//! or the residual join as one op), [`fold_bn`] (the same with batch norm folded into quantized
+//! weights), [`bn`] and [`quant`].
 
 pub mod bn;
 pub mod conv;
