@@ -185,3 +185,124 @@ pub(crate) fn weight_grad_o16(dyt: &[f32], xs: &[f32], plane: usize, q: usize, a
 pub(crate) fn weight_grad_o16(_: &[f32], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
     unreachable!("the 16x16 block needs AVX-512 (callers check `available`)")
 }
+
+/// Output and input channels of one tile of [`weight_grad`]: 4 x 4 = 16 accumulators.
+const WG: usize = 4;
+
+/// Whether [`weight_grad`] takes O output and C input channels (whole tiles).
+pub(crate) fn weight_grad_fits(o: usize, c: usize) -> bool {
+    o.is_multiple_of(WG) && c.is_multiple_of(WG)
+}
+
+/// `acc[t][c][o] += Σ_images Σ_i dy[o·qv + i] · x[c·plane + shifts[t] + i]` for i < qv: the weight
+/// gradient of a few images, each given as (dY on the output grid, O rows of `qv` values, zero on the
+/// dropped columns and past the grid; the padded input, as [`direct`] reads it).
+///
+/// Both operands are read in place, 16 positions per register: a tile of 4 output by 4 input channels
+/// keeps 16 accumulators of 16 partial sums, over every position of every image given, for one tap
+/// (8 loads per 16 multiply-adds, the rows in L1 across the taps). Only then are the partial sums
+/// added up, all 16 accumulators at once ([`sum_lanes`]), so the images given should have enough
+/// positions between them (a few hundred) for that to be cheap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn weight_grad(
+    images: &[(&[f32], &[f32])],
+    (o, c): (usize, usize),
+    (plane, qv): (usize, usize),
+    shifts: &[usize],
+    acc: &mut [f32],
+) {
+    let reach = (c - 1) * plane + shifts.iter().max().copied().unwrap_or(0) + qv;
+    // Checked once here: every access below stays inside these bounds.
+    assert!(weight_grad_fits(o, c) && qv.is_multiple_of(LANES) && acc.len() >= shifts.len() * c * o);
+    assert!(images.iter().all(|(dy, x)| dy.len() >= o * qv && x.len() >= reach));
+    for ob in (0..o).step_by(WG) {
+        for cb in (0..c).step_by(WG) {
+            for (t, &shift) in shifts.iter().enumerate() {
+                let mut sums = [_mm512_setzero_ps(); WG * WG];
+                for (dy, x) in images {
+                    // SAFETY: (ob + j)·qv + i + 16 <= o·qv <= dy.len() and
+                    // (cb + k)·plane + shift + i + 16 <= reach <= x.len() for j, k < 4, i + 16 <= qv.
+                    let (dp, xp) = unsafe { (dy.as_ptr().add(ob * qv), x.as_ptr().add(cb * plane + shift)) };
+                    for i in (0..qv).step_by(LANES) {
+                        let mut d = [_mm512_setzero_ps(); WG];
+                        let mut xs = [_mm512_setzero_ps(); WG];
+                        for j in 0..WG {
+                            // SAFETY: see above.
+                            d[j] = unsafe { _mm512_loadu_ps(dp.add(j * qv + i)) };
+                            xs[j] = unsafe { _mm512_loadu_ps(xp.add(j * plane + i)) };
+                        }
+                        for j in 0..WG {
+                            for k in 0..WG {
+                                sums[j * WG + k] = _mm512_fmadd_ps(d[j], xs[k], sums[j * WG + k]);
+                            }
+                        }
+                    }
+                }
+                // Lane k·4 + j of the total is Σ dy[ob + j] · x[cb + k].
+                let mut total = [0f32; LANES];
+                // SAFETY: total holds 16 floats.
+                unsafe { _mm512_storeu_ps(total.as_mut_ptr(), sum_lanes(&sums)) };
+                for k in 0..WG {
+                    let dst = &mut acc[(t * c + cb + k) * o + ob..][..WG];
+                    dst.iter_mut().zip(&total[k * WG..(k + 1) * WG]).for_each(|(a, s)| *a += s);
+                }
+            }
+        }
+    }
+}
+
+/// The 16 lane sums of 16 registers in one register, by halving: lane L·4 + m holds the sum of
+/// register 4·m + L. 30 shuffles and 15 additions, against 16 × 8 for one horizontal sum at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum_lanes(a: &[__m512; 16]) -> __m512 {
+    // Registers 2k and 2k+1: their 256-bit halves added, side by side (8 partial sums each).
+    let mut b = [_mm512_setzero_ps(); 8];
+    for (k, b) in b.iter_mut().enumerate() {
+        let (x, y) = (a[2 * k], a[2 * k + 1]);
+        *b = _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y));
+    }
+    // 128-bit lane L of c[m]: 4 partial sums of register 4m + L.
+    let mut c = [_mm512_setzero_ps(); 4];
+    for (m, c) in c.iter_mut().enumerate() {
+        let (x, y) = (b[2 * m], b[2 * m + 1]);
+        *c = _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y));
+    }
+    // Within each 128-bit lane L: 2 partial sums of registers L and 4 + L (e0), 8 + L and 12 + L (e1).
+    let e0 = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(c[0], c[1]), _mm512_shuffle_ps::<0xEE>(c[0], c[1]));
+    let e1 = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(c[2], c[3]), _mm512_shuffle_ps::<0xEE>(c[2], c[3]));
+    _mm512_add_ps(_mm512_shuffle_ps::<0x88>(e0, e1), _mm512_shuffle_ps::<0xDD>(e0, e1))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn weight_grad(_: &[(&[f32], &[f32])], _: (usize, usize), _: (usize, usize), _: &[usize], _: &mut [f32]) {
+    unreachable!("the weight-gradient kernel needs AVX-512 (callers check `available`)")
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_sums_of_sixteen_registers() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let values: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        // SAFETY: available() found AVX-512F; every load reads 16 of the 256 values.
+        let got = unsafe {
+            let regs: [__m512; 16] = std::array::from_fn(|r| _mm512_loadu_ps(values[r * 16..].as_ptr()));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), sum_lanes(&regs));
+            out
+        };
+        for l in 0..4 {
+            for m in 0..4 {
+                let want: f32 = values[(4 * m + l) * 16..][..16].iter().sum();
+                assert_eq!(got[l * 4 + m], want, "lane {} = register {}", l * 4 + m, 4 * m + l);
+            }
+        }
+    }
+}
