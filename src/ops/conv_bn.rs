@@ -13,7 +13,7 @@ use super::conv::{self, Geometry};
 use super::quant::Grid;
 use super::{slice, with_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the forward keeps for the backward: the convolution's output and the batch statistics.
 #[derive(Debug)]
@@ -23,14 +23,13 @@ struct Saved {
     var: Vec<f32>,
 }
 
-/// Inputs: x (NCHW), w (OIHW), and γ and β stacked as a (2, O) tensor; with a residual (custom ops
-/// take three inputs), x, the parameters w, γ, β flattened into one vector, and the shortcut.
+/// Inputs: x (NCHW), w (OIHW), γ, β and the shortcut, packed as [`Inputs`] says.
 struct ConvBnTrain {
     g: Geometry,
     grid: Option<Grid>,
     eps: f64,
     relu: bool,
-    residual: bool,
+    inputs: Inputs,
     /// Shared with the caller, which reads the batch statistics for the running averages.
     saved: Arc<Mutex<Option<Saved>>>,
 }
@@ -40,16 +39,77 @@ impl ConvBnTrain {
     fn out_dims(&self) -> (usize, usize, usize) {
         (self.g.n, self.g.o, self.g.oh() * self.g.ow())
     }
+}
 
-    /// (w, γ and β as one slice, shortcut) from the second and third inputs.
-    fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
+/// How a fused conv + batch-norm op's three inputs carry its five: (x, w, [γ; β]) without a residual
+/// join, and (x, [w, γ, β] flattened, shortcut) with one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Inputs {
+    pub residual: bool,
+    /// Output channels (the length of γ and β).
+    pub channels: usize,
+}
+
+impl Inputs {
+    /// (w, γ and β as one slice, shortcut) from the op's second and third inputs.
+    pub(super) fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
         if self.residual {
-            let (w, gb) = second.split_at(second.len() - 2 * self.g.o);
+            let (w, gb) = second.split_at(second.len() - 2 * self.channels);
             (w, gb, Some(third))
         } else {
             (second, third, None)
         }
     }
+
+    /// Applies `op` to x, w, γ, β and the shortcut (which must have the output's `dims`), packed.
+    pub(super) fn apply(
+        x: &Tensor,
+        w: &Tensor,
+        (gamma, beta): (&Tensor, &Tensor),
+        residual: Option<&Tensor>,
+        dims: [usize; 4],
+        op: impl CustomOp3 + Send + Sync + 'static,
+    ) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        match residual {
+            None => x.apply_op3(&w.contiguous()?, &Tensor::stack(&[gamma, beta], 0)?, op),
+            Some(r) => {
+                if r.dims() != dims {
+                    candle_core::bail!("residual join: shortcut is {:?}, the layer's output {dims:?}", r.dims());
+                }
+                let params = Tensor::cat(&[&w.flatten_all()?, gamma, beta], 0)?;
+                x.apply_op3(&params, &r.contiguous()?, op)
+            }
+        }
+    }
+
+    /// The op's three input gradients, packed like its inputs, from those of x, w, γ, β and the
+    /// shortcut.
+    pub(super) fn gradients(
+        &self,
+        (x, second, third): (&Tensor, &Tensor, &Tensor),
+        dx: Option<Vec<f32>>,
+        (mut dw, dgamma, dbeta): (Vec<f32>, Vec<f32>, Vec<f32>),
+        d_shortcut: Option<Vec<f32>>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dev = x.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
+        if self.residual {
+            dw.extend(dgamma);
+            dw.extend(dbeta);
+            let d_shortcut = d_shortcut.map(|v| Tensor::from_vec(v, third.shape(), dev)).transpose()?;
+            return Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), d_shortcut));
+        }
+        let mut dgb = dgamma;
+        dgb.extend(dbeta);
+        let dgb = Tensor::from_vec(dgb, (2, self.channels), dev)?;
+        Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), Some(dgb)))
+    }
+}
+
+/// What a fused op's forward saved, for its backward and its caller (the running averages).
+pub(super) fn saved<T>(saved: &Mutex<Option<T>>) -> Result<MutexGuard<'_, Option<T>>> {
+    saved.lock().map_err(|_| candle_core::Error::Msg("a fused op's saved state: poisoned lock".into()))
 }
 
 impl CustomOp3 for ConvBnTrain {
@@ -67,15 +127,15 @@ impl CustomOp3 for ConvBnTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "conv input")?;
-        let (w, gb, residual) = self.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
+        let (w, gb, residual) =
+            self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
         let o = self.g.o;
         let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, x, w);
         let d = self.out_dims();
         // With a join, the ReLU follows the sum: the backward masks by the output all the same.
-        let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || self.residual };
+        let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || self.inputs.residual };
         let out = bn::normalize(&conv_out, d, &stats, (&gb[..o], &gb[o..]), residual);
-        *self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? =
-            Some(Saved { conv_out, stats, var });
+        *saved(&self.saved)? = Some(Saved { conv_out, stats, var });
         Ok((CpuStorage::F32(out), Shape::from((self.g.n, o, self.g.oh(), self.g.ow()))))
     }
 
@@ -87,36 +147,26 @@ impl CustomOp3 for ConvBnTrain {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        let saved = saved(&self.saved)?;
         let Some(saved) = saved.as_ref() else { candle_core::bail!("conv + batch norm: backward before forward") };
         let (g, o) = (self.g, self.g.o);
         // The image itself needs no gradient: skip the input gradient of the first layer.
         let want_dx = x.track_op();
-        let (dx, mut dw, dgamma, dbeta, d_shortcut) =
+        let (dx, dw, dgamma, dbeta, d_shortcut) =
             with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
-                let (w, gb, _) = self.unpack(second, third);
+                let (w, gb, _) = self.inputs.unpack(second, third);
                 let (d, stats, saved_out) = (self.out_dims(), &saved.stats, (grad, &saved.conv_out[..], out));
                 // The sums first (one pass, which also writes d(relu(a + b))/db: the gradient where the
                 // output is positive); then the convolution's backward takes each image's batch-norm
                 // input gradient straight from here, never written to memory whole.
-                let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, self.residual);
+                let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, self.inputs.residual);
                 let image = |n: usize, d_conv: &mut [f32]| {
                     bn::image_input_grad(n, saved_out, d, stats, &gb[..o], (&dbeta, &dgamma), d_conv)
                 };
                 let (dx, dw) = conv::backward(g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
                 (dx, dw, dgamma, dbeta, d_shortcut)
             })?;
-        let dev = x.device();
-        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
-        if self.residual {
-            dw.extend(dgamma);
-            dw.extend(dbeta);
-            let d_shortcut = d_shortcut.map(|v| Tensor::from_vec(v, third.shape(), dev)).transpose()?;
-            return Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), d_shortcut));
-        }
-        let mut dgb = dgamma;
-        dgb.extend(dbeta);
-        Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), Some(Tensor::from_vec(dgb, (2, o), dev)?)))
+        self.inputs.gradients((x, second, third), dx, (dw, dgamma, dbeta), d_shortcut)
     }
 }
 
@@ -135,21 +185,11 @@ pub fn conv_bn_train_cpu(
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let g = conv::geometry(x, w, stride, pad)?;
-    let saved = Arc::new(Mutex::new(None));
-    let op = ConvBnTrain { g, grid, eps, relu, residual: residual.is_some(), saved: saved.clone() };
-    let x = x.contiguous()?;
-    let out = match residual {
-        None => x.apply_op3(&w.contiguous()?, &Tensor::stack(&[gamma, beta], 0)?, op)?,
-        Some(r) => {
-            let out_dims = [g.n, g.o, g.oh(), g.ow()];
-            if r.dims() != out_dims {
-                candle_core::bail!("residual join: shortcut is {:?}, the layer's output {out_dims:?}", r.dims());
-            }
-            let params = Tensor::cat(&[&w.flatten_all()?, gamma, beta], 0)?;
-            x.apply_op3(&params, &r.contiguous()?, op)?
-        }
-    };
-    let guard = saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+    let state = Arc::new(Mutex::new(None));
+    let inputs = Inputs { residual: residual.is_some(), channels: g.o };
+    let op = ConvBnTrain { g, grid, eps, relu, inputs, saved: state.clone() };
+    let out = Inputs::apply(x, w, (gamma, beta), residual, [g.n, g.o, g.oh(), g.ow()], op)?;
+    let guard = saved(&state)?;
     let Some(saved) = guard.as_ref() else { candle_core::bail!("conv + batch norm: the forward did not run") };
     let mean = Tensor::new(saved.stats.mean.as_slice(), x.device())?;
     let var = Tensor::new(saved.var.as_slice(), x.device())?;
@@ -159,8 +199,7 @@ pub fn conv_bn_train_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{max_diff, rand};
-    use candle_core::Var;
+    use crate::ops::testing::{conv_bn_vars, max_diff, rand};
 
     /// Values, statistics and all gradients against the ops it fuses, for both convolution kernels
     /// (shifted: stride 1 with 8+ channels; im2col otherwise), with and without ReLU, residual join and
@@ -175,12 +214,7 @@ mod tests {
             (2, 8, 7, 9, 10, 1, false, false, true),
             (2, 4, 9, 7, 8, 2, false, true, true),
         ] {
-            let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
-            let wt = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();
-            let gamma = Var::from_tensor(&(rand(&[o], 3) + 1.5).unwrap()).unwrap();
-            let beta = Var::from_tensor(&rand(&[o], 4)).unwrap();
-            let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-            let shortcut = Var::from_tensor(&rand(&[n, o, oh, ow], 6)).unwrap();
+            let [x, wt, gamma, beta, shortcut] = conv_bn_vars((n, c, h, w, o, stride));
             let residual = join.then_some(shortcut.as_tensor());
             let grid = quant.then(|| Grid::new(0.8, 7.0));
             let (gamma_t, beta_t) = (gamma.as_tensor(), beta.as_tensor());

@@ -13,6 +13,7 @@
 
 use super::bn;
 use super::conv::{self, Geometry};
+use super::conv_bn::{saved, Inputs};
 use super::quant::Grid;
 use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -29,16 +30,15 @@ struct Saved {
     invstd: Vec<f32>,
 }
 
-/// Inputs: x (NCHW), the stacked weight [W; q(W)] (2·O, C, k, k), and γ and β as a (2, O) tensor; with
-/// a residual (custom ops take three inputs), x, the stacked weight, γ and β flattened into one vector,
-/// and the shortcut.
+/// Inputs: x (NCHW), the stacked weight [W; q(W)] (2·O, C, k, k), γ, β and the shortcut, packed as
+/// [`Inputs`] says.
 struct FoldConvBnTrain {
     /// The geometry of the stacked convolution (2·O output channels).
     g: Geometry,
     grid: Option<Grid>,
     eps: f64,
     relu: bool,
-    residual: bool,
+    inputs: Inputs,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
@@ -52,19 +52,9 @@ impl FoldConvBnTrain {
         self.g.oh() * self.g.ow()
     }
 
-    /// (stacked weight, γ and β as one slice, shortcut) from the second and third inputs.
-    fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
-        if self.residual {
-            let (w, gb) = second.split_at(second.len() - 2 * self.o());
-            (w, gb, Some(third))
-        } else {
-            (second, third, None)
-        }
-    }
-
     /// Whether a ReLU follows (alone or after the join): the backward masks by the output then.
     fn masked(&self) -> bool {
-        self.relu || self.residual
+        self.relu || self.inputs.residual
     }
 }
 
@@ -89,7 +79,8 @@ impl CustomOp3 for FoldConvBnTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "conv input")?;
-        let (w, gb, residual) = self.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
+        let (w, gb, residual) =
+            self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
         let (o, p) = (self.o(), self.p());
         let (stacked, mut mean, mut var) = conv::forward_moments(self.g, self.grid, x, w);
         // The statistics of the float half fold the batch norm.
@@ -106,8 +97,7 @@ impl CustomOp3 for FoldConvBnTrain {
                 }
             })
         });
-        *self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? =
-            Some(Saved { stacked, mean, var, invstd });
+        *saved(&self.saved)? = Some(Saved { stacked, mean, var, invstd });
         Ok((CpuStorage::F32(out), Shape::from((self.g.n, o, self.g.oh(), self.g.ow()))))
     }
 
@@ -119,15 +109,15 @@ impl CustomOp3 for FoldConvBnTrain {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        let saved = saved(&self.saved)?;
         let Some(saved) = saved.as_ref() else {
             candle_core::bail!("folded conv + batch norm: backward before forward")
         };
         let want_dx = x.track_op();
         let (n, o, p) = (self.g.n, self.o(), self.p());
-        let (dx, mut dw, dgamma, dbeta, d_shortcut) =
+        let (dx, dw, dgamma, dbeta, d_shortcut) =
             with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
-                let (w, gb, _) = self.unpack(second, third);
+                let (w, gb, _) = self.inputs.unpack(second, third);
                 let relu = self.masked();
                 let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
                 // Per image and channel: Σ g′ and Σ g′·y_q (g′ the masked gradient), merged in image
@@ -150,7 +140,7 @@ impl CustomOp3 for FoldConvBnTrain {
                         .collect()
                 };
                 let mut d_shortcut = None;
-                let per_image: Vec<Vec<(f64, f64)>> = if self.residual {
+                let per_image: Vec<Vec<(f64, f64)>> = if self.inputs.residual {
                     let mut per_image = Vec::new();
                     d_shortcut = Some(written(n * o * p, |d| {
                         per_image = d.par_chunks_mut(o * p).enumerate().map(|(i, d)| sums_of(i, Some(d))).collect()
@@ -190,17 +180,7 @@ impl CustomOp3 for FoldConvBnTrain {
                 let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
                 (dx, dw, dgamma, dbeta, d_shortcut)
             })?;
-        let dev = x.device();
-        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
-        if self.residual {
-            dw.extend(dgamma);
-            dw.extend(dbeta);
-            let d_shortcut = d_shortcut.map(|v| Tensor::from_vec(v, third.shape(), dev)).transpose()?;
-            return Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), d_shortcut));
-        }
-        let mut dgb = dgamma;
-        dgb.extend(dbeta);
-        Ok((dx, Some(Tensor::from_vec(dw, second.shape(), dev)?), Some(Tensor::from_vec(dgb, (2, o), dev)?)))
+        self.inputs.gradients((x, second, third), dx, (dw, dgamma, dbeta), d_shortcut)
     }
 }
 
@@ -221,21 +201,11 @@ pub fn fold_conv_bn_train_cpu(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let stacked = Tensor::cat(&[w, w_quantized], 0)?;
     let g = conv::geometry(x, &stacked, stride, pad)?;
-    let saved = Arc::new(Mutex::new(None));
-    let op = FoldConvBnTrain { g, grid, eps, relu, residual: residual.is_some(), saved: saved.clone() };
-    let x = x.contiguous()?;
-    let out = match residual {
-        None => x.apply_op3(&stacked, &Tensor::stack(&[gamma, beta], 0)?, op)?,
-        Some(r) => {
-            let out_dims = [g.n, g.o / 2, g.oh(), g.ow()];
-            if r.dims() != out_dims {
-                candle_core::bail!("residual join: shortcut is {:?}, the layer's output {out_dims:?}", r.dims());
-            }
-            let params = Tensor::cat(&[&stacked.flatten_all()?, gamma, beta], 0)?;
-            x.apply_op3(&params, &r.contiguous()?, op)?
-        }
-    };
-    let guard = saved.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+    let state = Arc::new(Mutex::new(None));
+    let inputs = Inputs { residual: residual.is_some(), channels: g.o / 2 };
+    let op = FoldConvBnTrain { g, grid, eps, relu, inputs, saved: state.clone() };
+    let out = Inputs::apply(x, &stacked, (gamma, beta), residual, [g.n, g.o / 2, g.oh(), g.ow()], op)?;
+    let guard = saved(&state)?;
     let Some(saved) = guard.as_ref() else { candle_core::bail!("folded conv + batch norm: the forward did not run") };
     let mean = Tensor::new(saved.mean.as_slice(), x.device())?;
     let var = Tensor::new(saved.var.as_slice(), x.device())?;
@@ -245,9 +215,8 @@ pub fn fold_conv_bn_train_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{max_diff, rand};
+    use crate::ops::testing::{conv_bn_vars, max_diff, rand};
     use crate::ops::{add_relu, channel_affine, channel_stats, conv2d_quantized, fake_quant, max_abs};
-    use candle_core::Var;
 
     /// Values, statistics and all gradients against the separate ops of the fold (two convolutions,
     /// channel statistics, the affine and the join), with a quantized weight from a straight-through
@@ -260,12 +229,7 @@ mod tests {
             (2, 16, 6, 6, 16, 1, false, true, true),
             (2, 8, 9, 7, 8, 2, false, false, true),
         ] {
-            let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
-            let wt = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();
-            let gamma = Var::from_tensor(&(rand(&[o], 3) + 1.5).unwrap()).unwrap();
-            let beta = Var::from_tensor(&rand(&[o], 4)).unwrap();
-            let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-            let shortcut = Var::from_tensor(&rand(&[n, o, oh, ow], 6)).unwrap();
+            let [x, wt, gamma, beta, shortcut] = conv_bn_vars((n, c, h, w, o, stride));
             let residual = join.then_some(shortcut.as_tensor());
             let s = Tensor::new(&[0.8f32], x.device()).unwrap();
             let input = quant.then_some((&s, 7.0));

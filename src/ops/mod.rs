@@ -180,6 +180,18 @@ fn cpu_grid(x: &Tensor, input: Option<(&Tensor, f64)>) -> Result<Option<Option<q
     })
 }
 
+/// [`cpu_grid`], for ops that also take a residual: None where the residual cannot join on the CPU.
+fn fused_grid(
+    x: &Tensor,
+    input: Option<(&Tensor, f64)>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Option<quant::Grid>>> {
+    if residual.is_some_and(|r| r.dtype() != DType::F32 || !r.device().is_cpu()) {
+        return Ok(None);
+    }
+    cpu_grid(x, input)
+}
+
 /// Convolution, then training-mode batch norm, then a ReLU when `relu`, or `relu(· + residual)` when
 /// there is a residual (a residual block's join); the input fake-quantized first when `input` =
 /// Some((scale, levels)). Returns the output and the batch mean and biased variance. One fused op on the
@@ -197,8 +209,7 @@ pub fn conv_bn_train(
     relu: bool,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let fusable = residual.is_none_or(|r| r.dtype() == DType::F32 && r.device().is_cpu());
-    if let Some(grid) = cpu_grid(x, input)?.filter(|_| fusable) {
+    if let Some(grid) = fused_grid(x, input, residual)? {
         return conv_bn::conv_bn_train_cpu(x, w, (gamma, beta), (stride, padding), grid, eps, relu, residual);
     }
     let y = conv2d_quantized(x, w, (stride, padding), input)?;
@@ -226,8 +237,7 @@ pub fn fold_conv_bn_train(
     relu: bool,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let fusable = residual.is_none_or(|r| r.dtype() == DType::F32 && r.device().is_cpu());
-    if let Some(grid) = cpu_grid(x, input)?.filter(|_| fusable) {
+    if let Some(grid) = fused_grid(x, input, residual)? {
         let geometry = (stride, padding);
         return fold_bn::fold_conv_bn_train_cpu(
             x,
@@ -268,8 +278,7 @@ pub fn conv2d_eval(
     relu: bool,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let fusable = residual.is_none_or(|r| r.dtype() == DType::F32 && r.device().is_cpu());
-    if let Some(grid) = cpu_grid(x, input)?.filter(|_| fusable) {
+    if let Some(grid) = fused_grid(x, input, residual)? {
         let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
         return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue, residual);
     }
@@ -372,6 +381,20 @@ pub(crate) mod testing {
     /// The largest absolute difference between two tensors of one shape.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The variables of a 3x3 conv + batch-norm layer test: x (n, c, h, w), the weight (o, c, 3, 3),
+    /// γ (around 1.5), β, and a shortcut shaped like the output of stride `stride` with padding 1.
+    pub fn conv_bn_vars((n, c, h, w, o, stride): (usize, usize, usize, usize, usize, usize)) -> [candle_core::Var; 5] {
+        let var = |t: Tensor| candle_core::Var::from_tensor(&t).unwrap();
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        [
+            var(rand(&[n, c, h, w], 1)),
+            var(rand(&[o, c, 3, 3], 2)),
+            var((rand(&[o], 3) + 1.5).unwrap()),
+            var(rand(&[o], 4)),
+            var(rand(&[n, o, oh, ow], 6)),
+        ]
     }
 }
 
