@@ -299,13 +299,8 @@ impl Shifted {
                 let (oh, ow) = (g.oh(), g.ow());
                 for (o, (src, dst)) in yext.chunks(positions).zip(y.chunks_exact_mut(oh * ow)).enumerate() {
                     for (oy, (row, d)) in src.chunks(self.wp).zip(dst.chunks_exact_mut(ow)).enumerate() {
-                        match residual {
-                            Some(r) => d
-                                .iter_mut()
-                                .zip(row[..ow].iter().zip(&r[(o * oh + oy) * ow..][..ow]))
-                                .for_each(|(d, (&v, &r))| _ = d.write(e.apply(o, v, r))),
-                            None => d.iter_mut().zip(&row[..ow]).for_each(|(d, &v)| _ = d.write(e.apply(o, v, 0.0))),
-                        }
+                        let r = residual.map(|r| &r[(o * oh + oy) * ow..][..ow]);
+                        bn::affine_row(d, &row[..ow], r, (e.scale[o], e.shift[o]), e.relu);
                     }
                 }
             }
