@@ -12,15 +12,18 @@
 //! ```
 //! with K = C·k·k and P = OH·OW.
 //!
-//! Stride-1 convolutions with 8+ channels (16 of ResNet-20's 19; not the 3-channel stem nor the two
-//! stride-2 ones) skip im2col altogether (`Shifted`): on an input padded to width Wp, the im2col row of
-//! tap (ky, kx) is the padded plane itself, shifted by ky·Wp + kx. So the convolution is k·k GEMMs that
-//! read the padded image in place, computed on a grid Wp wide whose few extra columns are dropped. That
-//! removes the im2col and col2im copies (a fifth of a training step) and the weight gradient's second
-//! im2col; their backward computes dX and dW in one pass over the images. On AVX-512 CPUs the k·k
-//! GEMMs of the forward are one direct kernel (`kernels::direct`) instead, which keeps its outputs in
-//! registers across all taps; the input gradient then runs on the same kernel, as the forward
-//! convolution of dY with the weight turned by 180° (`Shifted::transposed`).
+//! Convolutions with 8+ channels and stride 1, or stride 2 with a 3x3 kernel (18 of ResNet-20's 19;
+//! not the 3-channel stem) skip im2col altogether (`Shifted`): on an input padded to width Wp, the
+//! im2col row of tap (ky, kx) is the padded plane itself, shifted by ky·Wp + kx. So the convolution is
+//! k·k GEMMs that read the padded image in place, computed on a grid Wp wide whose few extra columns
+//! are dropped; stride 2 becomes stride 1 over the image split into its four phases. That removes the
+//! im2col and col2im copies (a fifth of a training step) and the weight gradient's second im2col;
+//! their backward computes dX and dW in one pass over the images.
+//!
+//! On AVX-512 CPUs the k·k GEMMs become kernels of our own (`kernels`): the forward is one direct
+//! kernel that keeps its outputs in registers across all taps; the stride-1 input gradient runs on
+//! it too, as the forward convolution of dY with the weight turned by 180° (`Shifted::transposed`);
+//! and the stride-1 weight gradient on 16x16+ maps reads dY and the padded image in place.
 
 use super::bn;
 use super::kernels;
