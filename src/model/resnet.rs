@@ -5,6 +5,7 @@
 use super::layers::{ConvBn, LabelHeads, Linear, QuantSpec};
 use super::{Cost, Params};
 use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
+use crate::ops;
 use crate::regularize::prune::channel_mask;
 use candle_core::{Device, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -192,22 +193,10 @@ impl ResNet {
 
 /// Option-A shortcut: identity, or for a strided block every other pixel with zero channels appended.
 fn shortcut(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    if stride == 1 && c == out_ch {
+    if stride == 1 && x.dim(1)? == out_ch {
         return Ok(x.clone());
     }
-    let mut y = x.clone();
-    if stride > 1 {
-        let rows = Tensor::arange_step(0u32, h as u32, stride as u32, x.device())?;
-        let cols = Tensor::arange_step(0u32, w as u32, stride as u32, x.device())?;
-        y = y.index_select(&rows, 2)?.index_select(&cols, 3)?;
-    }
-    if out_ch > c {
-        let (_, _, h2, w2) = y.dims4()?;
-        let zeros = Tensor::zeros((n, out_ch - c, h2, w2), y.dtype(), y.device())?;
-        y = Tensor::cat(&[&y, &zeros], 1)?;
-    }
-    Ok(y)
+    ops::subsample(x, stride, out_ch)
 }
 
 #[cfg(test)]

@@ -667,6 +667,77 @@ pub(crate) fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
     })
 }
 
+/// The option-A shortcut of a downsampling residual block (He et al. 2016): every `stride`-th pixel of
+/// the C input channels, then zero channels up to `out_ch`. One pass each way (as candle ops it is two
+/// index_selects and a cat forward, and their scatter-adds and narrow backward).
+struct Subsample {
+    stride: usize,
+    out_ch: usize,
+}
+
+impl Subsample {
+    /// Output (H, W) of an input plane of (h, w).
+    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        (h.div_ceil(self.stride), w.div_ceil(self.stride))
+    }
+}
+
+impl CustomOp1 for Subsample {
+    fn name(&self) -> &'static str {
+        "qat-subsample"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "shortcut input")?;
+        let &[n, c, h, w] = l.dims() else { candle_core::bail!("shortcut expects NCHW, got {:?}", l.dims()) };
+        let (oh, ow) = self.out_size(h, w);
+        let (o, st) = (self.out_ch, self.stride);
+        let y = written(n * o * oh * ow, |y| {
+            y.par_chunks_mut(o * oh * ow).enumerate().for_each(|(i, yi)| {
+                for (ch, plane) in yi.chunks_exact_mut(oh * ow).enumerate() {
+                    if ch >= c {
+                        plane.iter_mut().for_each(|v| _ = v.write(0.0));
+                        continue;
+                    }
+                    let src = &x[(i * c + ch) * h * w..][..h * w];
+                    for (oy, row) in plane.chunks_exact_mut(ow).enumerate() {
+                        let src_row = &src[oy * st * w..][..w];
+                        row.iter_mut().zip(src_row.iter().step_by(st)).for_each(|(d, &v)| _ = d.write(v));
+                    }
+                }
+            })
+        });
+        Ok((CpuStorage::F32(y), Shape::from((n, o, oh, ow))))
+    }
+
+    /// The gradient back on the sampled pixels of the input channels, zero elsewhere.
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c, h, w) = x.dims4()?;
+        let (oh, ow) = self.out_size(h, w);
+        let (o, st) = (self.out_ch, self.stride);
+        let dx = with_slices([grad], |[g]| {
+            let mut dx = vec![0f32; n * c * h * w];
+            dx.par_chunks_mut(c * h * w).enumerate().for_each(|(i, di)| {
+                for (ch, plane) in di.chunks_exact_mut(h * w).enumerate() {
+                    let src = &g[(i * o + ch) * oh * ow..][..oh * ow];
+                    for (oy, row) in src.chunks_exact(ow).enumerate() {
+                        let dst = &mut plane[oy * st * w..][..w];
+                        dst.iter_mut().step_by(st).zip(row).for_each(|(d, &v)| *d = v);
+                    }
+                }
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// The option-A shortcut on the CPU for f32 NCHW `x`: every `stride`-th pixel, channels zero-padded to
+/// `out_ch` (≥ C), differentiable.
+pub fn subsample_cpu(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Subsample { stride, out_ch })
+}
+
 /// `relu(a + b)` for two f32 tensors of the same shape on the CPU, differentiable.
 pub fn add_relu_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)

@@ -290,6 +290,26 @@ pub fn conv2d_eval(
     }
 }
 
+/// Every `stride`-th pixel of NCHW `x`, with zero channels appended up to `out_ch` (≥ C): the option-A
+/// shortcut of a downsampling residual block. One op each way on the CPU ([`bn::subsample_cpu`]).
+pub fn subsample(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if out_ch < c {
+        candle_core::bail!("shortcut: {out_ch} output channels cannot hold the input's {c}");
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return bn::subsample_cpu(x, stride, out_ch);
+    }
+    let rows = Tensor::arange_step(0u32, h as u32, stride as u32, x.device())?;
+    let cols = Tensor::arange_step(0u32, w as u32, stride as u32, x.device())?;
+    let y = x.index_select(&rows, 2)?.index_select(&cols, 3)?;
+    if out_ch == c {
+        return Ok(y);
+    }
+    let zeros = Tensor::zeros((n, out_ch - c, h.div_ceil(stride), w.div_ceil(stride)), y.dtype(), y.device())?;
+    Tensor::cat(&[&y, &zeros], 1)
+}
+
 /// `relu(a + b)`: the residual join of a ResNet block. NaN propagates (a diverging run must show it).
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.device().is_cpu() && a.dtype() == DType::F32 && a.dims() == b.dims() {
@@ -529,6 +549,31 @@ mod tests {
                 None => apart,
             };
             assert!(max_diff(&fused, &apart) < 1e-5, "{:?}", (c, o, stride, relu, quantized, join));
+        }
+    }
+
+    /// The CPU shortcut op against candle's index_select + cat, values and gradient, on odd sizes.
+    #[test]
+    fn subsample_matches_candle() {
+        use testing::{max_diff, rand};
+        for (n, c, h, w, stride, out_ch) in
+            [(2, 3, 7, 9, 2, 5), (1, 4, 8, 8, 2, 4), (2, 2, 5, 6, 3, 3), (1, 3, 4, 4, 1, 6)]
+        {
+            let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
+            let ours = subsample(x.as_tensor(), stride, out_ch).unwrap();
+            let rows = Tensor::arange_step(0u32, h as u32, stride as u32, x.device()).unwrap();
+            let cols = Tensor::arange_step(0u32, w as u32, stride as u32, x.device()).unwrap();
+            let y = x.as_tensor().index_select(&rows, 2).unwrap().index_select(&cols, 3).unwrap();
+            let zeros = Tensor::zeros((n, out_ch - c, y.dim(2).unwrap(), y.dim(3).unwrap()), y.dtype(), y.device());
+            let reference = Tensor::cat(&[&y, &zeros.unwrap()], 1).unwrap();
+            let case = (n, c, h, w, stride, out_ch);
+            assert_eq!(ours.dims(), reference.dims(), "{case:?}");
+            assert_eq!(max_diff(&ours, &reference), 0.0, "{case:?}");
+            let up = rand(ours.dims(), 2);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+            assert_eq!(max_diff(a, b), 0.0, "{case:?}");
         }
     }
 
