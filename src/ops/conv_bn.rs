@@ -15,29 +15,121 @@ use super::{slice, with_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// What the forward keeps for the backward: the convolution's output and the batch statistics.
+/// What a layer's forward keeps for its backward: the convolution's output and the batch statistics.
 #[derive(Debug)]
-struct Saved {
+pub(super) struct Saved {
     conv_out: Vec<f32>,
     stats: Stats,
-    var: Vec<f32>,
+    /// The biased batch variance (for the running average).
+    pub var: Vec<f32>,
+}
+
+impl Saved {
+    /// The batch mean (for the running average).
+    pub(super) fn mean(&self) -> &[f32] {
+        &self.stats.mean
+    }
+}
+
+/// One convolution + batch-norm layer in training, on slices: what the fused ops run.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Layer {
+    pub g: Geometry,
+    /// The input's quantizer, when there is one.
+    pub grid: Option<Grid>,
+    pub eps: f64,
+    pub relu: bool,
+}
+
+impl Layer {
+    /// (N, O, OH·OW) of the output.
+    fn dims(&self) -> (usize, usize, usize) {
+        (self.g.n, self.g.o, self.g.oh() * self.g.ow())
+    }
+
+    /// `relu?(batch_norm(conv(x, w)))`, or `relu(batch_norm(conv(x, w)) + residual)`, with `gb` = [γ; β];
+    /// and what the backward needs.
+    pub(super) fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, Saved) {
+        let o = self.g.o;
+        let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, x, w);
+        // With a join, the ReLU follows the sum: the backward masks by the output all the same.
+        let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || residual.is_some() };
+        let out = bn::normalize(&conv_out, self.dims(), &stats, (&gb[..o], &gb[o..]), residual);
+        (out, Saved { conv_out, stats, var })
+    }
+
+    /// (dx when `want_dx`, dw, dγ, dβ, and the shortcut's gradient with a `residual`) from the output
+    /// and its gradient.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn backward(
+        &self,
+        saved: &Saved,
+        (grad, out): (&[f32], &[f32]),
+        (x, w, gb): (&[f32], &[f32], &[f32]),
+        (want_dx, residual): (bool, bool),
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+        let (d, stats, saved_out) = (self.dims(), &saved.stats, (grad, &saved.conv_out[..], out));
+        // The sums first (one pass, which also writes d(relu(a + b))/db: the gradient where the output
+        // is positive); then the convolution's backward takes each image's batch-norm input gradient
+        // straight from here, never written to memory whole.
+        let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, residual);
+        let gamma = &gb[..self.g.o];
+        let image =
+            |n: usize, d_conv: &mut [f32]| bn::image_input_grad(n, saved_out, d, stats, gamma, (&dbeta, &dgamma), d_conv);
+        let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
+        (dx, dw, dgamma, dbeta, d_shortcut)
+    }
 }
 
 /// Inputs: x (NCHW), w (OIHW), γ, β and the shortcut, packed as [`Inputs`] says.
 struct ConvBnTrain {
-    g: Geometry,
-    grid: Option<Grid>,
-    eps: f64,
-    relu: bool,
+    layer: Layer,
     inputs: Inputs,
     /// Shared with the caller, which reads the batch statistics for the running averages.
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-impl ConvBnTrain {
-    /// (N, O, OH·OW) of the output.
-    fn out_dims(&self) -> (usize, usize, usize) {
-        (self.g.n, self.g.o, self.g.oh() * self.g.ow())
+impl CustomOp3 for ConvBnTrain {
+    fn name(&self) -> &'static str {
+        "qat-conv-bn-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv input")?;
+        let (w, gb, residual) =
+            self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
+        let (out, state) = self.layer.forward(x, w, gb, residual);
+        *saved(&self.saved)? = Some(state);
+        let g = self.layer.g;
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh(), g.ow()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = saved(&self.saved)?;
+        let Some(saved) = saved.as_ref() else { candle_core::bail!("conv + batch norm: backward before forward") };
+        // The image itself needs no gradient: skip the input gradient of the first layer.
+        let flags = (x.track_op(), self.inputs.residual);
+        let (dx, dw, dgamma, dbeta, d_shortcut) =
+            with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
+                let (w, gb, _) = self.inputs.unpack(second, third);
+                self.layer.backward(saved, (grad, out), (x, w, gb), flags)
+            })?;
+        self.inputs.gradients((x, second, third), dx, (dw, dgamma, dbeta), d_shortcut)
     }
 }
 
@@ -112,64 +204,6 @@ pub(super) fn saved<T>(saved: &Mutex<Option<T>>) -> Result<MutexGuard<'_, Option
     saved.lock().map_err(|_| candle_core::Error::Msg("a fused op's saved state: poisoned lock".into()))
 }
 
-impl CustomOp3 for ConvBnTrain {
-    fn name(&self) -> &'static str {
-        "qat-conv-bn-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "conv input")?;
-        let (w, gb, residual) =
-            self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
-        let o = self.g.o;
-        let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, x, w);
-        let d = self.out_dims();
-        // With a join, the ReLU follows the sum: the backward masks by the output all the same.
-        let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || self.inputs.residual };
-        let out = bn::normalize(&conv_out, d, &stats, (&gb[..o], &gb[o..]), residual);
-        *saved(&self.saved)? = Some(Saved { conv_out, stats, var });
-        Ok((CpuStorage::F32(out), Shape::from((self.g.n, o, self.g.oh(), self.g.ow()))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        second: &Tensor,
-        third: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = saved(&self.saved)?;
-        let Some(saved) = saved.as_ref() else { candle_core::bail!("conv + batch norm: backward before forward") };
-        let (g, o) = (self.g, self.g.o);
-        // The image itself needs no gradient: skip the input gradient of the first layer.
-        let want_dx = x.track_op();
-        let (dx, dw, dgamma, dbeta, d_shortcut) =
-            with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
-                let (w, gb, _) = self.inputs.unpack(second, third);
-                let (d, stats, saved_out) = (self.out_dims(), &saved.stats, (grad, &saved.conv_out[..], out));
-                // The sums first (one pass, which also writes d(relu(a + b))/db: the gradient where the
-                // output is positive); then the convolution's backward takes each image's batch-norm
-                // input gradient straight from here, never written to memory whole.
-                let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, self.inputs.residual);
-                let image = |n: usize, d_conv: &mut [f32]| {
-                    bn::image_input_grad(n, saved_out, d, stats, &gb[..o], (&dbeta, &dgamma), d_conv)
-                };
-                let (dx, dw) = conv::backward(g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
-                (dx, dw, dgamma, dbeta, d_shortcut)
-            })?;
-        self.inputs.gradients((x, second, third), dx, (dw, dgamma, dbeta), d_shortcut)
-    }
-}
-
 /// `relu?(batch_norm(conv2d(q(x), w)))` in training mode on the CPU, or `relu(batch_norm(..) +
 /// residual)` with a residual (x quantized onto `grid` first when there is one, straight-through);
 /// returns the output and the batch mean and biased variance.
@@ -187,11 +221,11 @@ pub fn conv_bn_train_cpu(
     let g = conv::geometry(x, w, stride, pad)?;
     let state = Arc::new(Mutex::new(None));
     let inputs = Inputs { residual: residual.is_some(), channels: g.o };
-    let op = ConvBnTrain { g, grid, eps, relu, inputs, saved: state.clone() };
+    let op = ConvBnTrain { layer: Layer { g, grid, eps, relu }, inputs, saved: state.clone() };
     let out = Inputs::apply(x, w, (gamma, beta), residual, [g.n, g.o, g.oh(), g.ow()], op)?;
     let guard = saved(&state)?;
     let Some(saved) = guard.as_ref() else { candle_core::bail!("conv + batch norm: the forward did not run") };
-    let mean = Tensor::new(saved.stats.mean.as_slice(), x.device())?;
+    let mean = Tensor::new(saved.mean(), x.device())?;
     let var = Tensor::new(saved.var.as_slice(), x.device())?;
     Ok((out, mean, var))
 }
