@@ -2,7 +2,7 @@
 //! 16/32/64 channels (times a width multiplier), parameter-free shortcuts (option A: subsample and
 //! zero-pad channels), global average pooling and one linear layer. n = 1, 2, 3 gives ResNet-8/14/20.
 
-use super::layers::{ConvBn, LabelHeads, Linear, QuantSpec};
+use super::layers::{fused_block_train, ConvBn, LabelHeads, Linear, QuantSpec};
 use super::{Cost, Params};
 use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
 use crate::ops;
@@ -17,6 +17,20 @@ use std::cell::RefCell;
 pub struct Block {
     pub conv1: ConvBn,
     pub conv2: ConvBn,
+}
+
+impl Block {
+    /// `relu(conv2(conv1(x)) + shortcut(x))`: in training as one op where it applies
+    /// ([`fused_block_train`]), else layer by layer.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            if let Some(out) = fused_block_train(&self.conv1, &self.conv2, x)? {
+                return Ok(out);
+            }
+        }
+        let r = self.conv1.forward(x, train, true)?;
+        self.conv2.forward_residual(&r, &shortcut(x, self.conv1.stride, self.conv2.out_ch)?, train)
+    }
 }
 
 /// What a network is built for.
@@ -111,8 +125,7 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.stem.forward(x, train, true)?;
         for block in &self.blocks {
-            let r = block.conv1.forward(&h, train, true)?;
-            h = block.conv2.forward_residual(&r, &shortcut(&h, block.conv1.stride, block.conv2.out_ch)?, train)?;
+            h = block.forward(&h, train)?;
             if let Some((p, DropoutPosition::Blocks)) = self.dropout {
                 h = self.drop(&h, p, train)?;
             }

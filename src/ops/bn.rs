@@ -670,9 +670,9 @@ pub(crate) fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
 /// The option-A shortcut of a downsampling residual block (He et al. 2016): every `stride`-th pixel of
 /// the C input channels, then zero channels up to `out_ch`. One pass each way (as candle ops it is two
 /// index_selects and a cat forward, and their scatter-adds and narrow backward).
-struct Subsample {
-    stride: usize,
-    out_ch: usize,
+pub(crate) struct Subsample {
+    pub stride: usize,
+    pub out_ch: usize,
 }
 
 impl Subsample {
@@ -682,17 +682,12 @@ impl Subsample {
     }
 }
 
-impl CustomOp1 for Subsample {
-    fn name(&self) -> &'static str {
-        "qat-subsample"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "shortcut input")?;
-        let &[n, c, h, w] = l.dims() else { candle_core::bail!("shortcut expects NCHW, got {:?}", l.dims()) };
+impl Subsample {
+    /// The shortcut of NCHW `x` with dims (n, c, h, w).
+    pub(crate) fn forward(&self, x: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
         let (oh, ow) = self.out_size(h, w);
         let (o, st) = (self.out_ch, self.stride);
-        let y = written(n * o * oh * ow, |y| {
+        written(n * o * oh * ow, |y| {
             y.par_chunks_mut(o * oh * ow).enumerate().for_each(|(i, yi)| {
                 for (ch, plane) in yi.chunks_exact_mut(oh * ow).enumerate() {
                     if ch >= c {
@@ -706,26 +701,43 @@ impl CustomOp1 for Subsample {
                     }
                 }
             })
+        })
+    }
+
+    /// Adds the shortcut's gradient `g` into `dx`, the gradient of NCHW input of dims (n, c, h, w).
+    pub(crate) fn add_backward(&self, g: &[f32], (_, c, h, w): (usize, usize, usize, usize), dx: &mut [f32]) {
+        let (oh, ow) = self.out_size(h, w);
+        let (o, st) = (self.out_ch, self.stride);
+        dx.par_chunks_mut(c * h * w).enumerate().for_each(|(i, di)| {
+            for (ch, plane) in di.chunks_exact_mut(h * w).enumerate() {
+                let src = &g[(i * o + ch) * oh * ow..][..oh * ow];
+                for (oy, row) in src.chunks_exact(ow).enumerate() {
+                    let dst = &mut plane[oy * st * w..][..w];
+                    dst.iter_mut().step_by(st).zip(row).for_each(|(d, &v)| *d += v);
+                }
+            }
         });
-        Ok((CpuStorage::F32(y), Shape::from((n, o, oh, ow))))
+    }
+}
+
+impl CustomOp1 for Subsample {
+    fn name(&self) -> &'static str {
+        "qat-subsample"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "shortcut input")?;
+        let &[n, c, h, w] = l.dims() else { candle_core::bail!("shortcut expects NCHW, got {:?}", l.dims()) };
+        let (oh, ow) = self.out_size(h, w);
+        Ok((CpuStorage::F32(self.forward(x, (n, c, h, w))), Shape::from((n, self.out_ch, oh, ow))))
     }
 
     /// The gradient back on the sampled pixels of the input channels, zero elsewhere.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, c, h, w) = x.dims4()?;
-        let (oh, ow) = self.out_size(h, w);
-        let (o, st) = (self.out_ch, self.stride);
+        let dims = x.dims4()?;
         let dx = with_slices([grad], |[g]| {
-            let mut dx = vec![0f32; n * c * h * w];
-            dx.par_chunks_mut(c * h * w).enumerate().for_each(|(i, di)| {
-                for (ch, plane) in di.chunks_exact_mut(h * w).enumerate() {
-                    let src = &g[(i * o + ch) * oh * ow..][..oh * ow];
-                    for (oy, row) in src.chunks_exact(ow).enumerate() {
-                        let dst = &mut plane[oy * st * w..][..w];
-                        dst.iter_mut().step_by(st).zip(row).for_each(|(d, &v)| *d = v);
-                    }
-                }
-            });
+            let mut dx = vec![0f32; x.elem_count()];
+            self.add_backward(g, dims, &mut dx);
             dx
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))

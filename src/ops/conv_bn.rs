@@ -74,8 +74,9 @@ impl Layer {
         // straight from here, never written to memory whole.
         let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, residual);
         let gamma = &gb[..self.g.o];
-        let image =
-            |n: usize, d_conv: &mut [f32]| bn::image_input_grad(n, saved_out, d, stats, gamma, (&dbeta, &dgamma), d_conv);
+        let image = |n: usize, d_conv: &mut [f32]| {
+            bn::image_input_grad(n, saved_out, d, stats, gamma, (&dbeta, &dgamma), d_conv)
+        };
         let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
         (dx, dw, dgamma, dbeta, d_shortcut)
     }

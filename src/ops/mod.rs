@@ -6,6 +6,7 @@
 //! or the residual join as one op), [`fold_bn`] (the same with batch norm folded into quantized
 //! weights), [`bn`] and [`quant`].
 
+pub mod block;
 pub mod bn;
 pub mod conv;
 pub mod conv_bn;
@@ -218,6 +219,25 @@ pub fn conv_bn_train(
         Some(r) => Ok((add_relu(&y, r)?, mean, var)),
         None => Ok((y, mean, var)),
     }
+}
+
+/// A residual block in training as one op on the CPU ([`block`]): two 3x3 convolution + batch-norm
+/// layers (the first with ReLU and stride `stride`, its input fake-quantized when `input` =
+/// Some((scale, levels)); the second's input fake-quantized on `levels2` steps when given, scaled by
+/// the batch's max|input|), the option-A shortcut and the join. `first` and `second` are (weight, γ,
+/// β). Returns the output and the layers' batch statistics. f32 on the CPU only (callers fall back to
+/// the layer ops elsewhere).
+pub fn block_train(
+    x: &Tensor,
+    layers: ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
+    stride: usize,
+    (input, levels2): (Option<(&Tensor, f64)>, Option<f64>),
+    eps: f64,
+) -> Result<(Tensor, block::BlockStats)> {
+    let Some(grid) = cpu_grid(x, input)? else {
+        candle_core::bail!("the fused residual block runs on f32 CPU tensors only")
+    };
+    block::block_train_cpu(x, layers, stride, (grid, levels2.map(|l| l as f32)), eps)
 }
 
 /// The training step of a quantized layer with batch norm folded into its weights (Jacob et al. 2018):

@@ -131,6 +131,11 @@ pub fn fake_quant_cpu(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor>
 
 /// max|x| per group of the leading dimension, in one parallel pass (NaN wins, so that a diverging
 /// run is not hidden behind a finite scale).
+/// max|v| over a slice, in parallel chunks (NaN-propagating like [`max_abs_cpu`]).
+pub(crate) fn max_abs_par(v: &[f32]) -> f32 {
+    v.par_chunks(16 * 1024).map(max_abs_slice).reduce(|| 0.0, keep_max)
+}
+
 pub fn max_abs_cpu(x: &Tensor, groups: usize) -> Result<Tensor> {
     let n = x.elem_count();
     if groups == 0 || !n.is_multiple_of(groups) {

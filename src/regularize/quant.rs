@@ -62,6 +62,18 @@ impl ActQuant {
         levels(self.bits)
     }
 
+    /// Moves the moving average toward a training batch's scale max|X| (or starts it there), for
+    /// callers that compute that scale themselves ([`crate::model::resnet::Block`]'s fused op).
+    pub fn record(&self, batch_scale: &Tensor) -> Result<()> {
+        let ema = self.ema.as_tensor();
+        let updated = if ema.max(0)?.to_scalar::<f32>()? > 0.0 {
+            ((ema * self.momentum)? + (batch_scale * (1.0 - self.momentum))?)?
+        } else {
+            batch_scale.clone()
+        };
+        self.ema.set(&updated)
+    }
+
     /// The scale [`Self::forward`] quantizes `x` with (None in float), shaped to broadcast along the
     /// leading dimension; updates the moving average in training. For callers that fuse the
     /// quantization into their own kernel ([`ops::conv2d_quantized`]).
@@ -74,12 +86,7 @@ impl ActQuant {
         let ema = self.ema.as_tensor();
         let seen = ema.max(0)?.to_scalar::<f32>()? > 0.0;
         let scale = if train {
-            let updated = if seen {
-                ((ema * self.momentum)? + (&batch_scale * (1.0 - self.momentum))?)?
-            } else {
-                batch_scale.clone()
-            };
-            self.ema.set(&updated)?;
+            self.record(&batch_scale)?;
             batch_scale
         } else if seen {
             ema.clone()
