@@ -201,13 +201,15 @@ impl ConvBn {
 }
 
 /// Both layers of a residual block and its join in training as one op ([`ops::block_train`]), which
-/// spares candle two of the block's three gradient accumulations. Applies on the CPU to 3x3 layers with
-/// batch norm kept (float or quantized) and no pruning mask; None elsewhere (the caller runs the
-/// layers one by one). Updates the running statistics and the second layer's input-scale average.
+/// spares candle two of the block's three gradient accumulations. Applies on the CPU to 3x3 layers
+/// without a pruning mask, float or quantized, with batch norm kept or folded (both alike); None
+/// elsewhere (the caller runs the layers one by one). Updates the running statistics and the second
+/// layer's input-scale average.
 pub fn fused_block_train(first: &ConvBn, second: &ConvBn, x: &Tensor) -> Result<Option<Tensor>> {
-    let kept = |l: &ConvBn| l.kernel == 3 && l.keep.is_none() && (l.quant.is_none() || l.bn_mode == BnMode::Keep);
+    let folded = |l: &ConvBn| l.quant.is_some() && l.bn_mode == BnMode::Fold;
+    let fits = |l: &ConvBn| l.kernel == 3 && l.keep.is_none() && folded(l) == folded(first);
     let cpu = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
-    if !cpu || !kept(first) || !kept(second) || second.stride != 1 {
+    if !cpu || !fits(first) || !fits(second) || second.stride != 1 {
         return Ok(None);
     }
     let input_scale = match &first.quant {
@@ -216,16 +218,22 @@ pub fn fused_block_train(first: &ConvBn, second: &ConvBn, x: &Tensor) -> Result<
     };
     let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
     let levels2 = second.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS).map(|q| q.input.levels());
-    let weight = |l: &ConvBn| match &l.quant {
-        Some(q) => quantize_weight(l.weight.as_tensor(), q.weight_bits),
-        None => Ok(l.weight.as_tensor().clone()),
+    // Quantized per output channel, straight-through; with BN folded, stacked under the float weight
+    // (the float convolution gives the statistics, the quantized one the output).
+    let weight = |l: &ConvBn| -> Result<Tensor> {
+        let w = l.weight.as_tensor();
+        match &l.quant {
+            Some(q) if folded(l) => Tensor::cat(&[w, &quantize_weight(w, q.weight_bits)?], 0),
+            Some(q) => quantize_weight(w, q.weight_bits),
+            None => Ok(w.clone()),
+        }
     };
     let (w1, w2) = (weight(first)?, weight(second)?);
     let layers = (
         (&w1, first.gamma.as_tensor(), first.beta.as_tensor()),
         (&w2, second.gamma.as_tensor(), second.beta.as_tensor()),
     );
-    let (out, stats) = ops::block_train(x, layers, first.stride, (input, levels2), BN_EPS)?;
+    let (out, stats) = ops::block_train(x, layers, first.stride, (input, levels2), (BN_EPS, folded(first)))?;
     let count = out.elem_count() / second.out_ch;
     update_running(&first.running_mean, &first.running_var, &stats.first.0, &stats.first.1, count)?;
     update_running(&second.running_mean, &second.running_var, &stats.second.0, &stats.second.1, count)?;

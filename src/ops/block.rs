@@ -9,7 +9,8 @@
 
 use super::bn::Subsample;
 use super::conv::Geometry;
-use super::conv_bn::{saved, Layer, Saved};
+use super::conv_bn::{saved, FusedLayer, Layer};
+use super::fold_bn::FoldLayer;
 use super::quant::{max_abs_par, Grid};
 use super::{slice, with_slices};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -19,44 +20,47 @@ use std::sync::{Arc, Mutex};
 /// What the forward keeps for the backward, and its caller reads (the running averages and the
 /// second layer's input scale).
 #[derive(Debug)]
-struct BlockSaved {
+struct BlockSaved<S> {
     /// The first layer's output (the second's input).
     inner: Vec<f32>,
-    first: Saved,
-    second: Saved,
+    first: S,
+    second: S,
     /// The second layer's input quantizer, from the batch's max|inner|.
     grid: Option<Grid>,
     scale: f32,
 }
 
-/// Inputs: the block input (NCHW) and its parameters flattened into one vector: w1, γ1, β1, w2, γ2, β2.
-struct BlockTrain {
-    first: Layer,
+/// Inputs: the block input (NCHW) and its parameters flattened into one vector: w1, γ1, β1, w2, γ2, β2
+/// (a folded layer's w is its stacked [W; q(W)]).
+struct BlockTrain<L: FusedLayer> {
+    first: L,
     /// The second layer; its input grid is set in the forward, from the first layer's output.
-    second: Layer,
+    second: L,
     /// Grid steps per side of the second layer's input quantizer, when it has one.
     levels: Option<f32>,
     /// The shortcut when the block downsamples (None: identity).
     shortcut: Option<Subsample>,
-    saved: Arc<Mutex<Option<BlockSaved>>>,
+    saved: Arc<Mutex<Option<BlockSaved<L::Saved>>>>,
 }
 
-impl BlockTrain {
+impl<L: FusedLayer> BlockTrain<L> {
     /// (w1, [γ1; β1], w2, [γ2; β2]) from the flattened parameters.
     fn unpack<'a>(&self, params: &'a [f32]) -> [&'a [f32]; 4] {
-        let (g1, g2) = (&self.first.g, &self.second.g);
-        let (w1, rest) = params.split_at(g1.o * g1.c * g1.k * g1.k);
-        let (gb1, rest) = rest.split_at(2 * g1.o);
-        let (w2, gb2) = rest.split_at(g2.o * g2.c * g2.k * g2.k);
+        let weights = |g: Geometry| g.o * g.c * g.k * g.k;
+        let (w1, rest) = params.split_at(weights(self.first.geometry()));
+        let (gb1, rest) = rest.split_at(2 * self.first.channels());
+        let (w2, gb2) = rest.split_at(weights(self.second.geometry()));
         [w1, gb1, w2, gb2]
     }
 
-    fn dims(g: &Geometry) -> (usize, usize, usize, usize) {
+    /// (N, C, H, W) of the block input.
+    fn input_dims(&self) -> (usize, usize, usize, usize) {
+        let g = self.first.geometry();
         (g.n, g.c, g.h, g.w)
     }
 }
 
-impl CustomOp2 for BlockTrain {
+impl<L: FusedLayer> CustomOp2 for BlockTrain<L> {
     fn name(&self) -> &'static str {
         "qat-block-train"
     }
@@ -67,12 +71,12 @@ impl CustomOp2 for BlockTrain {
         let (inner, first) = self.first.forward(x, w1, gb1, None);
         let scale = self.levels.map_or(0.0, |_| max_abs_par(&inner));
         let grid = self.levels.map(|levels| Grid::new(scale, levels));
-        let subsampled = self.shortcut.as_ref().map(|s| s.forward(x, Self::dims(&self.first.g)));
+        let subsampled = self.shortcut.as_ref().map(|s| s.forward(x, self.input_dims()));
         let shortcut = subsampled.as_deref().unwrap_or(x);
-        let (out, second) = Layer { grid, ..self.second }.forward(&inner, w2, gb2, Some(shortcut));
+        let (out, second) = self.second.with_grid(grid).forward(&inner, w2, gb2, Some(shortcut));
         *saved(&self.saved)? = Some(BlockSaved { inner, first, second, grid, scale });
-        let g = &self.second.g;
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh(), g.ow()))))
+        let g = self.second.geometry();
+        Ok((CpuStorage::F32(out), Shape::from((g.n, self.second.channels(), g.oh(), g.ow()))))
     }
 
     fn bwd(
@@ -87,16 +91,15 @@ impl CustomOp2 for BlockTrain {
         let want_dx = x.track_op();
         let (dx, dparams) = with_slices([grad, out, params, x], |[grad, out, params, x]| {
             let [w1, gb1, w2, gb2] = self.unpack(params);
-            let second = Layer { grid: s.grid, ..self.second };
             let (d_inner, dw2, dg2, db2, d_shortcut) =
-                second.backward(&s.second, (grad, out), (&s.inner, w2, gb2), (true, want_dx));
+                self.second.with_grid(s.grid).backward(&s.second, (grad, out), (&s.inner, w2, gb2), (true, want_dx));
             let d_inner = d_inner.unwrap_or_default();
             let (mut dx, dw1, dg1, db1, _) =
                 self.first.backward(&s.first, (&d_inner, &s.inner), (x, w1, gb1), (want_dx, false));
             // The shortcut's gradient joins the first layer's, here and in parallel.
             if let (Some(dx), Some(d_shortcut)) = (dx.as_mut(), d_shortcut) {
                 match &self.shortcut {
-                    Some(sub) => sub.add_backward(&d_shortcut, Self::dims(&self.first.g), dx),
+                    Some(sub) => sub.add_backward(&d_shortcut, self.input_dims(), dx),
                     None => dx.par_chunks_mut(16 * 1024).zip(d_shortcut.par_chunks(16 * 1024)).for_each(|(d, s)| {
                         d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
                     }),
@@ -119,21 +122,22 @@ pub struct BlockStats {
     pub inner_scale: f32,
 }
 
-/// A residual block in training on the CPU: `relu(bn2(conv2(q2(relu(bn1(conv1(q1(x))))))) + shortcut(x))`
-/// with 3x3 convolutions (the first of stride `stride`), q1 on `grid` (when given), q2 on a grid of
-/// `levels` steps per side scaled by the batch's max|input| (when given), and the option-A shortcut.
-/// `first` and `second` are (weight, γ, β) of the two layers.
+/// A residual block in training on the CPU: `relu(layer2(q2(layer1(q1(x)))) + shortcut(x))` with 3x3
+/// convolution + batch-norm layers (the first with ReLU and stride `stride`), q1 on `grid` (when
+/// given), q2 on a grid of `levels` steps per side scaled by the batch's max|input| (when given), and
+/// the option-A shortcut. `first` and `second` are (weight, γ, β) of the two layers; with `folded`,
+/// batch norm is folded into quantized weights and each weight is the stacked [W; q(W)].
 pub fn block_train_cpu(
     x: &Tensor,
     (first, second): ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
     stride: usize,
     (grid, levels): (Option<Grid>, Option<f32>),
-    eps: f64,
+    (eps, folded): (f64, bool),
 ) -> Result<(Tensor, BlockStats)> {
     let g1 = super::conv::geometry(x, first.0, stride, 1)?;
-    let o = g1.o;
+    let o = if folded { g1.o / 2 } else { g1.o };
     let g2 = Geometry { c: o, h: g1.oh(), w: g1.ow(), stride: 1, ..g1 };
-    if second.0.dims() != [o, o, 3, 3] || g1.k != 3 {
+    if second.0.dims() != [g1.o, o, 3, 3] || g1.k != 3 {
         candle_core::bail!(
             "residual block: weights {:?} and {:?} are not two 3x3 layers",
             first.0.dims(),
@@ -141,22 +145,35 @@ pub fn block_train_cpu(
         );
     }
     let shortcut = (stride != 1 || g1.c != o).then_some(Subsample { stride, out_ch: o });
-    let state = Arc::new(Mutex::new(None));
-    let op = BlockTrain {
-        first: Layer { g: g1, grid, eps, relu: true },
-        second: Layer { g: g2, grid: None, eps, relu: false },
-        levels,
-        shortcut,
-        saved: state.clone(),
-    };
     let params =
         Tensor::cat(&[&first.0.flatten_all()?, first.1, first.2, &second.0.flatten_all()?, second.1, second.2], 0)?;
-    let out = x.contiguous()?.apply_op2(&params, op)?;
+    let x = x.contiguous()?;
+    if folded {
+        let layer = |g, grid, relu| FoldLayer { g, grid, eps, relu };
+        run(&x, &params, (layer(g1, grid, true), layer(g2, None, false)), levels, shortcut)
+    } else {
+        let layer = |g, grid, relu| Layer { g, grid, eps, relu };
+        run(&x, &params, (layer(g1, grid, true), layer(g2, None, false)), levels, shortcut)
+    }
+}
+
+/// Applies the block op of the two layers and reads back the statistics.
+fn run<L: FusedLayer + 'static>(
+    x: &Tensor,
+    params: &Tensor,
+    (first, second): (L, L),
+    levels: Option<f32>,
+    shortcut: Option<Subsample>,
+) -> Result<(Tensor, BlockStats)> {
+    let state = Arc::new(Mutex::new(None));
+    let op = BlockTrain { first, second, levels, shortcut, saved: state.clone() };
+    let out = x.apply_op2(params, op)?;
     let guard = saved(&state)?;
     let Some(s) = guard.as_ref() else { candle_core::bail!("residual block: the forward did not run") };
     let dev = x.device();
-    let stats = |saved: &Saved| -> Result<(Tensor, Tensor)> {
-        Ok((Tensor::new(saved.mean(), dev)?, Tensor::new(saved.var.as_slice(), dev)?))
+    let stats = |saved: &L::Saved| -> Result<(Tensor, Tensor)> {
+        let (mean, var) = L::statistics(saved);
+        Ok((Tensor::new(mean, dev)?, Tensor::new(var, dev)?))
     };
     Ok((out, BlockStats { first: stats(&s.first)?, second: stats(&s.second)?, inner_scale: s.scale }))
 }
@@ -168,6 +185,74 @@ mod tests {
     use crate::ops::testing::{max_diff, rand};
     use crate::ops::{max_abs, subsample};
     use candle_core::Var;
+
+    /// With batch norm folded: output, statistics and all gradients against the two folded layer ops
+    /// with the join (quantized weights from a straight-through fake-quant, stacked under the float ones).
+    #[test]
+    fn folded_matches_two_folded_layer_ops() {
+        use crate::ops::fake_quant;
+        use crate::ops::fold_bn::fold_conv_bn_train_cpu;
+        for (n, c, h, w, o, stride) in [(2, 8, 6, 7, 8, 1), (2, 4, 7, 6, 8, 2)] {
+            let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+            let x = var(rand(&[n, c, h, w], 1));
+            let (w1, g1, b1) = (var(rand(&[o, c, 3, 3], 2)), var((rand(&[o], 3) + 1.5).unwrap()), var(rand(&[o], 4)));
+            let (w2, g2, b2) = (var(rand(&[o, o, 3, 3], 5)), var((rand(&[o], 6) + 1.5).unwrap()), var(rand(&[o], 7)));
+            let quantized = |w: &Var| {
+                let o = w.dim(0).unwrap();
+                let scales = max_abs(w.as_tensor(), o).unwrap().reshape((o, 1, 1, 1)).unwrap();
+                fake_quant(w.as_tensor(), &scales, 7.0).unwrap()
+            };
+            let (q1, q2) = (quantized(&w1), quantized(&w2));
+            let s1 = Tensor::cat(&[w1.as_tensor(), &q1], 0).unwrap();
+            let s2 = Tensor::cat(&[w2.as_tensor(), &q2], 0).unwrap();
+            let grid = Some(Grid::new(0.9, 7.0));
+            let layers = ((&s1, g1.as_tensor(), b1.as_tensor()), (&s2, g2.as_tensor(), b2.as_tensor()));
+            let (fused, stats) =
+                block_train_cpu(x.as_tensor(), layers, stride, (grid, Some(7.0)), (1e-5, true)).unwrap();
+
+            let first = fold_conv_bn_train_cpu(
+                x.as_tensor(),
+                (w1.as_tensor(), &q1),
+                (g1.as_tensor(), b1.as_tensor()),
+                (stride, 1),
+                grid,
+                1e-5,
+                true,
+                None,
+            );
+            let (inner, m1, v1) = first.unwrap();
+            let scale = max_abs(&inner, 1).unwrap().to_vec1::<f32>().unwrap()[0];
+            let shortcut = if stride == 1 && c == o {
+                x.as_tensor().clone()
+            } else {
+                subsample(x.as_tensor(), stride, o).unwrap()
+            };
+            let second = fold_conv_bn_train_cpu(
+                &inner,
+                (w2.as_tensor(), &q2),
+                (g2.as_tensor(), b2.as_tensor()),
+                (1, 1),
+                Some(Grid::new(scale, 7.0)),
+                1e-5,
+                false,
+                Some(&shortcut),
+            );
+            let (apart, m2, v2) = second.unwrap();
+            let case = (n, c, h, w, o, stride);
+            assert!(max_diff(&fused, &apart) < 1e-5, "{case:?}: {}", max_diff(&fused, &apart));
+            for (a, b) in [(&stats.first.0, &m1), (&stats.first.1, &v1), (&stats.second.0, &m2), (&stats.second.1, &v2)]
+            {
+                assert!(max_diff(a, b) < 1e-5, "{case:?}");
+            }
+            let up = rand(fused.dims(), 8);
+            let ga = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (i, v) in [&x, &w1, &g1, &b1, &w2, &g2, &b2].iter().enumerate() {
+                let (a, b) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+                assert!(max_diff(a, b) < 1e-3, "{case:?} input {i}: {}", max_diff(a, b));
+            }
+        }
+    }
 
     /// Output, statistics, the second layer's input scale and all gradients against the two layer ops
     /// with the join, for identity and downsampling shortcuts, with and without input quantizers.
@@ -184,7 +269,8 @@ mod tests {
             let levels = quant.then_some(7.0);
             let first = (w1.as_tensor(), g1.as_tensor(), b1.as_tensor());
             let second = (w2.as_tensor(), g2.as_tensor(), b2.as_tensor());
-            let (fused, stats) = block_train_cpu(x.as_tensor(), (first, second), stride, (grid, levels), 1e-5).unwrap();
+            let (fused, stats) =
+                block_train_cpu(x.as_tensor(), (first, second), stride, (grid, levels), (1e-5, false)).unwrap();
 
             let (inner, m1, v1) =
                 conv_bn_train_cpu(x.as_tensor(), first.0, (first.1, first.2), (stride, 1), grid, 1e-5, true, None)

@@ -21,14 +21,35 @@ pub(super) struct Saved {
     conv_out: Vec<f32>,
     stats: Stats,
     /// The biased batch variance (for the running average).
-    pub var: Vec<f32>,
+    var: Vec<f32>,
 }
 
-impl Saved {
-    /// The batch mean (for the running average).
-    pub(super) fn mean(&self) -> &[f32] {
-        &self.stats.mean
-    }
+/// A layer's gradients: dx (when wanted), dw, dγ, dβ, and the shortcut's (with a join).
+pub(super) type LayerGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+/// A training layer on slices that the fused ops run and chain: convolution + batch norm, kept
+/// ([`Layer`]) or folded into quantized weights (`fold_bn::FoldLayer`), then a ReLU or the join.
+pub(super) trait FusedLayer: Copy + Send + Sync {
+    /// What the forward keeps for the backward.
+    type Saved: Send + Sync + std::fmt::Debug;
+    /// The geometry of the layer's convolution.
+    fn geometry(&self) -> Geometry;
+    /// The layer's output channels (the length of γ and β).
+    fn channels(&self) -> usize;
+    /// The layer with its input quantized onto `grid`.
+    fn with_grid(self, grid: Option<Grid>) -> Self;
+    /// The batch mean and biased variance the forward normalised with.
+    fn statistics(saved: &Self::Saved) -> (&[f32], &[f32]);
+    /// `relu?(bn(conv(x, w)))`, or `relu(bn(conv(x, w)) + residual)`, with `gb` = [γ; β].
+    fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, Self::Saved);
+    /// The gradients from the output and its gradient.
+    fn backward(
+        &self,
+        saved: &Self::Saved,
+        out: (&[f32], &[f32]),
+        inputs: (&[f32], &[f32], &[f32]),
+        flags: (bool, bool),
+    ) -> LayerGrads;
 }
 
 /// One convolution + batch-norm layer in training, on slices: what the fused ops run.
@@ -46,10 +67,28 @@ impl Layer {
     fn dims(&self) -> (usize, usize, usize) {
         (self.g.n, self.g.o, self.g.oh() * self.g.ow())
     }
+}
 
-    /// `relu?(batch_norm(conv(x, w)))`, or `relu(batch_norm(conv(x, w)) + residual)`, with `gb` = [γ; β];
-    /// and what the backward needs.
-    pub(super) fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, Saved) {
+impl FusedLayer for Layer {
+    type Saved = Saved;
+
+    fn geometry(&self) -> Geometry {
+        self.g
+    }
+
+    fn channels(&self) -> usize {
+        self.g.o
+    }
+
+    fn with_grid(self, grid: Option<Grid>) -> Self {
+        Layer { grid, ..self }
+    }
+
+    fn statistics(saved: &Saved) -> (&[f32], &[f32]) {
+        (&saved.stats.mean, &saved.var)
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, Saved) {
         let o = self.g.o;
         let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, x, w);
         // With a join, the ReLU follows the sum: the backward masks by the output all the same.
@@ -58,16 +97,13 @@ impl Layer {
         (out, Saved { conv_out, stats, var })
     }
 
-    /// (dx when `want_dx`, dw, dγ, dβ, and the shortcut's gradient with a `residual`) from the output
-    /// and its gradient.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn backward(
+    fn backward(
         &self,
         saved: &Saved,
         (grad, out): (&[f32], &[f32]),
         (x, w, gb): (&[f32], &[f32], &[f32]),
         (want_dx, residual): (bool, bool),
-    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+    ) -> LayerGrads {
         let (d, stats, saved_out) = (self.dims(), &saved.stats, (grad, &saved.conv_out[..], out));
         // The sums first (one pass, which also writes d(relu(a + b))/db: the gradient where the output
         // is positive); then the convolution's backward takes each image's batch-norm input gradient
@@ -226,8 +262,8 @@ pub fn conv_bn_train_cpu(
     let out = Inputs::apply(x, w, (gamma, beta), residual, [g.n, g.o, g.oh(), g.ow()], op)?;
     let guard = saved(&state)?;
     let Some(saved) = guard.as_ref() else { candle_core::bail!("conv + batch norm: the forward did not run") };
-    let mean = Tensor::new(saved.mean(), x.device())?;
-    let var = Tensor::new(saved.var.as_slice(), x.device())?;
+    let (mean, var) = Layer::statistics(saved);
+    let (mean, var) = (Tensor::new(mean, x.device())?, Tensor::new(var, x.device())?);
     Ok((out, mean, var))
 }
 

@@ -13,16 +13,16 @@
 
 use super::bn;
 use super::conv::{self, Geometry};
-use super::conv_bn::{saved, Inputs};
+use super::conv_bn::{saved, FusedLayer, Inputs, LayerGrads};
 use super::quant::Grid;
 use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-/// What the forward keeps for the backward.
+/// What a folded layer's forward keeps for its backward.
 #[derive(Debug)]
-struct Saved {
+pub(super) struct FoldSaved {
     /// The stacked convolution's output: per image, O float channels, then O quantized ones.
     stacked: Vec<f32>,
     mean: Vec<f32>,
@@ -30,38 +30,142 @@ struct Saved {
     invstd: Vec<f32>,
 }
 
-/// Inputs: x (NCHW), the stacked weight [W; q(W)] (2·O, C, k, k), γ, β and the shortcut, packed as
-/// [`Inputs`] says.
-struct FoldConvBnTrain {
+/// One folded-BN training layer on slices (what the fused ops run): the convolution over the stacked
+/// weights [W; q(W)], the fold with the float half's statistics, and a ReLU or the join.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FoldLayer {
     /// The geometry of the stacked convolution (2·O output channels).
-    g: Geometry,
-    grid: Option<Grid>,
-    eps: f64,
-    relu: bool,
-    inputs: Inputs,
-    saved: Arc<Mutex<Option<Saved>>>,
-}
-
-impl FoldConvBnTrain {
-    /// Output channels of the layer (half the stack).
-    fn o(&self) -> usize {
-        self.g.o / 2
-    }
-
-    fn p(&self) -> usize {
-        self.g.oh() * self.g.ow()
-    }
-
-    /// Whether a ReLU follows (alone or after the join): the backward masks by the output then.
-    fn masked(&self) -> bool {
-        self.relu || self.inputs.residual
-    }
+    pub g: Geometry,
+    pub grid: Option<Grid>,
+    pub eps: f64,
+    pub relu: bool,
 }
 
 /// The per-channel fold: s = γ·σ⁻¹ and shift = β − μ·s.
 fn fold(gb: &[f32], mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let o = mean.len();
     (0..o).map(|c| (gb[c] * invstd[c], gb[o + c] - mean[c] * gb[c] * invstd[c])).unzip()
+}
+
+impl FusedLayer for FoldLayer {
+    type Saved = FoldSaved;
+
+    fn geometry(&self) -> Geometry {
+        self.g
+    }
+
+    fn channels(&self) -> usize {
+        self.g.o / 2
+    }
+
+    fn with_grid(self, grid: Option<Grid>) -> Self {
+        FoldLayer { grid, ..self }
+    }
+
+    fn statistics(saved: &FoldSaved) -> (&[f32], &[f32]) {
+        (&saved.mean, &saved.var)
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, FoldSaved) {
+        let (o, p) = (self.channels(), self.g.oh() * self.g.ow());
+        let (stacked, mut mean, mut var) = conv::forward_moments(self.g, self.grid, x, w);
+        // The statistics of the float half fold the batch norm.
+        mean.truncate(o);
+        var.truncate(o);
+        let invstd = bn::invstd(&var, self.eps);
+        let (scale, shift) = fold(gb, &mean, &invstd);
+        // With a join, the ReLU follows the sum: the backward masks by the output all the same.
+        let relu = self.relu || residual.is_some();
+        let out = written(self.g.n * o * p, |out| {
+            out.par_chunks_mut(o * p).enumerate().for_each(|(n, out_n)| {
+                let quantized = &stacked[(2 * n + 1) * o * p..(2 * n + 2) * o * p];
+                for (c, (dst, src)) in out_n.chunks_exact_mut(p).zip(quantized.chunks_exact(p)).enumerate() {
+                    let r = residual.map(|r| &r[(n * o + c) * p..][..p]);
+                    bn::affine_row(dst, src, r, (scale[c], shift[c]), relu);
+                }
+            })
+        });
+        (out, FoldSaved { stacked, mean, var, invstd })
+    }
+
+    fn backward(
+        &self,
+        saved: &FoldSaved,
+        (grad, out): (&[f32], &[f32]),
+        (x, w, gb): (&[f32], &[f32], &[f32]),
+        (want_dx, residual): (bool, bool),
+    ) -> LayerGrads {
+        let (n, o, p) = (self.g.n, self.channels(), self.g.oh() * self.g.ow());
+        let relu = self.relu || residual;
+        let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
+        // Per image and channel: Σ g′ and Σ g′·y_q (g′ the masked gradient), merged in image order;
+        // g′ itself is the shortcut's gradient.
+        let sums_of = |n: usize, mut shortcut: Option<&mut [std::mem::MaybeUninit<f32>]>| -> Vec<(f64, f64)> {
+            (0..o)
+                .map(|c| {
+                    let at = (n * o + c) * p..(n * o + c + 1) * p;
+                    let (g, y) = (&grad[at.clone()], &out[at]);
+                    let yq = &saved.stacked[((2 * n + 1) * o + c) * p..][..p];
+                    if let Some(d) = shortcut.as_deref_mut() {
+                        let d = &mut d[c * p..(c + 1) * p];
+                        d.iter_mut().zip(g.iter().zip(y)).for_each(|(d, (&g, &y))| _ = d.write(masked(g, y)));
+                    }
+                    bn::lane_sums(g, y, yq, |g, y, yq| {
+                        let g = masked(g, y);
+                        (g, g * yq)
+                    })
+                })
+                .collect()
+        };
+        let mut d_shortcut = None;
+        let per_image: Vec<Vec<(f64, f64)>> = if residual {
+            let mut per_image = Vec::new();
+            d_shortcut = Some(written(n * o * p, |d| {
+                per_image = d.par_chunks_mut(o * p).enumerate().map(|(i, d)| sums_of(i, Some(d))).collect()
+            }));
+            per_image
+        } else {
+            (0..n).into_par_iter().map(|i| sums_of(i, None)).collect()
+        };
+        let total = |c: usize| per_image.iter().fold((0f64, 0f64), |(a, b), m| (a + m[c].0, b + m[c].1));
+        let (scale, _) = fold(gb, &saved.mean, &saved.invstd);
+        let count = (n * p) as f32;
+        // out = y_q·s + β − μ·s, s = γ·(σ² + ε)^(−1/2): dβ = Σg′, ds = Σg′·y_q − μ·Σg′, dγ = ds·σ⁻¹,
+        // dμ = −s·Σg′, dσ² = −ds·s·σ⁻²/2; then through μ and σ² to y_f: dy_f = dμ/M + dσ²·2(y_f − μ)/M,
+        // and dy_q = g′·s.
+        let (mut dgamma, mut dbeta, mut c_mean, mut c_dev) =
+            (vec![0f32; o], vec![0f32; o], vec![0f32; o], vec![0f32; o]);
+        for c in 0..o {
+            let (a, b) = total(c);
+            let (a, b) = (a as f32, b as f32);
+            let (mu, is) = (saved.mean[c], saved.invstd[c]);
+            let ds = b - mu * a;
+            dbeta[c] = a;
+            dgamma[c] = ds * is;
+            c_mean[c] = -scale[c] * a / count;
+            c_dev[c] = -ds * scale[c] * is * is / count;
+        }
+        let image = |i: usize, dy: &mut [f32]| {
+            let (float, quant) = dy.split_at_mut(o * p);
+            for c in 0..o {
+                let yf = &saved.stacked[(2 * i * o + c) * p..][..p];
+                let (k0, k1, mu) = (c_mean[c], c_dev[c], saved.mean[c]);
+                float[c * p..(c + 1) * p].iter_mut().zip(yf).for_each(|(d, &y)| *d = k0 + k1 * (y - mu));
+                let at = (i * o + c) * p..(i * o + c + 1) * p;
+                bn::masked_row(&mut quant[c * p..(c + 1) * p], (&grad[at.clone()], &out[at]), scale[c], relu);
+            }
+        };
+        let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
+        (dx, dw, dgamma, dbeta, d_shortcut)
+    }
+}
+
+/// Inputs: x (NCHW), the stacked weight [W; q(W)] (2·O, C, k, k), γ, β and the shortcut, packed as
+/// [`Inputs`] says.
+struct FoldConvBnTrain {
+    layer: FoldLayer,
+    inputs: Inputs,
+    saved: Arc<Mutex<Option<FoldSaved>>>,
 }
 
 impl CustomOp3 for FoldConvBnTrain {
@@ -81,24 +185,10 @@ impl CustomOp3 for FoldConvBnTrain {
         let x = slice(s1, l1, "conv input")?;
         let (w, gb, residual) =
             self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
-        let (o, p) = (self.o(), self.p());
-        let (stacked, mut mean, mut var) = conv::forward_moments(self.g, self.grid, x, w);
-        // The statistics of the float half fold the batch norm.
-        mean.truncate(o);
-        var.truncate(o);
-        let invstd = bn::invstd(&var, self.eps);
-        let (scale, shift) = fold(gb, &mean, &invstd);
-        let out = written(self.g.n * o * p, |out| {
-            out.par_chunks_mut(o * p).enumerate().for_each(|(n, out_n)| {
-                let quantized = &stacked[(2 * n + 1) * o * p..(2 * n + 2) * o * p];
-                for (c, (dst, src)) in out_n.chunks_exact_mut(p).zip(quantized.chunks_exact(p)).enumerate() {
-                    let r = residual.map(|r| &r[(n * o + c) * p..][..p]);
-                    bn::affine_row(dst, src, r, (scale[c], shift[c]), self.masked());
-                }
-            })
-        });
-        *saved(&self.saved)? = Some(Saved { stacked, mean, var, invstd });
-        Ok((CpuStorage::F32(out), Shape::from((self.g.n, o, self.g.oh(), self.g.ow()))))
+        let (out, state) = self.layer.forward(x, w, gb, residual);
+        *saved(&self.saved)? = Some(state);
+        let g = self.layer.g;
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o / 2, g.oh(), g.ow()))))
     }
 
     fn bwd(
@@ -113,72 +203,11 @@ impl CustomOp3 for FoldConvBnTrain {
         let Some(saved) = saved.as_ref() else {
             candle_core::bail!("folded conv + batch norm: backward before forward")
         };
-        let want_dx = x.track_op();
-        let (n, o, p) = (self.g.n, self.o(), self.p());
+        let flags = (x.track_op(), self.inputs.residual);
         let (dx, dw, dgamma, dbeta, d_shortcut) =
             with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
                 let (w, gb, _) = self.inputs.unpack(second, third);
-                let relu = self.masked();
-                let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
-                // Per image and channel: Σ g′ and Σ g′·y_q (g′ the masked gradient), merged in image
-                // order; g′ itself is the shortcut's gradient.
-                let sums_of = |n: usize, mut shortcut: Option<&mut [std::mem::MaybeUninit<f32>]>| -> Vec<(f64, f64)> {
-                    (0..o)
-                        .map(|c| {
-                            let at = (n * o + c) * p..(n * o + c + 1) * p;
-                            let (g, y) = (&grad[at.clone()], &out[at]);
-                            let yq = &saved.stacked[((2 * n + 1) * o + c) * p..][..p];
-                            if let Some(d) = shortcut.as_deref_mut() {
-                                let d = &mut d[c * p..(c + 1) * p];
-                                d.iter_mut().zip(g.iter().zip(y)).for_each(|(d, (&g, &y))| _ = d.write(masked(g, y)));
-                            }
-                            bn::lane_sums(g, y, yq, |g, y, yq| {
-                                let g = masked(g, y);
-                                (g, g * yq)
-                            })
-                        })
-                        .collect()
-                };
-                let mut d_shortcut = None;
-                let per_image: Vec<Vec<(f64, f64)>> = if self.inputs.residual {
-                    let mut per_image = Vec::new();
-                    d_shortcut = Some(written(n * o * p, |d| {
-                        per_image = d.par_chunks_mut(o * p).enumerate().map(|(i, d)| sums_of(i, Some(d))).collect()
-                    }));
-                    per_image
-                } else {
-                    (0..n).into_par_iter().map(|i| sums_of(i, None)).collect()
-                };
-                let total = |c: usize| per_image.iter().fold((0f64, 0f64), |(a, b), m| (a + m[c].0, b + m[c].1));
-                let (scale, _) = fold(gb, &saved.mean, &saved.invstd);
-                let count = (n * p) as f32;
-                // out = y_q·s + β − μ·s, s = γ·(σ² + ε)^(−1/2): dβ = Σg′, ds = Σg′·y_q − μ·Σg′,
-                // dγ = ds·σ⁻¹, dμ = −s·Σg′, dσ² = −ds·s·σ⁻²/2; then through μ and σ² to y_f:
-                // dy_f = dμ/M + dσ²·2(y_f − μ)/M, and dy_q = g′·s.
-                let (mut dgamma, mut dbeta, mut c_mean, mut c_dev) =
-                    (vec![0f32; o], vec![0f32; o], vec![0f32; o], vec![0f32; o]);
-                for c in 0..o {
-                    let (a, b) = total(c);
-                    let (a, b) = (a as f32, b as f32);
-                    let (mu, is) = (saved.mean[c], saved.invstd[c]);
-                    let ds = b - mu * a;
-                    dbeta[c] = a;
-                    dgamma[c] = ds * is;
-                    c_mean[c] = -scale[c] * a / count;
-                    c_dev[c] = -ds * scale[c] * is * is / count;
-                }
-                let image = |i: usize, dy: &mut [f32]| {
-                    let (float, quant) = dy.split_at_mut(o * p);
-                    for c in 0..o {
-                        let yf = &saved.stacked[(2 * i * o + c) * p..][..p];
-                        let (k0, k1, mu) = (c_mean[c], c_dev[c], saved.mean[c]);
-                        float[c * p..(c + 1) * p].iter_mut().zip(yf).for_each(|(d, &y)| *d = k0 + k1 * (y - mu));
-                        let at = (i * o + c) * p..(i * o + c + 1) * p;
-                        bn::masked_row(&mut quant[c * p..(c + 1) * p], (&grad[at.clone()], &out[at]), scale[c], relu);
-                    }
-                };
-                let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
-                (dx, dw, dgamma, dbeta, d_shortcut)
+                self.layer.backward(saved, (grad, out), (x, w, gb), flags)
             })?;
         self.inputs.gradients((x, second, third), dx, (dw, dgamma, dbeta), d_shortcut)
     }
@@ -203,7 +232,7 @@ pub fn fold_conv_bn_train_cpu(
     let g = conv::geometry(x, &stacked, stride, pad)?;
     let state = Arc::new(Mutex::new(None));
     let inputs = Inputs { residual: residual.is_some(), channels: g.o / 2 };
-    let op = FoldConvBnTrain { g, grid, eps, relu, inputs, saved: state.clone() };
+    let op = FoldConvBnTrain { layer: FoldLayer { g, grid, eps, relu }, inputs, saved: state.clone() };
     let out = Inputs::apply(x, &stacked, (gamma, beta), residual, [g.n, g.o / 2, g.oh(), g.ow()], op)?;
     let guard = saved(&state)?;
     let Some(saved) = guard.as_ref() else { candle_core::bail!("folded conv + batch norm: the forward did not run") };

@@ -225,19 +225,20 @@ pub fn conv_bn_train(
 /// layers (the first with ReLU and stride `stride`, its input fake-quantized when `input` =
 /// Some((scale, levels)); the second's input fake-quantized on `levels2` steps when given, scaled by
 /// the batch's max|input|), the option-A shortcut and the join. `first` and `second` are (weight, γ,
-/// β). Returns the output and the layers' batch statistics. f32 on the CPU only (callers fall back to
-/// the layer ops elsewhere).
+/// β); with `folded`, batch norm is folded into quantized weights (as [`fold_conv_bn_train`]) and each
+/// weight is the stacked [W; q(W)]. Returns the output and the layers' batch statistics (of the float
+/// convolutions when folded). f32 on the CPU only (callers fall back to the layer ops elsewhere).
 pub fn block_train(
     x: &Tensor,
     layers: ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
     stride: usize,
     (input, levels2): (Option<(&Tensor, f64)>, Option<f64>),
-    eps: f64,
+    (eps, folded): (f64, bool),
 ) -> Result<(Tensor, block::BlockStats)> {
     let Some(grid) = cpu_grid(x, input)? else {
         candle_core::bail!("the fused residual block runs on f32 CPU tensors only")
     };
-    block::block_train_cpu(x, layers, stride, (grid, levels2.map(|l| l as f32)), eps)
+    block::block_train_cpu(x, layers, stride, (grid, levels2.map(|l| l as f32)), (eps, folded))
 }
 
 /// The training step of a quantized layer with batch norm folded into its weights (Jacob et al. 2018):
