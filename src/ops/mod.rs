@@ -4,7 +4,7 @@
 //! Every op here is differentiable through candle's autograd. On the CPU: [`conv`] (the convolution and
 //! its backward; `kernels` holds its AVX-512 inner loops), [`conv_bn`] (convolution, batch norm and ReLU
 //! or the residual join as one op), [`fold_bn`] (the same with batch norm folded into quantized
-//! weights), [`bn`] and [`quant`].
+//! weights), [`block`] (a whole residual block of either kind as one op), [`bn`] and [`quant`].
 
 pub mod block;
 pub mod bn;
