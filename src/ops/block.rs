@@ -5,7 +5,7 @@
 //! three such accumulations of its activations: the first layer's output, and the block input twice
 //! (its first layer and its shortcut both read it). As one op, the block input gets one and the inner
 //! activation none, and the shortcut's gradient is added inside, in parallel. The layers are either
-//! kind of [`FusedLayer`] (batch norm kept, or folded into quantized weights). Values and gradients
+//! kind of `conv_bn::FusedLayer` (batch norm kept, or folded into quantized weights). Values and gradients
 //! are those of the two layer ops (tested against them, for both kinds).
 
 use super::bn::Subsample;
