@@ -183,7 +183,7 @@ fn run<L: FusedLayer + 'static>(
 mod tests {
     use super::*;
     use crate::ops::conv_bn::conv_bn_train_cpu;
-    use crate::ops::testing::{max_diff, rand};
+    use crate::ops::testing::{gradient_gaps, max_diff, rand};
     use crate::ops::{max_abs, subsample};
     use candle_core::Var;
 
@@ -245,12 +245,9 @@ mod tests {
             {
                 assert!(max_diff(a, b) < 1e-5, "{case:?}");
             }
-            let up = rand(fused.dims(), 8);
-            let ga = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            for (i, v) in [&x, &w1, &g1, &b1, &w2, &g2, &b2].iter().enumerate() {
-                let (a, b) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "{case:?} input {i}: {}", max_diff(a, b));
+            let vars = [&x, &w1, &g1, &b1, &w2, &g2, &b2];
+            for (i, gap) in gradient_gaps(&fused, &apart, &vars, 8).into_iter().enumerate() {
+                assert!(gap < 1e-3, "{case:?} input {i}: {gap}");
             }
         }
     }
@@ -293,12 +290,9 @@ mod tests {
                 assert!(max_diff(a, b) < 1e-5, "{case:?}");
             }
             assert_eq!(stats.inner_scale, if quant { scale } else { 0.0 }, "{case:?}");
-            let up = rand(fused.dims(), 8);
-            let ga = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            for (i, v) in [&x, &w1, &g1, &b1, &w2, &g2, &b2].iter().enumerate() {
-                let (a, b) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-4, "{case:?} input {i}: {}", max_diff(a, b));
+            let vars = [&x, &w1, &g1, &b1, &w2, &g2, &b2];
+            for (i, gap) in gradient_gaps(&fused, &apart, &vars, 8).into_iter().enumerate() {
+                assert!(gap < 1e-4, "{case:?} input {i}: {gap}");
             }
         }
     }

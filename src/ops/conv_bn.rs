@@ -30,6 +30,8 @@ pub(super) type LayerGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>, Op
 /// A training layer on slices that the fused ops run and chain: convolution + batch norm, kept
 /// ([`Layer`]) or folded into quantized weights (`fold_bn::FoldLayer`), then a ReLU or the join.
 pub(super) trait FusedLayer: Copy + Send + Sync {
+    /// The op's name (for candle and error messages).
+    const NAME: &'static str;
     /// What the forward keeps for the backward.
     type Saved: Send + Sync + std::fmt::Debug;
     /// The geometry of the layer's convolution.
@@ -70,6 +72,7 @@ impl Layer {
 }
 
 impl FusedLayer for Layer {
+    const NAME: &'static str = "qat-conv-bn-train";
     type Saved = Saved;
 
     fn geometry(&self) -> Geometry {
@@ -118,17 +121,18 @@ impl FusedLayer for Layer {
     }
 }
 
-/// Inputs: x (NCHW), w (OIHW), γ, β and the shortcut, packed as [`Inputs`] says.
-struct ConvBnTrain {
-    layer: Layer,
+/// A [`FusedLayer`] as one differentiable op. Inputs: x (NCHW), w (OIHW; stacked for a folded
+/// layer), γ, β and the shortcut, packed as [`Inputs`] says.
+struct LayerOp<L: FusedLayer> {
+    layer: L,
     inputs: Inputs,
     /// Shared with the caller, which reads the batch statistics for the running averages.
-    saved: Arc<Mutex<Option<Saved>>>,
+    saved: Arc<Mutex<Option<L::Saved>>>,
 }
 
-impl CustomOp3 for ConvBnTrain {
+impl<L: FusedLayer> CustomOp3 for LayerOp<L> {
     fn name(&self) -> &'static str {
-        "qat-conv-bn-train"
+        L::NAME
     }
 
     fn cpu_fwd(
@@ -145,8 +149,8 @@ impl CustomOp3 for ConvBnTrain {
             self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
         let (out, state) = self.layer.forward(x, w, gb, residual);
         *saved(&self.saved)? = Some(state);
-        let g = self.layer.g;
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh(), g.ow()))))
+        let g = self.layer.geometry();
+        Ok((CpuStorage::F32(out), Shape::from((g.n, self.layer.channels(), g.oh(), g.ow()))))
     }
 
     fn bwd(
@@ -158,7 +162,7 @@ impl CustomOp3 for ConvBnTrain {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = saved(&self.saved)?;
-        let Some(saved) = saved.as_ref() else { candle_core::bail!("conv + batch norm: backward before forward") };
+        let Some(saved) = saved.as_ref() else { candle_core::bail!("{}: backward before forward", L::NAME) };
         // The image itself needs no gradient: skip the input gradient of the first layer.
         let flags = (x.track_op(), self.inputs.residual);
         let (dx, dw, dgamma, dbeta, d_shortcut) =
@@ -170,18 +174,49 @@ impl CustomOp3 for ConvBnTrain {
     }
 }
 
+/// Runs `layer` on x with weight `w` (stacked for a folded layer), γ, β and the shortcut as one op;
+/// returns the output and the batch mean and biased variance it normalised with.
+pub(super) fn train_layer<L: FusedLayer + 'static>(
+    x: &Tensor,
+    w: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    residual: Option<&Tensor>,
+    layer: L,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (g, channels) = (layer.geometry(), layer.channels());
+    let state = Arc::new(Mutex::new(None));
+    let inputs = Inputs { residual: residual.is_some(), channels };
+    let op = LayerOp { layer, inputs, saved: state.clone() };
+    let x = x.contiguous()?;
+    let out = match residual {
+        None => x.apply_op3(&w.contiguous()?, &Tensor::stack(&[gamma, beta], 0)?, op)?,
+        Some(r) => {
+            let dims = [g.n, channels, g.oh(), g.ow()];
+            if r.dims() != dims {
+                candle_core::bail!("residual join: shortcut is {:?}, the layer's output {dims:?}", r.dims());
+            }
+            let params = Tensor::cat(&[&w.flatten_all()?, gamma, beta], 0)?;
+            x.apply_op3(&params, &r.contiguous()?, op)?
+        }
+    };
+    let guard = saved(&state)?;
+    let Some(saved) = guard.as_ref() else { candle_core::bail!("{}: the forward did not run", L::NAME) };
+    let (mean, var) = L::statistics(saved);
+    Ok((out, Tensor::new(mean, x.device())?, Tensor::new(var, x.device())?))
+}
+
 /// How a fused conv + batch-norm op's three inputs carry its five: (x, w, [γ; β]) without a residual
 /// join, and (x, [w, γ, β] flattened, shortcut) with one.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Inputs {
-    pub residual: bool,
+struct Inputs {
+    residual: bool,
     /// Output channels (the length of γ and β).
-    pub channels: usize,
+    channels: usize,
 }
 
 impl Inputs {
     /// (w, γ and β as one slice, shortcut) from the op's second and third inputs.
-    pub(super) fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
+    fn unpack<'a>(&self, second: &'a [f32], third: &'a [f32]) -> (&'a [f32], &'a [f32], Option<&'a [f32]>) {
         if self.residual {
             let (w, gb) = second.split_at(second.len() - 2 * self.channels);
             (w, gb, Some(third))
@@ -190,31 +225,9 @@ impl Inputs {
         }
     }
 
-    /// Applies `op` to x, w, γ, β and the shortcut (which must have the output's `dims`), packed.
-    pub(super) fn apply(
-        x: &Tensor,
-        w: &Tensor,
-        (gamma, beta): (&Tensor, &Tensor),
-        residual: Option<&Tensor>,
-        dims: [usize; 4],
-        op: impl CustomOp3 + Send + Sync + 'static,
-    ) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        match residual {
-            None => x.apply_op3(&w.contiguous()?, &Tensor::stack(&[gamma, beta], 0)?, op),
-            Some(r) => {
-                if r.dims() != dims {
-                    candle_core::bail!("residual join: shortcut is {:?}, the layer's output {dims:?}", r.dims());
-                }
-                let params = Tensor::cat(&[&w.flatten_all()?, gamma, beta], 0)?;
-                x.apply_op3(&params, &r.contiguous()?, op)
-            }
-        }
-    }
-
     /// The op's three input gradients, packed like its inputs, from those of x, w, γ, β and the
     /// shortcut.
-    pub(super) fn gradients(
+    fn gradients(
         &self,
         (x, second, third): (&Tensor, &Tensor, &Tensor),
         dx: Option<Vec<f32>>,
@@ -256,21 +269,13 @@ pub fn conv_bn_train_cpu(
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let g = conv::geometry(x, w, stride, pad)?;
-    let state = Arc::new(Mutex::new(None));
-    let inputs = Inputs { residual: residual.is_some(), channels: g.o };
-    let op = ConvBnTrain { layer: Layer { g, grid, eps, relu }, inputs, saved: state.clone() };
-    let out = Inputs::apply(x, w, (gamma, beta), residual, [g.n, g.o, g.oh(), g.ow()], op)?;
-    let guard = saved(&state)?;
-    let Some(saved) = guard.as_ref() else { candle_core::bail!("conv + batch norm: the forward did not run") };
-    let (mean, var) = Layer::statistics(saved);
-    let (mean, var) = (Tensor::new(mean, x.device())?, Tensor::new(var, x.device())?);
-    Ok((out, mean, var))
+    train_layer(x, w, (gamma, beta), residual, Layer { g, grid, eps, relu })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{conv_bn_vars, max_diff, rand};
+    use crate::ops::testing::{conv_bn_vars, gradient_gaps, max_diff};
 
     /// Values, statistics and all gradients against the ops it fuses, for both convolution kernels
     /// (shifted: stride 1 with 8+ channels; im2col otherwise), with and without ReLU, residual join and
@@ -309,13 +314,9 @@ mod tests {
             let case = (n, c, h, w, o, stride, relu, quant, join);
             assert!(max_diff(&fused, &apart) < 1e-5, "{case:?}");
             assert!(max_diff(&mean, &mean2) < 1e-6 && max_diff(&var, &var2) < 1e-6, "{case:?}");
-            let up = rand(fused.dims(), 5);
-            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let vars = [&x, &wt, &gamma, &beta, &shortcut];
-            for v in &vars[..if join { 5 } else { 4 }] {
-                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-4, "{case:?}: {}", max_diff(a, b));
+            for gap in gradient_gaps(&fused, &apart, &vars[..if join { 5 } else { 4 }], 5) {
+                assert!(gap < 1e-4, "{case:?}: {gap}");
             }
         }
     }

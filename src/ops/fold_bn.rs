@@ -13,12 +13,11 @@
 
 use super::bn;
 use super::conv::{self, Geometry};
-use super::conv_bn::{saved, FusedLayer, Inputs, LayerGrads};
+use super::conv_bn::{train_layer, FusedLayer, LayerGrads};
 use super::quant::Grid;
-use super::{slice, with_slices, written};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use super::written;
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex};
 
 /// What a folded layer's forward keeps for its backward.
 #[derive(Debug)]
@@ -48,6 +47,7 @@ fn fold(gb: &[f32], mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>) {
 }
 
 impl FusedLayer for FoldLayer {
+    const NAME: &'static str = "qat-fold-conv-bn-train";
     type Saved = FoldSaved;
 
     fn geometry(&self) -> Geometry {
@@ -160,59 +160,6 @@ impl FusedLayer for FoldLayer {
     }
 }
 
-/// Inputs: x (NCHW), the stacked weight [W; q(W)] (2·O, C, k, k), γ, β and the shortcut, packed as
-/// [`Inputs`] says.
-struct FoldConvBnTrain {
-    layer: FoldLayer,
-    inputs: Inputs,
-    saved: Arc<Mutex<Option<FoldSaved>>>,
-}
-
-impl CustomOp3 for FoldConvBnTrain {
-    fn name(&self) -> &'static str {
-        "qat-fold-conv-bn-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "conv input")?;
-        let (w, gb, residual) =
-            self.inputs.unpack(slice(s2, l2, "conv parameters")?, slice(s3, l3, "conv parameters")?);
-        let (out, state) = self.layer.forward(x, w, gb, residual);
-        *saved(&self.saved)? = Some(state);
-        let g = self.layer.g;
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o / 2, g.oh(), g.ow()))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        second: &Tensor,
-        third: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = saved(&self.saved)?;
-        let Some(saved) = saved.as_ref() else {
-            candle_core::bail!("folded conv + batch norm: backward before forward")
-        };
-        let flags = (x.track_op(), self.inputs.residual);
-        let (dx, dw, dgamma, dbeta, d_shortcut) =
-            with_slices([grad, out, second, third, x], |[grad, out, second, third, x]| {
-                let (w, gb, _) = self.inputs.unpack(second, third);
-                self.layer.backward(saved, (grad, out), (x, w, gb), flags)
-            })?;
-        self.inputs.gradients((x, second, third), dx, (dw, dgamma, dbeta), d_shortcut)
-    }
-}
-
 /// The folded-BN training layer on the CPU: `relu?(conv(q(x), w_q)·s + β − μ·s)`, or `relu(· +
 /// residual)`, with (μ, σ²) the batch statistics of `conv(q(x), w)` and s = γ/√(σ² + ε); x quantized onto
 /// `grid` first when there is one (straight-through). Returns the output and the batch mean and biased
@@ -230,21 +177,13 @@ pub fn fold_conv_bn_train_cpu(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let stacked = Tensor::cat(&[w, w_quantized], 0)?;
     let g = conv::geometry(x, &stacked, stride, pad)?;
-    let state = Arc::new(Mutex::new(None));
-    let inputs = Inputs { residual: residual.is_some(), channels: g.o / 2 };
-    let op = FoldConvBnTrain { layer: FoldLayer { g, grid, eps, relu }, inputs, saved: state.clone() };
-    let out = Inputs::apply(x, &stacked, (gamma, beta), residual, [g.n, g.o / 2, g.oh(), g.ow()], op)?;
-    let guard = saved(&state)?;
-    let Some(saved) = guard.as_ref() else { candle_core::bail!("folded conv + batch norm: the forward did not run") };
-    let mean = Tensor::new(saved.mean.as_slice(), x.device())?;
-    let var = Tensor::new(saved.var.as_slice(), x.device())?;
-    Ok((out, mean, var))
+    train_layer(x, &stacked, (gamma, beta), residual, FoldLayer { g, grid, eps, relu })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{conv_bn_vars, max_diff, rand};
+    use crate::ops::testing::{conv_bn_vars, gradient_gaps, max_diff};
     use crate::ops::{add_relu, channel_affine, channel_stats, conv2d_quantized, fake_quant, max_abs};
 
     /// Values, statistics and all gradients against the separate ops of the fold (two convolutions,
@@ -290,13 +229,10 @@ mod tests {
             let case = (n, c, h, w, o, stride, relu, quant, join);
             assert!(max_diff(&fused, &apart) < 1e-4, "{case:?}: {}", max_diff(&fused, &apart));
             assert!(max_diff(&mean, &mean2) < 1e-5 && max_diff(&var, &var2) < 1e-4, "{case:?}");
-            let up = rand(fused.dims(), 5);
-            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (apart * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let vars = [&x, &wt, &gamma, &beta, &shortcut];
-            for (i, v) in vars[..if join { 5 } else { 4 }].iter().enumerate() {
-                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "{case:?} input {i}: {}", max_diff(a, b));
+            for (i, gap) in gradient_gaps(&fused, &apart, &vars[..if join { 5 } else { 4 }], 5).into_iter().enumerate()
+            {
+                assert!(gap < 1e-3, "{case:?} input {i}: {gap}");
             }
         }
     }

@@ -424,6 +424,16 @@ pub(crate) mod testing {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// For each of `vars`, the largest difference between its gradients through `ours` and through
+    /// `reference` (two computations of one value), both backpropagated from the same random
+    /// upstream gradient.
+    pub fn gradient_gaps(ours: &Tensor, reference: &Tensor, vars: &[&candle_core::Var], seed: u64) -> Vec<f32> {
+        let up = rand(ours.dims(), seed);
+        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.iter().map(|v| max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap())).collect()
+    }
+
     /// The variables of a 3x3 conv + batch-norm layer test: x (n, c, h, w), the weight (o, c, 3, 3),
     /// γ (around 1.5), β, and a shortcut shaped like the output of stride `stride` with padding 1.
     pub fn conv_bn_vars((n, c, h, w, o, stride): (usize, usize, usize, usize, usize, usize)) -> [candle_core::Var; 5] {
