@@ -655,7 +655,7 @@ impl candle_core::CustomOp2 for ReluGrad {
 }
 
 /// The gradient `g` where the ReLU's output `y` is positive, zero elsewhere.
-pub(crate) fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
+fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
     written(g.len(), |d| {
         d.par_chunks_mut(16 * 1024).zip(g.par_chunks(16 * 1024).zip(y.par_chunks(16 * 1024))).for_each(
             |(dc, (gc, yc))| {
