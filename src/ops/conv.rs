@@ -106,9 +106,11 @@ impl Epilogue {
 
 /// The convolution as k·k shifted GEMMs over a padded image (see the module docs).
 ///
-/// Stride 1: an image is padded to `wp` = W + 2·pad columns and H + 2·pad + 1 rows (the extra zero row
-/// keeps the shifted reads of the dropped columns inside the plane); the output is computed on `q` =
-/// OH·wp positions, of which the last wp − OW of each row are dropped.
+/// Stride 1: an image is padded to `wp` = W + pad columns and H + 2·pad + 1 rows: the `pad` zero
+/// columns before each row serve as the padding after the row above too (a tap's reads past a row's
+/// end run into them), and the extra zero row keeps the shifted reads of the dropped columns inside the
+/// plane. The output is computed on `q` = OH·wp positions, of which the last wp − OW of each row are
+/// dropped. (wp = W + 2·pad where pad >= k, whose outputs would not fit.)
 ///
 /// Stride 2 (3x3, pad 1) becomes stride 1 on the image split into its four phases (even/odd rows by
 /// even/odd columns, each ⌈H/2⌉×⌈W/2⌉ padded by one zero row and column before): tap (ky, kx) reads
@@ -130,7 +132,9 @@ struct Shifted {
 impl Shifted {
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let s = g.stride;
-        let (top, wp) = (g.pad.div_ceil(s), (g.w + 2 * g.pad).div_ceil(s));
+        // Stride 1: a row's left padding is the right padding of the row before.
+        let wp = if s == 1 && g.pad < g.k { g.w + g.pad } else { (g.w + 2 * g.pad).div_ceil(s) };
+        let top = g.pad.div_ceil(s);
         let plane = ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp;
         let direct = kernels::available();
         Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct }
@@ -203,34 +207,29 @@ impl Shifted {
     /// since nothing else writes to it.
     fn pad(&self, x: &[f32], xpad: &mut [f32]) {
         let g = &self.g;
-        let quantize = |src: &[f32], dst: &mut [f32]| match self.grid {
-            Some(grid) => quantize_into(grid, src, dst),
-            None => dst.copy_from_slice(src),
-        };
-        if g.stride == 1 {
-            for (c, src) in x.chunks_exact(g.h * g.w).enumerate() {
-                for (iy, row) in src.chunks_exact(g.w).enumerate() {
-                    let start = self.position(c, iy, 0);
-                    quantize(row, &mut xpad[start..start + g.w]);
-                }
-            }
-            return;
-        }
-        // Stride 2: each row's even and odd columns go to two phases.
-        let half = g.w.div_ceil(2);
-        let mut buf = vec![0f32; g.w];
+        // Stride 2 quantizes a row here first, then splits it.
+        let mut quantized = vec![0f32; if self.grid.is_some() && g.stride == 2 { g.w } else { 0 }];
         for (c, src) in x.chunks_exact(g.h * g.w).enumerate() {
             for (iy, row) in src.chunks_exact(g.w).enumerate() {
-                let (even, odd) = buf.split_at_mut(half);
-                row.chunks(2).enumerate().for_each(|(i, pair)| {
-                    even[i] = pair[0];
-                    if let Some(&v) = pair.get(1) {
-                        odd[i] = v;
+                let start = self.position(c, iy, 0);
+                if g.stride == 1 {
+                    let dst = &mut xpad[start..start + g.w];
+                    match self.grid {
+                        Some(grid) => quantize_into(grid, row, dst),
+                        None => dst.copy_from_slice(row),
                     }
-                });
-                let (even_at, odd_at) = (self.position(c, iy, 0), self.position(c, iy, 1));
-                quantize(even, &mut xpad[even_at..even_at + half]);
-                quantize(&odd[..g.w / 2], &mut xpad[odd_at..odd_at + g.w / 2]);
+                    continue;
+                }
+                let row = match self.grid {
+                    Some(grid) => {
+                        quantize_into(grid, row, &mut quantized);
+                        &quantized[..]
+                    }
+                    None => row,
+                };
+                // The even and odd columns go to two phases, the odd one's after.
+                let (even, odd) = xpad.split_at_mut(self.position(c, iy, 1));
+                kernels::split_row(row, &mut even[start..start + g.w.div_ceil(2)], &mut odd[..g.w / 2]);
             }
         }
     }
@@ -597,6 +596,9 @@ fn forward_then<R: Send>(
                 .map_init(
                     || (vec![0f32; sh.padded_len()], vec![0f32; sh.output_len()]),
                     |(xpad, yext), (n, yn)| {
+                        if let Some(next) = x.get((n + 1) * size..(n + 2) * size) {
+                            kernels::prefetch(next);
+                        }
                         sh.forward((&x[n * size..(n + 1) * size], &w_fwd), xpad, yext, yn, epilogue_of(n));
                         // SAFETY: Shifted::forward wrote every element of yn (its crop covers O·OH·OW).
                         after(unsafe { std::slice::from_raw_parts(yn.as_ptr().cast::<f32>(), yn.len()) })

@@ -280,9 +280,75 @@ pub(crate) fn weight_grad(_: &[(&[f32], &[f32])], _: (usize, usize), _: (usize, 
     unreachable!("the weight-gradient kernel needs AVX-512 (callers check `available`)")
 }
 
+/// Asks the CPU to bring `data` into its L2 cache, without waiting for it: the next image's input,
+/// read from L3 or memory while the current one is computed (the hardware prefetchers cannot guess a
+/// jump to another image).
+pub(crate) fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch is a hint: it reads nothing into the program and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+    }
+}
+
+/// Mask of the first `n` (< 16) lanes.
+#[cfg(target_arch = "x86_64")]
+fn lanes(n: usize) -> __mmask16 {
+    ((1u32 << n.min(LANES)) - 1) as __mmask16
+}
+
+/// Splits `src` into its even-indexed values (`even`, ⌈n/2⌉ of them) and its odd-indexed ones (`odd`,
+/// ⌊n/2⌋): a row of an image into the phases of a stride-2 convolution. AVX-512 where the CPU has it.
+pub(crate) fn split_row(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    assert!(even.len() == src.len().div_ceil(2) && odd.len() == src.len() / 2, "split_row: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: available() found AVX-512F.
+        return unsafe { split_row_avx512(src, even, odd) };
+    }
+    for (i, &v) in src.iter().enumerate() {
+        if i % 2 == 0 {
+            even[i / 2] = v;
+        } else {
+            odd[i / 2] = v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn split_row_avx512(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let n = src.len();
+    for i in (0..n).step_by(2 * LANES) {
+        let rest = n - i;
+        // SAFETY: the masks keep the reads below n and the writes below ⌈n/2⌉ and ⌊n/2⌋, the
+        // lengths of `even` and `odd` (asserted by the caller).
+        unsafe {
+            let a = _mm512_maskz_loadu_ps(lanes(rest), src.as_ptr().add(i));
+            let b = _mm512_maskz_loadu_ps(lanes(rest.saturating_sub(LANES)), src.as_ptr().add(i + LANES.min(rest)));
+            let (e, o) = (_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(a, odds, b));
+            _mm512_mask_storeu_ps(even.as_mut_ptr().add(i / 2), lanes(rest.div_ceil(2)), e);
+            _mm512_mask_storeu_ps(odd.as_mut_ptr().add(i / 2), lanes(rest / 2), o);
+        }
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_splits_of_every_length() {
+        for n in 0..70usize {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+            let (mut even, mut odd) = (vec![-1f32; n.div_ceil(2)], vec![-1f32; n / 2]);
+            split_row(&src, &mut even, &mut odd);
+            assert_eq!(even, src.iter().step_by(2).copied().collect::<Vec<_>>(), "even of {n}");
+            assert_eq!(odd, src.iter().skip(1).step_by(2).copied().collect::<Vec<_>>(), "odd of {n}");
+        }
+    }
 
     #[test]
     fn lane_sums_of_sixteen_registers() {
