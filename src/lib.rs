@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod regularize;

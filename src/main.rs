@@ -1,3 +1,6 @@
+#[global_allocator]
+static ALLOCATOR: qat_lab::memory::HugePages = qat_lab::memory::HugePages;
+
 fn main() -> std::process::ExitCode {
     // candle allocates a fresh buffer for every tensor op. With glibc's defaults each large one is a new
     // mmap whose pages fault in again every step (a quarter of the step time, and gigabytes of churn);
