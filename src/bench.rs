@@ -153,7 +153,7 @@ fn conv_shapes(arch: Arch, n: usize) -> Vec<(Geometry, usize)> {
 fn time_ms(mut f: impl FnMut()) -> f64 {
     f();
     median(
-        (0..5)
+        (0..15)
             .map(|_| {
                 let t = Instant::now();
                 f();
@@ -166,7 +166,7 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
 /// The per-op breakdown: every convolution of the network timed on its own (forward; backward, i.e.
 /// input and weight gradient), its GFLOP/s, and its share of a measured training step.
 fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
-    println!("\nconvolution kernels, batch {} (median of 5; GFLOP/s counts a multiply-add as 2)", opts.batch);
+    println!("\nconvolution kernels, batch {} (median of 15; GFLOP/s counts a multiply-add as 2)", opts.batch);
     println!(
         "{:<24} {:>5} {:>9} {:>13} {:>18} {:>11}",
         "C->O, size, stride", "count", "fwd ms", "dX + dW ms", "GFLOP/s fwd / bwd", "ms per step"
