@@ -701,6 +701,12 @@ pub(crate) fn backward(
             (0..per_call).map(|_| (vec![0f32; g.o * sh.grid16()], vec![0f32; sh.padded_len()])).collect();
         let last = ((grp + 1) * GROUP).min(g.n) - 1;
         for (i, n) in (grp * GROUP..=last).enumerate() {
+            // This image's input is read after its dX is computed, and the next image's given dY
+            // after that: both are asked for now.
+            kernels::prefetch(&x[n * size..(n + 1) * size]);
+            if let OutputGrad::Given(dy) = dy {
+                kernels::prefetch(dy.get((n + 1) * out..(n + 2) * out).unwrap_or_default());
+            }
             let dyn_ = match dy {
                 OutputGrad::Given(dy) => &dy[n * out..(n + 1) * out],
                 OutputGrad::PerImage(image) => {
