@@ -6,8 +6,10 @@
 //! a TLB miss every 4 KiB, and under a hypervisor each miss walks two page tables. Where the kernel
 //! gives huge pages only to memory that asks for them (`madvise` mode, the default of many
 //! distributions), nothing else gets them. So blocks of [`LARGE`] bytes and more are mapped here,
-//! 2 MiB-aligned and advised, and a freed one waits in a small cache for the next request of its
-//! size: the same sizes come back every step, so their pages fault in once, not every step.
+//! 2 MiB-aligned and advised, and a freed one waits in a small cache for the next request it fits
+//! (the smallest that wastes at most half the request): the same sizes come back every step, so their
+//! pages fault in once, not every step, and the odd sizes (a last partial batch, an eval batch) reuse
+//! blocks instead of adding their own.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -16,18 +18,34 @@ use std::sync::Mutex;
 pub const LARGE: usize = 4 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 
-/// Freed large blocks kept for reuse, as (mapped length, address); at most this many, and at most
-/// [`CACHE_BYTES`] in all (the rest are unmapped).
+/// Freed large blocks kept for reuse: at most this many, at most [`CACHE_BYTES`] in all, and none over
+/// [`CACHE_MAX_BLOCK`] (the rest are unmapped). Blocks over 32 MiB are rare one-off copies (a whole
+/// dataset as a tensor), which glibc too returns to the system at once.
 const CACHE_SLOTS: usize = 256;
 const CACHE_BYTES: usize = 4 << 30;
+const CACHE_MAX_BLOCK: usize = 32 << 20;
+
+/// In-use blocks whose mapping is longer than their layout says (a cached block reused for a smaller
+/// request): at most this many at once.
+const LONGER_SLOTS: usize = 256;
 
 struct Cache {
-    blocks: [(usize, usize); CACHE_SLOTS],
-    len: usize,
-    bytes: usize,
+    /// Freed blocks, as (mapped length, address).
+    free: [(usize, usize); CACHE_SLOTS],
+    free_count: usize,
+    free_bytes: usize,
+    /// Blocks in use that are longer than their layout's [`mapped`] length, as (address, length).
+    longer: [(usize, usize); LONGER_SLOTS],
+    longer_count: usize,
 }
 
-static CACHE: Mutex<Cache> = Mutex::new(Cache { blocks: [(0, 0); CACHE_SLOTS], len: 0, bytes: 0 });
+static CACHE: Mutex<Cache> = Mutex::new(Cache {
+    free: [(0, 0); CACHE_SLOTS],
+    free_count: 0,
+    free_bytes: 0,
+    longer: [(0, 0); LONGER_SLOTS],
+    longer_count: 0,
+});
 
 /// The global allocator of the `qat-lab` binary (see the module docs).
 pub struct HugePages;
@@ -37,31 +55,70 @@ fn mapped(layout: Layout) -> Option<usize> {
     (layout.size() >= LARGE && layout.align() <= HUGE_PAGE).then(|| layout.size().next_multiple_of(HUGE_PAGE))
 }
 
-impl HugePages {
-    /// A block of `len` bytes (whole huge pages): a cached one of that length, else a fresh mapping.
-    /// The bool says whether it is fresh (and so already zero).
-    fn take(len: usize) -> (*mut u8, bool) {
-        if let Ok(mut cache) = CACHE.lock() {
-            let n = cache.len;
-            if let Some(i) = cache.blocks[..n].iter().position(|&(l, _)| l == len) {
-                let (_, addr) = cache.blocks[i];
-                cache.blocks[i] = cache.blocks[n - 1];
-                cache.len -= 1;
-                cache.bytes -= len;
-                return (addr as *mut u8, false);
-            }
+impl Cache {
+    /// The smallest freed block of at least `len` bytes that wastes at most half of `len`, taken out
+    /// of the cache.
+    fn take(&mut self, len: usize) -> Option<usize> {
+        let room = self.longer_count < LONGER_SLOTS;
+        let fits = |l: usize| l == len || (room && l > len && l <= len + len / 2);
+        let (i, (l, addr)) = self.free[..self.free_count]
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|&(_, (l, _))| fits(l))
+            .min_by_key(|&(_, (l, _))| l)?;
+        self.free_count -= 1;
+        self.free[i] = self.free[self.free_count];
+        self.free_bytes -= l;
+        if l > len {
+            self.longer[self.longer_count] = (addr, l);
+            self.longer_count += 1;
         }
-        (map(len), true)
+        Some(addr)
     }
 
-    /// Keeps a freed block for reuse, or unmaps it when the cache is full.
+    /// The mapped length of the block at `addr`, freed with a layout of mapped length `len`.
+    fn length(&mut self, addr: usize, len: usize) -> usize {
+        match self.longer[..self.longer_count].iter().position(|&(a, _)| a == addr) {
+            Some(i) => {
+                let (_, l) = self.longer[i];
+                self.longer_count -= 1;
+                self.longer[i] = self.longer[self.longer_count];
+                l
+            }
+            None => len,
+        }
+    }
+
+    /// Keeps a freed block for reuse; false when the cache is full.
+    fn keep(&mut self, addr: usize, len: usize) -> bool {
+        let room = self.free_count < CACHE_SLOTS && self.free_bytes + len <= CACHE_BYTES && len <= CACHE_MAX_BLOCK;
+        if room {
+            self.free[self.free_count] = (len, addr);
+            self.free_count += 1;
+            self.free_bytes += len;
+        }
+        room
+    }
+}
+
+impl HugePages {
+    /// A block of at least `len` bytes (whole huge pages): a cached one (see [`Cache::take`]), else a
+    /// fresh mapping. The bool says whether it is fresh (and so already zero).
+    fn take(len: usize) -> (*mut u8, bool) {
+        match CACHE.lock().ok().and_then(|mut cache| cache.take(len)) {
+            Some(addr) => (addr as *mut u8, false),
+            None => (map(len), true),
+        }
+    }
+
+    /// Keeps a freed block (its layout's mapped length `len`) for reuse, or unmaps it when the cache is
+    /// full.
     fn give(addr: *mut u8, len: usize) {
+        let mut len = len;
         if let Ok(mut cache) = CACHE.lock() {
-            if cache.len < CACHE_SLOTS && cache.bytes + len <= CACHE_BYTES {
-                let n = cache.len;
-                cache.blocks[n] = (len, addr as usize);
-                cache.len += 1;
-                cache.bytes += len;
+            len = cache.length(addr as usize, len);
+            if cache.keep(addr as usize, len) {
                 return;
             }
         }
@@ -167,12 +224,16 @@ mod tests {
 
     /// The tests call the allocator directly (it is the binary's global allocator, not the tests'),
     /// each with sizes of its own, since the cache is shared.
+    /// One test at a time: they would take each other's freed blocks.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
     fn layout(size: usize) -> Layout {
         Layout::from_size_align(size, 64).unwrap()
     }
 
     #[test]
     fn large_blocks_are_aligned_zeroed_and_reused() {
+        let _serial = SERIAL.lock();
         let size = LARGE + 12_345;
         // SAFETY: every block is used within its size and freed once, with the layout it was made with.
         unsafe {
@@ -190,7 +251,29 @@ mod tests {
     }
 
     #[test]
+    fn a_smaller_request_reuses_a_longer_block_and_gives_all_of_it_back() {
+        let _serial = SERIAL.lock();
+        let (big, smaller) = (3 * LARGE, 2 * LARGE + 7);
+        // SAFETY: as above.
+        unsafe {
+            let a = HugePages.alloc(layout(big));
+            *a.add(big - 1) = 1;
+            HugePages.dealloc(a, layout(big));
+            // 2·LARGE + 7 bytes fit the freed 3·LARGE block (it wastes less than half of them).
+            let b = HugePages.alloc(layout(smaller));
+            assert_eq!(a, b);
+            HugePages.dealloc(b, layout(smaller));
+            // The whole block went back: the larger request gets it again, all of it usable.
+            let c = HugePages.alloc(layout(big));
+            assert_eq!(a, c);
+            *c.add(big - 1) = 2;
+            HugePages.dealloc(c, layout(big));
+        }
+    }
+
+    #[test]
     fn realloc_keeps_the_contents_across_small_and_large() {
+        let _serial = SERIAL.lock();
         // SAFETY: as above; realloc's result replaces the old block.
         unsafe {
             let small = 1000;
