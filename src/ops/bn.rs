@@ -96,11 +96,7 @@ pub(crate) fn normalize(
     (gamma, beta): (&[f32], &[f32]),
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
-    let coefficients = |ch: usize| {
-        let scale = gamma[ch] * stats.invstd[ch];
-        (scale, beta[ch] - stats.mean[ch] * scale)
-    };
-    affine_planes(x, (d.1, d.2), coefficients, stats.relu, residual)
+    affine_planes(x, (d.1, d.2), |ch| stats.affine(ch, gamma, beta), stats.relu, residual)
 }
 
 /// `relu?(x·a + b [+ residual])` with (a, b) = `coefficients(channel)`, over NCHW data of `c` channels of
@@ -156,12 +152,41 @@ pub(crate) struct Stats {
     pub relu: bool,
 }
 
-/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU, `y` the forward output), and dy'
-/// itself when `want_masked` (the gradient of a residual join's shortcut). Images are summed in
-/// parallel and merged in image order, so the sums do not depend on scheduling; dy' is written in the
-/// same pass that reads dy and y for the sums.
+impl Stats {
+    /// Channel `ch`'s (a, b) of the normalisation `x·a + b`: a = γ·σ⁻¹, b = β − μ·a. [`normalize`] and
+    /// [`Relu::Input`] both take them from here, so that the backward's recomputed ReLU decisions are
+    /// the forward's, bit for bit.
+    pub fn affine(&self, ch: usize, gamma: &[f32], beta: &[f32]) -> (f32, f32) {
+        let scale = gamma[ch] * self.invstd[ch];
+        (scale, beta[ch] - self.mean[ch] * scale)
+    }
+}
+
+/// Where the backward learns which outputs the ReLU passed (those > 0), when there is a ReLU.
+#[derive(Clone, Copy)]
+pub(crate) enum Relu<'a> {
+    /// From the forward output: needed where the ReLU followed a residual join.
+    Output(&'a [f32]),
+    /// Recomputed from the batch norm's input as `x·a + b > 0`, with each channel's (a, b) from
+    /// [`Stats::affine`]: the forward's own decisions, and one plane fewer to read from memory per
+    /// pass.
+    Input(&'a [(f32, f32)]),
+}
+
+/// Whether the gradient passes a ReLU whose output is `y` (or had a pre-activation of `y`): not where
+/// it is ≤ 0. A NaN passes, as the forward kept it.
+#[inline]
+fn passes(y: f32) -> bool {
+    !(y <= 0.0)
+}
+
+/// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU, as `relu` says), and dy' itself when
+/// `want_masked` (the gradient of a residual join's shortcut). Images are summed in parallel and
+/// merged in image order, so the sums do not depend on scheduling; dy' is written in the same pass
+/// that reads dy for the sums.
 pub(crate) fn grad_sums(
-    (dy, x, y): (&[f32], &[f32], &[f32]),
+    (dy, x): (&[f32], &[f32]),
+    relu: Relu,
     d: (usize, usize, usize),
     stats: &Stats,
     want_masked: bool,
@@ -171,23 +196,31 @@ pub(crate) fn grad_sums(
         (0..c)
             .map(|ch| {
                 let at = (n * c + ch) * p..(n * c + ch + 1) * p;
-                let (g, xp, yp) = (&dy[at.clone()], &x[at.clone()], &y[at]);
-                if let Some(m) = masked.as_deref_mut() {
-                    let m = &mut m[ch * p..(ch + 1) * p];
-                    m.iter_mut()
-                        .zip(g.iter().zip(yp))
-                        .for_each(|(m, (&g, &y))| _ = m.write(if y > 0.0 { g } else { 0.0 }));
-                }
+                let (g, xp) = (&dy[at.clone()], &x[at.clone()]);
                 let m = stats.mean[ch];
-                let (a, b) = if stats.relu {
-                    lane_sums(g, xp, yp, |g, x, y| {
-                        let g = if y <= 0.0 { 0.0 } else { g };
-                        (g, g * (x - m))
-                    })
-                } else {
-                    lane_sums(g, xp, yp, |g, x, _| (g, g * (x - m)))
+                // The ReLU's mask as (the plane it is read from, the map from its values to y).
+                let (yp, (a, b)) = match relu {
+                    Relu::Output(y) => (&y[at], (1.0, 0.0)),
+                    Relu::Input(affine) => (xp, affine[ch]),
                 };
-                (a, b * stats.invstd[ch] as f64)
+                if let Some(mk) = masked.as_deref_mut() {
+                    let mk = &mut mk[ch * p..(ch + 1) * p];
+                    mk.iter_mut()
+                        .zip(g.iter().zip(yp))
+                        .for_each(|(mk, (&g, &y))| _ = mk.write(if passes(y * a + b) { g } else { 0.0 }));
+                }
+                let (sum, sum_x) = match relu {
+                    _ if !stats.relu => lane_sums(g, xp, xp, |g, x, _| (g, g * (x - m))),
+                    Relu::Output(_) => lane_sums(g, xp, yp, |g, x, y| {
+                        let g = if passes(y) { g } else { 0.0 };
+                        (g, g * (x - m))
+                    }),
+                    Relu::Input(_) => lane_sums(g, xp, xp, |g, x, _| {
+                        let g = if passes(x * a + b) { g } else { 0.0 };
+                        (g, g * (x - m))
+                    }),
+                };
+                (sum, sum_x * stats.invstd[ch] as f64)
             })
             .collect()
     };
@@ -209,10 +242,12 @@ pub(crate) fn grad_sums(
 }
 
 /// dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) of image `n`, into `dx` (C·H·W values), with the sums from
-/// [`grad_sums`].
+/// [`grad_sums`] (dy' = dy masked by the ReLU, as `relu` says).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn image_input_grad(
     n: usize,
-    (dy, x, y): (&[f32], &[f32], &[f32]),
+    (dy, x): (&[f32], &[f32]),
+    relu: Relu,
     d: (usize, usize, usize),
     stats: &Stats,
     gamma: &[f32],
@@ -220,26 +255,34 @@ pub(crate) fn image_input_grad(
     dx: &mut [f32],
 ) {
     let (_, c, p) = d;
-    let (m, relu) = ((d.0 * p) as f32, stats.relu);
+    let m = (d.0 * p) as f32;
     for (ch, dxp) in dx.chunks_exact_mut(p).enumerate() {
         let (mean, is) = (stats.mean[ch], stats.invstd[ch]);
         let (s1, s2, k) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m, gamma[ch] * is);
         let at = (n * c + ch) * p..(n * c + ch + 1) * p;
-        input_grad_row(dxp, (&dy[at.clone()], &x[at.clone()], &y[at]), (mean, is, k, s1, s2), relu);
+        let (g, xp) = (&dy[at.clone()], &x[at.clone()]);
+        let coefficients = (mean, is, k, s1, s2);
+        match relu {
+            _ if !stats.relu => input_grad_row(dxp, (g, xp, xp), coefficients, (1.0, f32::INFINITY)),
+            Relu::Output(y) => input_grad_row(dxp, (g, xp, &y[at]), coefficients, (1.0, 0.0)),
+            Relu::Input(affine) => input_grad_row(dxp, (g, xp, xp), coefficients, affine[ch]),
+        }
     }
 }
 
-/// One plane of [`image_input_grad`]: `dx = k·(g′ − s1 − (x − mean)·is·s2)`, g′ the gradient masked
-/// by the ReLU. Compiled for the CPU's SIMD extensions.
+/// One plane of [`image_input_grad`]: `dx = k·(g′ − s1 − (x − mean)·is·s2)`, g′ the gradient where the
+/// ReLU passed it: where `y·a + b` is not ≤ 0, `y` the output plane (a, b = 1, 0) or the input plane
+/// itself (the forward's affine). b = ∞ passes everything (no ReLU). Compiled for the CPU's SIMD
+/// extensions.
 #[multiversion(targets = "simd")]
 fn input_grad_row(
     dx: &mut [f32],
     (dy, x, y): (&[f32], &[f32], &[f32]),
     (mean, is, k, s1, s2): (f32, f32, f32, f32, f32),
-    relu: bool,
+    (a, b): (f32, f32),
 ) {
     for ((d, &gy), (&xv, &yv)) in dx.iter_mut().zip(dy).zip(x.iter().zip(y)) {
-        let gy = if relu && yv <= 0.0 { 0.0 } else { gy };
+        let gy = if passes(yv * a + b) { gy } else { 0.0 };
         *d = k * (gy - s1 - (xv - mean) * is * s2);
     }
 }
@@ -299,12 +342,12 @@ pub(crate) fn backward(
     stats: &Stats,
     gamma: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (sum_dy, sum_dy_xhat, _) = grad_sums((dy, x, y), d, stats, false);
+    let (sum_dy, sum_dy_xhat, _) = grad_sums((dy, x), Relu::Output(y), d, stats, false);
     let image = d.1 * d.2;
     let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(image)
-        .enumerate()
-        .for_each(|(n, dxn)| image_input_grad(n, (dy, x, y), d, stats, gamma, (&sum_dy, &sum_dy_xhat), dxn));
+    dx.par_chunks_mut(image).enumerate().for_each(|(n, dxn)| {
+        image_input_grad(n, (dy, x), Relu::Output(y), d, stats, gamma, (&sum_dy, &sum_dy_xhat), dxn)
+    });
     (dx, sum_dy_xhat, sum_dy)
 }
 
@@ -381,6 +424,28 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        /// The ReLU decisions the backward recomputes from the batch norm's input ([`Relu::Input`]) are
+        /// the forward's, element by element, also where the pre-activation is 0 or rounds to it.
+        #[test]
+        fn recomputed_relu_decisions_are_the_forwards(
+            p in 1usize..50,
+            gamma in -3f32..3.0,
+            beta in -2f32..2.0,
+            seed in 0u64..1000,
+        ) {
+            let (n, c) = (2, 2);
+            // Values on a coarse grid, so that many equal the mean or sit at the ReLU's edge.
+            let x: Vec<f32> = (0..n * c * p).map(|i| (((i as u64 * 2654435761 + seed * 40503) % 17) as f32 - 8.0) / 4.0).collect();
+            let (mean, var) = moments(&x, (n, c, p));
+            let stats = Stats { invstd: invstd(&var, 1e-5), mean, relu: true };
+            let (gammas, betas) = ([gamma, 1.0], [beta, 0.0]);
+            let y = normalize(&x, (n, c, p), &stats, (&gammas, &betas), None);
+            for (i, (&xv, &yv)) in x.iter().zip(&y).enumerate() {
+                let (a, b) = stats.affine(i / p % c, &gammas, &betas);
+                prop_assert_eq!(passes(yv), passes(xv * a + b), "element {}: x {} y {}", i, xv, yv);
+            }
+        }
+
         /// Per-image moments merged (Chan) equal the two-pass moments of the whole batch, also for data
         /// far from zero, where a sum of squares would cancel.
         #[test]

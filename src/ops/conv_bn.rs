@@ -107,14 +107,20 @@ impl FusedLayer for Layer {
         (x, w, gb): (&[f32], &[f32], &[f32]),
         (want_dx, residual): (bool, bool),
     ) -> LayerGrads {
-        let (d, stats, saved_out) = (self.dims(), &saved.stats, (grad, &saved.conv_out[..], out));
+        let (d, stats, o) = (self.dims(), &saved.stats, self.g.o);
+        let (gamma, beta) = (&gb[..o], &gb[o..]);
+        // Without a join the ReLU's decisions are recomputed from the saved convolution output (one
+        // plane fewer to read per pass); after a join, where they depend on the shortcut too, they
+        // are read from the output.
+        let affine: Vec<(f32, f32)> = (0..o).map(|ch| stats.affine(ch, gamma, beta)).collect();
+        let relu = if residual { bn::Relu::Output(out) } else { bn::Relu::Input(&affine) };
+        let grad_conv = (grad, &saved.conv_out[..]);
         // The sums first (one pass, which also writes d(relu(a + b))/db: the gradient where the output
         // is positive); then the convolution's backward takes each image's batch-norm input gradient
         // straight from here, never written to memory whole.
-        let (dbeta, dgamma, d_shortcut) = bn::grad_sums(saved_out, d, stats, residual);
-        let gamma = &gb[..self.g.o];
+        let (dbeta, dgamma, d_shortcut) = bn::grad_sums(grad_conv, relu, d, stats, residual);
         let image = |n: usize, d_conv: &mut [f32]| {
-            bn::image_input_grad(n, saved_out, d, stats, gamma, (&dbeta, &dgamma), d_conv)
+            bn::image_input_grad(n, grad_conv, relu, d, stats, gamma, (&dbeta, &dgamma), d_conv)
         };
         let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
         (dx, dw, dgamma, dbeta, d_shortcut)
