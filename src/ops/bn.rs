@@ -177,7 +177,7 @@ pub(crate) enum Relu<'a> {
 /// it is ≤ 0. A NaN passes, as the forward kept it.
 #[inline]
 fn passes(y: f32) -> bool {
-    !(y <= 0.0)
+    y > 0.0 || y.is_nan()
 }
 
 /// Per channel: Σ dy' and Σ dy'·x̂ (dy' = dy masked by the ReLU, as `relu` says), and dy' itself when

@@ -998,8 +998,10 @@ mod tests {
             // 16 output channels: the 16x16 weight-gradient block (on AVX-512 CPUs).
             (2, 16, 6, 7, 16, 3, 1, 1),
             (1, 32, 5, 5, 16, 3, 1, 1),
-            // The direct kernel's 5-register tile (80 positions), and channels that fill no whole block.
+            // The direct kernel's narrower tail tiles (72 positions: 3 + 2 registers; 56: 3 + 1), and
+            // channels that fill no whole block.
             (2, 12, 8, 8, 20, 3, 1, 1),
+            (1, 8, 7, 7, 8, 3, 1, 1),
             // The direct weight-gradient kernel (stride 1, 256+ grid positions), several images per call.
             (3, 16, 16, 16, 8, 3, 1, 1),
             (1, 8, 14, 18, 12, 3, 1, 1),

@@ -43,24 +43,14 @@ pub(crate) const LANES: usize = 16;
 /// (zero-padded past the last channel).
 pub(crate) const OB: usize = 8;
 
-/// The register tiles of [`direct`], as (registers of 16 positions, channels, relative cost per
-/// position in tenths), preferred first: 3 x 8 (24 accumulators, 11 loads per 24 multiply-adds), then
-/// tiles that make up grids of 5 or 4 registers exactly (the 8x8 maps: 80 positions, or 64 without
-/// padding), where a 48-wide tile would compute up to half its positions for nothing. 4 x 4 needs 8
-/// loads per 16 multiply-adds: taken only where it saves more than that costs.
-const TILES: [(usize, usize, usize); 3] = [(3, 8, 10), (5, 4, 10), (4, 4, 11)];
+/// Registers of 16 positions in the direct kernel's main tile: 3 x 8 output channels, 24 accumulators,
+/// 11 loads per 24 multiply-adds. The last one or two registers of a grid get a narrower tile of
+/// their own (2 x 8 or 1 x 8), so that no more than 15 positions are computed past the grid.
+const TILE: usize = 3;
 
-/// The tile for a grid of `q` positions: the cheapest, wasted positions included.
-fn tile(q: usize) -> (usize, usize) {
-    let registers = q.div_ceil(LANES);
-    let (v, j, _) = TILES.into_iter().min_by_key(|&(v, _, cost)| registers.div_ceil(v) * v * cost).unwrap_or(TILES[0]);
-    (v, j)
-}
-
-/// Positions the kernel computes for a grid of `q`: `q` rounded up to whole tiles.
+/// Positions the kernel computes for a grid of `q`: `q` rounded up to whole registers.
 pub(crate) fn padded_positions(q: usize) -> usize {
-    let tile = tile(q).0 * LANES;
-    q.div_ceil(tile) * tile
+    q.div_ceil(LANES) * LANES
 }
 
 /// `out[o·qstride + i] = Σ_t Σ_c w[o / OB][t][c][o % OB] · x[c·plane + shifts[t] + i]` for every
@@ -77,34 +67,40 @@ pub(crate) fn direct(
     (out, qstride): (&mut [f32], usize),
     q: usize,
 ) {
-    match tile(q) {
-        (5, _) => direct_tiled::<5, 4>((x, plane, c), shifts, w, (out, qstride), q),
-        (4, _) => direct_tiled::<4, 4>((x, plane, c), shifts, w, (out, qstride), q),
-        _ => direct_tiled::<3, 8>((x, plane, c), shifts, w, (out, qstride), q),
+    let registers = q.div_ceil(LANES);
+    let main = registers / TILE * TILE * LANES;
+    direct_tiled::<TILE>((x, plane, c), shifts, w, (out, qstride), 0..main);
+    match registers % TILE {
+        2 => direct_tiled::<2>((x, plane, c), shifts, w, (out, qstride), main..main + 2 * LANES),
+        1 => direct_tiled::<1>((x, plane, c), shifts, w, (out, qstride), main..main + LANES),
+        _ => {}
     }
 }
 
+/// [`direct`] on the positions `range` (whole tiles of V registers), for every block of [`OB`]
+/// output channels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn direct_tiled<const V: usize, const J: usize>(
+fn direct_tiled<const V: usize>(
     (x, plane, c): (&[f32], usize, usize),
     shifts: &[usize],
     w: &[f32],
     (out, qstride): (&mut [f32], usize),
-    q: usize,
+    range: std::ops::Range<usize>,
 ) {
-    let (taps, qpad) = (shifts.len(), padded_positions(q));
+    if range.is_empty() {
+        return;
+    }
+    let taps = shifts.len();
     let block = taps * c * OB;
     let blocks = w.len() / block;
-    let reach = (c - 1) * plane + shifts.iter().max().copied().unwrap_or(0) + qpad;
+    let reach = (c - 1) * plane + shifts.iter().max().copied().unwrap_or(0) + range.end;
     // Checked once here: every access below stays inside these bounds.
-    assert!(c > 0 && w.len() == blocks * block && x.len() >= reach);
-    assert!(out.len() >= (blocks * OB - 1) * qstride + qpad && qstride >= qpad);
-    for q0 in (0..qpad).step_by(V * LANES) {
-        // Each block of OB channels as OB / J register tiles of J channels.
-        for (b, wb) in (0..blocks * OB / J).map(|b| (b, &w[b * J / OB * block..][..block])) {
-            let sub = b * J % OB;
-            let mut acc = [[_mm512_setzero_ps(); V]; J];
+    assert!(c > 0 && w.len() == blocks * block && x.len() >= reach && range.len().is_multiple_of(V * LANES));
+    assert!(out.len() >= (blocks * OB - 1) * qstride + range.end && qstride >= range.end);
+    for q0 in range.step_by(V * LANES) {
+        for (b, wb) in w.chunks_exact(block).enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); V]; OB];
             for (t, &shift) in shifts.iter().enumerate() {
                 for ci in 0..c {
                     // SAFETY: ci·plane + shift + q0 + V·16 <= reach <= x.len() (asserted above).
@@ -114,7 +110,7 @@ fn direct_tiled<const V: usize, const J: usize>(
                         // SAFETY: see above.
                         *xv = unsafe { _mm512_loadu_ps(xp.add(v * LANES)) };
                     }
-                    let wt = &wb[(t * c + ci) * OB + sub..][..J];
+                    let wt = &wb[(t * c + ci) * OB..][..OB];
                     for (j, row) in acc.iter_mut().enumerate() {
                         let wv = _mm512_set1_ps(wt[j]);
                         for (a, xv) in row.iter_mut().zip(&xs) {
@@ -124,7 +120,7 @@ fn direct_tiled<const V: usize, const J: usize>(
                 }
             }
             for (j, row) in acc.iter().enumerate() {
-                let dst = &mut out[(b * J + j) * qstride + q0..][..V * LANES];
+                let dst = &mut out[(b * OB + j) * qstride + q0..][..V * LANES];
                 for (v, a) in row.iter().enumerate() {
                     // SAFETY: dst holds V·16 floats.
                     unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(v * LANES), *a) };
