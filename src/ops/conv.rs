@@ -261,7 +261,7 @@ impl Shifted {
         }
     }
 
-    /// Y[n] = Σ_t W_t · shift_t(Xpad): `w` as [`Shifted::forward_weight`] lays it out.
+    /// Y\[n\] = Σ_t W_t · shift_t(Xpad): `w` as [`Shifted::forward_weight`] lays it out.
     fn forward(
         &self,
         (x, w): (&[f32], &[f32]),
@@ -309,7 +309,7 @@ impl Shifted {
         }
     }
 
-    /// dX[n] = crop(Σ_t shift_tᵀ(W_tᵀ · dYext)): `w_tco` is the weight as (tap, C, O).
+    /// dX\[n\] = crop(Σ_t shift_tᵀ(W_tᵀ · dYext)): `w_tco` is the weight as (tap, C, O).
     fn input_grad(&self, dy: &[f32], w_tco: &[f32], dyext: &mut [f32], dxpad: &mut [f32], dx: &mut [MaybeUninit<f32>]) {
         let g = &self.g;
         let (oh, ow) = (g.oh(), g.ow());
