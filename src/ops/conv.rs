@@ -27,7 +27,7 @@
 
 use super::bn;
 use super::kernels;
-use super::quant::{quantize_into, Grid};
+use super::quant::{quantize_into, quantize_rows, Grid};
 use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -210,14 +210,14 @@ impl Shifted {
         // Stride 2 quantizes a row here first, then splits it.
         let mut quantized = vec![0f32; if self.grid.is_some() && g.stride == 2 { g.w } else { 0 }];
         for (c, src) in x.chunks_exact(g.h * g.w).enumerate() {
+            if let (1, Some(grid)) = (g.stride, self.grid) {
+                quantize_rows(grid, src, (&mut xpad[self.position(c, 0, 0)..], g.w, self.wp));
+                continue;
+            }
             for (iy, row) in src.chunks_exact(g.w).enumerate() {
                 let start = self.position(c, iy, 0);
                 if g.stride == 1 {
-                    let dst = &mut xpad[start..start + g.w];
-                    match self.grid {
-                        Some(grid) => quantize_into(grid, row, dst),
-                        None => dst.copy_from_slice(row),
-                    }
+                    xpad[start..start + g.w].copy_from_slice(row);
                     continue;
                 }
                 let row = match self.grid {

@@ -528,7 +528,9 @@ mod tests {
     #[test]
     fn conv_with_quantized_input_equals_fake_quant_then_conv() {
         let dev = Device::Cpu;
-        for (n, c, h, w, o, stride) in [(2, 8, 7, 9, 10, 1), (2, 3, 9, 8, 4, 2), (1, 16, 6, 6, 16, 1)] {
+        for (n, c, h, w, o, stride) in
+            [(2, 8, 7, 9, 10, 1), (2, 3, 9, 8, 4, 2), (1, 16, 6, 6, 16, 1), (2, 8, 9, 8, 12, 2)]
+        {
             let xd: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 / 40.0) - 1.2).collect();
             let wd: Vec<f32> = (0..o * c * 9).map(|i| ((i * 53 % 89) as f32 / 44.0) - 1.0).collect();
             let x = Var::from_tensor(&Tensor::from_vec(xd, (n, c, h, w), &dev).unwrap()).unwrap();

@@ -80,6 +80,17 @@ pub fn quantize_into(grid: Grid, src: &[f32], dst: &mut [f32]) {
     dst.iter_mut().zip(src).for_each(|(d, &v)| *d = grid.apply(v));
 }
 
+/// [`quantize_into`] of rows of `width` values: `src` (whole rows) into `dst`, row r at `r·stride`.
+/// One call per plane instead of one per row: a multiversioned call costs as much as quantizing a
+/// short row.
+#[multiversion(targets = "simd")]
+pub fn quantize_rows(grid: Grid, src: &[f32], (dst, width, stride): (&mut [f32], usize, usize)) {
+    for (r, row) in src.chunks_exact(width).enumerate() {
+        let out = &mut dst[r * stride..r * stride + width];
+        out.iter_mut().zip(row).for_each(|(d, &v)| *d = grid.apply(v));
+    }
+}
+
 /// [`quantize_into`] for an output buffer that is being filled for the first time.
 #[multiversion(targets = "simd")]
 fn quantize_uninit(grid: Grid, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
