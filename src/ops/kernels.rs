@@ -287,7 +287,7 @@ pub(crate) fn prefetch(data: &[f32]) {
     }
 }
 
-/// Mask of the first `n` (< 16) lanes.
+/// Mask of the first `n` lanes (all 16 from `n` = 16 on).
 #[cfg(target_arch = "x86_64")]
 fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n.min(LANES)) - 1) as __mmask16
