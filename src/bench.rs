@@ -312,6 +312,14 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if let Some(mib) = peak_memory_mib() {
         println!("peak memory (VmHWM): {mib:.0} MiB");
     }
+    if opts.device == DeviceKind::Cuda {
+        match crate::ops::gpu_peak_memory(0) {
+            Some(bytes) => {
+                println!("peak GPU memory (memory pool high-water mark): {:.0} MiB", bytes as f64 / 1048576.0)
+            }
+            None => println!("peak GPU memory: not reported by the driver"),
+        }
+    }
     if opts.ops {
         if opts.device != DeviceKind::Cpu {
             println!("\n--ops times the CPU kernels; it is skipped on {:?}", opts.device);

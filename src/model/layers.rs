@@ -15,9 +15,8 @@ const BN_MOMENTUM: f64 = 0.1;
 fn update_running(running_mean: &Var, running_var: &Var, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
     let m = BN_MOMENTUM;
     let unbias = count as f64 / (count.max(2) - 1) as f64;
-    running_mean.set(&((running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
-    running_var.set(&((running_var.as_tensor() * (1.0 - m))? + (var.detach() * (m * unbias))?)?)?;
-    Ok(())
+    ops::ema_update(running_mean, mean, 1.0 - m, m, false)?;
+    ops::ema_update(running_var, var, 1.0 - m, m * unbias, false)
 }
 
 /// How one layer is quantized.
@@ -181,9 +180,8 @@ impl ConvBn {
 
     /// Eval-mode batch norm as a per-channel affine: (γ/σ, β − μ·γ/σ) with the running statistics.
     fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
-        let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
-        let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
-        Ok((scale, shift))
+        let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
+        ops::bn_eval_affine(gamma, beta, self.running_mean.as_tensor(), self.running_var.as_tensor(), BN_EPS)
     }
 
     /// Per-output-channel L1 norms of the weights (the pruning criterion).

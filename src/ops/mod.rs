@@ -4,13 +4,16 @@
 //! Every op here is differentiable through candle's autograd. On the CPU: [`conv`] (the convolution and
 //! its backward; `kernels` holds its AVX-512 inner loops), [`conv_bn`] (convolution, batch norm and ReLU
 //! or the residual join as one op), [`fold_bn`] (the same with batch norm folded into quantized
-//! weights), [`block`] (a whole residual block of either kind as one op), [`bn`] and [`quant`].
+//! weights), [`block`] (a whole residual block of either kind as one op), [`bn`] and [`quant`]. On an
+//! NVIDIA GPU (`--features cuda`): `gpu` (cuBLAS and our CUDA kernels, an op per layer step).
 
 pub mod block;
 pub mod bn;
 pub mod conv;
 pub mod conv_bn;
 pub mod fold_bn;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod kernels;
 pub mod quant;
 
@@ -60,6 +63,8 @@ pub(crate) fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) ->
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         conv::conv2d_cpu(x, w, stride, padding, None)
+    } else if on_gpu(x) {
+        gpu_conv2d(x, w, (stride, padding), None)
     } else {
         conv2d_unfold(x, w, stride, padding)
     }
@@ -78,10 +83,49 @@ pub fn conv2d_quantized(
     if let Some(grid) = cpu_grid(x, input)? {
         return conv::conv2d_cpu(x, w, stride, padding, grid);
     }
+    if on_gpu(x) && input.is_none_or(|(scale, _)| scale.elem_count() == 1) {
+        return gpu_conv2d(x, w, (stride, padding), input);
+    }
     match input {
         Some((scale, levels)) => conv2d(&fake_quant(x, scale, levels)?, w, stride, padding),
         None => conv2d(x, w, stride, padding),
     }
+}
+
+/// True when `x` is an f32 tensor on a CUDA device and this build has the GPU kernels (`gpu`).
+fn on_gpu(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return gpu::on_gpu(x);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// Runs a GPU op, which exists only in a `cuda` build ([`on_gpu`] is false in any other, so the
+/// error arm is never taken).
+macro_rules! gpu {
+    ($op:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(feature = "cuda")]
+        {
+            gpu::$op($($arg),*)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ($($arg),*);
+            Err(candle_core::Error::Msg("the GPU ops need a build with --features cuda".into()))
+        }
+    }};
+}
+
+fn gpu_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    (stride, padding): (usize, usize),
+    input: Option<(&Tensor, f64)>,
+) -> Result<Tensor> {
+    gpu!(conv2d(x, w, stride, padding, input))
 }
 
 /// Convolution from differentiable tensor ops only, for any device: the k·k shifted (and strided)
@@ -126,6 +170,52 @@ pub fn conv2d_unfold(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> R
     y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
 }
 
+/// A moving average in place: `run ← run·keep + value·take`, or `run ← value` where `restart` and
+/// the average has not started yet (is not > 0). One kernel on a GPU; element-wise ops elsewhere.
+pub fn ema_update(run: &candle_core::Var, value: &Tensor, keep: f64, take: f64, restart: bool) -> Result<()> {
+    let value = value.detach();
+    if on_gpu(run) && on_gpu(&value) {
+        return gpu!(ema_in_place(run.as_tensor(), &value, keep, take, restart));
+    }
+    let blended = ((run.as_tensor() * keep)? + (&value * take)?)?;
+    let updated = if restart { run.as_tensor().gt(0f64)?.where_cond(&blended, &value)? } else { blended };
+    run.set(&updated)
+}
+
+/// Eval batch norm as a per-channel affine: (γ/√(var + ε), β − mean·γ/√(var + ε)) from the running
+/// statistics. One kernel on a GPU.
+pub fn bn_eval_affine(
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if on_gpu(gamma) {
+        return gpu!(bn_eval_affine(gamma, beta, mean, var, eps));
+    }
+    let scale = (gamma / (var + eps)?.sqrt()?)?;
+    let shift = (beta - (mean * &scale)?)?;
+    Ok((scale, shift))
+}
+
+/// The most GPU memory the process has held at once on CUDA device `ordinal`, in bytes (None in a
+/// build without CUDA, or where the driver does not say).
+pub fn gpu_peak_memory(ordinal: usize) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    return gpu::peak_memory(ordinal);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        None
+    }
+}
+
+/// The CUDA device `ordinal` (the GPU ops' settings; an error in a build without CUDA).
+pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
+    gpu!(device(ordinal))
+}
+
 /// `x @ w^T + b` for a batch of row vectors.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)?.broadcast_add(b)
@@ -136,6 +226,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return bn::moments_cpu(x);
+    }
+    if on_gpu(x) {
+        return gpu!(channel_stats(x));
     }
     let c = x.dim(1)?;
     // (N, C, H*W) -> mean over N and H*W.
@@ -157,6 +250,9 @@ pub fn batch_norm_train(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return bn::batch_norm_train_cpu(x, gamma, beta, eps, relu);
+    }
+    if on_gpu(x) {
+        return gpu!(batch_norm_train(x, gamma, beta, eps, relu));
     }
     let (mean, var) = channel_stats(x)?;
     let scale = (gamma / (&var + eps)?.sqrt()?)?;
@@ -303,7 +399,11 @@ pub fn conv2d_eval(
         let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
         return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue, residual);
     }
-    let y = conv2d_quantized(x, w, (stride, padding), input)?;
+    let y = conv2d_quantized(&x.detach(), &w.detach(), (stride, padding), input)?;
+    if on_gpu(&y) {
+        // One kernel for the affine, the join and the ReLU.
+        return gpu!(channel_affine(&y, &scale.detach(), &shift.detach(), relu, residual.map(|r| r.detach()).as_ref()));
+    }
     let y = channel_affine(&y.detach(), &scale.detach(), &shift.detach(), relu && residual.is_none())?;
     match residual {
         Some(r) => add_relu(&y, &r.detach()),
@@ -321,6 +421,9 @@ pub fn subsample(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return bn::subsample_cpu(x, stride, out_ch);
     }
+    if on_gpu(x) {
+        return gpu!(subsample(x, stride, out_ch));
+    }
     let rows = Tensor::arange_step(0u32, h as u32, stride as u32, x.device())?;
     let cols = Tensor::arange_step(0u32, w as u32, stride as u32, x.device())?;
     let y = x.index_select(&rows, 2)?.index_select(&cols, 3)?;
@@ -336,6 +439,9 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.device().is_cpu() && a.dtype() == DType::F32 && a.dims() == b.dims() {
         return bn::add_relu_cpu(a, b);
     }
+    if on_gpu(a) && on_gpu(b) && a.dims() == b.dims() {
+        return gpu!(add_relu(a, b));
+    }
     (a + b)?.relu()
 }
 
@@ -343,6 +449,9 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return bn::channel_affine_cpu(x, scale, shift, relu);
+    }
+    if on_gpu(x) {
+        return gpu!(channel_affine(x, scale, shift, relu, None::<&Tensor>));
     }
     let c = x.dim(1)?;
     let y = x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
@@ -359,6 +468,9 @@ pub fn max_abs(x: &Tensor, groups: usize) -> Result<Tensor> {
     let x = x.detach();
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return quant::max_abs_cpu(&x, groups);
+    }
+    if on_gpu(&x) {
+        return gpu!(max_abs(&x, groups));
     }
     let abs = x.abs()?;
     if groups == 1 {
@@ -385,6 +497,9 @@ pub fn fake_quant(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor> {
     let per_tensor_or_leading = scale.elem_count() == 1 || scale.elem_count() == x.dim(0)?;
     if x.device().is_cpu() && x.dtype() == DType::F32 && per_tensor_or_leading {
         return quant::fake_quant_cpu(x, scale, levels);
+    }
+    if on_gpu(x) && per_tensor_or_leading {
+        return gpu!(fake_quant(x, scale, levels));
     }
     let q = quantize(x, scale, levels)?;
     x + (q - x)?.detach()

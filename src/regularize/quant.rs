@@ -32,6 +32,11 @@ pub fn quantize_weight(w: &Tensor, bits: u32) -> Result<Tensor> {
     ops::fake_quant(w, &scales, levels(bits))
 }
 
+/// Where a moving average of scales has started (> 0; it is 0 until the first training batch).
+fn started(ema: &Tensor) -> Result<Tensor> {
+    ema.gt(0f64)
+}
+
 /// The input quantizer of one layer: its bit-width and the moving average of its scale. With an `ema`
 /// of one element the scale is per tensor; with `L` elements there is one scale per index of the
 /// input's first dimension (one per head of [`crate::model::layers::LabelHeads`]).
@@ -65,13 +70,9 @@ impl ActQuant {
     /// Moves the moving average toward a training batch's scale max|X| (or starts it there), for
     /// callers that compute that scale themselves ([`crate::model::resnet::Block`]'s fused op).
     pub fn record(&self, batch_scale: &Tensor) -> Result<()> {
-        let ema = self.ema.as_tensor();
-        let updated = if ema.max(0)?.to_scalar::<f32>()? > 0.0 {
-            ((ema * self.momentum)? + (batch_scale * (1.0 - self.momentum))?)?
-        } else {
-            batch_scale.clone()
-        };
-        self.ema.set(&updated)
+        // Started or not is decided on the device: reading the average back would stall a GPU once
+        // per layer.
+        ops::ema_update(&self.ema, batch_scale, self.momentum, 1.0 - self.momentum, true)
     }
 
     /// The scale [`Self::forward`] quantizes `x` with (None in float), shaped to broadcast along the
@@ -83,15 +84,12 @@ impl ActQuant {
         }
         let groups = self.ema.elem_count();
         let batch_scale = ops::max_abs(x, groups)?;
-        let ema = self.ema.as_tensor();
-        let seen = ema.max(0)?.to_scalar::<f32>()? > 0.0;
         let scale = if train {
             self.record(&batch_scale)?;
             batch_scale
-        } else if seen {
-            ema.clone()
         } else {
-            batch_scale
+            let ema = self.ema.as_tensor();
+            started(ema)?.where_cond(ema, &batch_scale)?
         };
         // One scale per group, shaped to broadcast along the leading dimension.
         let mut shape = vec![groups];

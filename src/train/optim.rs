@@ -6,11 +6,20 @@
 use crate::model::{Param, Role};
 use candle_core::{backprop::GradStore, Result, Tensor};
 
+/// Adam's first and second moments of one parameter.
+enum Moments {
+    /// m and v, updated by candle's element-wise ops (on the CPU, where that costs next to nothing).
+    Apart { m: Tensor, v: Tensor },
+    /// [m; v] in one buffer, updated together with the parameter by one kernel (on a GPU, where
+    /// each of the ~9 element-wise ops per parameter would be a launch).
+    #[cfg(feature = "cuda")]
+    Packed(Tensor),
+}
+
 /// Adam state for a list of parameters.
 pub struct Adam {
     params: Vec<Param>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Vec<Moments>,
     pub lr: f64,
     beta1: f64,
     beta2: f64,
@@ -24,9 +33,18 @@ impl Adam {
     /// Adam over every trainable parameter (buffers are skipped).
     pub fn new(params: &[Param], lr: f64, decoupled_decay: f64) -> Result<Self> {
         let params: Vec<Param> = params.iter().filter(|p| p.role != Role::Buffer).cloned().collect();
-        let m = params.iter().map(|p| p.var.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = m.clone();
-        Ok(Self { params, m, v, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled_decay, step: 0 })
+        let moments = params
+            .iter()
+            .map(|p| {
+                #[cfg(feature = "cuda")]
+                if crate::ops::gpu::on_gpu(&p.var) {
+                    let state = Tensor::zeros(2 * p.var.elem_count(), p.var.dtype(), p.var.device())?;
+                    return Ok(Moments::Packed(state));
+                }
+                Ok(Moments::Apart { m: p.var.zeros_like()?, v: p.var.zeros_like()? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { params, moments, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled_decay, step: 0 })
     }
 
     /// One update from the gradients of a backward pass.
@@ -42,17 +60,35 @@ impl Adam {
             // Gradients can carry candle's op history; keeping it in the moments would chain every
             // step's graph to the next (an unbounded leak).
             let g = &g.detach();
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
-            let mut theta = p.var.as_tensor().clone();
-            if p.role == Role::Weight && self.decoupled_decay > 0.0 {
-                theta = (theta * (1.0 - self.lr * self.decoupled_decay))?;
+            let decay = if p.role == Role::Weight && self.decoupled_decay > 0.0 {
+                1.0 - self.lr * self.decoupled_decay
+            } else {
+                1.0
+            };
+            match &mut self.moments[i] {
+                Moments::Apart { m, v } => {
+                    *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?.detach();
+                    *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
+                    let denom = ((&*v / bc2)?.sqrt()? + self.eps)?;
+                    let mut theta = p.var.as_tensor().clone();
+                    if decay != 1.0 {
+                        theta = (theta * decay)?;
+                    }
+                    p.var.set(&(theta - ((&*m / denom)? * step_size)?)?)?;
+                }
+                #[cfg(feature = "cuda")]
+                Moments::Packed(state) => {
+                    let op = crate::ops::gpu::AdamStep {
+                        beta1: self.beta1 as f32,
+                        beta2: self.beta2 as f32,
+                        step_size: step_size as f32,
+                        bc2: bc2 as f32,
+                        eps: self.eps as f32,
+                        decay: decay as f32,
+                    };
+                    p.var.as_tensor().inplace_op3(state, &g.contiguous()?, &op)?;
+                }
             }
-            let updated = (theta - ((&m / denom)? * step_size)?)?;
-            p.var.set(&updated)?;
-            self.m[i] = m.detach();
-            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -123,6 +159,11 @@ mod leak_tests {
             let loss = w.var.as_tensor().powf(3.0).unwrap().sum_all().unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
         }
-        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()), "optimizer state must be detached");
+        let detached = opt.moments.iter().all(|s| match s {
+            Moments::Apart { m, v } => !m.track_op() && !v.track_op(),
+            #[cfg(feature = "cuda")]
+            Moments::Packed(state) => !state.track_op(),
+        });
+        assert!(detached, "optimizer state must be detached");
     }
 }

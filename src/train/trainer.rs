@@ -153,7 +153,7 @@ pub fn device_for(kind: DeviceKind) -> Result<Device> {
                     "train.device = cuda, but this binary was built without CUDA: rebuild with `cargo build --release --features cuda`, or use --set train.device=cpu"
                 ));
             }
-            Device::new_cuda(0).context(
+            crate::ops::cuda_device(0).context(
                 "no usable CUDA GPU (driver >= 580 and the CUDA 13 libraries are needed); use --set train.device=cpu",
             )
         }
