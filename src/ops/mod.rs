@@ -399,11 +399,10 @@ pub fn conv2d_eval(
         let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
         return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue, residual);
     }
-    let y = conv2d_quantized(&x.detach(), &w.detach(), (stride, padding), input)?;
-    if on_gpu(&y) {
-        // One kernel for the affine, the join and the ReLU.
-        return gpu!(channel_affine(&y, &scale.detach(), &shift.detach(), relu, residual.map(|r| r.detach()).as_ref()));
+    if on_gpu(x) && input.is_none_or(|(s, _)| s.elem_count() == 1) {
+        return gpu!(conv2d_eval(x, w, (stride, padding), input, (scale, shift), relu, residual));
     }
+    let y = conv2d_quantized(&x.detach(), &w.detach(), (stride, padding), input)?;
     let y = channel_affine(&y.detach(), &scale.detach(), &shift.detach(), relu && residual.is_none())?;
     match residual {
         Some(r) => add_relu(&y, &r.detach()),

@@ -317,3 +317,76 @@ extern "C" __global__ void moments_grad(const float* x, const float* stats, cons
     float inv_m = 1.f / ((float)gridDim.z * p);
     dx[i] = grad[ch] * inv_m + grad[c + ch] * 2.f * (x[i] - stats[ch]) * inv_m;
 }
+
+// Direct convolution for eval, with its epilogue (x·scale[o] + shift[o], then relu(· + residual) with
+// a residual, else a ReLU when `use_relu`) and the input fake-quantized on the way when `qscale` is not
+// null: one kernel per layer, no im2col matrix. Block: a th×tw tile of output pixels of one image (one
+// thread each) and CONV_OT output channels; grid: (tiles, ceil(O / CONV_OT), N). Input channels go
+// through shared memory CONV_CC at a time: the input tile with its halo, and the weights laid out
+// [channel][ky][kx][output channel] so that each thread reads four weights per 16-byte broadcast load.
+#define CONV_OT 16
+#define CONV_CC 8
+extern "C" __global__ void conv_eval(const float* x, const float* w, const float* scale, const float* shift,
+                                     const float* residual, float* y, int c, int h, int wd, int o, int k,
+                                     int stride, int pad, int oh, int ow, int tw, int th, const float* qscale,
+                                     float levels, int use_relu) {
+    extern __shared__ float4 smem4[];
+    float* xs = (float*)smem4;
+    int ih = (th - 1) * stride + k, iw = (tw - 1) * stride + k;
+    float* ws = xs + CONV_CC * ih * iw;  // a multiple of 4 floats: CONV_CC is 8
+    int tiles_x = (ow + tw - 1) / tw;
+    int tx0 = (blockIdx.x % tiles_x) * tw, ty0 = (blockIdx.x / tiles_x) * th;
+    int o0 = blockIdx.y * CONV_OT, img = blockIdx.z;
+    int lx = threadIdx.x % tw, ly = threadIdx.x / tw;
+    int ox = tx0 + lx, oy = ty0 + ly;
+    float acc[CONV_OT];
+#pragma unroll
+    for (int t = 0; t < CONV_OT; t++) acc[t] = 0.f;
+    float qs = qscale ? qscale[0] : 0.f;
+    for (int c0 = 0; c0 < c; c0 += CONV_CC) {
+        int chunk = min(CONV_CC, c - c0);
+        __syncthreads();  // the previous chunk is no longer read
+        for (int i = threadIdx.x; i < chunk * ih * iw; i += blockDim.x) {
+            int cc = i / (ih * iw), r = i - cc * ih * iw, yy = r / iw, xx = r - yy * iw;
+            int gy = ty0 * stride - pad + yy, gx = tx0 * stride - pad + xx;
+            float v = 0.f;
+            if (gy >= 0 && gy < h && gx >= 0 && gx < wd) {
+                v = x[(((long long)img * c + c0 + cc) * h + gy) * wd + gx];
+                if (qscale) v = quantize(v, qs, levels);
+            }
+            xs[i] = v;
+        }
+        for (int i = threadIdx.x; i < chunk * k * k * CONV_OT; i += blockDim.x) {
+            int ot = i % CONV_OT, r = i / CONV_OT, cc = r / (k * k), kk = r - cc * k * k;
+            ws[i] = o0 + ot < o ? w[((o0 + ot) * c + c0 + cc) * k * k + kk] : 0.f;
+        }
+        __syncthreads();
+        if (ox < ow && oy < oh) {
+            for (int cc = 0; cc < chunk; cc++)
+                for (int ky = 0; ky < k; ky++)
+                    for (int kx = 0; kx < k; kx++) {
+                        float xv = xs[(cc * ih + ly * stride + ky) * iw + lx * stride + kx];
+                        const float4* wv = (const float4*)(ws + ((cc * k + ky) * k + kx) * CONV_OT);
+#pragma unroll
+                        for (int q = 0; q < CONV_OT / 4; q++) {
+                            float4 v4 = wv[q];
+                            acc[4 * q] += xv * v4.x;
+                            acc[4 * q + 1] += xv * v4.y;
+                            acc[4 * q + 2] += xv * v4.z;
+                            acc[4 * q + 3] += xv * v4.w;
+                        }
+                    }
+        }
+    }
+    if (ox >= ow || oy >= oh) return;
+#pragma unroll
+    for (int t = 0; t < CONV_OT; t++) {
+        int oc = o0 + t;
+        if (oc >= o) break;
+        long long i = (((long long)img * o + oc) * oh + oy) * ow + ox;
+        float v = acc[t] * scale[oc] + shift[oc];
+        if (residual) v = relu(v + residual[i]);
+        else if (use_relu) v = relu(v);
+        y[i] = v;
+    }
+}

@@ -537,6 +537,147 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, input: Opti
     }
 }
 
+/// Output channels per block of the direct eval convolution, and input channels per shared-memory
+/// chunk (CONV_OT and CONV_CC in kernels.cu).
+const CONV_OT: usize = 16;
+const CONV_CC: usize = 8;
+/// Shared memory a block may take without opting in.
+const SHARED_LIMIT: usize = 48 * 1024;
+
+/// An eval convolution with its epilogue as one direct kernel (`conv_eval`): no im2col matrix
+/// written and read back, no separate affine pass, exact f32 arithmetic. No gradient.
+struct ConvEval {
+    stride: usize,
+    pad: usize,
+    /// The input's quantizer (a one-element scale, and its steps per side), if any.
+    quant: Option<(Tensor, f32)>,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+    residual: Option<Tensor>,
+}
+
+impl ConvEval {
+    /// (tile width, tile height, shared-memory bytes) of a block for a k×k kernel on an oh×ow output.
+    fn tile(&self, k: usize, (oh, ow): (usize, usize)) -> (usize, usize, usize) {
+        let (tw, th) = (ow.min(16), oh.min(16));
+        let (ih, iw) = ((th - 1) * self.stride + k, (tw - 1) * self.stride + k);
+        (tw, th, 4 * CONV_CC * (ih * iw + k * k * CONV_OT))
+    }
+}
+
+impl GpuOp<2> for ConvEval {
+    const NAME: &'static str = "qat-gpu-conv-eval";
+    fn forward(&self, [(x, lx), (w, lw)]: [(&CudaStorage, &Layout); 2]) -> Result<(CudaStorage, Shape)> {
+        let (n, c, h, wd) = lx.shape().dims4()?;
+        let (o, ci, k, _) = lw.shape().dims4()?;
+        if ci != c {
+            candle_core::bail!("conv: input has {c} channels, weight expects {ci}");
+        }
+        let g = Geometry { n, c, h, w: wd, o, k, stride: self.stride, pad: self.pad };
+        let (oh, ow) = (g.oh(), g.ow());
+        let (tw, th, shared) = self.tile(k, (oh, ow));
+        let dev = &x.device;
+        let (xv, wv) = (view(x, lx, "conv input")?, view(w, lw, "conv weight")?);
+        // The tensors the op holds, read under their storage locks.
+        let held = [Some(&self.scale), Some(&self.shift), self.quant.as_ref().map(|q| &q.0), self.residual.as_ref()]
+            .map(|t| t.map(|t| t.storage_and_layout()));
+        let mut views = Vec::with_capacity(4);
+        for (guard, what) in held.iter().zip(["scale", "shift", "input scale", "residual"]) {
+            views.push(match guard {
+                Some((storage, layout)) => {
+                    let candle_core::Storage::Cuda(s) = &**storage else {
+                        candle_core::bail!("conv eval: the {what} must be on the GPU")
+                    };
+                    Some(view(s, layout, what)?)
+                }
+                None => None,
+            });
+        }
+        let (Some(sv), Some(bv)) = (&views[0], &views[1]) else { candle_core::bail!("conv eval: no affine") };
+        if sv.len() != o || bv.len() != o || views[3].as_ref().is_some_and(|r| r.len() != n * o * oh * ow) {
+            candle_core::bail!("conv eval: the epilogue does not fit a {n}x{o}x{oh}x{ow} output");
+        }
+        let (qscale, residual) = (optional_ptr(views[2].as_ref(), dev), optional_ptr(views[3].as_ref(), dev));
+        let levels = self.quant.as_ref().map(|q| q.1).unwrap_or(0.0);
+        let mut y = alloc(dev, n * o * oh * ow)?;
+        let tiles = ow.div_ceil(tw) * oh.div_ceil(th);
+        if o.div_ceil(CONV_OT) > 65_535 || n > 65_535 {
+            candle_core::bail!("conv eval: {o} channels or {n} images are over the grid's limits");
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, o.div_ceil(CONV_OT) as u32, n as u32),
+            block_dim: ((tw * th) as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let d = [c, h, wd, o, k, self.stride, self.pad, oh, ow, tw, th].map(|v| v as i32);
+        let relu = self.relu as i32;
+        launch!(
+            dev,
+            "conv_eval",
+            cfg,
+            &xv,
+            &wv,
+            sv,
+            bv,
+            &residual,
+            &mut y,
+            &d[0],
+            &d[1],
+            &d[2],
+            &d[3],
+            &d[4],
+            &d[5],
+            &d[6],
+            &d[7],
+            &d[8],
+            &d[9],
+            &d[10],
+            &qscale,
+            &levels,
+            &relu
+        );
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((n, o, oh, ow))))
+    }
+}
+
+/// An eval convolution and its epilogue (`x·scale[o] + shift[o]`, then `relu(· + residual)` with a
+/// residual, else a ReLU when `relu`), the input fake-quantized first when `input` = Some((scale,
+/// levels)) with a one-element scale: one direct kernel where its tile fits in shared memory (every
+/// 3x3 layer), im2col + GEMM + the epilogue kernel otherwise. No gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_eval(
+    x: &Tensor,
+    w: &Tensor,
+    (stride, padding): (usize, usize),
+    input: Option<(&Tensor, f64)>,
+    (scale, shift): (&Tensor, &Tensor),
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
+    let op = ConvEval {
+        stride,
+        pad: padding,
+        quant: input
+            .map(|(s, l)| Ok::<_, candle_core::Error>((s.detach().flatten_all()?.contiguous()?, l as f32)))
+            .transpose()?,
+        scale: scale.detach().contiguous()?,
+        shift: shift.detach().contiguous()?,
+        relu,
+        residual: residual.map(|r| r.detach().contiguous()).transpose()?,
+    };
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
+    let per_tensor = op.quant.as_ref().is_none_or(|(s, _)| s.elem_count() == 1);
+    if op.tile(k, (oh, ow)).2 <= SHARED_LIMIT && per_tensor {
+        return x.apply_op2_no_bwd(&w, &Gpu(op));
+    }
+    let y = conv2d(&x, &w, stride, padding, input)?;
+    channel_affine(&y, &op.scale, &op.shift, relu, op.residual.as_ref())
+}
+
 /// (N, C, P) of an NCHW layout.
 fn ncp(l: &Layout) -> Result<(usize, usize, usize)> {
     let (n, c, h, w) = l.shape().dims4()?;
@@ -1303,22 +1444,36 @@ mod tests {
         assert_eq!(ops::max_abs(&x.reshape((2, 2)).unwrap(), 2).unwrap().to_vec1::<f32>().unwrap()[1], 3.0);
     }
 
+    /// The eval convolution with its epilogue (the direct kernel; im2col + GEMM where its tile does
+    /// not fit in shared memory: the 5x5 stride-2 case), against the CPU's: several tiles per plane,
+    /// channel counts off the kernel's blocking, quantized input, the join.
     #[test]
     fn eval_conv_with_its_epilogue_matches_the_cpu() {
-        for (stride, relu, join) in [(1, true, false), (2, false, true), (1, false, true)] {
-            let (n, c, h, w, o) = (2, 8, 9, 7, 8);
-            let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        for (c, o, h, w, k, stride, relu, join, quantized) in [
+            (8, 8, 9, 7, 3, 1, true, false, true),
+            (8, 8, 9, 7, 3, 2, false, true, true),
+            (8, 8, 9, 7, 3, 1, false, true, true),
+            (3, 16, 32, 32, 3, 1, true, false, false),
+            (16, 32, 32, 32, 3, 2, false, true, true),
+            (20, 20, 10, 12, 3, 1, true, false, true),
+            (5, 7, 6, 6, 1, 1, true, false, false),
+            (4, 6, 33, 34, 5, 2, false, false, false),
+        ] {
+            let n = 2;
+            let pad = k / 2;
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
             let inputs = [
                 rand(&[n, c, h, w], 1),
-                rand(&[o, c, 3, 3], 2),
+                rand(&[o, c, k, k], 2),
                 rand(&[o], 3),
                 rand(&[o], 4),
                 rand(&[n, o, oh, ow], 5),
             ];
-            check(&format!("eval conv {:?}", (stride, relu, join)), &inputs, 0, 1e-5, |t| {
+            check(&format!("eval conv {:?}", (c, o, h, w, k, stride, relu, join, quantized)), &inputs, 0, 1e-5, |t| {
                 let s = Tensor::new(&[0.9f32], t[0].device())?;
                 let residual = join.then_some(&t[4]);
-                ops::conv2d_eval(&t[0], &t[1], (stride, 1), Some((&s, 7.0)), (&t[2], &t[3]), relu, residual)
+                let input = quantized.then_some((&s, 7.0));
+                ops::conv2d_eval(&t[0], &t[1], (stride, pad), input, (&t[2], &t[3]), relu, residual)
             });
         }
     }
