@@ -101,12 +101,18 @@ fn alloc(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
     unsafe { dev.alloc::<f32>(len) }
 }
 
-/// The GPU storage behind a tensor an op keeps beside its inputs (batch statistics, γ, ...), with a
-/// closure over its contiguous data.
-fn with_view<R>(t: &Tensor, what: &str, f: impl FnOnce(CudaView<'_, f32>) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(s) = &*storage else { candle_core::bail!("{what} must be on the GPU") };
-    f(view(s, layout, what)?)
+/// The read lock on a tensor an op keeps beside its inputs (batch statistics, γ, ...), held while the
+/// kernel's view of it ([`held_view`]) is alive.
+type Held<'a> = (candle_core::StorageRef<'a>, &'a Layout);
+
+fn hold(t: &Tensor) -> Held<'_> {
+    t.storage_and_layout()
+}
+
+/// The contiguous f32 data of a held tensor.
+fn held_view<'a>((storage, layout): &'a Held<'_>, what: &str) -> Result<CudaView<'a, f32>> {
+    let candle_core::Storage::Cuda(s) = &**storage else { candle_core::bail!("{what} must be on the GPU") };
+    view(s, layout, what)
 }
 
 fn tf32() -> bool {
@@ -579,26 +585,16 @@ impl GpuOp<2> for ConvEval {
         let (tw, th, shared) = self.tile(k, (oh, ow));
         let dev = &x.device;
         let (xv, wv) = (view(x, lx, "conv input")?, view(w, lw, "conv weight")?);
-        // The tensors the op holds, read under their storage locks.
-        let held = [Some(&self.scale), Some(&self.shift), self.quant.as_ref().map(|q| &q.0), self.residual.as_ref()]
-            .map(|t| t.map(|t| t.storage_and_layout()));
-        let mut views = Vec::with_capacity(4);
-        for (guard, what) in held.iter().zip(["scale", "shift", "input scale", "residual"]) {
-            views.push(match guard {
-                Some((storage, layout)) => {
-                    let candle_core::Storage::Cuda(s) = &**storage else {
-                        candle_core::bail!("conv eval: the {what} must be on the GPU")
-                    };
-                    Some(view(s, layout, what)?)
-                }
-                None => None,
-            });
-        }
-        let (Some(sv), Some(bv)) = (&views[0], &views[1]) else { candle_core::bail!("conv eval: no affine") };
-        if sv.len() != o || bv.len() != o || views[3].as_ref().is_some_and(|r| r.len() != n * o * oh * ow) {
+        let (scale, shift) = (hold(&self.scale), hold(&self.shift));
+        let (sv, bv) = (held_view(&scale, "scale")?, held_view(&shift, "shift")?);
+        let quant = self.quant.as_ref().map(|q| hold(&q.0));
+        let qv = quant.as_ref().map(|q| held_view(q, "input scale")).transpose()?;
+        let residual = self.residual.as_ref().map(hold);
+        let rv = residual.as_ref().map(|r| held_view(r, "residual")).transpose()?;
+        if sv.len() != o || bv.len() != o || rv.as_ref().is_some_and(|r| r.len() != n * o * oh * ow) {
             candle_core::bail!("conv eval: the epilogue does not fit a {n}x{o}x{oh}x{ow} output");
         }
-        let (qscale, residual) = (optional_ptr(views[2].as_ref(), dev), optional_ptr(views[3].as_ref(), dev));
+        let (qscale, residual) = (optional_ptr(qv.as_ref(), dev), optional_ptr(rv.as_ref(), dev));
         let levels = self.quant.as_ref().map(|q| q.1).unwrap_or(0.0);
         let mut y = alloc(dev, n * o * oh * ow)?;
         let tiles = ow.div_ceil(tw) * oh.div_ceil(th);
@@ -618,8 +614,8 @@ impl GpuOp<2> for ConvEval {
             cfg,
             &xv,
             &wv,
-            sv,
-            bv,
+            &sv,
+            &bv,
             &residual,
             &mut y,
             &d[0],
@@ -745,10 +741,9 @@ impl GpuOp<3> for BnTrain {
         let mut y = alloc(dev, n * c * p)?;
         let d = [n, c, p].map(|v| v as i32);
         let relu = self.relu as i32;
-        with_view(&self.stats, "batch statistics", |sv| {
-            launch!(dev, "bn_forward", planes(p, c, n)?, &xv, &sv, &gv, &bv, &mut y, &d[2], &self.eps, &relu);
-            Ok(())
-        })?;
+        let stats = hold(&self.stats);
+        let sv = held_view(&stats, "batch statistics")?;
+        launch!(dev, "bn_forward", planes(p, c, n)?, &xv, &sv, &gv, &bv, &mut y, &d[2], &self.eps, &relu);
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), lx.shape().clone()))
     }
     fn backward(&self, [x, gamma, _beta]: [&Tensor; 3], y: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
@@ -784,11 +779,9 @@ impl GpuOp<3> for BnGradSums {
         let dev = &x.device;
         let (dyv, xv, yv) = (view(dy, ldy, "gradient")?, view(x, lx, "input")?, view(y, ly, "output")?);
         let relu = self.relu as i32;
-        let out = with_view(&self.stats, "batch statistics", |sv| {
-            Ok(
-                channel_reduction!(dev, "bn_grad_sums", (n: n, c: c, p: p), moments: false, [&dyv, &xv, &yv, &sv], [&self.eps, &relu]),
-            )
-        })?;
+        let stats = hold(&self.stats);
+        let sv = held_view(&stats, "batch statistics")?;
+        let out = channel_reduction!(dev, "bn_grad_sums", (n: n, c: c, p: p), moments: false, [&dyv, &xv, &yv, &sv], [&self.eps, &relu]);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, c))))
     }
 }
@@ -811,28 +804,24 @@ impl GpuOp<3> for BnInputGrad {
         let mut dx = alloc(dev, n * c * p)?;
         let d = [n, c, p].map(|v| v as i32);
         let relu = self.relu as i32;
-        with_view(&self.stats, "batch statistics", |sv| {
-            with_view(&self.gamma, "γ", |gv| {
-                with_view(&self.sums, "gradient sums", |uv| {
-                    launch!(
-                        dev,
-                        "bn_input_grad",
-                        planes(p, c, n)?,
-                        &dyv,
-                        &xv,
-                        &yv,
-                        &sv,
-                        &gv,
-                        &uv,
-                        &mut dx,
-                        &d[2],
-                        &self.eps,
-                        &relu
-                    );
-                    Ok(())
-                })
-            })
-        })?;
+        let (stats, gamma, sums) = (hold(&self.stats), hold(&self.gamma), hold(&self.sums));
+        let (sv, gv) = (held_view(&stats, "batch statistics")?, held_view(&gamma, "γ")?);
+        let uv = held_view(&sums, "gradient sums")?;
+        launch!(
+            dev,
+            "bn_input_grad",
+            planes(p, c, n)?,
+            &dyv,
+            &xv,
+            &yv,
+            &sv,
+            &gv,
+            &uv,
+            &mut dx,
+            &d[2],
+            &self.eps,
+            &relu
+        );
         Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), lx.shape().clone()))
     }
 }
@@ -869,15 +858,10 @@ impl GpuOp<3> for ChannelAffine {
         let mut y = alloc(dev, n * c * p)?;
         let d = [n, c, p].map(|v| v as i32);
         let relu = self.relu as i32;
-        let mut run = |rv: Option<&CudaView<'_, f32>>| -> Result<()> {
-            let residual = optional_ptr(rv, dev);
-            launch!(dev, "channel_affine", planes(p, c, n)?, &xv, &sv, &bv, &residual, &mut y, &d[2], &relu);
-            Ok(())
-        };
-        match &self.residual {
-            Some(r) => with_view(r, "residual", |rv| run(Some(&rv)))?,
-            None => run(None)?,
-        }
+        let residual = self.residual.as_ref().map(hold);
+        let rv = residual.as_ref().map(|r| held_view(r, "residual")).transpose()?;
+        let residual = optional_ptr(rv.as_ref(), dev);
+        launch!(dev, "channel_affine", planes(p, c, n)?, &xv, &sv, &bv, &residual, &mut y, &d[2], &relu);
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), lx.shape().clone()))
     }
     fn backward(&self, [x, scale, _shift]: [&Tensor; 3], y: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
@@ -1291,12 +1275,9 @@ impl GpuOp<2> for BnEvalAffine {
         let c = gv.len();
         let mut out = alloc(dev, 2 * c)?;
         let c32 = count(c)?;
-        with_view(&self.mean, "running mean", |mv| {
-            with_view(&self.var, "running variance", |vv| {
-                launch!(dev, "bn_eval_affine", elementwise(c), &gv, &bv, &mv, &vv, &mut out, &c32, &self.eps);
-                Ok(())
-            })
-        })?;
+        let (mean, var) = (hold(&self.mean), hold(&self.var));
+        let (mv, vv) = (held_view(&mean, "running mean")?, held_view(&var, "running variance")?);
+        launch!(dev, "bn_eval_affine", elementwise(c), &gv, &bv, &mv, &vv, &mut out, &c32, &self.eps);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, c))))
     }
 }
