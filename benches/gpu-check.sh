@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, as one run on a machine with an NVIDIA GPU, driver >= 580 and the CUDA 13 libraries
 # (found through the Python `nvidia-*` packages or on disk): the GPU ops' tests against the CPU kernels,
-# the CUDA bench (with PyTorch eager in the same invocation), the bench again with cudarc's event
-# tracking on, and the demo and Fig. 1 presets on CUDA.
+# the CUDA bench (with PyTorch eager in the same invocation), the float bench again with cudarc's event
+# tracking on and with full f32 GEMMs, a per-kernel profile, and the demo and Fig. 1 presets on CUDA.
 #
 # Prepare here (no GPU needed; the toolchain's header says what it installs):
 #   source ../shared/tools/cuda-toolchain.sh

@@ -57,41 +57,6 @@ pub(crate) fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) ->
     v
 }
 
-/// 2-D convolution of NCHW `x` with OIHW `w` (square kernel, same stride and padding on both axes).
-/// On the CPU our own im2col + GEMM kernels ([`conv`]); on a GPU an unfold + one large matmul
-/// ([`conv2d_unfold`]), since candle's GPU convolution backward is a naive kernel.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        conv::conv2d_cpu(x, w, stride, padding, None)
-    } else if on_gpu(x) {
-        gpu_conv2d(x, w, (stride, padding), None)
-    } else {
-        conv2d_unfold(x, w, stride, padding)
-    }
-}
-
-/// [`conv2d`] of `x`, fake-quantized first when `input` = Some((scale, levels)), i.e.
-/// `conv2d(fake_quant(x, scale, levels), w)` with the same straight-through gradient. On the CPU (one
-/// scale) the quantization happens inside the convolution's own copy of its input, so it costs no pass
-/// of its own.
-pub fn conv2d_quantized(
-    x: &Tensor,
-    w: &Tensor,
-    (stride, padding): (usize, usize),
-    input: Option<(&Tensor, f64)>,
-) -> Result<Tensor> {
-    if let Some(grid) = cpu_grid(x, input)? {
-        return conv::conv2d_cpu(x, w, stride, padding, grid);
-    }
-    if on_gpu(x) && input.is_none_or(|(scale, _)| scale.elem_count() == 1) {
-        return gpu_conv2d(x, w, (stride, padding), input);
-    }
-    match input {
-        Some((scale, levels)) => conv2d(&fake_quant(x, scale, levels)?, w, stride, padding),
-        None => conv2d(x, w, stride, padding),
-    }
-}
-
 /// True when `x` is an f32 tensor on a CUDA device and this build has the GPU kernels (`gpu`).
 fn on_gpu(x: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
@@ -119,13 +84,45 @@ macro_rules! gpu {
     }};
 }
 
-fn gpu_conv2d(
+/// Whether an input quantizer, if any, has one scale (the fused GPU convolutions need one).
+fn one_scale(input: Option<(&Tensor, f64)>) -> bool {
+    input.is_none_or(|(scale, _)| scale.elem_count() == 1)
+}
+
+/// 2-D convolution of NCHW `x` with OIHW `w` (square kernel, same stride and padding on both axes).
+/// On the CPU our own kernels ([`conv`]); on an NVIDIA GPU in a `cuda` build our CUDA ops (`gpu`);
+/// elsewhere (other devices or dtypes) an unfold + one large matmul ([`conv2d_unfold`]), since
+/// candle's own convolution backward is a naive kernel on GPUs.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        conv::conv2d_cpu(x, w, stride, padding, None)
+    } else if on_gpu(x) {
+        gpu!(conv2d(x, w, stride, padding, None::<(&Tensor, f64)>))
+    } else {
+        conv2d_unfold(x, w, stride, padding)
+    }
+}
+
+/// [`conv2d`] of `x`, fake-quantized first when `input` = Some((scale, levels)), i.e.
+/// `conv2d(fake_quant(x, scale, levels), w)` with the same straight-through gradient. On the CPU (one
+/// scale) the quantization happens inside the convolution's own copy of its input, so it costs no pass
+/// of its own.
+pub fn conv2d_quantized(
     x: &Tensor,
     w: &Tensor,
     (stride, padding): (usize, usize),
     input: Option<(&Tensor, f64)>,
 ) -> Result<Tensor> {
-    gpu!(conv2d(x, w, stride, padding, input))
+    if let Some(grid) = cpu_grid(x, input)? {
+        return conv::conv2d_cpu(x, w, stride, padding, grid);
+    }
+    if on_gpu(x) && one_scale(input) {
+        return gpu!(conv2d(x, w, stride, padding, input));
+    }
+    match input {
+        Some((scale, levels)) => conv2d(&fake_quant(x, scale, levels)?, w, stride, padding),
+        None => conv2d(x, w, stride, padding),
+    }
 }
 
 /// Convolution from differentiable tensor ops only, for any device: the k·k shifted (and strided)
@@ -399,7 +396,7 @@ pub fn conv2d_eval(
         let epilogue = conv::Epilogue { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
         return conv::conv2d_eval_cpu(&x.detach(), &w.detach(), (stride, padding), grid, epilogue, residual);
     }
-    if on_gpu(x) && input.is_none_or(|(s, _)| s.elem_count() == 1) {
+    if on_gpu(x) && one_scale(input) {
         return gpu!(conv2d_eval(x, w, (stride, padding), input, (scale, shift), relu, residual));
     }
     let y = conv2d_quantized(&x.detach(), &w.detach(), (stride, padding), input)?;

@@ -32,11 +32,6 @@ pub fn quantize_weight(w: &Tensor, bits: u32) -> Result<Tensor> {
     ops::fake_quant(w, &scales, levels(bits))
 }
 
-/// Where a moving average of scales has started (> 0; it is 0 until the first training batch).
-fn started(ema: &Tensor) -> Result<Tensor> {
-    ema.gt(0f64)
-}
-
 /// The input quantizer of one layer: its bit-width and the moving average of its scale. With an `ema`
 /// of one element the scale is per tensor; with `L` elements there is one scale per index of the
 /// input's first dimension (one per head of [`crate::model::layers::LabelHeads`]).
@@ -88,8 +83,9 @@ impl ActQuant {
             self.record(&batch_scale)?;
             batch_scale
         } else {
+            // The average where it has started (> 0: it is 0 until the first training batch).
             let ema = self.ema.as_tensor();
-            started(ema)?.where_cond(ema, &batch_scale)?
+            ema.gt(0f64)?.where_cond(ema, &batch_scale)?
         };
         // One scale per group, shaped to broadcast along the leading dimension.
         let mut shape = vec![groups];

@@ -3,9 +3,9 @@
 // Tensors are contiguous f32, NCHW, under 2^31 elements (the Rust side checks); P is the number of
 // pixels per channel plane (H·W). Per-plane kernels run on a (pixel blocks, channel, image) grid, so
 // that no thread divides to find its channel (integer division costs tens of instructions on a GPU);
-// flat element-wise kernels use grid-stride loops. Per-channel reductions use one block per channel
-// (at most 64 channels here, and 128 images · 1024 pixels per channel: one block streams it in a few
-// microseconds) and accumulate in double, so that E[x²] − E[x]² does not cancel.
+// flat element-wise kernels use grid-stride loops. Per-channel reductions split the batch over
+// several blocks per channel and finish in a second kernel (see `channel_sums`), accumulating in
+// double so that E[x²] − E[x]² does not cancel.
 
 #define FOR_EACH(i, n) for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
 

@@ -14,15 +14,17 @@
 //! (`torch.backends.cudnn.allow_tf32`); `QAT_LAB_TF32=0` asks for full f32.
 
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
+use candle_core::cuda_backend::cudarc::driver::sys as driver;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp3, Layout, Result, Shape, Tensor};
+use driver::CUmemPool_attribute as pool_attribute;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/qat_kernels.ptx"));
 
-/// Threads per block of the element-wise kernels, and of the per-channel reductions.
+/// Threads per block of the element-wise kernels and of the reductions (a power of two: `max_abs`
+/// halves it in its tree; at most 1024, its shared array).
 const THREADS: u32 = 256;
-const REDUCE_THREADS: u32 = 256;
 
 /// Launch configuration of an element-wise kernel over `len` values (grid-stride loops cover the rest).
 fn elementwise(len: usize) -> LaunchConfig {
@@ -50,7 +52,7 @@ fn count(len: usize) -> Result<i32> {
 
 /// A (blocks, groups) grid of reduction blocks.
 fn reduction(blocks: usize, groups: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (blocks as u32, groups as u32, 1), block_dim: (REDUCE_THREADS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig { grid_dim: (blocks as u32, groups as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// How a per-channel reduction over N images splits the batch: (images per block, blocks per
@@ -289,6 +291,16 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of an NCHW input and an OIHW weight (their channel counts must agree).
+    fn of(x: &Layout, w: &Layout, stride: usize, pad: usize) -> Result<Self> {
+        let (n, c, h, wd) = x.shape().dims4()?;
+        let (o, ci, k, _) = w.shape().dims4()?;
+        if ci != c {
+            candle_core::bail!("conv: input has {c} channels, weight expects {ci}");
+        }
+        Ok(Geometry { n, c, h, w: wd, o, k, stride, pad })
+    }
+
     fn oh(&self) -> usize {
         (self.h + 2 * self.pad - self.k) / self.stride + 1
     }
@@ -348,22 +360,13 @@ impl Conv {
         Self { stride, pad, levels, col: Saved::default() }
     }
 
-    fn geometry(&self, x: &Layout, w: &Layout) -> Result<Geometry> {
-        let (n, c, h, wd) = x.shape().dims4()?;
-        let (o, ci, k, _) = w.shape().dims4()?;
-        if ci != c {
-            candle_core::bail!("conv: input has {c} channels, weight expects {ci}");
-        }
-        Ok(Geometry { n, c, h, w: wd, o, k, stride: self.stride, pad: self.pad })
-    }
-
     fn run(
         &self,
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         scale: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)> {
-        let g = self.geometry(x.1, w.1)?;
+        let g = Geometry::of(x.1, w.1, self.stride, self.pad)?;
         let dev = &x.0.device;
         let (xv, wv) = (view(x.0, x.1, "conv input")?, view(w.0, w.1, "conv weight")?);
         let sv = scale.map(|(s, l)| view(s, l, "input scale")).transpose()?;
@@ -467,7 +470,8 @@ impl GpuOp<2> for ConvInputGrad {
 }
 
 /// dW of a convolution from X (quantized again when `levels` > 0, with the scale as third input) and
-/// dY: per image dW_n = dY·colᵀ, then the sum over the batch.
+/// dY: one GEMM over the whole batch, dW = dY·colᵀ, with dY in channel-major order and the
+/// forward's im2col matrix when it kept one.
 struct ConvWeightGrad {
     stride: usize,
     pad: usize,
@@ -530,15 +534,23 @@ impl GpuOp<3> for ConvWeightGrad {
     }
 }
 
+/// The input quantizer of a GPU convolution as (its one-element scale, steps per side); the kernels
+/// quantize with one scale (`super::conv2d_quantized` takes other scales through a separate
+/// fake-quant).
+fn one_scale(input: Option<(&Tensor, f64)>) -> Result<Option<(Tensor, f32)>> {
+    let Some((scale, levels)) = input else { return Ok(None) };
+    if scale.elem_count() != 1 {
+        candle_core::bail!("a GPU convolution quantizes its input with one scale, not {}", scale.elem_count());
+    }
+    Ok(Some((scale.detach().flatten_all()?.contiguous()?, levels as f32)))
+}
+
 /// 2-D convolution on the GPU, the input fake-quantized first when `input` = Some((scale, levels))
 /// with a one-element scale (straight-through, as [`super::fake_quant`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, input: Option<(&Tensor, f64)>) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match input {
-        Some((scale, levels)) => {
-            let op = Conv::new(stride, padding, levels as f32);
-            x.apply_op3(&w, &scale.detach().flatten_all()?.contiguous()?, Gpu(op))
-        }
+    match one_scale(input)? {
+        Some((scale, levels)) => x.apply_op3(&w, &scale, Gpu(Conv::new(stride, padding, levels))),
         None => x.apply_op2(&w, Gpu(Conv::new(stride, padding, 0.0))),
     }
 }
@@ -575,12 +587,8 @@ impl ConvEval {
 impl GpuOp<2> for ConvEval {
     const NAME: &'static str = "qat-gpu-conv-eval";
     fn forward(&self, [(x, lx), (w, lw)]: [(&CudaStorage, &Layout); 2]) -> Result<(CudaStorage, Shape)> {
-        let (n, c, h, wd) = lx.shape().dims4()?;
-        let (o, ci, k, _) = lw.shape().dims4()?;
-        if ci != c {
-            candle_core::bail!("conv: input has {c} channels, weight expects {ci}");
-        }
-        let g = Geometry { n, c, h, w: wd, o, k, stride: self.stride, pad: self.pad };
+        let g = Geometry::of(lx, lw, self.stride, self.pad)?;
+        let Geometry { n, c, h, w: wd, o, k, .. } = g;
         let (oh, ow) = (g.oh(), g.ow());
         let (tw, th, shared) = self.tile(k, (oh, ow));
         let dev = &x.device;
@@ -655,19 +663,14 @@ pub fn conv2d_eval(
     let op = ConvEval {
         stride,
         pad: padding,
-        quant: input
-            .map(|(s, l)| Ok::<_, candle_core::Error>((s.detach().flatten_all()?.contiguous()?, l as f32)))
-            .transpose()?,
+        quant: one_scale(input)?,
         scale: scale.detach().contiguous()?,
         shift: shift.detach().contiguous()?,
         relu,
         residual: residual.map(|r| r.detach().contiguous()).transpose()?,
     };
-    let (_, _, h, wd) = x.dims4()?;
-    let k = w.dim(2)?;
-    let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
-    let per_tensor = op.quant.as_ref().is_none_or(|(s, _)| s.elem_count() == 1);
-    if op.tile(k, (oh, ow)).2 <= SHARED_LIMIT && per_tensor {
+    let g = Geometry::of(x.layout(), w.layout(), stride, padding)?;
+    if op.tile(g.k, (g.oh(), g.ow())).2 <= SHARED_LIMIT {
         return x.apply_op2_no_bwd(&w, &Gpu(op));
     }
     let y = conv2d(&x, &w, stride, padding, input)?;
@@ -843,7 +846,7 @@ pub fn batch_norm_train(
 }
 
 /// `x·scale[c] + shift[c]`, then `relu(· + residual)` with a residual, else a ReLU when `relu`.
-/// Differentiable without a residual (the folded-BN training path; its backward is composite).
+/// Differentiable without a residual (the folded-BN training path; backward: [`AffineGrad`]).
 struct ChannelAffine {
     relu: bool,
     residual: Option<Tensor>,
@@ -1025,7 +1028,8 @@ impl GpuOp<1> for MaxAbs {
     }
 }
 
-/// [`super::max_abs`] on the GPU: one kernel, no copy to the host.
+/// [`super::max_abs`] on the GPU: one kernel (two for a group of more than 4096 values), no copy to
+/// the host.
 pub fn max_abs(x: &Tensor, groups: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Gpu(MaxAbs { groups }))
 }
@@ -1227,9 +1231,6 @@ pub fn device(ordinal: usize) -> Result<candle_core::Device> {
     }
     Ok(device)
 }
-
-use candle_core::cuda_backend::cudarc::driver::sys as driver;
-use driver::CUmemPool_attribute as pool_attribute;
 
 /// The default memory pool of device `ordinal` (the one stream-ordered allocations come from).
 fn memory_pool(ordinal: usize) -> Option<driver::CUmemoryPool> {
