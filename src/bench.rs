@@ -179,7 +179,9 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
         let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w, None)));
         // The stem's input is the image: no input gradient is computed for it.
         let want_dx = g.c != 3;
-        let bwd = time_ms(|| drop(conv::backward(g, None, conv::OutputGrad::Given(&dy), &x, &w, want_dx)));
+        let bwd = time_ms(|| {
+            drop(conv::backward(g, None, conv::OutputGrad::Given(&dy), (&x, &w), want_dx, conv::WeightGrad::Given))
+        });
         let flop = 2.0 * (g.n * g.o * g.c * g.k * g.k * g.oh() * g.ow()) as f64;
         let bwd_flop = if want_dx { 2.0 * flop } else { flop };
         let per_step = (fwd + bwd) * count as f64;

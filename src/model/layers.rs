@@ -4,7 +4,7 @@
 use super::{Params, Role};
 use crate::config::BnMode;
 use crate::ops;
-use crate::regularize::quant::{quantize_weight, ActQuant, FLOAT_BITS};
+use crate::regularize::quant::{quantize_weight, weight_levels, ActQuant, FLOAT_BITS};
 use candle_core::{Result, Tensor, Var};
 
 const BN_EPS: f64 = 1e-5;
@@ -135,10 +135,10 @@ impl ConvBn {
                 // scaled by s afterwards, for the output. The two convolutions (forward and backward)
                 // are why `fold` costs about twice `keep`.
                 if train {
-                    let wq = quantize_weight(w, q.weight_bits)?;
                     let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
+                    let levels = weight_levels(q.weight_bits);
                     let (out, mean, var) =
-                        ops::fold_conv_bn_train(x, (w, &wq), (gamma, beta), geometry, input, BN_EPS, relu, fused)?;
+                        ops::fold_conv_bn_train(x, (w, levels), (gamma, beta), geometry, input, BN_EPS, relu, fused)?;
                     let count = out.elem_count() / self.out_ch;
                     update_running(&self.running_mean, &self.running_var, &mean, &var, count)?;
                     out
@@ -216,22 +216,24 @@ pub fn fused_block_train(first: &ConvBn, second: &ConvBn, x: &Tensor) -> Result<
     };
     let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
     let levels2 = second.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS).map(|q| q.input.levels());
-    // Quantized per output channel, straight-through; with BN folded, stacked under the float weight
-    // (the float convolution gives the statistics, the quantized one the output).
+    // Quantized per output channel, straight-through; with BN folded, by the op itself (which runs the
+    // float convolution for the statistics and the quantized one for the output).
     let weight = |l: &ConvBn| -> Result<Tensor> {
         let w = l.weight.as_tensor();
         match &l.quant {
-            Some(q) if folded(l) => Tensor::cat(&[w, &quantize_weight(w, q.weight_bits)?], 0),
+            Some(_) if folded(l) => Ok(w.clone()),
             Some(q) => quantize_weight(w, q.weight_bits),
             None => Ok(w.clone()),
         }
     };
+    let fold =
+        folded(first).then(|| [first, second].map(|l| l.quant.as_ref().and_then(|q| weight_levels(q.weight_bits))));
     let (w1, w2) = (weight(first)?, weight(second)?);
     let layers = (
         (&w1, first.gamma.as_tensor(), first.beta.as_tensor()),
         (&w2, second.gamma.as_tensor(), second.beta.as_tensor()),
     );
-    let (out, stats) = ops::block_train(x, layers, first.stride, (input, levels2), (BN_EPS, folded(first)))?;
+    let (out, stats) = ops::block_train(x, layers, first.stride, (input, levels2), (BN_EPS, fold))?;
     let count = out.elem_count() / second.out_ch;
     update_running(&first.running_mean, &first.running_var, &stats.first.0, &stats.first.1, count)?;
     update_running(&second.running_mean, &second.running_var, &stats.second.0, &stats.second.1, count)?;

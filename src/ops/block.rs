@@ -32,7 +32,7 @@ struct BlockSaved<S> {
 }
 
 /// Inputs: the block input (NCHW) and its parameters flattened into one vector: w1, γ1, β1, w2, γ2, β2
-/// (a folded layer's w is its stacked [W; q(W)]).
+/// (a folded layer's w is W, which it quantizes itself).
 struct BlockTrain<L: FusedLayer> {
     first: L,
     /// The second layer; its input grid is set in the forward, from the first layer's output.
@@ -126,19 +126,20 @@ pub struct BlockStats {
 /// A residual block in training on the CPU: `relu(layer2(q2(layer1(q1(x)))) + shortcut(x))` with 3x3
 /// convolution + batch-norm layers (the first with ReLU and stride `stride`), q1 on `grid` (when
 /// given), q2 on a grid of `levels` steps per side scaled by the batch's max|input| (when given), and
-/// the option-A shortcut. `first` and `second` are (weight, γ, β) of the two layers; with `folded`,
-/// batch norm is folded into quantized weights and each weight is the stacked [W; q(W)].
+/// the option-A shortcut. `first` and `second` are (weight, γ, β) of the two layers; with `fold` =
+/// Some(weight levels of the two layers), batch norm is folded into weights that the layers quantize
+/// themselves (None: float weights).
 pub fn block_train_cpu(
     x: &Tensor,
     (first, second): ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
     stride: usize,
     (grid, levels): (Option<Grid>, Option<f32>),
-    (eps, folded): (f64, bool),
+    (eps, fold): (f64, Option<[Option<f32>; 2]>),
 ) -> Result<(Tensor, BlockStats)> {
     let g1 = super::conv::geometry(x, first.0, stride, 1)?;
-    let o = if folded { g1.o / 2 } else { g1.o };
+    let o = g1.o;
     let g2 = Geometry { c: o, h: g1.oh(), w: g1.ow(), stride: 1, ..g1 };
-    if second.0.dims() != [g1.o, o, 3, 3] || g1.k != 3 {
+    if second.0.dims() != [o, o, 3, 3] || g1.k != 3 {
         candle_core::bail!(
             "residual block: weights {:?} and {:?} are not two 3x3 layers",
             first.0.dims(),
@@ -149,9 +150,9 @@ pub fn block_train_cpu(
     let params =
         Tensor::cat(&[&first.0.flatten_all()?, first.1, first.2, &second.0.flatten_all()?, second.1, second.2], 0)?;
     let x = x.contiguous()?;
-    if folded {
-        let layer = |g, grid, relu| FoldLayer { g, grid, eps, relu };
-        run(&x, &params, (layer(g1, grid, true), layer(g2, None, false)), levels, shortcut)
+    if let Some([levels1, levels2]) = fold {
+        let layer = |g, grid, relu, weight_levels| FoldLayer { g, grid, eps, relu, weight_levels };
+        run(&x, &params, (layer(g1, grid, true, levels1), layer(g2, None, false, levels2)), levels, shortcut)
     } else {
         let layer = |g, grid, relu| Layer { g, grid, eps, relu };
         run(&x, &params, (layer(g1, grid, true), layer(g2, None, false)), levels, shortcut)
@@ -188,32 +189,26 @@ mod tests {
     use candle_core::Var;
 
     /// With batch norm folded: output, statistics and all gradients against the two folded layer ops
-    /// with the join (quantized weights from a straight-through fake-quant, stacked under the float ones).
+    /// with the join (each quantizing its weight, on grids of different steps).
     #[test]
     fn folded_matches_two_folded_layer_ops() {
-        use crate::ops::fake_quant;
         use crate::ops::fold_bn::fold_conv_bn_train_cpu;
         for (n, c, h, w, o, stride) in [(2, 8, 6, 7, 8, 1), (2, 4, 7, 6, 8, 2)] {
             let var = |t: Tensor| Var::from_tensor(&t).unwrap();
             let x = var(rand(&[n, c, h, w], 1));
             let (w1, g1, b1) = (var(rand(&[o, c, 3, 3], 2)), var((rand(&[o], 3) + 1.5).unwrap()), var(rand(&[o], 4)));
             let (w2, g2, b2) = (var(rand(&[o, o, 3, 3], 5)), var((rand(&[o], 6) + 1.5).unwrap()), var(rand(&[o], 7)));
-            let quantized = |w: &Var| {
-                let o = w.dim(0).unwrap();
-                let scales = max_abs(w.as_tensor(), o).unwrap().reshape((o, 1, 1, 1)).unwrap();
-                fake_quant(w.as_tensor(), &scales, 7.0).unwrap()
-            };
-            let (q1, q2) = (quantized(&w1), quantized(&w2));
-            let s1 = Tensor::cat(&[w1.as_tensor(), &q1], 0).unwrap();
-            let s2 = Tensor::cat(&[w2.as_tensor(), &q2], 0).unwrap();
+            let (levels1, levels2) = (Some(7.0), Some(3.0));
             let grid = Some(Grid::new(0.9, 7.0));
-            let layers = ((&s1, g1.as_tensor(), b1.as_tensor()), (&s2, g2.as_tensor(), b2.as_tensor()));
+            let layers =
+                ((w1.as_tensor(), g1.as_tensor(), b1.as_tensor()), (w2.as_tensor(), g2.as_tensor(), b2.as_tensor()));
+            let fold = Some([levels1, levels2]);
             let (fused, stats) =
-                block_train_cpu(x.as_tensor(), layers, stride, (grid, Some(7.0)), (1e-5, true)).unwrap();
+                block_train_cpu(x.as_tensor(), layers, stride, (grid, Some(7.0)), (1e-5, fold)).unwrap();
 
             let first = fold_conv_bn_train_cpu(
                 x.as_tensor(),
-                (w1.as_tensor(), &q1),
+                (w1.as_tensor(), levels1),
                 (g1.as_tensor(), b1.as_tensor()),
                 (stride, 1),
                 grid,
@@ -230,7 +225,7 @@ mod tests {
             };
             let second = fold_conv_bn_train_cpu(
                 &inner,
-                (w2.as_tensor(), &q2),
+                (w2.as_tensor(), levels2),
                 (g2.as_tensor(), b2.as_tensor()),
                 (1, 1),
                 Some(Grid::new(scale, 7.0)),
@@ -268,7 +263,7 @@ mod tests {
             let first = (w1.as_tensor(), g1.as_tensor(), b1.as_tensor());
             let second = (w2.as_tensor(), g2.as_tensor(), b2.as_tensor());
             let (fused, stats) =
-                block_train_cpu(x.as_tensor(), (first, second), stride, (grid, levels), (1e-5, false)).unwrap();
+                block_train_cpu(x.as_tensor(), (first, second), stride, (grid, levels), (1e-5, None)).unwrap();
 
             let (inner, m1, v1) =
                 conv_bn_train_cpu(x.as_tensor(), first.0, (first.1, first.2), (stride, 1), grid, 1e-5, true, None)

@@ -644,18 +644,35 @@ pub(crate) enum OutputGrad<'a> {
 /// for the same seed, however rayon schedules the work.
 const GROUP: usize = 8;
 
-/// dX (when `want_dx`) and dW (OIHW) of a batch from dY, X (quantized onto `grid` as in the forward)
-/// and the weight. With the shifted kernels both come from one pass over the images, so each image's
-/// output gradient is read from memory once, for both.
+/// Which weight a backward returns the gradient of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightGrad {
+    /// The weight given (O output channels).
+    Given,
+    /// The parameter W of a weight stacked as [W; q(W)], with q straight-through (folded batch norm):
+    /// dW = dW_top + dW_bottom, computed as one product of dY_top + dY_bottom (O/2 output channels)
+    /// instead of two.
+    StackedHalves,
+}
+
+/// dX (when `want_dx`) and dW (OIHW, of the weight `of` says) of a batch from dY, X (quantized onto
+/// `grid` as in the forward) and the weight. With the shifted kernels both come from one pass over the
+/// images, so each image's output gradient is read from memory once, for both.
 pub(crate) fn backward(
     g: Geometry,
     grid: Option<Grid>,
     dy: OutputGrad,
-    x: &[f32],
-    w: &[f32],
+    (x, w): (&[f32], &[f32]),
     want_dx: bool,
+    of: WeightGrad,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let out = g.o * g.pixels();
+    // The weight gradient's geometry: half the output channels for a stacked weight.
+    let gw = match of {
+        WeightGrad::Given => g,
+        WeightGrad::StackedHalves => Geometry { o: g.o / 2, ..g },
+    };
+    let out_w = gw.o * g.pixels();
     if !g.shifted() {
         let whole = match dy {
             OutputGrad::Given(dy) => std::borrow::Cow::Borrowed(dy),
@@ -665,9 +682,20 @@ pub(crate) fn backward(
                 std::borrow::Cow::Owned(whole)
             }
         };
-        return (want_dx.then(|| unfolded_input_grad(g, &whole, w)), unfolded_weight_grad(g, grid, &whole, x));
+        let dx = want_dx.then(|| unfolded_input_grad(g, &whole, w));
+        let dw = match of {
+            WeightGrad::Given => unfolded_weight_grad(g, grid, &whole, x),
+            WeightGrad::StackedHalves => {
+                let mut summed = vec![0f32; g.n * out_w];
+                summed.par_chunks_mut(out_w).zip(whole.par_chunks(out)).for_each(|(s, d)| add_halves(d, s));
+                unfolded_weight_grad(gw, grid, &summed, x)
+            }
+        };
+        return (dx, dw);
     }
     let sh = Shifted::new(g, grid);
+    // The weight gradient's view (the same spatial layout, gw's output channels).
+    let shw = Shifted::new(gw, grid);
     let (size, taps) = (g.c * g.h * g.w, g.k * g.k);
     // dX as a forward convolution of dY (the direct kernel), or by shifted GEMMs with w as (tap, C, O).
     let transposed = sh.transposed();
@@ -680,25 +708,29 @@ pub(crate) fn backward(
         Some(t) => (t.padded_len(), t.output_len()),
         None => (g.o * sh.q, sh.padded_len()),
     };
-    let direct_weight_grad = sh.direct_weight_grad();
+    let direct_weight_grad = shw.direct_weight_grad();
     let shifts: Vec<usize> = (0..taps).map(|t| sh.shift(t)).collect();
     // One group of images: its partial dW (tap, C, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
-        let mut acc = vec![0f32; taps * g.c * g.o];
+        let mut acc = vec![0f32; taps * g.c * gw.o];
         let (mut xpad, mut dyt) = match direct_weight_grad {
             true => (Vec::new(), Vec::new()),
-            false => (vec![0f32; sh.padded_len()], vec![0f32; sh.q * g.o]),
+            false => (vec![0f32; sh.padded_len()], vec![0f32; sh.q * gw.o]),
         };
         let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
         let mut dy_image = match dy {
             OutputGrad::Given(_) => Vec::new(),
             OutputGrad::PerImage(_) => vec![0f32; out],
         };
+        let mut dy_summed = match of {
+            WeightGrad::Given => Vec::new(),
+            WeightGrad::StackedHalves => vec![0f32; out_w],
+        };
         // For the direct weight-gradient kernel: dY on the output grid and the padded input of the
         // images of one call.
-        let per_call = if direct_weight_grad { sh.images_per_call() } else { 0 };
+        let per_call = if direct_weight_grad { shw.images_per_call() } else { 0 };
         let mut slots: Vec<(Vec<f32>, Vec<f32>)> =
-            (0..per_call).map(|_| (vec![0f32; g.o * sh.grid16()], vec![0f32; sh.padded_len()])).collect();
+            (0..per_call).map(|_| (vec![0f32; gw.o * shw.grid16()], vec![0f32; sh.padded_len()])).collect();
         let last = ((grp + 1) * GROUP).min(g.n) - 1;
         for (i, n) in (grp * GROUP..=last).enumerate() {
             // This image's input is read after its dX is computed, and the next image's given dY
@@ -722,19 +754,26 @@ pub(crate) fn backward(
                 }
             }
             let x_n = &x[n * size..(n + 1) * size];
+            let dy_w = match of {
+                WeightGrad::Given => dyn_,
+                WeightGrad::StackedHalves => {
+                    add_halves(dyn_, &mut dy_summed);
+                    &dy_summed
+                }
+            };
             if !direct_weight_grad {
-                sh.weight_grad(x_n, dyn_, &mut xpad, &mut dyt, &mut acc);
+                shw.weight_grad(x_n, dy_w, &mut xpad, &mut dyt, &mut acc);
                 continue;
             }
             let slot = i % per_call;
             let (dyext, xpad) = &mut slots[slot];
-            sh.spread(dyn_, dyext);
+            shw.spread(dy_w, dyext);
             sh.pad(x_n, xpad);
             if slot + 1 == per_call || n == last {
                 let images: Vec<(&[f32], &[f32])> = slots[..=slot].iter().map(|(d, x)| (&d[..], &x[..])).collect();
                 // SAFETY: `direct` (part of direct_weight_grad) is set only where kernels::available()
                 // found AVX-512F.
-                unsafe { kernels::weight_grad(&images, (g.o, g.c), (sh.plane, sh.grid16()), &shifts, &mut acc) };
+                unsafe { kernels::weight_grad(&images, (gw.o, g.c), (sh.plane, shw.grid16()), &shifts, &mut acc) };
             }
         }
         acc
@@ -749,17 +788,24 @@ pub(crate) fn backward(
     if !want_dx {
         partials = (0..groups).into_par_iter().map(|grp| group(grp, None)).collect();
     }
-    let mut sum = vec![0f32; taps * g.c * g.o];
+    let mut sum = vec![0f32; taps * g.c * gw.o];
     for part in &partials {
         sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
     // (tap, C, O) -> (O, C, tap)
-    let mut dw = vec![0f32; g.o * g.kdim()];
+    let mut dw = vec![0f32; gw.o * g.kdim()];
     for (i, v) in sum.iter().enumerate() {
-        let (t, c, o) = (i / (g.c * g.o), (i / g.o) % g.c, i % g.o);
+        let (t, c, o) = (i / (g.c * gw.o), (i / gw.o) % g.c, i % gw.o);
         dw[(o * g.c + c) * taps + t] = *v;
     }
     (dx, dw)
+}
+
+/// `sum[i] = dy[i] + dy[half + i]`: the output gradient of a stacked weight's two halves, summed (see
+/// [`WeightGrad::StackedHalves`]).
+fn add_halves(dy: &[f32], sum: &mut [f32]) {
+    let (top, bottom) = dy.split_at(sum.len());
+    sum.iter_mut().zip(top.iter().zip(bottom)).for_each(|(s, (a, b))| *s = a + b);
 }
 
 /// dX of a batch from dY and the weight, through im2col (the shapes [`Shifted`] does not take).
@@ -843,8 +889,9 @@ impl CustomOp2 for Conv2d {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The image itself needs no gradient: skip the input gradient of the first layer.
         let want_dx = x.track_op();
-        let (dx, dw) =
-            with_slices([grad, x, w], |[dy, x, w]| backward(self.g, self.grid, OutputGrad::Given(dy), x, w, want_dx))?;
+        let (dx, dw) = with_slices([grad, x, w], |[dy, x, w]| {
+            backward(self.g, self.grid, OutputGrad::Given(dy), (x, w), want_dx, WeightGrad::Given)
+        })?;
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
         Ok((dx, Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }

@@ -122,13 +122,20 @@ impl FusedLayer for Layer {
         let image = |n: usize, d_conv: &mut [f32]| {
             bn::image_input_grad(n, grad_conv, relu, d, stats, gamma, (&dbeta, &dgamma), d_conv)
         };
-        let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
+        let (dx, dw) = conv::backward(
+            self.g,
+            self.grid,
+            conv::OutputGrad::PerImage(&image),
+            (x, w),
+            want_dx,
+            conv::WeightGrad::Given,
+        );
         (dx, dw, dgamma, dbeta, d_shortcut)
     }
 }
 
-/// A [`FusedLayer`] as one differentiable op. Inputs: x (NCHW), w (OIHW; stacked for a folded
-/// layer), γ, β and the shortcut, packed as [`Inputs`] says.
+/// A [`FusedLayer`] as one differentiable op. Inputs: x (NCHW), w (OIHW; a folded layer quantizes
+/// it itself), γ, β and the shortcut, packed as [`Inputs`] says.
 struct LayerOp<L: FusedLayer> {
     layer: L,
     inputs: Inputs,
@@ -180,7 +187,7 @@ impl<L: FusedLayer> CustomOp3 for LayerOp<L> {
     }
 }
 
-/// Runs `layer` on x with weight `w` (stacked for a folded layer), γ, β and the shortcut as one op;
+/// Runs `layer` on x with weight `w`, γ, β and the shortcut as one op;
 /// returns the output and the batch mean and biased variance it normalised with.
 pub(super) fn train_layer<L: FusedLayer + 'static>(
     x: &Tensor,

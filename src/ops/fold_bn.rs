@@ -7,14 +7,15 @@
 //! residual join. As separate ops that is two convolutions (each padding the input), a moments op, an
 //! affine op and, in the backward, candle's gradient accumulation for every intermediate. Here the two
 //! weights are stacked, [W; q(W)], into one convolution of 2·O output channels: one pass over the input,
-//! one kernel call per image, and in the backward one transposed convolution for dX. The weight
-//! quantization itself stays outside (a fake-quant with a straight-through gradient), so the op's
-//! weight gradient is that of the stack. Values and gradients are those of the separate ops (tested).
+//! one kernel call per image, and in the backward one transposed convolution for dX. The op quantizes
+//! the weight itself (per output channel, straight-through), so that the weight gradient, which is the
+//! sum of the two halves' (dW = dY_f ⋆ X + dY_q ⋆ X), is one product of (dY_f + dY_q) with the input
+//! instead of two. Values and gradients are those of the separate ops (tested).
 
 use super::bn;
 use super::conv::{self, Geometry};
 use super::conv_bn::{train_layer, FusedLayer, LayerGrads};
-use super::quant::Grid;
+use super::quant::{max_abs_slice, quantize_into, Grid};
 use super::written;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -22,6 +23,8 @@ use rayon::prelude::*;
 /// What a folded layer's forward keeps for its backward.
 #[derive(Debug)]
 pub(super) struct FoldSaved {
+    /// The stacked weight [W; q(W)].
+    weights: Vec<f32>,
     /// The stacked convolution's output: per image, O float channels, then O quantized ones.
     stacked: Vec<f32>,
     mean: Vec<f32>,
@@ -33,11 +36,33 @@ pub(super) struct FoldSaved {
 /// weights [W; q(W)], the fold with the float half's statistics, and a ReLU or the join.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct FoldLayer {
-    /// The geometry of the stacked convolution (2·O output channels).
+    /// The layer's geometry (O output channels; the convolution runs over 2·O).
     pub g: Geometry,
     pub grid: Option<Grid>,
     pub eps: f64,
     pub relu: bool,
+    /// Grid steps per side of the weight's quantizer (None: float weights, q(W) = W).
+    pub weight_levels: Option<f32>,
+}
+
+impl FoldLayer {
+    /// The geometry of the stacked convolution.
+    fn stacked(&self) -> Geometry {
+        Geometry { o: 2 * self.g.o, ..self.g }
+    }
+
+    /// [W; q(W)], with q per output channel on the grid of λ = max|W_o| (as `ops::fake_quant` with
+    /// `weight_scales`).
+    fn stack(&self, w: &[f32]) -> Vec<f32> {
+        let mut stacked = [w, w].concat();
+        if let Some(levels) = self.weight_levels {
+            let per_channel = w.len() / self.g.o;
+            for (src, dst) in w.chunks_exact(per_channel).zip(stacked[w.len()..].chunks_exact_mut(per_channel)) {
+                quantize_into(Grid::new(max_abs_slice(src), levels), src, dst);
+            }
+        }
+        stacked
+    }
 }
 
 /// The per-channel fold: s = γ·σ⁻¹ and shift = β − μ·s.
@@ -55,7 +80,7 @@ impl FusedLayer for FoldLayer {
     }
 
     fn channels(&self) -> usize {
-        self.g.o / 2
+        self.g.o
     }
 
     fn with_grid(self, grid: Option<Grid>) -> Self {
@@ -68,7 +93,8 @@ impl FusedLayer for FoldLayer {
 
     fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, FoldSaved) {
         let (o, p) = (self.channels(), self.g.oh() * self.g.ow());
-        let (stacked, mut mean, mut var) = conv::forward_moments(self.g, self.grid, x, w);
+        let weights = self.stack(w);
+        let (stacked, mut mean, mut var) = conv::forward_moments(self.stacked(), self.grid, x, &weights);
         // The statistics of the float half fold the batch norm.
         mean.truncate(o);
         var.truncate(o);
@@ -85,14 +111,14 @@ impl FusedLayer for FoldLayer {
                 }
             })
         });
-        (out, FoldSaved { stacked, mean, var, invstd })
+        (out, FoldSaved { weights, stacked, mean, var, invstd })
     }
 
     fn backward(
         &self,
         saved: &FoldSaved,
         (grad, out): (&[f32], &[f32]),
-        (x, w, gb): (&[f32], &[f32], &[f32]),
+        (x, _, gb): (&[f32], &[f32], &[f32]),
         (want_dx, residual): (bool, bool),
     ) -> LayerGrads {
         let (n, o, p) = (self.g.n, self.channels(), self.g.oh() * self.g.ow());
@@ -155,19 +181,22 @@ impl FusedLayer for FoldLayer {
                 bn::masked_row(&mut quant[c * p..(c + 1) * p], (&grad[at.clone()], &out[at]), scale[c], relu);
             }
         };
-        let (dx, dw) = conv::backward(self.g, self.grid, conv::OutputGrad::PerImage(&image), x, w, want_dx);
+        let dy = conv::OutputGrad::PerImage(&image);
+        let (x, w) = (x, &saved.weights[..]);
+        let (dx, dw) = conv::backward(self.stacked(), self.grid, dy, (x, w), want_dx, conv::WeightGrad::StackedHalves);
         (dx, dw, dgamma, dbeta, d_shortcut)
     }
 }
 
-/// The folded-BN training layer on the CPU: `relu?(conv(q(x), w_q)·s + β − μ·s)`, or `relu(· +
-/// residual)`, with (μ, σ²) the batch statistics of `conv(q(x), w)` and s = γ/√(σ² + ε); x quantized onto
-/// `grid` first when there is one (straight-through). Returns the output and the batch mean and biased
-/// variance of the float convolution.
+/// The folded-BN training layer on the CPU: `relu?(conv(q(x), q(w))·s + β − μ·s)`, or `relu(· +
+/// residual)`, with (μ, σ²) the batch statistics of `conv(q(x), w)` and s = γ/√(σ² + ε); the weight
+/// quantized per output channel on `weight_levels` steps per side (None: float), straight-through, and
+/// x onto `grid` first when there is one (straight-through). Returns the output and the batch mean and
+/// biased variance of the float convolution.
 #[allow(clippy::too_many_arguments)]
 pub fn fold_conv_bn_train_cpu(
     x: &Tensor,
-    (w, w_quantized): (&Tensor, &Tensor),
+    (w, weight_levels): (&Tensor, Option<f32>),
     (gamma, beta): (&Tensor, &Tensor),
     (stride, pad): (usize, usize),
     grid: Option<Grid>,
@@ -175,9 +204,8 @@ pub fn fold_conv_bn_train_cpu(
     relu: bool,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let stacked = Tensor::cat(&[w, w_quantized], 0)?;
-    let g = conv::geometry(x, &stacked, stride, pad)?;
-    train_layer(x, &stacked, (gamma, beta), residual, FoldLayer { g, grid, eps, relu })
+    let g = conv::geometry(x, w, stride, pad)?;
+    train_layer(x, w, (gamma, beta), residual, FoldLayer { g, grid, eps, relu, weight_levels })
 }
 
 #[cfg(test)]
@@ -207,7 +235,7 @@ mod tests {
             let (gamma_t, beta_t) = (gamma.as_tensor(), beta.as_tensor());
             let (fused, mean, var) = fold_conv_bn_train_cpu(
                 x.as_tensor(),
-                (wt.as_tensor(), &wq),
+                (wt.as_tensor(), Some(7.0)),
                 (gamma_t, beta_t),
                 (stride, 1),
                 grid,

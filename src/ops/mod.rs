@@ -318,32 +318,35 @@ pub fn conv_bn_train(
 /// layers (the first with ReLU and stride `stride`, its input fake-quantized when `input` =
 /// Some((scale, levels)); the second's input fake-quantized on `levels2` steps when given, scaled by
 /// the batch's max|input|), the option-A shortcut and the join. `first` and `second` are (weight, γ,
-/// β); with `folded`, batch norm is folded into quantized weights (as [`fold_conv_bn_train`]) and each
-/// weight is the stacked [W; q(W)]. Returns the output and the layers' batch statistics (of the float
-/// convolutions when folded). f32 on the CPU only (callers fall back to the layer ops elsewhere).
+/// β); with `fold` = Some(the two weights' quantizer levels, None for float), batch norm is folded
+/// into weights that the op quantizes (as [`fold_conv_bn_train`]). Returns the output and the layers'
+/// batch statistics (of the float convolutions when folded). f32 on the CPU only (callers fall back
+/// to the layer ops elsewhere).
 pub fn block_train(
     x: &Tensor,
     layers: ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
     stride: usize,
     (input, levels2): (Option<(&Tensor, f64)>, Option<f64>),
-    (eps, folded): (f64, bool),
+    (eps, fold): (f64, Option<[Option<f64>; 2]>),
 ) -> Result<(Tensor, block::BlockStats)> {
     let Some(grid) = cpu_grid(x, input)? else {
         candle_core::bail!("the fused residual block runs on f32 CPU tensors only")
     };
-    block::block_train_cpu(x, layers, stride, (grid, levels2.map(|l| l as f32)), (eps, folded))
+    let fold = fold.map(|levels| levels.map(|l| l.map(|l| l as f32)));
+    block::block_train_cpu(x, layers, stride, (grid, levels2.map(|l| l as f32)), (eps, fold))
 }
 
 /// The training step of a quantized layer with batch norm folded into its weights (Jacob et al. 2018):
-/// `relu?(conv(x, w_quantized)·s + β − μ·s)`, or `relu(· + residual)` when there is a residual, with
-/// (μ, σ²) the batch statistics of the float `conv(x, w)` and s = γ/√(σ² + eps); the input
-/// fake-quantized first when `input` = Some((scale, levels)). Returns the output and the float
-/// convolution's batch mean and biased variance. One fused op on the CPU ([`fold_bn`]: both
-/// convolutions as one over the stacked weights), the separate ops elsewhere.
+/// `relu?(conv(x, q(w))·s + β − μ·s)`, or `relu(· + residual)` when there is a residual, with (μ, σ²)
+/// the batch statistics of the float `conv(x, w)` and s = γ/√(σ² + eps); q quantizes per output
+/// channel on `weight_levels` steps per side (None: float weights; λ = max|w_o|, straight-through), and
+/// the input is fake-quantized first when `input` = Some((scale, levels)). Returns the output and the
+/// float convolution's batch mean and biased variance. One fused op on the CPU ([`fold_bn`]: both
+/// convolutions as one over the stacked weights [w; q(w)]), the separate ops elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub fn fold_conv_bn_train(
     x: &Tensor,
-    (w, w_quantized): (&Tensor, &Tensor),
+    (w, weight_levels): (&Tensor, Option<f64>),
     (gamma, beta): (&Tensor, &Tensor),
     (stride, padding): (usize, usize),
     input: Option<(&Tensor, f64)>,
@@ -355,7 +358,7 @@ pub fn fold_conv_bn_train(
         let geometry = (stride, padding);
         return fold_bn::fold_conv_bn_train_cpu(
             x,
-            (w, w_quantized),
+            (w, weight_levels.map(|l| l as f32)),
             (gamma, beta),
             geometry,
             grid,
@@ -365,7 +368,14 @@ pub fn fold_conv_bn_train(
         );
     }
     let y_float = conv2d_quantized(x, w, (stride, padding), input)?;
-    let y_quant = conv2d_quantized(x, w_quantized, (stride, padding), input)?;
+    let w_quantized = match weight_levels {
+        Some(levels) => {
+            let o = w.dim(0)?;
+            fake_quant(w, &max_abs(&w.detach(), o)?.reshape((o, 1, 1, 1))?, levels)?
+        }
+        None => w.clone(),
+    };
+    let y_quant = conv2d_quantized(x, &w_quantized, (stride, padding), input)?;
     let (mean, var) = channel_stats(&y_float)?;
     let scale = (gamma / (&var + eps)?.sqrt()?)?;
     let shift = (beta - (&mean * &scale)?)?;

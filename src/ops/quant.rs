@@ -109,7 +109,7 @@ fn keep_max(m: f32, a: f32) -> f32 {
 
 /// max|v| with 32 running maxima so that the loop vectorises (NaN-preserving).
 #[multiversion(targets = "simd")]
-fn max_abs_slice(v: &[f32]) -> f32 {
+pub(crate) fn max_abs_slice(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 32];
     let chunks = v.chunks_exact(32);
     let tail = chunks.remainder().iter().fold(0f32, |m, &x| keep_max(m, x.abs()));

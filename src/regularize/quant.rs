@@ -23,6 +23,11 @@ pub fn weight_scales(w: &Tensor) -> Result<Tensor> {
     ops::max_abs(w, o)?.reshape(shape)
 }
 
+/// Grid steps per side of a weight quantizer of `bits` bits; None when `bits` leaves weights in float.
+pub fn weight_levels(bits: u32) -> Option<f64> {
+    (bits < FLOAT_BITS).then(|| levels(bits))
+}
+
 /// Fake-quantizes a weight tensor per output channel (identity when `bits` is float).
 pub fn quantize_weight(w: &Tensor, bits: u32) -> Result<Tensor> {
     if bits >= FLOAT_BITS {
