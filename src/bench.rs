@@ -168,8 +168,8 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
 fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
     println!("\nconvolution kernels, batch {} (median of 15; GFLOP/s counts a multiply-add as 2)", opts.batch);
     println!(
-        "{:<24} {:>5} {:>9} {:>13} {:>18} {:>11}",
-        "C->O, size, stride", "count", "fwd ms", "dX + dW ms", "GFLOP/s fwd / bwd", "ms per step"
+        "{:<24} {:>5} {:>9} {:>13} {:>10} {:>18} {:>11}",
+        "C->O, size, stride", "count", "fwd ms", "dX + dW ms", "(dW ms)", "GFLOP/s fwd / bwd", "ms per step"
     );
     let mut total = 0.0;
     for (g, count) in conv_shapes(opts.arch, opts.batch) {
@@ -179,19 +179,23 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
         let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w, None)));
         // The stem's input is the image: no input gradient is computed for it.
         let want_dx = g.c != 3;
-        let bwd = time_ms(|| {
-            drop(conv::backward(g, None, conv::OutputGrad::Given(&dy), (&x, &w), want_dx, conv::WeightGrad::Given))
-        });
+        let backward = |want_dx| {
+            time_ms(|| {
+                drop(conv::backward(g, None, conv::OutputGrad::Given(&dy), (&x, &w), want_dx, conv::WeightGrad::Given))
+            })
+        };
+        let (bwd, dw) = (backward(want_dx), backward(false));
         let flop = 2.0 * (g.n * g.o * g.c * g.k * g.k * g.oh() * g.ow()) as f64;
         let bwd_flop = if want_dx { 2.0 * flop } else { flop };
         let per_step = (fwd + bwd) * count as f64;
         total += per_step;
         println!(
-            "{:<24} {:>5} {:>9.2} {:>13.2} {:>18} {:>11.1}",
+            "{:<24} {:>5} {:>9.2} {:>13.2} {:>10.2} {:>18} {:>11.1}",
             format!("{}->{}, {}x{}, s{}", g.c, g.o, g.h, g.w, g.stride),
             count,
             fwd,
             bwd,
+            dw,
             format!("{:.0} / {:.0}", flop / fwd / 1e6, bwd_flop / bwd / 1e6),
             per_step
         );
