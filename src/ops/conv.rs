@@ -127,17 +127,47 @@ struct Shifted {
     q: usize,
     /// Whether the forward runs the direct AVX-512 kernel ([`kernels::direct`]) rather than k·k GEMMs.
     direct: bool,
+    /// Rows exactly W wide, with no padding column: the direct kernel masks the taps that would read
+    /// across a row's edge instead (3x3, stride 1, padding 1, small maps; see [`Shifted::new`]).
+    tight: bool,
 }
 
 impl Shifted {
+    /// The layout the forward and the input gradient use: tight rows where they save work.
+    ///
+    /// With a padding column, a grid of OH rows of W + 1 positions is computed in whole registers of
+    /// 16: an 8x8 map costs 80 positions for 64 (72 rounded up), a 16x16 one 272 for 256. Tight rows
+    /// compute 64 and 256, and the direct kernel zeroes the left column's taps in the grid's first
+    /// column and the right column's in its last (masked loads, at no cost over plain ones).
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
-        let s = g.stride;
-        // Stride 1: a row's left padding is the right padding of the row before.
-        let wp = if s == 1 && g.pad < g.k { g.w + g.pad } else { (g.w + 2 * g.pad).div_ceil(s) };
-        let top = g.pad.div_ceil(s);
-        let plane = ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp;
         let direct = kernels::available();
-        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct }
+        let tight = direct && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= tight_max_width();
+        Self::with_rows(g, grid, direct, tight)
+    }
+
+    /// The layout with a padding column between rows (the weight gradient's kernels read it).
+    fn wide(g: Geometry, grid: Option<Grid>) -> Self {
+        Self::with_rows(g, grid, kernels::available(), false)
+    }
+
+    fn with_rows(g: Geometry, grid: Option<Grid>, direct: bool, tight: bool) -> Self {
+        let s = g.stride;
+        let wp = match tight {
+            true => g.w,
+            // Stride 1: a row's left padding is the right padding of the row before.
+            false if s == 1 && g.pad < g.k => g.w + g.pad,
+            false => (g.w + 2 * g.pad).div_ceil(s),
+        };
+        let top = g.pad.div_ceil(s);
+        // Tight: the rows above and below, and one value before the first row and after the last
+        // (what the corner taps read).
+        let plane = if tight { (g.h + 2) * wp + 2 } else { ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp };
+        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight }
+    }
+
+    /// The row width for the direct kernel's edge masks, in the tight layout.
+    fn rows(&self) -> Option<usize> {
+        self.tight.then_some(self.wp)
     }
 
     /// Offset of tap `t` = ky·k + kx in the padded planes: its phase's C planes, then the shift.
@@ -276,7 +306,7 @@ impl Shifted {
         if self.direct {
             let shifts: Vec<usize> = (0..g.k * g.k).map(|t| self.shift(t)).collect();
             // SAFETY: `direct` is set only where kernels::available() found AVX-512F.
-            unsafe { kernels::direct((xpad, self.plane, g.c), &shifts, w, (yext, positions), self.q) };
+            unsafe { kernels::direct((xpad, self.plane, g.c), &shifts, w, (yext, positions), self.q, self.rows()) };
         } else {
             for t in 0..g.k * g.k {
                 let wt = &w[t * g.o * g.c..(t + 1) * g.o * g.c];
@@ -640,6 +670,13 @@ pub(crate) enum OutputGrad<'a> {
     PerImage(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
 }
 
+/// The widest maps that get tight rows ([`Shifted::new`]); `QAT_LAB_TIGHT_MAX_W` overrides it (for
+/// measurements).
+fn tight_max_width() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| std::env::var("QAT_LAB_TIGHT_MAX_W").ok().and_then(|v| v.parse().ok()).unwrap_or(16))
+}
+
 /// Images per group of the weight gradient: fixed groups summed in a fixed order give the same weights
 /// for the same seed, however rayon schedules the work.
 const GROUP: usize = 8;
@@ -695,7 +732,7 @@ pub(crate) fn backward(
     }
     let sh = Shifted::new(g, grid);
     // The weight gradient's view (the same spatial layout, gw's output channels).
-    let shw = Shifted::new(gw, grid);
+    let shw = Shifted::wide(gw, grid);
     let (size, taps) = (g.c * g.h * g.w, g.k * g.k);
     // dX as a forward convolution of dY (the direct kernel), or by shifted GEMMs with w as (tap, C, O).
     let transposed = sh.transposed();
@@ -709,13 +746,13 @@ pub(crate) fn backward(
         None => (g.o * sh.q, sh.padded_len()),
     };
     let direct_weight_grad = shw.direct_weight_grad();
-    let shifts: Vec<usize> = (0..taps).map(|t| sh.shift(t)).collect();
+    let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
     // One group of images: its partial dW (tap, C, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; taps * g.c * gw.o];
         let (mut xpad, mut dyt) = match direct_weight_grad {
             true => (Vec::new(), Vec::new()),
-            false => (vec![0f32; sh.padded_len()], vec![0f32; sh.q * gw.o]),
+            false => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
         };
         let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
         let mut dy_image = match dy {
@@ -730,7 +767,7 @@ pub(crate) fn backward(
         // images of one call.
         let per_call = if direct_weight_grad { shw.images_per_call() } else { 0 };
         let mut slots: Vec<(Vec<f32>, Vec<f32>)> =
-            (0..per_call).map(|_| (vec![0f32; gw.o * shw.grid16()], vec![0f32; sh.padded_len()])).collect();
+            (0..per_call).map(|_| (vec![0f32; gw.o * shw.grid16()], vec![0f32; shw.padded_len()])).collect();
         let last = ((grp + 1) * GROUP).min(g.n) - 1;
         for (i, n) in (grp * GROUP..=last).enumerate() {
             // This image's input is read after its dX is computed, and the next image's given dY
@@ -768,12 +805,12 @@ pub(crate) fn backward(
             let slot = i % per_call;
             let (dyext, xpad) = &mut slots[slot];
             shw.spread(dy_w, dyext);
-            sh.pad(x_n, xpad);
+            shw.pad(x_n, xpad);
             if slot + 1 == per_call || n == last {
                 let images: Vec<(&[f32], &[f32])> = slots[..=slot].iter().map(|(d, x)| (&d[..], &x[..])).collect();
                 // SAFETY: `direct` (part of direct_weight_grad) is set only where kernels::available()
                 // found AVX-512F.
-                unsafe { kernels::weight_grad(&images, (gw.o, g.c), (sh.plane, shw.grid16()), &shifts, &mut acc) };
+                unsafe { kernels::weight_grad(&images, (gw.o, g.c), (shw.plane, shw.grid16()), &shifts, &mut acc) };
             }
         }
         acc
@@ -1048,10 +1085,17 @@ mod tests {
             // 16 output channels: the 16x16 weight-gradient block (on AVX-512 CPUs).
             (2, 16, 6, 7, 16, 3, 1, 1),
             (1, 32, 5, 5, 16, 3, 1, 1),
-            // The direct kernel's narrower tail tiles (72 positions: 3 + 2 registers; 56: 3 + 1), and
-            // channels that fill no whole block.
+            // Tight rows (maps up to 16 wide) with the direct kernel's narrower tail tiles (64
+            // positions: 2 + 2 registers; 49: 2 + 2; 112: 3 + 2 + 2; 48: 3), rows of 1 and 2 (every
+            // position in the first or last column), and channels that fill no whole block; then 17
+            // wide, the widest layout again (4·18 = 72 positions: 3 + 2).
             (2, 12, 8, 8, 20, 3, 1, 1),
             (1, 8, 7, 7, 8, 3, 1, 1),
+            (1, 8, 8, 14, 8, 3, 1, 1),
+            (1, 8, 3, 16, 16, 3, 1, 1),
+            (2, 8, 5, 1, 8, 3, 1, 1),
+            (1, 8, 3, 2, 8, 3, 1, 1),
+            (1, 8, 4, 17, 8, 3, 1, 1),
             // The direct weight-gradient kernel (stride 1, 256+ grid positions), several images per call.
             (3, 16, 16, 16, 8, 3, 1, 1),
             (1, 8, 14, 18, 12, 3, 1, 1),

@@ -44,8 +44,8 @@ pub(crate) const LANES: usize = 16;
 pub(crate) const OB: usize = 8;
 
 /// Registers of 16 positions in the direct kernel's main tile: 3 x 8 output channels, 24 accumulators,
-/// 11 loads per 24 multiply-adds. The last one or two registers of a grid get a narrower tile of
-/// their own (2 x 8 or 1 x 8), so that no more than 15 positions are computed past the grid.
+/// 11 loads per 24 multiply-adds. The last two or four registers of a grid get narrower tiles of
+/// their own (one or two of 2 x 8), so that no more than 15 positions are computed past the grid.
 const TILE: usize = 3;
 
 /// Positions the kernel computes for a grid of `q`: `q` rounded up to whole registers.
@@ -57,6 +57,12 @@ pub(crate) fn padded_positions(q: usize) -> usize {
 /// output channel `o` of `w` (whole blocks of [`OB`]), input channel `c < C` and position
 /// `i < padded_positions(q)`.
 ///
+/// With `rows` = Some(W), the grid is W positions wide with no padding column between rows (see
+/// `conv::Shifted`), and the 9 taps are a 3x3 kernel's with padding 1: a tap in the left column
+/// (t % 3 = 0) reads nothing for positions in the grid's first column, and one in the right column
+/// nothing for positions in its last, where it would otherwise read the neighbouring row (masked
+/// loads).
+///
 /// `x` must hold every position read: `(C − 1)·plane + max(shifts) + padded_positions(q)` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -66,27 +72,61 @@ pub(crate) fn direct(
     w: &[f32],
     (out, qstride): (&mut [f32], usize),
     q: usize,
+    rows: Option<usize>,
 ) {
+    // Whole tiles of 3 registers, and the rest as one tile of 2, two of 2 (rather than 3 + 1: a
+    // 1-register tile has 8 accumulators and 9 loads per 8 multiply-adds) or, for 1 register, 1.
     let registers = q.div_ceil(LANES);
-    let main = registers / TILE * TILE * LANES;
-    direct_tiled::<TILE>((x, plane, c), shifts, w, (out, qstride), 0..main);
-    match registers % TILE {
-        2 => direct_tiled::<2>((x, plane, c), shifts, w, (out, qstride), main..main + 2 * LANES),
-        1 => direct_tiled::<1>((x, plane, c), shifts, w, (out, qstride), main..main + LANES),
-        _ => {}
+    let threes = match registers % TILE {
+        1 if registers > 1 => registers / TILE - 1,
+        _ => registers / TILE,
+    };
+    let main = threes * TILE * LANES;
+    let (twos, ones) = match registers - threes * TILE {
+        4 => (2, 0),
+        2 => (1, 0),
+        1 => (0, 1),
+        _ => (0, 0),
+    };
+    let twos = main..main + twos * 2 * LANES;
+    let ones = twos.end..twos.end + ones * LANES;
+    let xs = (x, plane, c);
+    match rows {
+        None => {
+            direct_tiled::<TILE, false>(xs, shifts, w, (out, qstride), 0..main, 0);
+            direct_tiled::<2, false>(xs, shifts, w, (out, qstride), twos, 0);
+            direct_tiled::<1, false>(xs, shifts, w, (out, qstride), ones, 0);
+        }
+        Some(width) => {
+            assert!(shifts.len() == 9 && width > 0, "direct: masked rows need a 3x3 kernel");
+            direct_tiled::<TILE, true>(xs, shifts, w, (out, qstride), 0..main, width);
+            direct_tiled::<2, true>(xs, shifts, w, (out, qstride), twos, width);
+            direct_tiled::<1, true>(xs, shifts, w, (out, qstride), ones, width);
+        }
     }
 }
 
+/// The lanes of the register of positions `p0..p0 + 16` whose column (position mod `width`) is not
+/// the grid's first, and those whose column is not its last.
+fn edge_masks(p0: usize, width: usize) -> (u16, u16) {
+    (0..LANES).fold((0, 0), |(first, last), i| {
+        let col = (p0 + i) % width;
+        (first | (u16::from(col != 0) << i), last | (u16::from(col != width - 1) << i))
+    })
+}
+
 /// [`direct`] on the positions `range` (whole tiles of V registers), for every block of [`OB`]
-/// output channels.
+/// output channels; with MASKED, the taps of the left and right kernel columns skip the grid's first
+/// and last column (rows `width` wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn direct_tiled<const V: usize>(
+fn direct_tiled<const V: usize, const MASKED: bool>(
     (x, plane, c): (&[f32], usize, usize),
     shifts: &[usize],
     w: &[f32],
     (out, qstride): (&mut [f32], usize),
     range: std::ops::Range<usize>,
+    width: usize,
 ) {
     if range.is_empty() {
         return;
@@ -99,16 +139,30 @@ fn direct_tiled<const V: usize>(
     assert!(c > 0 && w.len() == blocks * block && x.len() >= reach && range.len().is_multiple_of(V * LANES));
     assert!(out.len() >= (blocks * OB - 1) * qstride + range.end && qstride >= range.end);
     for q0 in range.step_by(V * LANES) {
+        // Per register: the lanes each kernel column reads (all of them for the middle one).
+        let masks: [[u16; V]; 3] = match MASKED {
+            true => {
+                let edges: [(u16, u16); V] = std::array::from_fn(|v| edge_masks(q0 + v * LANES, width));
+                [edges.map(|e| e.0), [u16::MAX; V], edges.map(|e| e.1)]
+            }
+            false => [[u16::MAX; V]; 3],
+        };
         for (b, wb) in w.chunks_exact(block).enumerate() {
             let mut acc = [[_mm512_setzero_ps(); V]; OB];
             for (t, &shift) in shifts.iter().enumerate() {
+                let mask = masks[t % 3];
                 for ci in 0..c {
                     // SAFETY: ci·plane + shift + q0 + V·16 <= reach <= x.len() (asserted above).
                     let xp = unsafe { x.as_ptr().add(ci * plane + shift + q0) };
                     let mut xs = [_mm512_setzero_ps(); V];
                     for (v, xv) in xs.iter_mut().enumerate() {
-                        // SAFETY: see above.
-                        *xv = unsafe { _mm512_loadu_ps(xp.add(v * LANES)) };
+                        // SAFETY: see above (a masked load reads only the lanes it keeps).
+                        *xv = unsafe {
+                            match MASKED {
+                                true => _mm512_maskz_loadu_ps(mask[v], xp.add(v * LANES)),
+                                false => _mm512_loadu_ps(xp.add(v * LANES)),
+                            }
+                        };
                     }
                     let wt = &wb[(t * c + ci) * OB..][..OB];
                     for (j, row) in acc.iter_mut().enumerate() {
@@ -131,7 +185,14 @@ fn direct_tiled<const V: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn direct(_: (&[f32], usize, usize), _: &[usize], _: &[f32], _: (&mut [f32], usize), _: usize) {
+pub(crate) fn direct(
+    _: (&[f32], usize, usize),
+    _: &[usize],
+    _: &[f32],
+    _: (&mut [f32], usize),
+    _: usize,
+    _: Option<usize>,
+) {
     unreachable!("the direct kernel needs AVX-512 (callers check `available`)")
 }
 
