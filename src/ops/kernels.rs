@@ -109,10 +109,13 @@ pub(crate) fn direct(
 /// The lanes of the register of positions `p0..p0 + 16` whose column (position mod `width`) is not
 /// the grid's first, and those whose column is not its last.
 fn edge_masks(p0: usize, width: usize) -> (u16, u16) {
-    (0..LANES).fold((0, 0), |(first, last), i| {
-        let col = (p0 + i) % width;
-        (first | (u16::from(col != 0) << i), last | (u16::from(col != width - 1) << i))
-    })
+    let (mut first, mut last, mut col) = (0u16, 0u16, p0 % width);
+    for i in 0..LANES {
+        first |= u16::from(col != 0) << i;
+        last |= u16::from(col != width - 1) << i;
+        col = if col + 1 == width { 0 } else { col + 1 };
+    }
+    (first, last)
 }
 
 /// [`direct`] on the positions `range` (whole tiles of V registers), for every block of [`OB`]
