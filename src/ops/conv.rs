@@ -275,9 +275,7 @@ impl Shifted {
                     continue;
                 }
                 let (even, odd) = (&xpad[self.position(c, iy, 0)..], &xpad[self.position(c, iy, 1)..]);
-                for (ix, d) in row.iter_mut().enumerate() {
-                    d.write(if ix % 2 == 0 { even[ix / 2] } else { odd[ix / 2] });
-                }
+                kernels::merge_row(&even[..g.w.div_ceil(2)], &odd[..g.w / 2], row);
             }
         }
     }
@@ -423,6 +421,111 @@ impl Shifted {
                 unsafe { kernels::weight_grad_o16(dyt, xs, self.plane, self.q, acc_t) };
             } else {
                 gemm_split(g.o, g.c, self.q, acc_t, (1, g.o), dyt, (1, g.o), xs, (1, self.plane), true);
+            }
+        }
+    }
+}
+
+/// How a shifted convolution's backward computes dX.
+enum InputGrad {
+    /// Stride 1 on the direct kernel: the forward convolution of dY with the turned weight (as the
+    /// convolution reads it).
+    Transposed(Shifted, Vec<f32>),
+    /// Stride 2 on the direct kernel, phase by phase.
+    Phases(PhaseGrad),
+    /// k·k GEMMs into the padded gradient, the weight as (tap, C, O) (empty when dX is not wanted).
+    Gemm(Vec<f32>),
+}
+
+/// The input gradient of a 3x3, stride-2, padding-1 convolution on the direct kernel. Input row
+/// y = 2·oy + ky − 1, so dX's even rows (y = 2m) take dY row m through ky = 1, and its odd rows
+/// (y = 2m + 1) take rows m + 1 (ky = 0) and m (ky = 2); columns alike. Each of dX's four phases
+/// (even/odd rows x even/odd columns) is thus a stride-1 convolution of dY with 1, 2, 2 or 4 of the
+/// taps, which the direct kernel runs like a forward (all 9·O multiply-adds of a phase's outputs in
+/// registers) instead of nine GEMMs that each add into the whole padded gradient.
+struct PhaseGrad {
+    g: Geometry,
+    /// dY padded with one zero column after each row and one zero row after the last.
+    wp: usize,
+    plane: usize,
+    /// Per phase (py, px), in the order (0, 0), (0, 1), (1, 0), (1, 1): the taps' shifts in the
+    /// padded dY and the weight as the kernel reads it (C outputs, O inputs).
+    phases: Vec<(Vec<usize>, Vec<f32>)>,
+}
+
+impl PhaseGrad {
+    /// For the layers it takes (3x3, stride 2, padding 1, AVX-512); None elsewhere.
+    fn new(g: Geometry, w: &[f32]) -> Option<Self> {
+        if !(kernels::available() && g.k == 3 && g.stride == 2 && g.pad == 1) {
+            return None;
+        }
+        let wp = g.ow() + 1;
+        let plane = (g.oh() + 1) * wp;
+        // A phase's taps: (k, offset in dY) for even (ky = 1, row m) and odd (ky = 0, row m + 1;
+        // ky = 2, row m) positions.
+        let taps = |parity: usize| -> &[(usize, usize)] {
+            if parity == 0 {
+                &[(1, 0)]
+            } else {
+                &[(0, 1), (2, 0)]
+            }
+        };
+        let phases = (0..4)
+            .map(|phase| {
+                let (py, px) = (phase / 2, phase % 2);
+                let pairs: Vec<_> = taps(py)
+                    .iter()
+                    .flat_map(|&(ky, dy)| taps(px).iter().map(move |&(kx, dx)| (ky, dy, kx, dx)))
+                    .collect();
+                let shifts = pairs.iter().map(|&(_, dy, _, dx)| dy * wp + dx).collect();
+                // (C, O, taps): dX channel c from dY channel o through tap (ky, kx) of w[o][c].
+                let mut wt = vec![0f32; g.c * g.o * pairs.len()];
+                for c in 0..g.c {
+                    for o in 0..g.o {
+                        for (t, &(ky, _, kx, _)) in pairs.iter().enumerate() {
+                            wt[(c * g.o + o) * pairs.len() + t] = w[((o * g.c + c) * 3 + ky) * 3 + kx];
+                        }
+                    }
+                }
+                (shifts, kernels::blocked_weight(&wt, (g.c, g.o, pairs.len())))
+            })
+            .collect();
+        Some(PhaseGrad { g, wp, plane, phases })
+    }
+
+    /// Positions each phase computes: OH rows of the padded width, in whole registers.
+    fn positions(&self) -> usize {
+        kernels::padded_positions(self.g.oh() * self.wp)
+    }
+
+    /// (padded dY, two phases' outputs) buffer lengths. The padded dY has room for the kernel's reads
+    /// past its last plane (at most a tile, plus the largest shift).
+    fn buffers(&self) -> (usize, usize) {
+        (self.g.o * self.plane + kernels::LANES, 2 * self.g.c.div_ceil(kernels::OB) * kernels::OB * self.positions())
+    }
+
+    /// dX of one image from its dY (O planes of OH·OW).
+    fn run(&self, dy: &[f32], dypad: &mut [f32], phase_out: &mut [f32], dx: &mut [MaybeUninit<f32>]) {
+        let g = &self.g;
+        let (oh, ow, positions) = (g.oh(), g.ow(), self.positions());
+        // Only the image's positions are written: the zero column and row stay zero.
+        for (src, dst) in dy.chunks_exact(oh * ow).zip(dypad.chunks_exact_mut(self.plane)) {
+            for (row, out) in src.chunks_exact(ow).zip(dst.chunks_exact_mut(self.wp)) {
+                out[..ow].copy_from_slice(row);
+            }
+        }
+        let (even_cols, odd_cols) = phase_out.split_at_mut(phase_out.len() / 2);
+        for (py, row_phases) in self.phases.chunks_exact(2).enumerate() {
+            for ((shifts, w), out) in row_phases.iter().zip([&mut *even_cols, &mut *odd_cols]) {
+                // SAFETY: PhaseGrad exists only where kernels::available() found AVX-512F.
+                unsafe { kernels::direct((dypad, self.plane, g.o), shifts, w, (out, positions), oh * self.wp, None) };
+            }
+            // Row m of the two phases is dX row 2m + py, its even and odd columns.
+            for (c, plane) in dx.chunks_exact_mut(g.h * g.w).enumerate() {
+                for (m, row) in plane.chunks_exact_mut(g.w).skip(py).step_by(2).enumerate() {
+                    let at = c * positions + m * self.wp;
+                    kernels::merge_row(&even_cols[at..][..g.w.div_ceil(2)], &odd_cols[at..][..g.w / 2], row);
+                }
             }
         }
     }
@@ -735,15 +838,19 @@ pub(crate) fn backward(
     let shw = Shifted::wide(gw, grid);
     let (size, taps) = (g.c * g.h * g.w, g.k * g.k);
     // dX as a forward convolution of dY (the direct kernel), or by shifted GEMMs with w as (tap, C, O).
-    let transposed = sh.transposed();
-    let w_dx = match &transposed {
-        _ if !want_dx => Vec::new(),
-        Some(t) => t.forward_weight(&flipped(w, &g)),
-        None => taps_first(w, &g, true),
+    let dx_path = match (want_dx, sh.transposed(), PhaseGrad::new(g, w)) {
+        (false, _, _) => InputGrad::Gemm(Vec::new()),
+        (true, Some(t), _) => {
+            let w = t.forward_weight(&flipped(w, &g));
+            InputGrad::Transposed(t, w)
+        }
+        (true, None, Some(phases)) => InputGrad::Phases(phases),
+        (true, None, None) => InputGrad::Gemm(taps_first(w, &g, true)),
     };
-    let dx_buffers = match &transposed {
-        Some(t) => (t.padded_len(), t.output_len()),
-        None => (g.o * sh.q, sh.padded_len()),
+    let dx_buffers = match &dx_path {
+        InputGrad::Transposed(t, _) => (t.padded_len(), t.output_len()),
+        InputGrad::Phases(p) => p.buffers(),
+        InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
     let direct_weight_grad = shw.direct_weight_grad();
     let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
@@ -785,9 +892,10 @@ pub(crate) fn backward(
             };
             if let Some(dx) = dx.as_deref_mut() {
                 let dx = &mut dx[i * size..(i + 1) * size];
-                match &transposed {
-                    Some(t) => t.forward((dyn_, &w_dx), &mut dx_in, &mut dx_out, dx, None),
-                    None => sh.input_grad(dyn_, &w_dx, &mut dx_in, &mut dx_out, dx),
+                match &dx_path {
+                    InputGrad::Transposed(t, w_dx) => t.forward((dyn_, w_dx), &mut dx_in, &mut dx_out, dx, None),
+                    InputGrad::Phases(p) => p.run(dyn_, &mut dx_in, &mut dx_out, dx),
+                    InputGrad::Gemm(w_dx) => sh.input_grad(dyn_, w_dx, &mut dx_in, &mut dx_out, dx),
                 }
             }
             let x_n = &x[n * size..(n + 1) * size];

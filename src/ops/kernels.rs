@@ -395,6 +395,44 @@ fn split_row_avx512(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
     }
 }
 
+/// Interleaves `even` (⌈n/2⌉ values) and `odd` (⌊n/2⌋) into `dst` (n): the inverse of
+/// [`split_row`], a row of a stride-2 input gradient from its phases. AVX-512 where the CPU has it.
+pub(crate) fn merge_row(even: &[f32], odd: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
+    assert!(even.len() == dst.len().div_ceil(2) && odd.len() == dst.len() / 2, "merge_row: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: available() found AVX-512F.
+        return unsafe { merge_row_avx512(even, odd, dst) };
+    }
+    for (i, d) in dst.iter_mut().enumerate() {
+        d.write(if i % 2 == 0 { even[i / 2] } else { odd[i / 2] });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn merge_row_avx512(even: &[f32], odd: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
+    let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let n = dst.len();
+    let out = dst.as_mut_ptr().cast::<f32>();
+    for i in (0..n).step_by(2 * LANES) {
+        let rest = n - i;
+        // SAFETY: the masks keep the reads below ⌈n/2⌉ and ⌊n/2⌋ values from i/2 (the lengths of
+        // `even` and `odd`, asserted by the caller) and the writes below n.
+        unsafe {
+            let e = _mm512_maskz_loadu_ps(lanes(rest.div_ceil(2)), even.as_ptr().add(i / 2));
+            let o = _mm512_maskz_loadu_ps(lanes(rest / 2), odd.as_ptr().add(i / 2));
+            _mm512_mask_storeu_ps(out.add(i), lanes(rest), _mm512_permutex2var_ps(e, low, o));
+            _mm512_mask_storeu_ps(
+                out.add(i + LANES.min(rest)),
+                lanes(rest.saturating_sub(LANES)),
+                _mm512_permutex2var_ps(e, high, o),
+            );
+        }
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -407,6 +445,20 @@ mod tests {
             split_row(&src, &mut even, &mut odd);
             assert_eq!(even, src.iter().step_by(2).copied().collect::<Vec<_>>(), "even of {n}");
             assert_eq!(odd, src.iter().skip(1).step_by(2).copied().collect::<Vec<_>>(), "odd of {n}");
+        }
+    }
+
+    #[test]
+    fn row_merges_of_every_length() {
+        for n in 0..70usize {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+            let (mut even, mut odd) = (vec![0f32; n.div_ceil(2)], vec![0f32; n / 2]);
+            split_row(&src, &mut even, &mut odd);
+            let mut merged = vec![std::mem::MaybeUninit::new(-1f32); n];
+            merge_row(&even, &odd, &mut merged);
+            // SAFETY: every element was initialised (to -1, then by merge_row).
+            let merged: Vec<f32> = merged.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(merged, src, "length {n}");
         }
     }
 
