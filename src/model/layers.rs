@@ -198,24 +198,27 @@ impl ConvBn {
     }
 }
 
-/// Both layers of a residual block and its join in training as one op ([`ops::block_train`]), which
-/// spares candle two of the block's three gradient accumulations. Applies on the CPU to 3x3 layers
-/// without a pruning mask, float or quantized, with batch norm kept or folded (both alike); None
-/// elsewhere (the caller runs the layers one by one). Updates the running statistics and the second
-/// layer's input-scale average.
-pub fn fused_block_train(first: &ConvBn, second: &ConvBn, x: &Tensor) -> Result<Option<Tensor>> {
+/// A chain of residual blocks, each `(first, second)` layer with its join, in training as one op
+/// ([`ops::blocks_train`]), which spares candle its gradient accumulations inside the chain (all but
+/// the chain input's). Applies on the CPU to 3x3 layers without a pruning mask, float or quantized,
+/// with batch norm kept or folded (all alike); None elsewhere (the caller runs the layers one by one).
+/// Updates the running statistics and the input-scale averages.
+pub fn fused_blocks_train(blocks: &[(&ConvBn, &ConvBn)], x: &Tensor) -> Result<Option<Tensor>> {
+    let Some(&(head, _)) = blocks.first() else { return Ok(None) };
     let folded = |l: &ConvBn| l.quant.is_some() && l.bn_mode == BnMode::Fold;
-    let fits = |l: &ConvBn| l.kernel == 3 && l.keep.is_none() && folded(l) == folded(first);
+    let fits = |l: &ConvBn| l.kernel == 3 && l.keep.is_none() && folded(l) == folded(head);
     let cpu = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
-    if !cpu || !fits(first) || !fits(second) || second.stride != 1 {
+    if !cpu || !blocks.iter().all(|(first, second)| fits(first) && fits(second) && second.stride == 1) {
         return Ok(None);
     }
-    let input_scale = match &first.quant {
+    let input_scale = match &head.quant {
         Some(q) => q.input.scale(x, true)?.map(|s| (s, q.input.levels())),
         None => None,
     };
     let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
-    let levels2 = second.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS).map(|q| q.input.levels());
+    // A layer's input quantizer's steps, where it has one.
+    let input_levels =
+        |l: &ConvBn| l.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS).map(|q| q.input.levels() as f32);
     // Quantized per output channel, straight-through; with BN folded, by the op itself (which runs the
     // float convolution for the statistics and the quantized one for the output).
     let weight = |l: &ConvBn| -> Result<Tensor> {
@@ -226,19 +229,41 @@ pub fn fused_block_train(first: &ConvBn, second: &ConvBn, x: &Tensor) -> Result<
             None => Ok(w.clone()),
         }
     };
-    let fold =
-        folded(first).then(|| [first, second].map(|l| l.quant.as_ref().and_then(|q| weight_levels(q.weight_bits))));
-    let (w1, w2) = (weight(first)?, weight(second)?);
-    let layers = (
-        (&w1, first.gamma.as_tensor(), first.beta.as_tensor()),
-        (&w2, second.gamma.as_tensor(), second.beta.as_tensor()),
-    );
-    let (out, stats) = ops::block_train(x, layers, first.stride, (input, levels2), (BN_EPS, fold))?;
-    let count = out.elem_count() / second.out_ch;
-    update_running(&first.running_mean, &first.running_var, &stats.first.0, &stats.first.1, count)?;
-    update_running(&second.running_mean, &second.running_var, &stats.second.0, &stats.second.1, count)?;
-    if let Some(q) = second.quant.as_ref().filter(|_| levels2.is_some()) {
-        q.input.record(&Tensor::new(&[stats.inner_scale], x.device())?)?;
+    let weights: Vec<(Tensor, Tensor)> =
+        blocks.iter().map(|(first, second)| Ok((weight(first)?, weight(second)?))).collect::<Result<_>>()?;
+    let params: Vec<ops::block::BlockParams> = blocks
+        .iter()
+        .zip(&weights)
+        .map(|((first, second), (w1, w2))| ops::block::BlockParams {
+            first: (w1, first.gamma.as_tensor(), first.beta.as_tensor()),
+            second: (w2, second.gamma.as_tensor(), second.beta.as_tensor()),
+            stride: first.stride,
+            levels1: input_levels(first),
+            levels2: input_levels(second),
+            fold: folded(first).then(|| {
+                [first, second].map(|l| l.quant.as_ref().and_then(|q| weight_levels(q.weight_bits)).map(|l| l as f32))
+            }),
+        })
+        .collect();
+    let (out, stats) = ops::blocks_train(x, &params, input, BN_EPS)?;
+    let (n, _, mut h, mut w) = x.dims4()?;
+    for (i, ((first, second), s)) in blocks.iter().zip(&stats).enumerate() {
+        // The block's output size: its first layer's stride, padding 1.
+        (h, w) = ((h - 1) / first.stride + 1, (w - 1) / first.stride + 1);
+        let count = n * h * w;
+        update_running(&first.running_mean, &first.running_var, &s.first.0, &s.first.1, count)?;
+        update_running(&second.running_mean, &second.running_var, &s.second.0, &s.second.1, count)?;
+        let record = |l: &ConvBn, scale: f32| -> Result<()> {
+            match l.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS) {
+                Some(q) => q.input.record(&Tensor::new(&[scale], x.device())?),
+                None => Ok(()),
+            }
+        };
+        // The chain's first input scale was recorded by `scale` above.
+        if i > 0 {
+            record(first, s.input_scale)?;
+        }
+        record(second, s.inner_scale)?;
     }
     Ok(Some(out))
 }

@@ -2,7 +2,7 @@
 //! 16/32/64 channels (times a width multiplier), parameter-free shortcuts (option A: subsample and
 //! zero-pad channels), global average pooling and one linear layer. n = 1, 2, 3 gives ResNet-8/14/20.
 
-use super::layers::{fused_block_train, ConvBn, LabelHeads, Linear, QuantSpec};
+use super::layers::{fused_blocks_train, ConvBn, LabelHeads, Linear, QuantSpec};
 use super::{Cost, Params};
 use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
 use crate::ops;
@@ -21,13 +21,18 @@ pub struct Block {
 
 impl Block {
     /// `relu(conv2(conv1(x)) + shortcut(x))`: in training as one op where it applies
-    /// ([`fused_block_train`]), else layer by layer.
+    /// ([`fused_blocks_train`]), else layer by layer.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            if let Some(out) = fused_block_train(&self.conv1, &self.conv2, x)? {
+            if let Some(out) = fused_blocks_train(&[(&self.conv1, &self.conv2)], x)? {
                 return Ok(out);
             }
         }
+        self.forward_layers(x, train)
+    }
+
+    /// The block layer by layer.
+    fn forward_layers(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let r = self.conv1.forward(x, train, true)?;
         self.conv2.forward_residual(&r, &shortcut(x, self.conv1.stride, self.conv2.out_ch)?, train)
     }
@@ -124,10 +129,25 @@ impl ResNet {
     /// Logits (N, outputs) for a batch of NCHW images.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.stem.forward(x, train, true)?;
-        for block in &self.blocks {
-            h = block.forward(&h, train)?;
-            if let Some((p, DropoutPosition::Blocks)) = self.dropout {
-                h = self.drop(&h, p, train)?;
+        let dropout_after_blocks = match self.dropout {
+            Some((p, DropoutPosition::Blocks)) => Some(p),
+            _ => None,
+        };
+        // In training without dropout between them, all blocks as one op where it applies.
+        let chain: Vec<_> = self.blocks.iter().map(|b| (&b.conv1, &b.conv2)).collect();
+        let fused = match (train, dropout_after_blocks) {
+            (true, None) => fused_blocks_train(&chain, &h)?,
+            _ => None,
+        };
+        match fused {
+            Some(out) => h = out,
+            None => {
+                for block in &self.blocks {
+                    h = block.forward(&h, train)?;
+                    if let Some(p) = dropout_after_blocks {
+                        h = self.drop(&h, p, train)?;
+                    }
+                }
             }
         }
         let mut pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;

@@ -10,7 +10,7 @@
 
 use super::bn::Subsample;
 use super::conv::Geometry;
-use super::conv_bn::{saved, FusedLayer, Layer};
+use super::conv_bn::{FusedLayer, Layer};
 use super::fold_bn::FoldLayer;
 use super::quant::{max_abs_par, Grid};
 use super::{slice, with_slices};
@@ -18,34 +18,33 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-/// What the forward keeps for the backward, and its caller reads (the running averages and the
-/// second layer's input scale).
-#[derive(Debug)]
-struct BlockSaved<S> {
-    /// The first layer's output (the second's input).
-    inner: Vec<f32>,
-    first: S,
-    second: S,
-    /// The second layer's input quantizer, from the batch's max|inner|.
-    grid: Option<Grid>,
-    scale: f32,
-}
-
-/// Inputs: the block input (NCHW) and its parameters flattened into one vector: w1, γ1, β1, w2, γ2, β2
-/// (a folded layer's w is W, which it quantizes itself).
-struct BlockTrain<L: FusedLayer> {
+/// One block of the chain, as the op runs it.
+#[derive(Debug, Clone, Copy)]
+struct BlockSpec<L: FusedLayer> {
+    /// The first layer; for the chain's first block with its input grid set, for the others without
+    /// (the forward sets it from the batch's max|input| on `levels1` steps).
     first: L,
     /// The second layer; its input grid is set in the forward, from the first layer's output.
     second: L,
+    /// Grid steps per side of the first layer's input quantizer (blocks after the chain's first).
+    levels1: Option<f32>,
     /// Grid steps per side of the second layer's input quantizer, when it has one.
-    levels: Option<f32>,
+    levels2: Option<f32>,
     /// The shortcut when the block downsamples (None: identity).
     shortcut: Option<Subsample>,
-    saved: Arc<Mutex<Option<BlockSaved<L::Saved>>>>,
 }
 
-impl<L: FusedLayer> BlockTrain<L> {
-    /// (w1, [γ1; β1], w2, [γ2; β2]) from the flattened parameters.
+impl<L: FusedLayer> BlockSpec<L> {
+    /// Values of this block's parameters in the op's flattened parameters.
+    fn param_len(&self) -> usize {
+        let weights = |g: Geometry| g.o * g.c * g.k * g.k;
+        weights(self.first.geometry())
+            + 2 * self.first.channels()
+            + weights(self.second.geometry())
+            + 2 * self.second.channels()
+    }
+
+    /// (w1, [γ1; β1], w2, [γ2; β2]) from this block's slice of the flattened parameters.
     fn unpack<'a>(&self, params: &'a [f32]) -> [&'a [f32]; 4] {
         let weights = |g: Geometry| g.o * g.c * g.k * g.k;
         let (w1, rest) = params.split_at(weights(self.first.geometry()));
@@ -61,23 +60,87 @@ impl<L: FusedLayer> BlockTrain<L> {
     }
 }
 
-impl<L: FusedLayer> CustomOp2 for BlockTrain<L> {
+/// What the forward keeps of one block for the backward, and its caller reads (the running averages
+/// and the input scales).
+#[derive(Debug)]
+struct BlockSaved<L: FusedLayer> {
+    /// The block's input, the previous block's output (empty for the chain's first block: the op's
+    /// input).
+    input: Vec<f32>,
+    /// The first layer's output (the second's input).
+    inner: Vec<f32>,
+    /// The two layers with the input grids they ran with.
+    layers: (L, L),
+    first: L::Saved,
+    second: L::Saved,
+    /// max|input| and max|inner| of the batch (the quantizers' scales; 0 where there is none).
+    input_scale: f32,
+    inner_scale: f32,
+}
+
+/// A chain of residual blocks as one op. Inputs: the chain's input (NCHW) and every block's
+/// parameters flattened into one vector, block after block: w1, γ1, β1, w2, γ2, β2 (a folded layer's
+/// w is W, which it quantizes itself).
+struct BlocksTrain<L: FusedLayer> {
+    blocks: Vec<BlockSpec<L>>,
+    saved: Arc<Mutex<Option<Vec<BlockSaved<L>>>>>,
+}
+
+impl<L: FusedLayer> BlocksTrain<L> {
+    /// Where each block's parameters start in the flattened parameters.
+    fn offsets(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .scan(0, |at, b| {
+                let start = *at;
+                *at += b.param_len();
+                Some(start)
+            })
+            .collect()
+    }
+}
+
+impl<L: FusedLayer> CustomOp2 for BlocksTrain<L> {
     fn name(&self) -> &'static str {
-        "qat-block-train"
+        "qat-blocks-train"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "block input")?;
-        let [w1, gb1, w2, gb2] = self.unpack(slice(s2, l2, "block parameters")?);
-        let (inner, first) = self.first.forward(x, w1, gb1, None);
-        let scale = self.levels.map_or(0.0, |_| max_abs_par(&inner));
-        let grid = self.levels.map(|levels| Grid::new(scale, levels));
-        let subsampled = self.shortcut.as_ref().map(|s| s.forward(x, self.input_dims()));
-        let shortcut = subsampled.as_deref().unwrap_or(x);
-        let (out, second) = self.second.with_grid(grid).forward(&inner, w2, gb2, Some(shortcut));
-        *saved(&self.saved)? = Some(BlockSaved { inner, first, second, grid, scale });
-        let g = self.second.geometry();
-        Ok((CpuStorage::F32(out), Shape::from((g.n, self.second.channels(), g.oh(), g.ow()))))
+        let params = slice(s2, l2, "block parameters")?;
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        // The current block's input once past the first (which reads the op's input in place).
+        let mut input = Vec::new();
+        for (i, (b, at)) in self.blocks.iter().zip(self.offsets()).enumerate() {
+            let [w1, gb1, w2, gb2] = b.unpack(&params[at..]);
+            let x_i: &[f32] = if i == 0 { x } else { &input };
+            let (first, input_scale) = match b.levels1 {
+                Some(levels) if i > 0 => {
+                    let scale = max_abs_par(x_i);
+                    (b.first.with_grid(Some(Grid::new(scale, levels))), scale)
+                }
+                _ => (b.first, 0.0),
+            };
+            let (inner, first_saved) = first.forward(x_i, w1, gb1, None);
+            let inner_scale = b.levels2.map_or(0.0, |_| max_abs_par(&inner));
+            let second = b.second.with_grid(b.levels2.map(|levels| Grid::new(inner_scale, levels)));
+            let subsampled = b.shortcut.as_ref().map(|s| s.forward(x_i, b.input_dims()));
+            let shortcut = subsampled.as_deref().unwrap_or(x_i);
+            let (out, second_saved) = second.forward(&inner, w2, gb2, Some(shortcut));
+            saved.push(BlockSaved {
+                input: std::mem::replace(&mut input, out),
+                inner,
+                layers: (first, second),
+                first: first_saved,
+                second: second_saved,
+                input_scale,
+                inner_scale,
+            });
+        }
+        *super::conv_bn::saved(&self.saved)? = Some(saved);
+        let Some(last) = self.blocks.last() else { candle_core::bail!("residual blocks: an empty chain") };
+        let g = last.second.geometry();
+        Ok((CpuStorage::F32(input), Shape::from((g.n, last.second.channels(), g.oh(), g.ow()))))
     }
 
     fn bwd(
@@ -87,26 +150,42 @@ impl<L: FusedLayer> CustomOp2 for BlockTrain<L> {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = saved(&self.saved)?;
-        let Some(s) = saved.as_ref() else { candle_core::bail!("residual block: backward before forward") };
+        let saved = super::conv_bn::saved(&self.saved)?;
+        let Some(saved) = saved.as_ref() else { candle_core::bail!("residual blocks: backward before forward") };
         let want_dx = x.track_op();
+        let offsets = self.offsets();
         let (dx, dparams) = with_slices([grad, out, params, x], |[grad, out, params, x]| {
-            let [w1, gb1, w2, gb2] = self.unpack(params);
-            let (d_inner, dw2, dg2, db2, d_shortcut) =
-                self.second.with_grid(s.grid).backward(&s.second, (grad, out), (&s.inner, w2, gb2), (true, want_dx));
-            let d_inner = d_inner.unwrap_or_default();
-            let (mut dx, dw1, dg1, db1, _) =
-                self.first.backward(&s.first, (&d_inner, &s.inner), (x, w1, gb1), (want_dx, false));
-            // The shortcut's gradient joins the first layer's, here and in parallel.
-            if let (Some(dx), Some(d_shortcut)) = (dx.as_mut(), d_shortcut) {
-                match &self.shortcut {
-                    Some(sub) => sub.add_backward(&d_shortcut, self.input_dims(), dx),
-                    None => dx.par_chunks_mut(16 * 1024).zip(d_shortcut.par_chunks(16 * 1024)).for_each(|(d, s)| {
-                        d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
-                    }),
+            let mut dparams = vec![0f32; params.len()];
+            // The gradient of the current block's output, from the block after it.
+            let mut d_out = grad.to_vec();
+            for i in (0..self.blocks.len()).rev() {
+                let (b, s) = (&self.blocks[i], &saved[i]);
+                let [w1, gb1, w2, gb2] = b.unpack(&params[offsets[i]..]);
+                let x_i: &[f32] = if i == 0 { x } else { &s.input };
+                let out_i: &[f32] = saved.get(i + 1).map_or(out, |next| &next.input);
+                let (first, second) = s.layers;
+                let (d_inner, dw2, dg2, db2, d_shortcut) =
+                    second.backward(&s.second, (&d_out, out_i), (&s.inner, w2, gb2), (true, true));
+                let d_inner = d_inner.unwrap_or_default();
+                let want = i > 0 || want_dx;
+                let (mut dx, dw1, dg1, db1, _) =
+                    first.backward(&s.first, (&d_inner, &s.inner), (x_i, w1, gb1), (want, false));
+                // The shortcut's gradient joins the first layer's, here and in parallel.
+                if let (Some(dx), Some(d_shortcut)) = (dx.as_mut(), d_shortcut) {
+                    match &b.shortcut {
+                        Some(sub) => sub.add_backward(&d_shortcut, b.input_dims(), dx),
+                        None => {
+                            dx.par_chunks_mut(16 * 1024).zip(d_shortcut.par_chunks(16 * 1024)).for_each(|(d, s)| {
+                                d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+                            })
+                        }
+                    }
                 }
+                let grads = [dw1, dg1, db1, dw2, dg2, db2].concat();
+                dparams[offsets[i]..offsets[i] + grads.len()].copy_from_slice(&grads);
+                d_out = dx.unwrap_or_default();
             }
-            (dx, [dw1, dg1, db1, dw2, dg2, db2].concat())
+            (want_dx.then_some(d_out), dparams)
         })?;
         let dev = x.device();
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
@@ -114,70 +193,130 @@ impl<L: FusedLayer> CustomOp2 for BlockTrain<L> {
     }
 }
 
-/// What [`block_train_cpu`] returns besides the output: each layer's batch mean and biased variance,
-/// and the batch max|·| of the second layer's input (its quantizer's scale; 0 without one).
+/// What [`blocks_train_cpu`] returns of each block besides the output: each layer's batch mean and
+/// biased variance, and the batch max|·| of the block's input (its first layer's quantizer's scale,
+/// for blocks after the first; 0 otherwise) and of the second layer's input (0 without a quantizer).
 #[derive(Debug)]
 pub struct BlockStats {
     pub first: (Tensor, Tensor),
     pub second: (Tensor, Tensor),
+    pub input_scale: f32,
     pub inner_scale: f32,
 }
 
-/// A residual block in training on the CPU: `relu(layer2(q2(layer1(q1(x)))) + shortcut(x))` with 3x3
-/// convolution + batch-norm layers (the first with ReLU and stride `stride`), q1 on `grid` (when
-/// given), q2 on a grid of `levels` steps per side scaled by the batch's max|input| (when given), and
-/// the option-A shortcut. `first` and `second` are (weight, γ, β) of the two layers; with `fold` =
-/// Some(weight levels of the two layers), batch norm is folded into weights that the layers quantize
-/// themselves (None: float weights).
-pub fn block_train_cpu(
+/// One residual block of [`blocks_train_cpu`]: the (weight, γ, β) of its two 3x3 layers, the first's
+/// stride, its quantizers' steps per side (the first layer's input, for blocks after the first; the
+/// second layer's input), and, with batch norm folded, its weights' (None: float weights).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockParams<'a> {
+    pub first: (&'a Tensor, &'a Tensor, &'a Tensor),
+    pub second: (&'a Tensor, &'a Tensor, &'a Tensor),
+    pub stride: usize,
+    pub levels1: Option<f32>,
+    pub levels2: Option<f32>,
+    pub fold: Option<[Option<f32>; 2]>,
+}
+
+/// A chain of residual blocks in training on the CPU, each `relu(layer2(q2(layer1(q1(x)))) +
+/// shortcut(x))` with 3x3 convolution + batch-norm layers (the first with ReLU and the block's stride),
+/// the option-A shortcut, q1 on `grid` for the first block (when given) and on its `levels1` steps
+/// scaled by the batch's max|input| for the others, and q2 on `levels2` steps scaled by the batch's
+/// max|inner|. Batch norm is folded into weights the layers quantize themselves where `fold` is Some
+/// (all blocks alike). One op: candle adds no gradient into a fresh tensor between the blocks.
+pub fn blocks_train_cpu(
     x: &Tensor,
-    (first, second): ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
-    stride: usize,
-    (grid, levels): (Option<Grid>, Option<f32>),
-    (eps, fold): (f64, Option<[Option<f32>; 2]>),
-) -> Result<(Tensor, BlockStats)> {
-    let g1 = super::conv::geometry(x, first.0, stride, 1)?;
-    let o = g1.o;
-    let g2 = Geometry { c: o, h: g1.oh(), w: g1.ow(), stride: 1, ..g1 };
-    if second.0.dims() != [o, o, 3, 3] || g1.k != 3 {
-        candle_core::bail!(
-            "residual block: weights {:?} and {:?} are not two 3x3 layers",
-            first.0.dims(),
-            second.0.dims()
-        );
+    blocks: &[BlockParams],
+    grid: Option<Grid>,
+    eps: f64,
+) -> Result<(Tensor, Vec<BlockStats>)> {
+    let Some(folded) = blocks.first().map(|b| b.fold.is_some()) else {
+        candle_core::bail!("residual blocks: an empty chain")
+    };
+    if blocks.iter().any(|b| b.fold.is_some() != folded) {
+        candle_core::bail!("residual blocks: a chain mixes folded and kept batch norm");
     }
-    let shortcut = (stride != 1 || g1.c != o).then_some(Subsample { stride, out_ch: o });
-    let params =
-        Tensor::cat(&[&first.0.flatten_all()?, first.1, first.2, &second.0.flatten_all()?, second.1, second.2], 0)?;
+    let mut geometries = Vec::with_capacity(blocks.len());
+    let mut dims = x.dims4()?;
+    for b in blocks {
+        let (n, c, h, w) = dims;
+        let o = b.first.0.dim(0)?;
+        let g1 = Geometry { n, c, h, w, o, k: 3, stride: b.stride, pad: 1 };
+        let g2 = Geometry { c: o, h: g1.oh(), w: g1.ow(), stride: 1, ..g1 };
+        if b.first.0.dims() != [o, c, 3, 3] || b.second.0.dims() != [o, o, 3, 3] {
+            candle_core::bail!(
+                "residual block: weights {:?} and {:?} are not two 3x3 layers on {c} channels",
+                b.first.0.dims(),
+                b.second.0.dims()
+            );
+        }
+        let shortcut = (b.stride != 1 || c != o).then_some(Subsample { stride: b.stride, out_ch: o });
+        geometries.push((g1, g2, shortcut));
+        dims = (n, o, g2.h, g2.w);
+    }
+    let mut flat = Vec::with_capacity(6 * blocks.len());
+    for b in blocks {
+        flat.extend([b.first.0.flatten_all()?, b.first.1.clone(), b.first.2.clone()]);
+        flat.extend([b.second.0.flatten_all()?, b.second.1.clone(), b.second.2.clone()]);
+    }
+    let params = Tensor::cat(&flat, 0)?;
     let x = x.contiguous()?;
-    if let Some([levels1, levels2]) = fold {
-        let layer = |g, grid, relu, weight_levels| FoldLayer { g, grid, eps, relu, weight_levels };
-        run(&x, &params, (layer(g1, grid, true, levels1), layer(g2, None, false, levels2)), levels, shortcut)
+    // The blocks' specs, with `layer(block, geometry, input grid, relu, which layer)`.
+    fn specs<L: FusedLayer>(
+        blocks: &[BlockParams],
+        geometries: &[(Geometry, Geometry, Option<Subsample>)],
+        grid: Option<Grid>,
+        layer: impl Fn(usize, Geometry, Option<Grid>, bool, usize) -> L,
+    ) -> Vec<BlockSpec<L>> {
+        blocks
+            .iter()
+            .zip(geometries)
+            .enumerate()
+            .map(|(i, (b, &(g1, g2, shortcut)))| BlockSpec {
+                first: layer(i, g1, if i == 0 { grid } else { None }, true, 0),
+                second: layer(i, g2, None, false, 1),
+                levels1: b.levels1,
+                levels2: b.levels2,
+                shortcut,
+            })
+            .collect()
+    }
+    if folded {
+        let levels = |i: usize, which: usize| blocks[i].fold.and_then(|f| f[which]);
+        let layer = |i, g, grid, relu, which| FoldLayer { g, grid, eps, relu, weight_levels: levels(i, which) };
+        run(&x, &params, specs(blocks, &geometries, grid, layer))
     } else {
-        let layer = |g, grid, relu| Layer { g, grid, eps, relu };
-        run(&x, &params, (layer(g1, grid, true), layer(g2, None, false)), levels, shortcut)
+        let layer = |_, g, grid, relu, _| Layer { g, grid, eps, relu };
+        run(&x, &params, specs(blocks, &geometries, grid, layer))
     }
 }
 
-/// Applies the block op of the two layers and reads back the statistics.
+/// Applies the chain op and reads back the statistics.
 fn run<L: FusedLayer + 'static>(
     x: &Tensor,
     params: &Tensor,
-    (first, second): (L, L),
-    levels: Option<f32>,
-    shortcut: Option<Subsample>,
-) -> Result<(Tensor, BlockStats)> {
+    blocks: Vec<BlockSpec<L>>,
+) -> Result<(Tensor, Vec<BlockStats>)> {
     let state = Arc::new(Mutex::new(None));
-    let op = BlockTrain { first, second, levels, shortcut, saved: state.clone() };
-    let out = x.apply_op2(params, op)?;
-    let guard = saved(&state)?;
-    let Some(s) = guard.as_ref() else { candle_core::bail!("residual block: the forward did not run") };
+    let out = x.apply_op2(params, BlocksTrain { blocks, saved: state.clone() })?;
+    let guard = super::conv_bn::saved(&state)?;
+    let Some(saved) = guard.as_ref() else { candle_core::bail!("residual blocks: the forward did not run") };
     let dev = x.device();
-    let stats = |saved: &L::Saved| -> Result<(Tensor, Tensor)> {
-        let (mean, var) = L::statistics(saved);
+    let stats = |s: &L::Saved| -> Result<(Tensor, Tensor)> {
+        let (mean, var) = L::statistics(s);
         Ok((Tensor::new(mean, dev)?, Tensor::new(var, dev)?))
     };
-    Ok((out, BlockStats { first: stats(&s.first)?, second: stats(&s.second)?, inner_scale: s.scale }))
+    saved
+        .iter()
+        .map(|s| {
+            Ok(BlockStats {
+                first: stats(&s.first)?,
+                second: stats(&s.second)?,
+                input_scale: s.input_scale,
+                inner_scale: s.inner_scale,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|stats| (out, stats))
 }
 
 #[cfg(test)]
@@ -187,6 +326,85 @@ mod tests {
     use crate::ops::testing::{gradient_gaps, max_diff, rand};
     use crate::ops::{max_abs, subsample};
     use candle_core::Var;
+
+    type Triple<'a> = (&'a Tensor, &'a Tensor, &'a Tensor);
+
+    /// One block as a chain of one.
+    fn block_train_cpu(
+        x: &Tensor,
+        (first, second): (Triple, Triple),
+        stride: usize,
+        (grid, levels2): (Option<Grid>, Option<f32>),
+        (eps, fold): (f64, Option<[Option<f32>; 2]>),
+    ) -> Result<(Tensor, BlockStats)> {
+        let block = BlockParams { first, second, stride, levels1: None, levels2, fold };
+        let (out, mut stats) = blocks_train_cpu(x, &[block], grid, eps)?;
+        Ok((out, stats.remove(0)))
+    }
+
+    /// A chain of three blocks (the second downsampling) against the blocks one op each, with each
+    /// later block's input quantized on the batch's max|input|: output, statistics, scales and all
+    /// gradients, with batch norm kept and folded, with and without quantizers.
+    #[test]
+    fn chain_matches_one_block_at_a_time() {
+        for (fold, quant) in [(false, false), (false, true), (true, true)] {
+            let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+            let (n, c, h, w) = (2, 8, 6, 7);
+            let x = var(rand(&[n, c, h, w], 1));
+            let shapes = [(8, 8, 1), (8, 16, 2), (16, 16, 1)];
+            let vars: Vec<[Var; 6]> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(ci, o, _))| {
+                    let seed = 10 * i as u64;
+                    [
+                        var(rand(&[o, ci, 3, 3], seed + 2)),
+                        var((rand(&[o], seed + 3) + 1.5).unwrap()),
+                        var(rand(&[o], seed + 4)),
+                        var(rand(&[o, o, 3, 3], seed + 5)),
+                        var((rand(&[o], seed + 6) + 1.5).unwrap()),
+                        var(rand(&[o], seed + 7)),
+                    ]
+                })
+                .collect();
+            let levels = quant.then_some(7.0);
+            let fold = fold.then_some([Some(7.0), Some(3.0)]);
+            let grid = quant.then(|| Grid::new(0.9, 7.0));
+            let params: Vec<BlockParams> = vars
+                .iter()
+                .zip(shapes)
+                .map(|(v, (_, _, stride))| BlockParams {
+                    first: (v[0].as_tensor(), v[1].as_tensor(), v[2].as_tensor()),
+                    second: (v[3].as_tensor(), v[4].as_tensor(), v[5].as_tensor()),
+                    stride,
+                    levels1: levels,
+                    levels2: levels,
+                    fold,
+                })
+                .collect();
+            let (chained, stats) = blocks_train_cpu(x.as_tensor(), &params, grid, 1e-5).unwrap();
+
+            let mut apart = x.as_tensor().clone();
+            for (i, p) in params.iter().enumerate() {
+                let scale = max_abs(&apart, 1).unwrap().to_vec1::<f32>().unwrap()[0];
+                let grid = if i == 0 { grid } else { levels.map(|l| Grid::new(scale, l)) };
+                let (out, s) =
+                    block_train_cpu(&apart, (p.first, p.second), p.stride, (grid, p.levels2), (1e-5, p.fold)).unwrap();
+                let case = (fold, quant, i);
+                for (a, b) in [(&stats[i].first.0, &s.first.0), (&stats[i].second.1, &s.second.1)] {
+                    assert!(max_diff(a, b) < 1e-5, "{case:?}");
+                }
+                assert_eq!(stats[i].inner_scale, s.inner_scale, "{case:?}");
+                assert_eq!(stats[i].input_scale, if i > 0 && quant { scale } else { 0.0 }, "{case:?}");
+                apart = out;
+            }
+            assert!(max_diff(&chained, &apart) < 1e-5, "{fold:?} {quant}: {}", max_diff(&chained, &apart));
+            let all: Vec<&Var> = std::iter::once(&x).chain(vars.iter().flatten()).collect();
+            for (i, gap) in gradient_gaps(&chained, &apart, &all, 8).into_iter().enumerate() {
+                assert!(gap < 1e-4, "{fold:?} {quant} input {i}: {gap}");
+            }
+        }
+    }
 
     /// With batch norm folded: output, statistics and all gradients against the two folded layer ops
     /// with the join (each quantizing its weight, on grids of different steps).

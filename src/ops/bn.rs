@@ -735,6 +735,7 @@ fn relu_grad(g: &[f32], y: &[f32]) -> Vec<f32> {
 /// The option-A shortcut of a downsampling residual block (He et al. 2016): every `stride`-th pixel of
 /// the C input channels, then zero channels up to `out_ch`. One pass each way (as candle ops it is two
 /// index_selects and a cat forward, and their scatter-adds and narrow backward).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Subsample {
     pub stride: usize,
     pub out_ch: usize,

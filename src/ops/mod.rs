@@ -314,26 +314,24 @@ pub fn conv_bn_train(
     }
 }
 
-/// A residual block in training as one op on the CPU ([`block`]): two 3x3 convolution + batch-norm
-/// layers (the first with ReLU and stride `stride`, its input fake-quantized when `input` =
-/// Some((scale, levels)); the second's input fake-quantized on `levels2` steps when given, scaled by
-/// the batch's max|input|), the option-A shortcut and the join. `first` and `second` are (weight, γ,
-/// β); with `fold` = Some(the two weights' quantizer levels, None for float), batch norm is folded
-/// into weights that the op quantizes (as [`fold_conv_bn_train`]). Returns the output and the layers'
-/// batch statistics (of the float convolutions when folded). f32 on the CPU only (callers fall back
-/// to the layer ops elsewhere).
-pub fn block_train(
+/// A chain of residual blocks in training as one op on the CPU ([`block`]): each two 3x3 convolution +
+/// batch-norm layers (the first with ReLU and the block's stride), the option-A shortcut and the join;
+/// the chain's input fake-quantized when `input` = Some((scale, levels)), each later block's on its
+/// `levels1` steps scaled by the batch's max|input|, and each block's second layer's on its `levels2`
+/// steps scaled by the batch's max|input|. With `fold`, batch norm is folded into weights that the op
+/// quantizes (as [`fold_conv_bn_train`]). Returns the output and each block's batch statistics (of
+/// the float convolutions when folded) and input scales. f32 on the CPU only (callers fall back to
+/// the layer ops elsewhere).
+pub fn blocks_train(
     x: &Tensor,
-    layers: ((&Tensor, &Tensor, &Tensor), (&Tensor, &Tensor, &Tensor)),
-    stride: usize,
-    (input, levels2): (Option<(&Tensor, f64)>, Option<f64>),
-    (eps, fold): (f64, Option<[Option<f64>; 2]>),
-) -> Result<(Tensor, block::BlockStats)> {
+    blocks: &[block::BlockParams],
+    input: Option<(&Tensor, f64)>,
+    eps: f64,
+) -> Result<(Tensor, Vec<block::BlockStats>)> {
     let Some(grid) = cpu_grid(x, input)? else {
-        candle_core::bail!("the fused residual block runs on f32 CPU tensors only")
+        candle_core::bail!("the fused residual blocks run on f32 CPU tensors only")
     };
-    let fold = fold.map(|levels| levels.map(|l| l.map(|l| l as f32)));
-    block::block_train_cpu(x, layers, stride, (grid, levels2.map(|l| l as f32)), (eps, fold))
+    block::blocks_train_cpu(x, blocks, grid, eps)
 }
 
 /// The training step of a quantized layer with batch norm folded into its weights (Jacob et al. 2018):
