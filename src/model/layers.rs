@@ -64,6 +64,11 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
+    /// The quantizer of this layer's input, where its input is quantized (not float).
+    fn input_quantizer(&self) -> Option<&ActQuant> {
+        self.quant.as_ref().map(|q| &q.input).filter(|q| q.bits < FLOAT_BITS)
+    }
+
     pub fn new(
         params: &mut Params,
         name: &str,
@@ -132,8 +137,9 @@ impl ConvBn {
                 // and the running ones in eval; W_f is quantized per output channel. Per-channel
                 // quantization commutes with that per-channel scale (q(W·s) = s·q(W) exactly, rounding
                 // being symmetric), so training runs conv(x, W) for the statistics and conv(x, q(W)),
-                // scaled by s afterwards, for the output. The two convolutions (forward and backward)
-                // are why `fold` costs about twice `keep`.
+                // scaled by s afterwards, for the output. The two convolutions (forward and input
+                // gradient; the op computes one weight gradient over both) are why `fold` costs about
+                // 1.5 times `keep`.
                 if train {
                     let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
                     let levels = weight_levels(q.weight_bits);
@@ -216,17 +222,13 @@ pub fn fused_blocks_train(blocks: &[(&ConvBn, &ConvBn)], x: &Tensor) -> Result<O
         None => None,
     };
     let input = input_scale.as_ref().map(|(scale, levels)| (scale, *levels));
-    // A layer's input quantizer's steps, where it has one.
-    let input_levels =
-        |l: &ConvBn| l.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS).map(|q| q.input.levels() as f32);
     // Quantized per output channel, straight-through; with BN folded, by the op itself (which runs the
     // float convolution for the statistics and the quantized one for the output).
     let weight = |l: &ConvBn| -> Result<Tensor> {
         let w = l.weight.as_tensor();
         match &l.quant {
-            Some(_) if folded(l) => Ok(w.clone()),
-            Some(q) => quantize_weight(w, q.weight_bits),
-            None => Ok(w.clone()),
+            Some(q) if !folded(l) => quantize_weight(w, q.weight_bits),
+            _ => Ok(w.clone()),
         }
     };
     let weights: Vec<(Tensor, Tensor)> =
@@ -238,8 +240,8 @@ pub fn fused_blocks_train(blocks: &[(&ConvBn, &ConvBn)], x: &Tensor) -> Result<O
             first: (w1, first.gamma.as_tensor(), first.beta.as_tensor()),
             second: (w2, second.gamma.as_tensor(), second.beta.as_tensor()),
             stride: first.stride,
-            levels1: input_levels(first),
-            levels2: input_levels(second),
+            levels1: first.input_quantizer().map(|q| q.levels() as f32),
+            levels2: second.input_quantizer().map(|q| q.levels() as f32),
             fold: folded(first).then(|| {
                 [first, second].map(|l| l.quant.as_ref().and_then(|q| weight_levels(q.weight_bits)).map(|l| l as f32))
             }),
@@ -253,17 +255,13 @@ pub fn fused_blocks_train(blocks: &[(&ConvBn, &ConvBn)], x: &Tensor) -> Result<O
         let count = n * h * w;
         update_running(&first.running_mean, &first.running_var, &s.first.0, &s.first.1, count)?;
         update_running(&second.running_mean, &second.running_var, &s.second.0, &s.second.1, count)?;
-        let record = |l: &ConvBn, scale: f32| -> Result<()> {
-            match l.quant.as_ref().filter(|q| q.input.bits < FLOAT_BITS) {
-                Some(q) => q.input.record(&Tensor::new(&[scale], x.device())?),
-                None => Ok(()),
+        // The chain input's scale was recorded by `scale` above.
+        let scales = [(first, s.input_scale), (second, s.inner_scale)];
+        for (layer, scale) in scales.into_iter().skip(usize::from(i == 0)) {
+            if let Some(q) = layer.input_quantizer() {
+                q.record(&Tensor::new(&[scale], x.device())?)?;
             }
-        };
-        // The chain's first input scale was recorded by `scale` above.
-        if i > 0 {
-            record(first, s.input_scale)?;
         }
-        record(second, s.inner_scale)?;
     }
     Ok(Some(out))
 }

@@ -1,12 +1,14 @@
-//! A whole residual block in training (two convolution + batch-norm layers, the shortcut and the join)
-//! as one differentiable op on the CPU.
+//! Residual blocks in training (each two convolution + batch-norm layers, the shortcut and the join),
+//! a chain of them as one differentiable op on the CPU.
 //!
-//! candle adds every gradient into a fresh zero tensor, on one thread. As two layer ops, a block costs
-//! three such accumulations of its activations: the first layer's output, and the block input twice
-//! (its first layer and its shortcut both read it). As one op, the block input gets one and the inner
-//! activation none, and the shortcut's gradient is added inside, in parallel. The layers are either
-//! kind of `conv_bn::FusedLayer` (batch norm kept, or folded into quantized weights). Values and gradients
-//! are those of the two layer ops (tested against them, for both kinds).
+//! candle adds every gradient into a fresh zero tensor, on the thread that drives autograd, while
+//! the workers wait. As two layer ops, a block costs three such accumulations of its activations: the
+//! first layer's output, and the block input twice (its first layer and its shortcut both read it).
+//! As one op per block, one: the block input's, which is the previous block's output. As one op for
+//! the chain, only the chain input gets one; each block hands its input gradient straight to the
+//! block before, and the shortcut's gradient is added inside, in parallel. The layers are either kind
+//! of `conv_bn::FusedLayer` (batch norm kept, or folded into quantized weights). Values and gradients
+//! are those of the layer ops (tested against them, for both kinds).
 
 use super::bn::Subsample;
 use super::conv::Geometry;

@@ -23,7 +23,10 @@
 //! On AVX-512 CPUs the k·k GEMMs become kernels of our own (`kernels`): the forward is one direct
 //! kernel that keeps its outputs in registers across all taps; the stride-1 input gradient runs on
 //! it too, as the forward convolution of dY with the weight turned by 180° (`Shifted::transposed`);
-//! and the stride-1 weight gradient on 16x16+ maps reads dY and the padded image in place.
+//! the stride-2 input gradient too, one phase of dX at a time (`PhaseGrad`); and the stride-1 weight
+//! gradient on 16x16+ maps reads dY and the padded image in place. On maps up to 16 wide the direct
+//! kernel's rows are tight (no padding column: it masks the taps that would cross a row's edge), so
+//! it computes no dropped positions there.
 
 use super::bn;
 use super::kernels;
