@@ -6,6 +6,7 @@ use crate::config::{Arch, DeviceKind, Regularizer};
 use crate::model::resnet::NetSpec;
 use crate::model::ResNet;
 use crate::ops::conv::{self, Geometry};
+use crate::threads;
 use crate::train::optim::Adam;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -70,11 +71,14 @@ impl Subject {
         Ok(subject)
     }
 
+    /// One training step, run as the trainer runs it ([`threads::compute`]).
     fn step(&mut self) -> Result<()> {
-        let logits = self.net.forward(&self.x, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?;
-        self.opt.step(&loss.backward()?)?;
-        Ok(())
+        let device = self.x.device().clone();
+        threads::compute(&device, || -> Result<()> {
+            let logits = self.net.forward(&self.x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?;
+            Ok(self.opt.step(&loss.backward()?)?)
+        })
     }
 
     /// Training images per second over `steps` steps.
@@ -91,7 +95,7 @@ impl Subject {
     fn eval(&self, batches: usize, device: &Device) -> Result<f64> {
         let t = Instant::now();
         for _ in 0..batches {
-            self.net.forward(&self.x, false)?;
+            threads::compute(device, || self.net.forward(&self.x, false))?;
         }
         sync(device)?;
         Ok((batches * self.x.dim(0)?) as f64 / t.elapsed().as_secs_f64())

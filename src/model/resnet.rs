@@ -10,7 +10,7 @@ use crate::regularize::prune::channel_mask;
 use candle_core::{Device, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 /// A residual block: two 3x3 ConvBn, ReLU, and an identity (or option-A) shortcut.
 #[derive(Debug, Clone)]
@@ -67,7 +67,9 @@ pub struct ResNet {
     pub blocks: Vec<Block>,
     pub head: Head,
     dropout: Option<(f64, DropoutPosition)>,
-    dropout_rng: RefCell<ChaCha8Rng>,
+    /// Behind a lock (used by one thread at a time) so that the network is Sync: training steps run
+    /// on a rayon worker ([`crate::threads::compute`]).
+    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl ResNet {
@@ -122,7 +124,7 @@ impl ResNet {
             blocks,
             head,
             dropout,
-            dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed ^ 0xd20)),
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xd20)),
         }
     }
 
@@ -166,7 +168,8 @@ impl ResNet {
             return Ok(x.clone());
         }
         let scale = (1.0 / (1.0 - p)) as f32;
-        let mut rng = self.dropout_rng.borrow_mut();
+        // A poisoned lock only means another step panicked mid-draw; the generator is still usable.
+        let mut rng = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner());
         let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random_bool(p) { 0.0 } else { scale }).collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }

@@ -12,6 +12,7 @@ use crate::ops;
 use crate::regularize::early_stop::{EarlyStopping, Verdict};
 use crate::regularize::smoothing::{smooth_binary, smooth_one_hot};
 use crate::runs::RunDir;
+use crate::threads;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -286,7 +287,7 @@ fn train(
             }
             let labels: Vec<u32> = chunk.iter().map(|&i| data.train.labels[i]).collect();
             let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), &device)?;
-            let logits = net.forward(&x, true)?;
+            let logits = threads::compute(&device, || net.forward(&x, true))?;
             let targets = if multi { data::rows(&data.train.targets, chunk, classes) } else { Vec::new() };
             let mut loss = if multi {
                 let (soft, mask) = binary_targets(&targets, smoothing);
@@ -317,7 +318,7 @@ fn train(
                 summary.epochs_run = history.len();
                 return Ok(());
             }
-            optimizer.step(&loss.backward()?)?;
+            threads::compute(&device, || optimizer.step(&loss.backward()?))?;
             let out = logits.detach().to_vec2::<f32>()?.concat();
             if multi {
                 // Per known (image, label): predicted present (logit > 0) against the noisy target.
@@ -483,7 +484,7 @@ pub fn evaluate(
             (chunk.len(), data.shape[0], data.shape[1], data.shape[2]),
             device,
         )?;
-        let logits = net.forward(&x, false)?;
+        let logits = threads::compute(device, || net.forward(&x, false))?;
         let z = logits.to_vec2::<f32>()?.concat();
         if multi {
             let t = data::rows(&split.targets, chunk, classes);
