@@ -40,3 +40,16 @@ pub fn compute<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Se
         f()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_work_runs_on_a_rayon_worker_and_returns_its_value() {
+        assert_eq!(rayon::current_thread_index(), None, "the test itself runs outside the pool");
+        let (worker, value) = compute(&candle_core::Device::Cpu, || (rayon::current_thread_index(), 41 + 1));
+        assert!(worker.is_some(), "CPU work should run on one of rayon's workers");
+        assert_eq!(value, 42);
+    }
+}
