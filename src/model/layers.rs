@@ -248,13 +248,9 @@ pub fn fused_blocks_train(blocks: &[(&ConvBn, &ConvBn)], x: &Tensor) -> Result<O
         })
         .collect();
     let (out, stats) = ops::blocks_train(x, &params, input, BN_EPS)?;
-    let (n, _, mut h, mut w) = x.dims4()?;
     for (i, ((first, second), s)) in blocks.iter().zip(&stats).enumerate() {
-        // The block's output size: its first layer's stride, padding 1.
-        (h, w) = ((h - 1) / first.stride + 1, (w - 1) / first.stride + 1);
-        let count = n * h * w;
-        update_running(&first.running_mean, &first.running_var, &s.first.0, &s.first.1, count)?;
-        update_running(&second.running_mean, &second.running_var, &s.second.0, &s.second.1, count)?;
+        update_running(&first.running_mean, &first.running_var, &s.first.0, &s.first.1, s.count)?;
+        update_running(&second.running_mean, &second.running_var, &s.second.0, &s.second.1, s.count)?;
         // The chain input's scale was recorded by `scale` above.
         let scales = [(first, s.input_scale), (second, s.inner_scale)];
         for (layer, scale) in scales.into_iter().skip(usize::from(i == 0)) {

@@ -136,9 +136,11 @@ impl ResNet {
             _ => None,
         };
         // In training without dropout between them, all blocks as one op where it applies.
-        let chain: Vec<_> = self.blocks.iter().map(|b| (&b.conv1, &b.conv2)).collect();
         let fused = match (train, dropout_after_blocks) {
-            (true, None) => fused_blocks_train(&chain, &h)?,
+            (true, None) => {
+                let chain: Vec<_> = self.blocks.iter().map(|b| (&b.conv1, &b.conv2)).collect();
+                fused_blocks_train(&chain, &h)?
+            }
             _ => None,
         };
         match fused {

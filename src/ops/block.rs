@@ -37,21 +37,24 @@ struct BlockSpec<L: FusedLayer> {
 }
 
 impl<L: FusedLayer> BlockSpec<L> {
+    /// The lengths of w1, [γ1; β1], w2 and [γ2; β2] in the op's flattened parameters.
+    fn sizes(&self) -> [usize; 4] {
+        let weights = |g: Geometry| g.o * g.c * g.k * g.k;
+        let (first, second) = (self.first, self.second);
+        [weights(first.geometry()), 2 * first.channels(), weights(second.geometry()), 2 * second.channels()]
+    }
+
     /// Values of this block's parameters in the op's flattened parameters.
     fn param_len(&self) -> usize {
-        let weights = |g: Geometry| g.o * g.c * g.k * g.k;
-        weights(self.first.geometry())
-            + 2 * self.first.channels()
-            + weights(self.second.geometry())
-            + 2 * self.second.channels()
+        self.sizes().iter().sum()
     }
 
     /// (w1, [γ1; β1], w2, [γ2; β2]) from this block's slice of the flattened parameters.
     fn unpack<'a>(&self, params: &'a [f32]) -> [&'a [f32]; 4] {
-        let weights = |g: Geometry| g.o * g.c * g.k * g.k;
-        let (w1, rest) = params.split_at(weights(self.first.geometry()));
-        let (gb1, rest) = rest.split_at(2 * self.first.channels());
-        let (w2, gb2) = rest.split_at(weights(self.second.geometry()));
+        let [w1, gb1, w2, _] = self.sizes();
+        let (w1, rest) = params.split_at(w1);
+        let (gb1, rest) = rest.split_at(gb1);
+        let (w2, gb2) = rest.split_at(w2);
         [w1, gb1, w2, gb2]
     }
 
@@ -159,7 +162,7 @@ impl<L: FusedLayer> CustomOp2 for BlocksTrain<L> {
         let (dx, dparams) = with_slices([grad, out, params, x], |[grad, out, params, x]| {
             let mut dparams = vec![0f32; params.len()];
             // The gradient of the current block's output, from the block after it.
-            let mut d_out = grad.to_vec();
+            let mut d_out = std::borrow::Cow::Borrowed(grad);
             for i in (0..self.blocks.len()).rev() {
                 let (b, s) = (&self.blocks[i], &saved[i]);
                 let [w1, gb1, w2, gb2] = b.unpack(&params[offsets[i]..]);
@@ -185,9 +188,9 @@ impl<L: FusedLayer> CustomOp2 for BlocksTrain<L> {
                 }
                 let grads = [dw1, dg1, db1, dw2, dg2, db2].concat();
                 dparams[offsets[i]..offsets[i] + grads.len()].copy_from_slice(&grads);
-                d_out = dx.unwrap_or_default();
+                d_out = std::borrow::Cow::Owned(dx.unwrap_or_default());
             }
-            (want_dx.then_some(d_out), dparams)
+            (want_dx.then(|| d_out.into_owned()), dparams)
         })?;
         let dev = x.device();
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
@@ -196,12 +199,14 @@ impl<L: FusedLayer> CustomOp2 for BlocksTrain<L> {
 }
 
 /// What [`blocks_train_cpu`] returns of each block besides the output: each layer's batch mean and
-/// biased variance, and the batch max|·| of the block's input (its first layer's quantizer's scale,
-/// for blocks after the first; 0 otherwise) and of the second layer's input (0 without a quantizer).
+/// biased variance over `count` values per channel, and the batch max|·| of the block's input (its
+/// first layer's quantizer's scale, for blocks after the first; 0 otherwise) and of the second
+/// layer's input (0 without a quantizer).
 #[derive(Debug)]
 pub struct BlockStats {
     pub first: (Tensor, Tensor),
     pub second: (Tensor, Tensor),
+    pub count: usize,
     pub input_scale: f32,
     pub inner_scale: f32,
 }
@@ -298,6 +303,8 @@ fn run<L: FusedLayer + 'static>(
     params: &Tensor,
     blocks: Vec<BlockSpec<L>>,
 ) -> Result<(Tensor, Vec<BlockStats>)> {
+    // Values per channel of each block's statistics: its output's N·OH·OW.
+    let counts: Vec<usize> = blocks.iter().map(|b| b.second.geometry()).map(|g| g.n * g.oh() * g.ow()).collect();
     let state = Arc::new(Mutex::new(None));
     let out = x.apply_op2(params, BlocksTrain { blocks, saved: state.clone() })?;
     let guard = super::conv_bn::saved(&state)?;
@@ -309,10 +316,12 @@ fn run<L: FusedLayer + 'static>(
     };
     saved
         .iter()
-        .map(|s| {
+        .zip(counts)
+        .map(|(s, count)| {
             Ok(BlockStats {
                 first: stats(&s.first)?,
                 second: stats(&s.second)?,
+                count,
                 input_scale: s.input_scale,
                 inner_scale: s.inner_scale,
             })
@@ -397,6 +406,7 @@ mod tests {
                     assert!(max_diff(a, b) < 1e-5, "{case:?}");
                 }
                 assert_eq!(stats[i].inner_scale, s.inner_scale, "{case:?}");
+                assert_eq!(stats[i].count, out.elem_count() / out.dim(1).unwrap(), "{case:?}");
                 assert_eq!(stats[i].input_scale, if i > 0 && quant { scale } else { 0.0 }, "{case:?}");
                 apart = out;
             }

@@ -51,8 +51,8 @@ impl FoldLayer {
         Geometry { o: 2 * self.g.o, ..self.g }
     }
 
-    /// [W; q(W)], with q per output channel on the grid of λ = max|W_o| (as `ops::fake_quant` with
-    /// `weight_scales`).
+    /// [W; q(W)], with q per output channel on the grid of λ = max|W_o| (the values of
+    /// `ops::fake_quant_weight`, here on slices inside the op).
     fn stack(&self, w: &[f32]) -> Vec<f32> {
         let mut stacked = [w, w].concat();
         if let Some(levels) = self.weight_levels {
@@ -182,8 +182,8 @@ impl FusedLayer for FoldLayer {
             }
         };
         let dy = conv::OutputGrad::PerImage(&image);
-        let (x, w) = (x, &saved.weights[..]);
-        let (dx, dw) = conv::backward(self.stacked(), self.grid, dy, (x, w), want_dx, conv::WeightGrad::StackedHalves);
+        let halves = conv::WeightGrad::StackedHalves;
+        let (dx, dw) = conv::backward(self.stacked(), self.grid, dy, (x, &saved.weights), want_dx, halves);
         (dx, dw, dgamma, dbeta, d_shortcut)
     }
 }

@@ -367,10 +367,7 @@ pub fn fold_conv_bn_train(
     }
     let y_float = conv2d_quantized(x, w, (stride, padding), input)?;
     let w_quantized = match weight_levels {
-        Some(levels) => {
-            let o = w.dim(0)?;
-            fake_quant(w, &max_abs(&w.detach(), o)?.reshape((o, 1, 1, 1))?, levels)?
-        }
+        Some(levels) => fake_quant_weight(w, levels)?,
         None => w.clone(),
     };
     let y_quant = conv2d_quantized(x, &w_quantized, (stride, padding), input)?;
@@ -507,6 +504,20 @@ pub fn fake_quant(x: &Tensor, scale: &Tensor, levels: f64) -> Result<Tensor> {
     }
     let q = quantize(x, scale, levels)?;
     x + (q - x)?.detach()
+}
+
+/// Per-output-channel scales max|W_o| of a weight tensor (O, ...), shaped (O, 1, ..., 1) to broadcast.
+pub fn weight_scales(w: &Tensor) -> Result<Tensor> {
+    let o = w.dim(0)?;
+    let mut shape = vec![o];
+    shape.extend(std::iter::repeat_n(1, w.rank() - 1));
+    max_abs(w, o)?.reshape(shape)
+}
+
+/// `w` fake-quantized per output channel on `levels` steps per side of λ_o = max|W_o| (the scales
+/// taken as constants), with a straight-through gradient.
+pub fn fake_quant_weight(w: &Tensor, levels: f64) -> Result<Tensor> {
+    fake_quant(w, &weight_scales(&w.detach())?, levels)
 }
 
 /// Mean cross-entropy between logits (N, C) and soft targets (N, C).

@@ -15,13 +15,7 @@ pub fn levels(bits: u32) -> f64 {
     ((1u64 << (bits - 1)) - 1) as f64
 }
 
-/// Per-output-channel scales max|W_c| of a weight tensor (O, ...), shaped (O, 1, ..., 1) to broadcast.
-pub fn weight_scales(w: &Tensor) -> Result<Tensor> {
-    let o = w.dim(0)?;
-    let mut shape = vec![o];
-    shape.extend(std::iter::repeat_n(1, w.rank() - 1));
-    ops::max_abs(w, o)?.reshape(shape)
-}
+pub use crate::ops::weight_scales;
 
 /// Grid steps per side of a weight quantizer of `bits` bits; None when `bits` leaves weights in float.
 pub fn weight_levels(bits: u32) -> Option<f64> {
@@ -33,8 +27,7 @@ pub fn quantize_weight(w: &Tensor, bits: u32) -> Result<Tensor> {
     if bits >= FLOAT_BITS {
         return Ok(w.clone());
     }
-    let scales = weight_scales(&w.detach())?;
-    ops::fake_quant(w, &scales, levels(bits))
+    ops::fake_quant_weight(w, levels(bits))
 }
 
 /// The input quantizer of one layer: its bit-width and the moving average of its scale. With an `ema`
