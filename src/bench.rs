@@ -219,8 +219,9 @@ pub fn peak_memory_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Runs the bundled PyTorch reference script; `None` when torch is not importable.
-pub fn torch_reference(opts: &BenchOptions) -> Option<String> {
+/// Runs the bundled PyTorch reference script for `configs` (float, w4a4-fold, w4a4-keep); `None` when
+/// torch is not importable.
+pub fn torch_reference(opts: &BenchOptions, configs: &[&str]) -> Option<String> {
     // Beside the working directory (a copied checkout), else in the source tree this was built from.
     let local = std::path::PathBuf::from("benches/torch_reference.py");
     let script = if local.is_file() {
@@ -247,6 +248,7 @@ pub fn torch_reference(opts: &BenchOptions) -> Option<String> {
         ])
         .args(["--threads", &threads, "--depth", &(6 * opts.arch.blocks_per_stage() + 2).to_string()])
         .args(["--device", if opts.device == DeviceKind::Cuda { "cuda" } else { "cpu" }])
+        .args(["--configs", &configs.join(",")])
         .output()
         .ok()?;
     Some(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
@@ -267,6 +269,58 @@ pub fn parse_reference(text: &str) -> Vec<BenchResult> {
             Some(BenchResult { name, train_images_per_sec: train, eval_images_per_sec: eval })
         })
         .collect()
+}
+
+/// The configuration a reference result measured: `torch-<layout>` is float, `torch-<config>-<layout>`
+/// a QAT one (the layouts are `nchw` and `channels_last`).
+pub fn reference_config(name: &str) -> &str {
+    let rest = name.strip_prefix("torch-").unwrap_or(name);
+    rest.rsplit_once('-').map_or("float", |(config, _)| config)
+}
+
+/// The best (highest) train and eval rates among the reference results of configuration `config`.
+fn best_reference(refs: &[BenchResult], config: &str) -> Option<(f64, f64)> {
+    let of = refs.iter().filter(|r| reference_config(&r.name) == config);
+    let best = of.fold((0f64, 0f64), |(t, e), r| (t.max(r.train_images_per_sec), e.max(r.eval_images_per_sec)));
+    (best.0 > 0.0).then_some(best)
+}
+
+/// Prints the reference's results beside ours: each against our figures of the same configuration,
+/// then our configurations against PyTorch's best layout of the same configuration and of float.
+fn print_reference(ours: &[BenchResult], refs: &[BenchResult]) {
+    println!("\n{:<30} {:>12} {:>12} {:>11} {:>11}", "PyTorch", "train img/s", "eval img/s", "ours/train", "ours/eval");
+    for r in refs {
+        let Some(mine) = ours.iter().find(|o| o.name == reference_config(&r.name)) else { continue };
+        println!(
+            "{:<30} {:>12.0} {:>12.0} {:>10.2}x {:>10.2}x",
+            r.name,
+            r.train_images_per_sec,
+            r.eval_images_per_sec,
+            mine.train_images_per_sec / r.train_images_per_sec,
+            mine.eval_images_per_sec / r.eval_images_per_sec
+        );
+    }
+    let ratios = |against: &dyn Fn(&BenchResult) -> Option<(f64, f64)>| -> Vec<String> {
+        ours.iter()
+            .filter_map(|o| {
+                let (train, eval) = against(o)?;
+                Some(format!(
+                    "{} train {:.2}x eval {:.2}x",
+                    o.name,
+                    o.train_images_per_sec / train,
+                    o.eval_images_per_sec / eval
+                ))
+            })
+            .collect()
+    };
+    let same = ratios(&|o| best_reference(refs, &o.name));
+    if !same.is_empty() {
+        println!("ratio vs PyTorch's best layout of the same configuration: {}", same.join(", "));
+    }
+    let float = ratios(&|_| best_reference(refs, "float"));
+    if !float.is_empty() {
+        println!("ratio vs PyTorch's best layout in float: {}", float.join(", "));
+    }
 }
 
 /// The `bench` command: prints a table of figures and ratios.
@@ -338,7 +392,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         }
     }
     if opts.torch {
-        match torch_reference(opts) {
+        let names: Vec<&str> = ours.iter().map(|r| r.name.as_str()).collect();
+        match torch_reference(opts, &names) {
             None => println!(
                 "\nPyTorch reference: skipped (`python3 -c 'import torch'` fails; see BENCHMARKS.md to install it)"
             ),
@@ -347,36 +402,39 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 if refs.is_empty() {
                     println!("\nPyTorch reference failed:\n{text}");
                 }
-                println!(
-                    "\n{:<22} {:>14} {:>14} {:>12} {:>12}",
-                    "PyTorch", "train img/s", "eval img/s", "ours/train", "ours/eval"
-                );
-                let best_train = refs.iter().map(|r| r.train_images_per_sec).fold(0.0, f64::max);
-                let best_eval = refs.iter().map(|r| r.eval_images_per_sec).fold(0.0, f64::max);
-                for r in &refs {
-                    println!(
-                        "{:<22} {:>14.0} {:>14.0} {:>11.2}x {:>11.2}x",
-                        r.name,
-                        r.train_images_per_sec,
-                        r.eval_images_per_sec,
-                        float.train_images_per_sec / r.train_images_per_sec,
-                        float.eval_images_per_sec / r.eval_images_per_sec
-                    );
-                }
-                if best_train > 0.0 {
-                    let ratios: Vec<String> = ours
-                        .iter()
-                        .map(|r| format!("{} train {:.2}x", r.name, r.train_images_per_sec / best_train))
-                        .collect();
-                    println!(
-                        "ratio vs PyTorch's best layout: {}, {} eval {:.2}x",
-                        ratios.join(", "),
-                        float.name,
-                        float.eval_images_per_sec / best_eval
-                    );
-                }
+                print_reference(&ours, &refs);
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(name: &str, train: f64, eval: f64) -> BenchResult {
+        BenchResult { name: name.into(), train_images_per_sec: train, eval_images_per_sec: eval }
+    }
+
+    #[test]
+    fn reference_names_map_to_configurations() {
+        assert_eq!(reference_config("torch-nchw"), "float");
+        assert_eq!(reference_config("torch-channels_last"), "float");
+        assert_eq!(reference_config("torch-w4a4-fold-nchw"), "w4a4-fold");
+        assert_eq!(reference_config("torch-w4a4-keep-channels_last"), "w4a4-keep");
+    }
+
+    #[test]
+    fn the_best_layout_is_taken_per_configuration() {
+        let text = "noise\nRESULT torch-nchw 800 3000\nRESULT torch-channels_last 1000 2900\n\
+                    RESULT torch-w4a4-keep-nchw 500 1500\nRESULT torch-w4a4-keep-channels_last 600 1400\n";
+        let refs = parse_reference(text);
+        assert_eq!(refs.len(), 4);
+        assert_eq!(best_reference(&refs, "float"), Some((1000.0, 3000.0)));
+        assert_eq!(best_reference(&refs, "w4a4-keep"), Some((600.0, 1500.0)));
+        assert_eq!(best_reference(&refs, "w4a4-fold"), None);
+        // Printing with a configuration the reference lacks skips it rather than failing.
+        print_reference(&[result("float", 1100.0, 3300.0), result("w4a4-fold", 700.0, 3000.0)], &refs);
+    }
 }
