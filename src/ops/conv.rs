@@ -701,12 +701,18 @@ pub(crate) fn forward(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32], epi
 }
 
 /// The convolution of a batch as [`forward`] (no epilogue), and the per-channel mean and biased
-/// variance of its output (for batch norm). Each image's statistics are taken while its output is still
-/// in cache, and merged exactly (Chan et al.): two passes over the output in memory fewer.
-pub(crate) fn forward_moments(g: Geometry, grid: Option<Grid>, x: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// variance of its first `channels` output channels (for batch norm; a folded layer needs only its
+/// float half's). Each image's statistics are taken while its output is still in cache, and merged
+/// exactly (Chan et al.): two passes over the output in memory fewer.
+pub(crate) fn forward_moments(
+    g: Geometry,
+    grid: Option<Grid>,
+    (x, w): (&[f32], &[f32]),
+    channels: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let p = g.pixels();
-    let (y, per_image) = forward_then(g, grid, (x, w), None, |yn| bn::image_moments(yn, p));
-    let (mean, var) = bn::merge_moments(&per_image, g.o, p);
+    let (y, per_image) = forward_then(g, grid, (x, w), None, |yn| bn::image_moments(&yn[..channels * p], p));
+    let (mean, var) = bn::merge_moments(&per_image, channels, p);
     (y, mean, var)
 }
 

@@ -93,7 +93,7 @@ impl FusedLayer for Layer {
 
     fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, Saved) {
         let o = self.g.o;
-        let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, x, w);
+        let (conv_out, mean, var) = conv::forward_moments(self.g, self.grid, (x, w), o);
         // With a join, the ReLU follows the sum: the backward masks by the output all the same.
         let stats = Stats { invstd: bn::invstd(&var, self.eps), mean, relu: self.relu || residual.is_some() };
         let out = bn::normalize(&conv_out, self.dims(), &stats, (&gb[..o], &gb[o..]), residual);

@@ -94,10 +94,8 @@ impl FusedLayer for FoldLayer {
     fn forward(&self, x: &[f32], w: &[f32], gb: &[f32], residual: Option<&[f32]>) -> (Vec<f32>, FoldSaved) {
         let (o, p) = (self.channels(), self.g.oh() * self.g.ow());
         let weights = self.stack(w);
-        let (stacked, mut mean, mut var) = conv::forward_moments(self.stacked(), self.grid, x, &weights);
-        // The statistics of the float half fold the batch norm.
-        mean.truncate(o);
-        var.truncate(o);
+        // The statistics of the float half fold the batch norm (the quantized half's are not taken).
+        let (stacked, mean, var) = conv::forward_moments(self.stacked(), self.grid, (x, &weights), o);
         let invstd = bn::invstd(&var, self.eps);
         let (scale, shift) = fold(gb, &mean, &invstd);
         // With a join, the ReLU follows the sum: the backward masks by the output all the same.
