@@ -39,7 +39,8 @@ if want tests; then
 fi
 if want bench; then
   echo "== CUDA bench"
-  timeout 240 /tmp/qat-lab bench --device cuda --steps 20 --warmup 5 --rounds 5 2>&1 | tee "$OUT/bench_cuda.txt"
+  # The PyTorch reference runs six networks (float and the two W4/A4 QAT ones, two layouts each).
+  timeout 360 /tmp/qat-lab bench --device cuda --steps 20 --warmup 5 --rounds 5 2>&1 | tee "$OUT/bench_cuda.txt"
 fi
 if want events; then
   echo "== CUDA bench, float, cudarc event tracking on"
