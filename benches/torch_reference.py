@@ -5,7 +5,9 @@ W4/A4 QAT as qat-lab defines it (../shared/DESIGN.md): weights per output channe
 inputs per tensor on the batch's max|x| (its moving average in eval), straight-through, first and last
 layers at W8/A8, batch norm kept after the quantized convolution (`keep`) or folded into the weights
 with the float convolution's batch statistics (`fold`, Jacob et al. 2018: two convolutions). The
-fake-quantization is PyTorch's own fused kernels (torch.fake_quantize_per_*_affine).
+fake-quantization is PyTorch's own fused kernels (torch.fake_quantize_per_*_affine). (Its fold quantizes
+W·s; qat-lab's op computes s·q(W), equal in value for per-channel scales, so the straight-through
+gradient reaches s through W here and through q(W) there: the same work, a timing reference.)
 Prints `RESULT <name> <train img/s> <eval img/s>` lines: torch-<layout> for float, and
 torch-<config>-<layout> for the QAT configs. Install: pip install torch (CPU wheels: pip install torch
 --index-url <the PyTorch CPU index>), then run `qat-lab bench`."""
