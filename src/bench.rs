@@ -403,6 +403,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                     println!("\nPyTorch reference failed:\n{text}");
                 }
                 print_reference(&ours, &refs);
+                // Configurations the reference could not build (an older PyTorch, say), with why.
+                text.lines().filter(|l| l.starts_with("SKIPPED")).for_each(|l| println!("{l}"));
             }
         }
     }
