@@ -21,7 +21,8 @@ def levels(bits):
 
 def quant_weight(w, bits):
     """Per-output-channel fake-quantization on λ = max|W_o|, straight-through."""
-    n, s = levels(bits), w.detach().abs().flatten(1).amax(1).div(levels(bits)).clamp_min(1e-12)
+    n = levels(bits)
+    s = w.detach().abs().flatten(1).amax(1).div(n).clamp_min(1e-12)
     zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
     return torch.fake_quantize_per_channel_affine(w, s, zero, 0, -n, n)
 

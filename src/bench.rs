@@ -1,6 +1,6 @@
 //! `qat-lab bench`: steady-state training and eval throughput of ResNet-20 (float and W4/A4 QAT) at a
-//! given batch size, peak memory, and — when PyTorch is installed — the same model in PyTorch, measured
-//! in the same invocation, with the ratio.
+//! given batch size, peak memory, and — when PyTorch is installed — the same configurations in PyTorch
+//! (float and the W4/A4 networks), measured in the same invocation, with the ratios.
 
 use crate::config::{Arch, DeviceKind, Regularizer};
 use crate::model::resnet::NetSpec;

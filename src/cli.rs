@@ -82,7 +82,8 @@ pub enum Command {
         #[arg(default_value_os_t = runs::default_root())]
         runs: PathBuf,
     },
-    /// Training and eval throughput of ResNet-20 (float, W4/A4), peak memory, and the PyTorch ratio.
+    /// Training and eval throughput of ResNet-20 (float, W4/A4), peak memory, and the ratios to PyTorch
+    /// running the same configurations (when torch is installed).
     Bench {
         #[arg(long, default_value_t = 128)]
         batch: usize,

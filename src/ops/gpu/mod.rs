@@ -71,7 +71,7 @@ macro_rules! channel_reduction {
         // SAFETY: f64 has no invalid bit patterns; the kernel writes every partial.
         let mut partial = unsafe { $dev.alloc::<f64>(2 * c * blocks)? };
         let d = [n, c, p, per].map(|v| v as i32);
-        launch!($dev, $name, reduction(blocks, c), $($arg),+, &mut partial, &d[0], &d[1], &d[2], &d[3] $(, $tail)*);
+        launch!($dev, $name, reduction(blocks, c), $($arg),+, &mut partial, ..d $(, $tail)*);
         let mut out = alloc($dev, 2 * c)?;
         let (c32, blocks32, total, moments) = (d[1], blocks as i32, (n * p) as f64, $moments as i32);
         launch!($dev, "finish_sums", elementwise(c), &partial, &mut out, &c32, &blocks32, &total, &moments);
@@ -79,16 +79,32 @@ macro_rules! channel_reduction {
     }};
 }
 
-/// Launches kernel `name` of our module with the arguments `$arg`s (each pushed by reference).
+/// Launches kernel `name` of our module with the arguments given, each pushed by reference; `..d`
+/// pushes every element of the array `d` in turn (a kernel's integer dimensions).
 macro_rules! launch {
-    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:tt)+) => {{
         let cfg = $cfg;
         let func = $dev.get_or_load_custom_func($name, "qat_lab", PTX)?;
         let mut builder = func.builder();
-        $(builder.arg($arg);)+
+        push_args!(builder; $($arg)+);
         // SAFETY: the kernels read and write within the lengths passed beside each buffer.
         unsafe { builder.launch(cfg) }.w()?;
     }};
+}
+
+/// The arguments of [`launch!`], pushed onto a kernel's launch builder in order.
+macro_rules! push_args {
+    ($builder:ident;) => {};
+    ($builder:ident; ..$dims:expr $(, $($rest:tt)*)?) => {
+        for v in $dims.iter() {
+            $builder.arg(v);
+        }
+        push_args!($builder; $($($rest)*)?);
+    };
+    ($builder:ident; $arg:expr $(, $($rest:tt)*)?) => {
+        $builder.arg($arg);
+        push_args!($builder; $($($rest)*)?);
+    };
 }
 
 /// The contiguous f32 data of a GPU op input.
@@ -328,9 +344,7 @@ impl Geometry {
         let levels = quant.map(|q| q.1).unwrap_or(0.0);
         let d = [self.c, self.h, self.w, self.k, self.stride, self.pad, self.oh(), self.ow()].map(|v| v as i32);
         let cfg = planes(self.p(), self.rows(), self.n)?;
-        launch!(
-            dev, "im2col", cfg, x, &mut col, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7], &qscale, &levels
-        );
+        launch!(dev, "im2col", cfg, x, &mut col, ..d, &qscale, &levels);
         Ok(col)
     }
 }
@@ -450,21 +464,7 @@ impl GpuOp<2> for ConvInputGrad {
         gemm(dev, (false, true), (p, rows, o), (&dyv, p, o * p), (&wv, rows, 0), (&mut col, p, rows * p), n)?;
         let mut dx = alloc(dev, n * c * self.h * self.w)?;
         let d = [c, self.h, self.w, k, self.stride, self.pad, oh, ow].map(|v| v as i32);
-        launch!(
-            dev,
-            "col2im",
-            planes(self.h * self.w, c, n)?,
-            &col,
-            &mut dx,
-            &d[0],
-            &d[1],
-            &d[2],
-            &d[3],
-            &d[4],
-            &d[5],
-            &d[6],
-            &d[7]
-        );
+        launch!(dev, "col2im", planes(self.h * self.w, c, n)?, &col, &mut dx, ..d);
         Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), Shape::from((n, c, self.h, self.w))))
     }
 }
@@ -616,31 +616,7 @@ impl GpuOp<2> for ConvEval {
         };
         let d = [c, h, wd, o, k, self.stride, self.pad, oh, ow, tw, th].map(|v| v as i32);
         let relu = self.relu as i32;
-        launch!(
-            dev,
-            "conv_eval",
-            cfg,
-            &xv,
-            &wv,
-            &sv,
-            &bv,
-            &residual,
-            &mut y,
-            &d[0],
-            &d[1],
-            &d[2],
-            &d[3],
-            &d[4],
-            &d[5],
-            &d[6],
-            &d[7],
-            &d[8],
-            &d[9],
-            &d[10],
-            &qscale,
-            &levels,
-            &relu
-        );
+        launch!(dev, "conv_eval", cfg, &xv, &wv, &sv, &bv, &residual, &mut y, ..d, &qscale, &levels, &relu);
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((n, o, oh, ow))))
     }
 }
@@ -1060,7 +1036,7 @@ impl GpuOp<1> for Subsample {
         let [n, c, h, w, out_ch, oh, ow, stride] = self.dims(l)?;
         let mut y = alloc(dev, n * out_ch * oh * ow)?;
         let d = [c, h, w, oh, ow, stride].map(|v| v as i32);
-        launch!(dev, "subsample", planes(oh * ow, out_ch, n)?, &xv, &mut y, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5]);
+        launch!(dev, "subsample", planes(oh * ow, out_ch, n)?, &xv, &mut y, ..d);
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((n, self.out_ch, oh, ow))))
     }
     fn backward(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 1]> {
@@ -1086,7 +1062,7 @@ impl GpuOp<1> for SubsampleGrad {
         }
         let mut dx = alloc(dev, self.input.elem_count())?;
         let d = [h, w, out_ch, oh, ow, stride].map(|v| v as i32);
-        launch!(dev, "subsample_grad", planes(h * w, c, n)?, &gv, &mut dx, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5]);
+        launch!(dev, "subsample_grad", planes(h * w, c, n)?, &gv, &mut dx, ..d);
         Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), self.input.clone()))
     }
 }
