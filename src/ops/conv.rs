@@ -31,6 +31,7 @@
 use super::bn;
 use super::kernels;
 use super::quant::{quantize_into, quantize_rows, Grid};
+use super::winograd;
 use super::{slice, with_slices, written};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -133,6 +134,8 @@ struct Shifted {
     /// Rows exactly W wide, with no padding column: the direct kernel masks the taps that would read
     /// across a row's edge instead (3x3, stride 1, padding 1, small maps; see [`Shifted::new`]).
     tight: bool,
+    /// Whether the forward runs Winograd's F(2x2, 3x3) ([`winograd`]) on the direct kernel instead.
+    winograd: bool,
 }
 
 impl Shifted {
@@ -144,8 +147,9 @@ impl Shifted {
     /// column and the right column's in its last (masked loads, at no cost over plain ones).
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let direct = kernels::available();
-        let tight = direct && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
-        Self::with_rows(g, grid, direct, tight)
+        let winograd = winograd::applies(g.k, g.stride, g.pad, (g.h, g.w), (g.c, g.o));
+        let tight = direct && !winograd && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
+        Self { winograd, ..Self::with_rows(g, grid, direct, tight) }
     }
 
     /// The layout with a padding column between rows (the weight gradient's kernels read it).
@@ -165,7 +169,7 @@ impl Shifted {
         // Tight: the rows above and below, and one value before the first row and after the last
         // (what the corner taps read).
         let plane = if tight { (g.h + 2) * wp + 2 } else { ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp };
-        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight }
+        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight, winograd: false }
     }
 
     /// The row width for the direct kernel's edge masks, in the tight layout.
@@ -228,7 +232,9 @@ impl Shifted {
     /// The OIHW weight (O, C, k, k) as [`Shifted::forward`] reads it.
     fn forward_weight(&self, w: &[f32]) -> Vec<f32> {
         let g = &self.g;
-        if self.direct {
+        if self.winograd {
+            winograd::weight(w, (g.o, g.c))
+        } else if self.direct {
             kernels::blocked_weight(w, (g.o, g.c, g.k * g.k))
         } else {
             taps_first(w, g, false)
@@ -304,7 +310,9 @@ impl Shifted {
         let g = &self.g;
         self.pad(x, xpad);
         let positions = self.positions();
-        if self.direct {
+        if self.winograd {
+            winograd::forward((xpad, self.plane, self.wp), (g.c, g.h, g.w), (w, g.o), (yext, positions));
+        } else if self.direct {
             let shifts: Vec<usize> = (0..g.k * g.k).map(|t| self.shift(t)).collect();
             // SAFETY: `direct` is set only where kernels::available() found AVX-512F.
             unsafe { kernels::direct((xpad, self.plane, g.c), &shifts, w, (yext, positions), self.q, self.rows()) };
@@ -863,14 +871,23 @@ pub(crate) fn backward(
         InputGrad::Phases(p) => p.buffers(),
         InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
-    let direct_weight_grad = shw.direct_weight_grad();
+    // dW by Winograd's transforms (where the forward runs them too), else by the direct kernel.
+    let winograd_weight_grad =
+        winograd::applies(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) && kernels::weight_grad_fits(gw.o, g.c);
+    let direct_weight_grad = !winograd_weight_grad && shw.direct_weight_grad();
     let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
-    // One group of images: its partial dW (tap, C, O), and its dX written into `dx` when given.
+    // dY padded like the input, for Winograd's transform of its tiles.
+    let shdy = Shifted::wide(Geometry { c: gw.o, ..g }, None);
+    let tiles = winograd::tiles(g.h, g.w);
+    // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's 16 products.
+    let acc_rows = if winograd_weight_grad { 16 * g.c } else { taps * g.c };
+    // One group of images: its partial dW (acc_rows, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
-        let mut acc = vec![0f32; taps * g.c * gw.o];
-        let (mut xpad, mut dyt) = match direct_weight_grad {
-            true => (Vec::new(), Vec::new()),
-            false => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
+        let mut acc = vec![0f32; acc_rows * gw.o];
+        let (mut xpad, mut dyt) = match (winograd_weight_grad, direct_weight_grad) {
+            (true, _) => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
+            (false, true) => (Vec::new(), Vec::new()),
+            (false, false) => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
         };
         let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
         let mut dy_image = match dy {
@@ -883,9 +900,19 @@ pub(crate) fn backward(
         };
         // For the direct weight-gradient kernel: dY on the output grid and the padded input of the
         // images of one call.
-        let per_call = if direct_weight_grad { shw.images_per_call() } else { 0 };
-        let mut slots: Vec<(Vec<f32>, Vec<f32>)> =
-            (0..per_call).map(|_| (vec![0f32; gw.o * shw.grid16()], vec![0f32; shw.padded_len()])).collect();
+        let per_call = match (winograd_weight_grad, direct_weight_grad) {
+            // Enough tiles per call (~256) to make the kernel's final sums cheap.
+            (true, _) => (256 / tiles).clamp(1, GROUP),
+            (false, true) => shw.images_per_call(),
+            (false, false) => 0,
+        };
+        let mut slots: Vec<(Vec<f32>, Vec<f32>)> = (0..per_call)
+            .map(|_| match winograd_weight_grad {
+                // D and V of an image.
+                true => (vec![0f32; winograd::matrices(gw.o, tiles).0], vec![0f32; winograd::matrices(g.c, tiles).0]),
+                false => (vec![0f32; gw.o * shw.grid16()], vec![0f32; shw.padded_len()]),
+            })
+            .collect();
         let last = ((grp + 1) * GROUP).min(g.n) - 1;
         for (i, n) in (grp * GROUP..=last).enumerate() {
             // This image's input is read after its dX is computed, and the next image's given dY
@@ -918,6 +945,23 @@ pub(crate) fn backward(
                     &dy_summed
                 }
             };
+            if winograd_weight_grad {
+                let slot = i % per_call;
+                shw.pad(x_n, &mut xpad);
+                shdy.pad(dy_w, &mut dyt);
+                let (d, v) = &mut slots[slot];
+                winograd::weight_grad_transforms((&xpad, &dyt, shw.plane, shw.wp), (g.c, gw.o, g.w), tiles, (v, d));
+                if slot + 1 == per_call || n == last {
+                    let ((_, d_at), (_, v_at)) = (winograd::matrices(gw.o, tiles), winograd::matrices(g.c, tiles));
+                    for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
+                        let images: Vec<(&[f32], &[f32])> =
+                            slots[..=slot].iter().map(|(d, v)| (&d[d_at(xi)..], &v[v_at(xi)..])).collect();
+                        // SAFETY: `applies` (part of winograd_weight_grad) found AVX-512F.
+                        unsafe { kernels::weight_grad(&images, (gw.o, g.c), (tiles, tiles), &[0], acc) };
+                    }
+                }
+                continue;
+            }
             if !direct_weight_grad {
                 shw.weight_grad(x_n, dy_w, &mut xpad, &mut dyt, &mut acc);
                 continue;
@@ -944,6 +988,10 @@ pub(crate) fn backward(
     });
     if !want_dx {
         partials = (0..groups).into_par_iter().map(|grp| group(grp, None)).collect();
+    }
+    if winograd_weight_grad {
+        // Rows (ξ, C) -> (C, ξ), then each 4x4 product to its 3x3 kernel.
+        return (dx, winograd::weight_from_products(&sum_partials(&partials, gw.o, |r| (r % g.c) * 16 + r / g.c)));
     }
     // Rows (tap, C) -> OIHW's (C, tap).
     (dx, sum_partials(&partials, gw.o, |r| (r % g.c) * taps + r / g.c))
@@ -1220,6 +1268,16 @@ mod tests {
             (3, 16, 16, 16, 8, 3, 1, 1),
             (1, 8, 14, 18, 12, 3, 1, 1),
             (1, 9, 4, 14, 13, 3, 1, 1),
+            // Winograd's F(2x2, 3x3) (32+ channels, on AVX-512 CPUs): rows of 4, 8, 16 and 32 tiles,
+            // for the forward and the input gradient, with output channels that fill no whole block
+            // and, on the widest map, 96 tiles (a whole block of 64 and a partial one).
+            (1, 32, 8, 8, 34, 3, 1, 1),
+            (2, 33, 4, 16, 32, 3, 1, 1),
+            (1, 32, 2, 32, 35, 3, 1, 1),
+            (1, 32, 6, 64, 32, 3, 1, 1),
+            // Winograd's weight gradient too (channels in fours), several images per call.
+            (3, 32, 8, 8, 36, 3, 1, 1),
+            (2, 36, 4, 16, 32, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();

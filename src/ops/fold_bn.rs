@@ -222,6 +222,8 @@ mod tests {
             (3, 3, 8, 8, 4, 2, false, true, false),
             (2, 16, 6, 6, 16, 1, false, true, true),
             (2, 8, 9, 7, 8, 2, false, false, true),
+            // Winograd's kernels (32+ channels, 8x8): the stacked weight's gradient in one product.
+            (2, 32, 8, 8, 32, 1, true, true, true),
         ] {
             let [x, wt, gamma, beta, shortcut] = conv_bn_vars((n, c, h, w, o, stride));
             let residual = join.then_some(shortcut.as_tensor());

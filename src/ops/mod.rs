@@ -16,6 +16,7 @@ pub mod fold_bn;
 pub mod gpu;
 mod kernels;
 pub mod quant;
+mod winograd;
 
 use candle_core::{DType, Result, Tensor, D};
 use std::mem::MaybeUninit;
