@@ -27,6 +27,10 @@
 //! gradient on 16x16+ maps reads dY and the padded image in place. On maps up to 16 wide the direct
 //! kernel's rows are tight (no padding column: it masks the taps that would cross a row's edge), so
 //! it computes no dropped positions there.
+//!
+//! Stride-1 3x3 convolutions with 32+ channels on both sides run on Winograd's F(2x2, 3x3) instead
+//! (`winograd`: forward, input gradient and weight gradient), on the wide layout: 16 multiply-adds
+//! per 2x2 outputs where the direct kernel spends 36.
 
 use super::bn;
 use super::kernels;

@@ -155,7 +155,7 @@ fn products(
 }
 
 /// V = Bᵀ d B of every 4x4 tile d of `block` (rows and columns 2t .. 2t + 3 of the padded planes),
-/// with Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], 16 tiles per register: each tile value d[r][k]
+/// with Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], 16 tiles per register: each tile value `d[r][k]`
 /// of a register's tiles is one permute of two loads (the even positions of a row, or of two rows).
 ///
 /// With OUTPUT_GRAD, the weight gradient's transform of dY's 2x2 tiles instead, A dy Aᵀ (A = the
@@ -245,7 +245,7 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
     }
 }
 
-/// The weight gradient's two transforms of one image, over all its `tiles` (see [`weight_grad`]):
+/// The weight gradient's two transforms of one image, over all its `tiles` (see [`weight_from_products`]):
 /// V of the padded input `xpad` and D of the output gradient `dypad`, laid out like it (both as
 /// [`forward`] reads `xpad`, with C and O planes).
 pub(crate) fn weight_grad_transforms(
