@@ -116,7 +116,7 @@ pub(crate) fn forward(
             scratch.resize(len, 0.0);
         }
         let (v, m) = scratch[..len].split_at_mut(16 * matrix_stride(c, tb));
-        let tiles = h / 2 * (w / 2);
+        let tiles = tiles(h, w);
         for first in (0..tiles).step_by(tb) {
             let block = first..tiles.min(first + tb);
             products((xpad, plane, wp), (c, h, w), (u, o), (v, m), (out, qstride), (block, tb));
