@@ -875,23 +875,30 @@ pub(crate) fn backward(
         InputGrad::Phases(p) => p.buffers(),
         InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
-    // dW by Winograd's transforms (where the forward runs them too), else by the direct kernel.
-    let winograd_weight_grad =
-        winograd::applies(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) && kernels::weight_grad_fits(gw.o, g.c);
-    let direct_weight_grad = !winograd_weight_grad && shw.direct_weight_grad();
+    let dw_path =
+        if winograd::applies(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) && kernels::weight_grad_fits(gw.o, g.c) {
+            WeightGradPath::Winograd
+        } else if shw.direct_weight_grad() {
+            WeightGradPath::Direct
+        } else {
+            WeightGradPath::Gemm
+        };
     let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
-    // dY padded like the input, for Winograd's transform of its tiles.
+    // For Winograd: dY padded like the input (its tiles are transformed like the input's), and
+    // the distance between the 16 matrices of an image's D (O rows) and V (C rows).
     let shdy = Shifted::wide(Geometry { c: gw.o, ..g }, None);
     let tiles = winograd::tiles(g.h, g.w);
+    let (d_stride, v_stride) = (winograd::matrix_stride(gw.o, tiles), winograd::matrix_stride(g.c, tiles));
     // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's 16 products.
-    let acc_rows = if winograd_weight_grad { 16 * g.c } else { taps * g.c };
+    let acc_rows = if dw_path == WeightGradPath::Winograd { 16 * g.c } else { taps * g.c };
     // One group of images: its partial dW (acc_rows, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; acc_rows * gw.o];
-        let (mut xpad, mut dyt) = match (winograd_weight_grad, direct_weight_grad) {
-            (true, _) => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
-            (false, true) => (Vec::new(), Vec::new()),
-            (false, false) => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
+        // The padded input and dY (transposed for the gemm path, padded for Winograd's).
+        let (mut xpad, mut dyt) = match dw_path {
+            WeightGradPath::Winograd => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
+            WeightGradPath::Direct => (Vec::new(), Vec::new()),
+            WeightGradPath::Gemm => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
         };
         let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
         let mut dy_image = match dy {
@@ -902,21 +909,16 @@ pub(crate) fn backward(
             WeightGrad::Given => Vec::new(),
             WeightGrad::StackedHalves => vec![0f32; out_w],
         };
-        // For the direct weight-gradient kernel: dY on the output grid and the padded input of the
-        // images of one call.
-        let per_call = match (winograd_weight_grad, direct_weight_grad) {
+        // The images of one call of kernels::weight_grad: each one's dY and input, on the output grid
+        // and padded (direct), or transformed, D and V (Winograd).
+        let (per_call, slot_lens) = match dw_path {
             // Enough tiles per call (~256) to make the kernel's final sums cheap.
-            (true, _) => (256 / tiles).clamp(1, GROUP),
-            (false, true) => shw.images_per_call(),
-            (false, false) => 0,
+            WeightGradPath::Winograd => ((256 / tiles).clamp(1, GROUP), (16 * d_stride, 16 * v_stride)),
+            WeightGradPath::Direct => (shw.images_per_call(), (gw.o * shw.grid16(), shw.padded_len())),
+            WeightGradPath::Gemm => (0, (0, 0)),
         };
-        let mut slots: Vec<(Vec<f32>, Vec<f32>)> = (0..per_call)
-            .map(|_| match winograd_weight_grad {
-                // D and V of an image.
-                true => (vec![0f32; winograd::matrices(gw.o, tiles).0], vec![0f32; winograd::matrices(g.c, tiles).0]),
-                false => (vec![0f32; gw.o * shw.grid16()], vec![0f32; shw.padded_len()]),
-            })
-            .collect();
+        let mut slots: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..per_call).map(|_| (vec![0f32; slot_lens.0], vec![0f32; slot_lens.1])).collect();
         let last = ((grp + 1) * GROUP).min(g.n) - 1;
         for (i, n) in (grp * GROUP..=last).enumerate() {
             // This image's input is read after its dX is computed, and the next image's given dY
@@ -949,36 +951,40 @@ pub(crate) fn backward(
                     &dy_summed
                 }
             };
-            if winograd_weight_grad {
-                let slot = i % per_call;
-                shw.pad(x_n, &mut xpad);
-                shdy.pad(dy_w, &mut dyt);
-                let (d, v) = &mut slots[slot];
-                winograd::weight_grad_transforms((&xpad, &dyt, shw.plane, shw.wp), (g.c, gw.o, g.w), tiles, (v, d));
-                if slot + 1 == per_call || n == last {
-                    let ((_, d_at), (_, v_at)) = (winograd::matrices(gw.o, tiles), winograd::matrices(g.c, tiles));
-                    for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
+            let slot = i % per_call.max(1);
+            let call_ends = slot + 1 == per_call || n == last;
+            match dw_path {
+                WeightGradPath::Gemm => shw.weight_grad(x_n, dy_w, &mut xpad, &mut dyt, &mut acc),
+                WeightGradPath::Direct => {
+                    let (dyext, xpad) = &mut slots[slot];
+                    shw.spread(dy_w, dyext);
+                    shw.pad(x_n, xpad);
+                    if call_ends {
                         let images: Vec<(&[f32], &[f32])> =
-                            slots[..=slot].iter().map(|(d, v)| (&d[d_at(xi)..], &v[v_at(xi)..])).collect();
-                        // SAFETY: `applies` (part of winograd_weight_grad) found AVX-512F.
-                        unsafe { kernels::weight_grad(&images, (gw.o, g.c), (tiles, tiles), &[0], acc) };
+                            slots[..=slot].iter().map(|(d, x)| (&d[..], &x[..])).collect();
+                        let grid = (shw.plane, shw.grid16());
+                        // SAFETY: `direct` (part of direct_weight_grad) is set only where
+                        // kernels::available() found AVX-512F.
+                        unsafe { kernels::weight_grad(&images, (gw.o, g.c), grid, &shifts, &mut acc) };
                     }
                 }
-                continue;
-            }
-            if !direct_weight_grad {
-                shw.weight_grad(x_n, dy_w, &mut xpad, &mut dyt, &mut acc);
-                continue;
-            }
-            let slot = i % per_call;
-            let (dyext, xpad) = &mut slots[slot];
-            shw.spread(dy_w, dyext);
-            shw.pad(x_n, xpad);
-            if slot + 1 == per_call || n == last {
-                let images: Vec<(&[f32], &[f32])> = slots[..=slot].iter().map(|(d, x)| (&d[..], &x[..])).collect();
-                // SAFETY: `direct` (part of direct_weight_grad) is set only where kernels::available()
-                // found AVX-512F.
-                unsafe { kernels::weight_grad(&images, (gw.o, g.c), (shw.plane, shw.grid16()), &shifts, &mut acc) };
+                WeightGradPath::Winograd => {
+                    shw.pad(x_n, &mut xpad);
+                    shdy.pad(dy_w, &mut dyt);
+                    let (d, v) = &mut slots[slot];
+                    let padded = (&xpad[..], &dyt[..], shw.plane, shw.wp);
+                    winograd::weight_grad_transforms(padded, (g.c, gw.o, g.w), tiles, (v, d));
+                    if call_ends {
+                        for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
+                            let images: Vec<(&[f32], &[f32])> = slots[..=slot]
+                                .iter()
+                                .map(|(d, v)| (&d[xi * d_stride..], &v[xi * v_stride..]))
+                                .collect();
+                            // SAFETY: `applies` (part of the Winograd path's test) found AVX-512F.
+                            unsafe { kernels::weight_grad(&images, (gw.o, g.c), (tiles, tiles), &[0], acc) };
+                        }
+                    }
+                }
             }
         }
         acc
@@ -993,12 +999,27 @@ pub(crate) fn backward(
     if !want_dx {
         partials = (0..groups).into_par_iter().map(|grp| group(grp, None)).collect();
     }
-    if winograd_weight_grad {
+    let dw = match dw_path {
         // Rows (ξ, C) -> (C, ξ), then each 4x4 product to its 3x3 kernel.
-        return (dx, winograd::weight_from_products(&sum_partials(&partials, gw.o, |r| (r % g.c) * 16 + r / g.c)));
-    }
-    // Rows (tap, C) -> OIHW's (C, tap).
-    (dx, sum_partials(&partials, gw.o, |r| (r % g.c) * taps + r / g.c))
+        WeightGradPath::Winograd => {
+            winograd::weight_from_products(&sum_partials(&partials, gw.o, |r| (r % g.c) * 16 + r / g.c))
+        }
+        // Rows (tap, C) -> OIHW's (C, tap).
+        WeightGradPath::Direct | WeightGradPath::Gemm => sum_partials(&partials, gw.o, |r| (r % g.c) * taps + r / g.c),
+    };
+    (dx, dw)
+}
+
+/// How a shifted convolution's backward computes dW.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WeightGradPath {
+    /// Winograd's transforms of the input and dY, their 16 products on [`kernels::weight_grad`]
+    /// (stride-1 3x3 convolutions with 32+ channels; see [`winograd`]).
+    Winograd,
+    /// [`kernels::weight_grad`] on dY and the padded input in place ([`Shifted::direct_weight_grad`]).
+    Direct,
+    /// k·k GEMMs on dY transposed ([`Shifted::weight_grad`]).
+    Gemm,
 }
 
 /// The sum of the groups' partial weight gradients, each laid out (K, O) (row r of O values), as

@@ -56,7 +56,7 @@ const BLOCK: usize = 64;
 /// Distance between the 16 matrices of V (C rows) or M (`rows` rows) of `tb` tiles: one register
 /// more than their rows, so that the 16 values of a tile, stored or loaded together, fall into
 /// different cache sets (rows of 2^k floats put them all in one set, where they evict each other).
-fn matrix_stride(rows: usize, tb: usize) -> usize {
+pub(crate) fn matrix_stride(rows: usize, tb: usize) -> usize {
     rows * tb + LANES
 }
 
@@ -247,7 +247,8 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
 
 /// The weight gradient's two transforms of one image, over all its `tiles` (see [`weight_from_products`]):
 /// V of the padded input `xpad` and D of the output gradient `dypad`, laid out like it (both as
-/// [`forward`] reads `xpad`, with C and O planes).
+/// [`forward`] reads `xpad`, with C and O planes). Each is 16 matrices of its channels' rows of
+/// `tiles` values, [`matrix_stride`] apart.
 pub(crate) fn weight_grad_transforms(
     (xpad, dypad, plane, wp): (&[f32], &[f32], usize, usize),
     (c, o, w): (usize, usize, usize),
@@ -264,13 +265,6 @@ pub(crate) fn weight_grad_transforms(
 /// Tiles of an H x W map (2x2 outputs each).
 pub(crate) fn tiles(h: usize, w: usize) -> usize {
     h / 2 * (w / 2)
-}
-
-/// Length of the V (or D) of one image with `channels` planes: 16 matrices of `channels` rows of
-/// `tiles` values, and where ξ's matrix starts.
-pub(crate) fn matrices(channels: usize, tiles: usize) -> (usize, impl Fn(usize) -> usize) {
-    let stride = matrix_stride(channels, tiles);
-    (16 * stride, move |xi| xi * stride)
 }
 
 /// The weight gradient from its Winograd products: `m` (O, C, 16) holds, for every pair of
