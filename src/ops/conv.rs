@@ -28,9 +28,10 @@
 //! kernel's rows are tight (no padding column: it masks the taps that would cross a row's edge), so
 //! it computes no dropped positions there.
 //!
-//! Stride-1 3x3 convolutions with 32+ channels on both sides run on Winograd's F(2x2, 3x3) instead
-//! (`winograd`: forward, input gradient and weight gradient), on the wide layout: 16 multiply-adds
-//! per 2x2 outputs where the direct kernel spends 36.
+//! Stride-1 3x3 convolutions with 16+ channels on both sides run on Winograd's transforms instead
+//! (`winograd`: forward, input gradient and weight gradient), on the wide layout: F(4x4, 3x3), 36
+//! multiply-adds per 4x4 outputs where the direct kernel spends 144, on maps 16k wide, and F(2x2,
+//! 3x3), 16 per 2x2 outputs, on the 8x8 maps (32+ channels).
 
 use super::bn;
 use super::kernels;
@@ -138,8 +139,8 @@ struct Shifted {
     /// Rows exactly W wide, with no padding column: the direct kernel masks the taps that would read
     /// across a row's edge instead (3x3, stride 1, padding 1, small maps; see [`Shifted::new`]).
     tight: bool,
-    /// Whether the forward runs Winograd's F(2x2, 3x3) ([`winograd`]) on the direct kernel instead.
-    winograd: bool,
+    /// The Winograd tiling the forward runs on the direct kernel instead, if any ([`winograd`]).
+    winograd: Option<winograd::Tiling>,
 }
 
 impl Shifted {
@@ -151,8 +152,8 @@ impl Shifted {
     /// column and the right column's in its last (masked loads, at no cost over plain ones).
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let direct = kernels::available();
-        let winograd = winograd::applies(g.k, g.stride, g.pad, (g.h, g.w), (g.c, g.o));
-        let tight = direct && !winograd && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
+        let winograd = winograd::tiling(g.k, g.stride, g.pad, (g.h, g.w), (g.c, g.o));
+        let tight = direct && winograd.is_none() && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
         Self { winograd, ..Self::with_rows(g, grid, direct, tight) }
     }
 
@@ -173,7 +174,7 @@ impl Shifted {
         // Tight: the rows above and below, and one value before the first row and after the last
         // (what the corner taps read).
         let plane = if tight { (g.h + 2) * wp + 2 } else { ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp };
-        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight, winograd: false }
+        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight, winograd: None }
     }
 
     /// The row width for the direct kernel's edge masks, in the tight layout.
@@ -236,8 +237,8 @@ impl Shifted {
     /// The OIHW weight (O, C, k, k) as [`Shifted::forward`] reads it.
     fn forward_weight(&self, w: &[f32]) -> Vec<f32> {
         let g = &self.g;
-        if self.winograd {
-            winograd::weight(w, (g.o, g.c))
+        if let Some(tiling) = self.winograd {
+            winograd::weight(tiling, w, (g.o, g.c))
         } else if self.direct {
             kernels::blocked_weight(w, (g.o, g.c, g.k * g.k))
         } else {
@@ -314,8 +315,8 @@ impl Shifted {
         let g = &self.g;
         self.pad(x, xpad);
         let positions = self.positions();
-        if self.winograd {
-            winograd::forward((xpad, self.plane, self.wp), (g.c, g.h, g.w), (w, g.o), (yext, positions));
+        if let Some(tiling) = self.winograd {
+            winograd::forward(tiling, (xpad, self.plane, self.wp), (g.c, g.h, g.w), (w, g.o), (yext, positions));
         } else if self.direct {
             let shifts: Vec<usize> = (0..g.k * g.k).map(|t| self.shift(t)).collect();
             // SAFETY: `direct` is set only where kernels::available() found AVX-512F.
@@ -875,28 +876,30 @@ pub(crate) fn backward(
         InputGrad::Phases(p) => p.buffers(),
         InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
-    let dw_path =
-        if winograd::applies(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) && kernels::weight_grad_fits(gw.o, g.c) {
-            WeightGradPath::Winograd
-        } else if shw.direct_weight_grad() {
-            WeightGradPath::Direct
-        } else {
-            WeightGradPath::Gemm
-        };
+    let dw_path = match winograd::tiling(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) {
+        Some(tiling) if kernels::weight_grad_fits(gw.o, g.c) => WeightGradPath::Winograd(tiling),
+        _ if shw.direct_weight_grad() => WeightGradPath::Direct,
+        _ => WeightGradPath::Gemm,
+    };
+    let tiling = match dw_path {
+        WeightGradPath::Winograd(tiling) => tiling,
+        _ => winograd::Tiling::F2,
+    };
     let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
     // For Winograd: dY padded like the input (its tiles are transformed like the input's), and
-    // the distance between the 16 matrices of an image's D (O rows) and V (C rows).
+    // the distance between the matrices (one per transformed value ξ) of an image's D (O rows) and
+    // V (C rows).
     let shdy = Shifted::wide(Geometry { c: gw.o, ..g }, None);
-    let tiles = winograd::tiles(g.h, g.w);
+    let (tiles, values) = (tiling.tiles(g.h, g.w), tiling.values());
     let (d_stride, v_stride) = (winograd::matrix_stride(gw.o, tiles), winograd::matrix_stride(g.c, tiles));
-    // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's 16 products.
-    let acc_rows = if dw_path == WeightGradPath::Winograd { 16 * g.c } else { taps * g.c };
+    // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's products.
+    let acc_rows = if matches!(dw_path, WeightGradPath::Winograd(_)) { values * g.c } else { taps * g.c };
     // One group of images: its partial dW (acc_rows, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; acc_rows * gw.o];
         // The padded input and dY (transposed for the gemm path, padded for Winograd's).
         let (mut xpad, mut dyt) = match dw_path {
-            WeightGradPath::Winograd => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
+            WeightGradPath::Winograd(_) => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
             WeightGradPath::Direct => (Vec::new(), Vec::new()),
             WeightGradPath::Gemm => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
         };
@@ -913,7 +916,7 @@ pub(crate) fn backward(
         // and padded (direct), or transformed, D and V (Winograd).
         let (per_call, slot_lens) = match dw_path {
             // Enough tiles per call (~256) to make the kernel's final sums cheap.
-            WeightGradPath::Winograd => ((256 / tiles).clamp(1, GROUP), (16 * d_stride, 16 * v_stride)),
+            WeightGradPath::Winograd(_) => ((256 / tiles).clamp(1, GROUP), (values * d_stride, values * v_stride)),
             WeightGradPath::Direct => (shw.images_per_call(), (gw.o * shw.grid16(), shw.padded_len())),
             WeightGradPath::Gemm => (0, (0, 0)),
         };
@@ -968,19 +971,19 @@ pub(crate) fn backward(
                         unsafe { kernels::weight_grad(&images, (gw.o, g.c), grid, &shifts, &mut acc) };
                     }
                 }
-                WeightGradPath::Winograd => {
+                WeightGradPath::Winograd(_) => {
                     shw.pad(x_n, &mut xpad);
                     shdy.pad(dy_w, &mut dyt);
                     let (d, v) = &mut slots[slot];
                     let padded = (&xpad[..], &dyt[..], shw.plane, shw.wp);
-                    winograd::weight_grad_transforms(padded, (g.c, gw.o, g.w), tiles, (v, d));
+                    winograd::weight_grad_transforms(tiling, padded, (g.c, gw.o, g.w), tiles, (v, d));
                     if call_ends {
                         for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
                             let images: Vec<(&[f32], &[f32])> = slots[..=slot]
                                 .iter()
                                 .map(|(d, v)| (&d[xi * d_stride..], &v[xi * v_stride..]))
                                 .collect();
-                            // SAFETY: `applies` (part of the Winograd path's test) found AVX-512F.
+                            // SAFETY: `tiling` (the Winograd path's test) found AVX-512F.
                             unsafe { kernels::weight_grad(&images, (gw.o, g.c), (tiles, tiles), &[0], acc) };
                         }
                     }
@@ -1000,9 +1003,9 @@ pub(crate) fn backward(
         partials = (0..groups).into_par_iter().map(|grp| group(grp, None)).collect();
     }
     let dw = match dw_path {
-        // Rows (ξ, C) -> (C, ξ), then each 4x4 product to its 3x3 kernel.
-        WeightGradPath::Winograd => {
-            winograd::weight_from_products(&sum_partials(&partials, gw.o, |r| (r % g.c) * 16 + r / g.c))
+        // Rows (ξ, C) -> (C, ξ), then each transformed product to its 3x3 kernel.
+        WeightGradPath::Winograd(tiling) => {
+            winograd::weight_from_products(tiling, &sum_partials(&partials, gw.o, |r| (r % g.c) * values + r / g.c))
         }
         // Rows (tap, C) -> OIHW's (C, tap).
         WeightGradPath::Direct | WeightGradPath::Gemm => sum_partials(&partials, gw.o, |r| (r % g.c) * taps + r / g.c),
@@ -1013,9 +1016,9 @@ pub(crate) fn backward(
 /// How a shifted convolution's backward computes dW.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum WeightGradPath {
-    /// Winograd's transforms of the input and dY, their 16 products on [`kernels::weight_grad`]
-    /// (stride-1 3x3 convolutions with 32+ channels; see [`winograd`]).
-    Winograd,
+    /// Winograd's transforms of the input and dY, their products on [`kernels::weight_grad`]
+    /// (stride-1 3x3 convolutions; see [`winograd`]).
+    Winograd(winograd::Tiling),
     /// [`kernels::weight_grad`] on dY and the padded input in place ([`Shifted::direct_weight_grad`]).
     Direct,
     /// k·k GEMMs on dY transposed ([`Shifted::weight_grad`]).
@@ -1303,6 +1306,13 @@ mod tests {
             // Winograd's weight gradient too (channels in fours), several images per call.
             (3, 32, 8, 8, 36, 3, 1, 1),
             (2, 36, 4, 16, 32, 3, 1, 1),
+            // Winograd's F(4x4, 3x3) (16+ channels, maps 16k wide): rows of 4, 8 and 16 tiles, a
+            // whole block of 64 tiles and 96 (a partial second block), odd channel counts.
+            (2, 16, 16, 16, 16, 3, 1, 1),
+            (1, 17, 16, 32, 20, 3, 1, 1),
+            (1, 16, 12, 64, 18, 3, 1, 1),
+            (1, 32, 32, 32, 33, 3, 1, 1),
+            (1, 16, 32, 48, 24, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();

@@ -222,8 +222,10 @@ mod tests {
             (3, 3, 8, 8, 4, 2, false, true, false),
             (2, 16, 6, 6, 16, 1, false, true, true),
             (2, 8, 9, 7, 8, 2, false, false, true),
-            // Winograd's kernels (32+ channels, 8x8): the stacked weight's gradient in one product.
+            // Winograd's kernels, F(2x2) (32+ channels, 8x8) and F(4x4) (16+ channels, 16x16): the
+            // stacked weight's gradient in one product.
             (2, 32, 8, 8, 32, 1, true, true, true),
+            (2, 16, 16, 16, 16, 1, true, true, false),
         ] {
             let [x, wt, gamma, beta, shortcut] = conv_bn_vars((n, c, h, w, o, stride));
             let residual = join.then_some(shortcut.as_tensor());

@@ -1,47 +1,109 @@
-//! Winograd's minimal filtering F(2x2, 3x3) for the stride-1, padding-1 3x3 convolutions with 32+
-//! channels (10 of ResNet-20's 19 convolutions): their forward, their input gradient (such a
-//! convolution too) and their weight gradient.
+//! Winograd's minimal filtering for the stride-1, padding-1 3x3 convolutions with 16+ channels (16 of
+//! ResNet-20's 19 convolutions): their forward, their input gradient (such a convolution too) and
+//! their weight gradient.
 //!
 //! The direct kernel spends 9 multiply-adds per output, input channel and output channel; Winograd
-//! (Lavin & Gray, 2016) computes each 2x2 block of outputs from its 4x4 block of input with 16, a
-//! 2.25x cut, at the price of three cheap linear transforms:
+//! (Lavin & Gray, 2016) computes each m x m block of outputs from its (m + 2) x (m + 2) block of input
+//! with (m + 2)² of them, at the price of three linear transforms:
 //!
 //! ```text
-//! V[ξ][c][t] = (Bᵀ d_ct B)[ξ]        each input channel's 4x4 tile t, 16 values ξ
+//! V[ξ][c][t] = (Bᵀ d_ct B)[ξ]        each input channel's tile t, (m + 2)² values ξ
 //! U[ξ][o][c] = (G g_oc Gᵀ)[ξ]        each 3x3 kernel, once per step
-//! M[ξ][o][t] = Σ_c U[ξ][o][c] · V[ξ][c][t]   16 products (O×C)·(C×T), on the direct kernel
-//! Y_ot       = Aᵀ M[·][o][t] A        each output tile's 2x2 outputs
+//! M[ξ][o][t] = Σ_c U[ξ][o][c] · V[ξ][c][t]   (m + 2)² products (O×C)·(C×T), on the direct kernel
+//! Y_ot       = Aᵀ M[·][o][t] A        each output tile's m x m outputs
 //! ```
 //!
-//! The products carry nearly all the work and run on [`kernels::direct`] with one tap (its register
-//! tiles and weight blocks unchanged); the transforms are additions only. The results agree with the
-//! direct kernel's to float rounding (G's halves are exact in binary).
+//! Two tilings ([`Tiling`]): F(4x4, 3x3), 2.25 multiply-adds per output (4x fewer), on maps 16k wide
+//! (16x16 and 32x32 in ResNet-20), and F(2x2, 3x3), 4 per output (2.25x fewer), on the 8x8 maps, whose
+//! two 4x4 tiles a row would not fill a register's groups. F(4x4) has more work per transformed
+//! value, which is what the 16-channel layers need: there F(2x2) measured 1.00x the direct kernel and
+//! F(4x4) 0.59x its time (one thread, per image: 10.9 µs against 18.6).
+//!
+//! The products carry most of the work and run on [`kernels::direct`] with one tap (its register
+//! tiles and weight blocks unchanged); the transforms are additions and a few multiplies by small
+//! constants. F(2x2)'s results agree with the direct kernel's to float rounding (its G's halves are
+//! exact in binary); F(4x4)'s to a few roundings more (G's sixths and B's fours and fives), ~1e-5 on
+//! outputs of magnitude ~5 in the tests.
 //!
 //! The weight gradient is the same algorithm transposed ([`weight_from_products`]): per image, the
-//! input's tiles transformed as above and dY's 2x2 tiles to 4x4, their products summed over tiles and
-//! images by [`kernels::weight_grad`] (inner dimension: the tiles), and one final transform per batch.
+//! input's tiles transformed as above and dY's m x m tiles to (m + 2)², their products summed over
+//! tiles and images by [`kernels::weight_grad`] (inner dimension: the tiles), and one final
+//! transform per batch.
 
 use super::kernels::{self, LANES};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Whether a convolution of this shape runs on Winograd's transforms: 3x3, stride 1, padding 1, on
-/// maps of even height and width (whole 2x2 output tiles), where the CPU has the direct kernel.
-/// The transforms take 16 tiles per register, from rows of 4, 8 or a multiple of 16 tiles: maps 8,
-/// 16 or a multiple of 32 wide, with a whole number of registers of tiles.
+/// Whether a convolution of this shape runs on F(2x2, 3x3): 3x3, stride 1, padding 1, on maps of
+/// even height and width (whole 2x2 output tiles), where the CPU has the direct kernel. The
+/// transforms take 16 tiles per register, from rows of 4, 8 or a multiple of 16 tiles: maps 8, 16 or
+/// a multiple of 32 wide, with a whole number of registers of tiles.
 ///
 /// With fewer than [`MIN_CHANNELS`] channels on either side, each transformed value feeds too few
 /// multiply-adds to pay for its transform: 16→16 channels on 32x32 maps measured 1.00x the direct
 /// kernel, where 32→32 on 16x16 took 0.65x its time and 64→64 on 8x8 0.59x (one thread, per image).
-pub(crate) fn applies(k: usize, stride: usize, pad: usize, (h, w): (usize, usize), (c, o): (usize, usize)) -> bool {
+fn applies(k: usize, stride: usize, pad: usize, (h, w): (usize, usize), (c, o): (usize, usize)) -> bool {
     let (th, tw) = (h / 2, w / 2);
     let rows_fit = w % 2 == 0 && (tw == 4 || tw == 8 || (tw > 0 && tw.is_multiple_of(LANES)));
     let shape = k == 3 && stride == 1 && pad == 1 && h % 2 == 0 && rows_fit && th > 0;
     shape && (th * tw).is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS && kernels::available()
 }
 
-/// The fewest input and output channels a convolution runs on Winograd's transforms with.
+/// The fewest input and output channels a convolution runs on F(2x2, 3x3) with.
 const MIN_CHANNELS: usize = 32;
+
+/// Winograd's two tilings of the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tiling {
+    /// F(2x2, 3x3): 2x2 outputs from a 4x4 input tile, 16 products (4 per output).
+    F2,
+    /// F(4x4, 3x3): 4x4 outputs from a 6x6 input tile, 36 products (2.25 per output).
+    F4,
+}
+
+impl Tiling {
+    /// Outputs per side of a tile.
+    fn size(self) -> usize {
+        match self {
+            Tiling::F2 => 2,
+            Tiling::F4 => 4,
+        }
+    }
+
+    /// Values of a transformed tile (products per tile and channel pair).
+    pub(crate) fn values(self) -> usize {
+        (self.size() + 2) * (self.size() + 2)
+    }
+
+    /// Tiles of an H x W map.
+    pub(crate) fn tiles(self, h: usize, w: usize) -> usize {
+        h / self.size() * (w / self.size())
+    }
+}
+
+/// The tiling a convolution of this shape runs on (its forward, input gradient and weight gradient),
+/// if any: F(4x4, 3x3) on maps whose rows are whole groups of four 4x4 tiles (16, 32, ... wide, a
+/// multiple of 4 high, 16k tiles), with [`MIN_CHANNELS_F4`] channels on either side, where the CPU
+/// has the direct kernel; else F(2x2, 3x3) where [`applies`].
+pub(crate) fn tiling(
+    k: usize,
+    stride: usize,
+    pad: usize,
+    (h, w): (usize, usize),
+    (c, o): (usize, usize),
+) -> Option<Tiling> {
+    let shape = k == 3 && stride == 1 && pad == 1 && h > 0 && h % 4 == 0 && w > 0 && w.is_multiple_of(LANES);
+    let f4 = shape && Tiling::F4.tiles(h, w).is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS_F4;
+    if f4 && kernels::available() {
+        Some(Tiling::F4)
+    } else {
+        applies(k, stride, pad, (h, w), (c, o)).then_some(Tiling::F2)
+    }
+}
+
+/// The fewest input and output channels a convolution runs on F(4x4, 3x3) with: ResNet-20's fewest,
+/// where it measured 0.59x the direct kernel's time (fewer were not measured).
+const MIN_CHANNELS_F4: usize = 16;
 
 /// Output rows of a product: O rounded up to the direct kernel's blocks.
 fn output_rows(o: usize) -> usize {
@@ -61,8 +123,8 @@ pub(crate) fn matrix_stride(rows: usize, tb: usize) -> usize {
 }
 
 /// Scratch values one block of `tb` tiles needs: V (16 matrices of C rows) and M (16 of O rows).
-fn scratch_len((c, o): (usize, usize), tb: usize) -> usize {
-    16 * (matrix_stride(c, tb) + matrix_stride(output_rows(o), tb))
+fn scratch_len(tiling: Tiling, (c, o): (usize, usize), tb: usize) -> usize {
+    tiling.values() * (matrix_stride(c, tb) + matrix_stride(output_rows(o), tb))
 }
 
 thread_local! {
@@ -72,37 +134,70 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The OIHW 3x3 weight (O, C, 3, 3) transformed (U = G g Gᵀ) and laid out as 16 blocked weights of
-/// one tap, one per ξ, as [`kernels::direct`] reads them.
-pub(crate) fn weight(w: &[f32], (o, c): (usize, usize)) -> Vec<f32> {
-    // U as (O, C, 16): each kernel's 16 values where OIHW has its 9.
-    let mut u = vec![0f32; o * c * 16];
-    for (kernel, out) in w.chunks_exact(9).zip(u.chunks_exact_mut(16)) {
-        // G g (4 rows of 3: the kernel's rows combined), then each row's 3 values to 4 ((G g) Gᵀ).
-        let g = |ky: usize, kx: usize| kernel[ky * 3 + kx];
-        let gg: [[f32; 3]; 4] = [
-            std::array::from_fn(|j| g(0, j)),
-            std::array::from_fn(|j| 0.5 * (g(0, j) + g(1, j) + g(2, j))),
-            std::array::from_fn(|j| 0.5 * (g(0, j) - g(1, j) + g(2, j))),
-            std::array::from_fn(|j| g(2, j)),
-        ];
-        for ([a, b, c], dst) in gg.into_iter().zip(out.chunks_exact_mut(4)) {
-            dst.copy_from_slice(&[a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]);
+/// The OIHW 3x3 weight (O, C, 3, 3) transformed (U = G g Gᵀ) and laid out as one blocked weight of
+/// one tap per transformed value ξ (16 or 36), as [`kernels::direct`] reads them.
+pub(crate) fn weight(tiling: Tiling, w: &[f32], (o, c): (usize, usize)) -> Vec<f32> {
+    let values = tiling.values();
+    // U as (O, C, values): each kernel's transformed values where OIHW has its 9.
+    let mut u = vec![0f32; o * c * values];
+    for (kernel, out) in w.chunks_exact(9).zip(u.chunks_exact_mut(values)) {
+        match tiling {
+            Tiling::F2 => weight_f2(kernel, out),
+            Tiling::F4 => weight_f4(kernel, out),
         }
     }
-    let mut out = Vec::with_capacity(16 * output_rows(o) * c);
-    for xi in 0..16 {
-        let u_xi: Vec<f32> = u.chunks_exact(16).map(|kernel| kernel[xi]).collect();
+    let mut out = Vec::with_capacity(values * output_rows(o) * c);
+    for xi in 0..values {
+        let u_xi: Vec<f32> = u.chunks_exact(values).map(|kernel| kernel[xi]).collect();
         out.extend(kernels::blocked_weight(&u_xi, (o, c, 1)));
     }
     out
 }
 
+/// G g Gᵀ of one 3x3 kernel for F(2x2, 3x3), G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1].
+fn weight_f2(kernel: &[f32], out: &mut [f32]) {
+    // G g (4 rows of 3: the kernel's rows combined), then each row's 3 values to 4 ((G g) Gᵀ).
+    let g = |ky: usize, kx: usize| kernel[ky * 3 + kx];
+    let gg: [[f32; 3]; 4] = [
+        std::array::from_fn(|j| g(0, j)),
+        std::array::from_fn(|j| 0.5 * (g(0, j) + g(1, j) + g(2, j))),
+        std::array::from_fn(|j| 0.5 * (g(0, j) - g(1, j) + g(2, j))),
+        std::array::from_fn(|j| g(2, j)),
+    ];
+    for ([a, b, c], dst) in gg.into_iter().zip(out.chunks_exact_mut(4)) {
+        dst.copy_from_slice(&[a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]);
+    }
+}
+
+/// F(4x4, 3x3)'s kernel transform G (Lavin & Gray's, 6x3).
+const G4: [[f64; 3]; 6] = [
+    [1. / 4., 0., 0.],
+    [-1. / 6., -1. / 6., -1. / 6.],
+    [-1. / 6., 1. / 6., -1. / 6.],
+    [1. / 24., 1. / 12., 1. / 6.],
+    [1. / 24., -1. / 12., 1. / 6.],
+    [0., 0., 1.],
+];
+
+/// G g Gᵀ of one 3x3 kernel for F(4x4, 3x3) (Lavin & Gray's G, 6x3), in f64: G's sixths and
+/// twenty-fourths are not exact in binary, so the kernel is rounded once, at the end.
+fn weight_f4(kernel: &[f32], out: &mut [f32]) {
+    const G: [[f64; 3]; 6] = G4;
+    let gg: [[f64; 3]; 6] =
+        std::array::from_fn(|i| std::array::from_fn(|j| (0..3).map(|k| G[i][k] * f64::from(kernel[k * 3 + j])).sum()));
+    for (i, row) in out.chunks_exact_mut(6).enumerate() {
+        for (j, dst) in row.iter_mut().enumerate() {
+            *dst = (0..3).map(|k| gg[i][k] * G[j][k]).sum::<f64>() as f32;
+        }
+    }
+}
+
 /// The convolution of one padded image: `xpad` holds C planes of `plane` values, rows `wp` = W + 1
 /// wide, pixel (iy, ix) at (iy + 1)·wp + ix + 1 and zeros around (the stride-1 wide layout of
 /// `conv::Shifted`, with at least one zero row below the bottom padding). Writes output channel o's
-/// pixel (oy, ox) to `out[o·qstride + oy·wp + ox]`; `u` is [`weight`]'s.
+/// pixel (oy, ox) to `out[o·qstride + oy·wp + ox]`; `u` is [`weight`]'s for the same tiling.
 pub(crate) fn forward(
+    tiling: Tiling,
     (xpad, plane, wp): (&[f32], usize, usize),
     (c, h, w): (usize, usize, usize),
     (u, o): (&[f32], usize),
@@ -110,22 +205,24 @@ pub(crate) fn forward(
 ) {
     assert!(wp == w + 1 && plane >= (h + 3) * wp && xpad.len() >= c * plane);
     let tb = BLOCK;
-    let len = scratch_len((c, o), tb);
+    let len = scratch_len(tiling, (c, o), tb);
     SCRATCH.with_borrow_mut(|scratch| {
         if scratch.len() < len {
             scratch.resize(len, 0.0);
         }
-        let (v, m) = scratch[..len].split_at_mut(16 * matrix_stride(c, tb));
-        let tiles = tiles(h, w);
+        let (v, m) = scratch[..len].split_at_mut(tiling.values() * matrix_stride(c, tb));
+        let tiles = tiling.tiles(h, w);
         for first in (0..tiles).step_by(tb) {
             let block = first..tiles.min(first + tb);
-            products((xpad, plane, wp), (c, h, w), (u, o), (v, m), (out, qstride), (block, tb));
+            products(tiling, (xpad, plane, wp), (c, h, w), (u, o), (v, m), (out, qstride), (block, tb));
         }
     });
 }
 
 /// The outputs of the tiles `block` (at most `tb`), with V and M of `tb` tiles each.
+#[allow(clippy::too_many_arguments)]
 fn products(
+    tiling: Tiling,
     (xpad, plane, wp): (&[f32], usize, usize),
     (c, h, w): (usize, usize, usize),
     (u, o): (&[f32], usize),
@@ -135,11 +232,14 @@ fn products(
 ) {
     let rows = output_rows(o);
     let (vs, ms, n) = (matrix_stride(c, tb), matrix_stride(rows, tb), block.len());
-    // SAFETY (both transforms): `applies` (checked by the caller) found AVX-512F.
-    unsafe { transform_tiles::<false>((xpad, plane, wp), (c, w), block.clone(), (v, tb)) };
+    // SAFETY (the transforms): `tiling` (checked by the caller) found AVX-512F.
+    match tiling {
+        Tiling::F2 => unsafe { transform_tiles::<false>((xpad, plane, wp), (c, w), block.clone(), (v, tb)) },
+        Tiling::F4 => unsafe { transform_tiles_f4::<false>((xpad, plane, wp), (c, w), block.clone(), (v, tb)) },
+    }
     let weights = rows * c;
-    for xi in 0..16 {
-        // SAFETY: `applies` (checked by the caller) found AVX-512F.
+    for xi in 0..tiling.values() {
+        // SAFETY: `tiling` (checked by the caller) found AVX-512F.
         unsafe {
             kernels::direct(
                 (&v[xi * vs..][..c * tb], tb, c),
@@ -151,7 +251,10 @@ fn products(
             )
         };
     }
-    unsafe { output_transform((m, rows, tb), (o, h, w), block, (out, qstride, wp)) };
+    match tiling {
+        Tiling::F2 => unsafe { output_transform((m, rows, tb), (o, h, w), block, (out, qstride, wp)) },
+        Tiling::F4 => unsafe { output_transform_f4((m, rows, tb), (o, w), block, (out, qstride, wp)) },
+    }
 }
 
 /// V = Bᵀ d B of every 4x4 tile d of `block` (rows and columns 2t .. 2t + 3 of the padded planes),
@@ -183,14 +286,14 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
         };
     let vs = matrix_stride(c, tb);
     assert!(block.len().is_multiple_of(LANES) && block.len() <= tb && v.len() >= 15 * vs + c * tb);
-    assert!(xpad.len() >= (c - 1) * plane + corner(block.end - LANES, tw, wp) + reach);
+    assert!(xpad.len() >= (c - 1) * plane + corner(block.end - LANES, tw, wp, 2) + reach);
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     // Four tiles from each of two rows, in the low half.
     let four = _mm512_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22, 0, 0, 0, 0, 0, 0, 0, 0);
     for ci in 0..c {
         for t0 in block.clone().step_by(LANES) {
             // SAFETY: every load lies within `reach` of the corner (asserted above).
-            let base = unsafe { xpad.as_ptr().add(ci * plane + corner(t0, tw, wp)) };
+            let base = unsafe { xpad.as_ptr().add(ci * plane + corner(t0, tw, wp, 2)) };
             let d = |r: usize, k: usize| unsafe {
                 let p = base.add(r * wp + k);
                 let load = |rows: usize| _mm512_loadu_ps(p.add(rows * wp));
@@ -245,49 +348,231 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
     }
 }
 
+/// V = Bᵀ d B of every 6x6 tile d of `block` for F(4x4, 3x3) (rows and columns 4t .. 4t + 5 of the
+/// padded planes), with Lavin & Gray's Bᵀ (see `bt` inside), 16 tiles per register: four groups of
+/// four tiles side by side in a tile row, so that a tile value of a group is every fourth lane of one
+/// load, and a register's is two permutes of four loads and a blend.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
+    (xpad, plane, wp): (&[f32], usize, usize),
+    (c, w): (usize, usize),
+    block: std::ops::Range<usize>,
+    (v, tb): (&mut [f32], usize),
+) {
+    let tw = w / 4;
+    let vs = matrix_stride(c, tb);
+    assert!(tw.is_multiple_of(4) && block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
+    assert!(block.len() <= tb && v.len() >= 35 * vs + c * tb);
+    // The farthest load: row 5 of the last group's tiles, from column 4, 16 values.
+    assert!(xpad.len() >= (c - 1) * plane + corner(block.end - 4, tw, wp, 4) + 5 * wp + 4 + LANES);
+    // Value k of four tiles from each of two loads (lanes k, k + 4, ...), in both halves.
+    let pick: [__m512i; 4] = std::array::from_fn(|k| {
+        let k = k as i32;
+        _mm512_setr_epi32(
+            k,
+            k + 4,
+            k + 8,
+            k + 12,
+            k + 16,
+            k + 20,
+            k + 24,
+            k + 28,
+            k,
+            k + 4,
+            k + 8,
+            k + 12,
+            k + 16,
+            k + 20,
+            k + 24,
+            k + 28,
+        )
+    });
+    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+    let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
+    // Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0; 0 4 0 −5 0 1]
+    // applied to six registers, its rows' shared sums taken once.
+    let bt = |d: [__m512; 6]| {
+        let (s12, s34, d12, d43) = (add(d[1], d[2]), add(d[3], d[4]), sub(d[1], d[2]), sub(d[4], d[3]));
+        let (d42, d31) = (sub(d[4], d[2]), sub(d[3], d[1]));
+        [
+            fma(4.0, d[0], fma(-5.0, d[2], d[4])),
+            fma(-4.0, s12, s34),
+            fma(4.0, d12, d43),
+            fma(2.0, d31, d42),
+            fma(-2.0, d31, d42),
+            fma(4.0, d[1], fma(-5.0, d[3], d[5])),
+        ]
+    };
+    // A (6x4, the output transform's transpose) applied to four registers: y0, y0 + y1 + y2 + y3,
+    // y0 − y1 + y2 − y3, y0 + 2y1 + 4y2 + 8y3, y0 − 2y1 + 4y2 − 8y3, y3.
+    let a = |y: [__m512; 4]| {
+        let (s02, s13, q02, half_q13) = (add(y[0], y[2]), add(y[1], y[3]), fma(4.0, y[2], y[0]), fma(4.0, y[3], y[1]));
+        let q13 = add(half_q13, half_q13);
+        [y[0], add(s02, s13), sub(s02, s13), add(q02, q13), sub(q02, q13), y[3]]
+    };
+    // The transform of six values (a tile's row or column): Bᵀ of all six, or A of the middle four.
+    let transform = |d: [__m512; 6]| if OUTPUT_GRAD { a([d[1], d[2], d[3], d[4]]) } else { bt(d) };
+    let zero = _mm512_setzero_ps();
+    for ci in 0..c {
+        for t0 in block.clone().step_by(LANES) {
+            // SAFETY: every load lies within the reach asserted above.
+            let groups: [*const f32; 4] =
+                std::array::from_fn(|g| unsafe { xpad.as_ptr().add(ci * plane + corner(t0 + 4 * g, tw, wp, 4)) });
+            // Along the rows first (d B), row by row, then down the columns (Bᵀ (d B)).
+            let e: [[__m512; 6]; 6] = std::array::from_fn(|r| {
+                if OUTPUT_GRAD && (r == 0 || r == 5) {
+                    // dY's 4x4 tile is the middle of the window: its first and last rows are not read.
+                    return [zero; 6];
+                }
+                let load = |from: usize| -> [__m512; 4] {
+                    std::array::from_fn(|g| unsafe { _mm512_loadu_ps(groups[g].add(r * wp + from)) })
+                };
+                let (near, far) = (load(0), load(4));
+                let gather = |l: &[__m512; 4], k: usize| {
+                    let low = _mm512_permutex2var_ps(l[0], pick[k], l[1]);
+                    _mm512_mask_blend_ps(0xFF00, low, _mm512_permutex2var_ps(l[2], pick[k], l[3]))
+                };
+                transform([
+                    gather(&near, 0),
+                    gather(&near, 1),
+                    gather(&near, 2),
+                    gather(&near, 3),
+                    gather(&far, 0),
+                    gather(&far, 1),
+                ])
+            });
+            for (j, column) in (0..6).map(|j| transform(std::array::from_fn(|r| e[r][j]))).enumerate() {
+                for (i, value) in column.into_iter().enumerate() {
+                    // SAFETY: 6i + j < 36, ci < C and t0 + 16 − block.start <= tb (asserted above).
+                    let at = (6 * i + j) * vs + ci * tb + t0 - block.start;
+                    unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(at), value) };
+                }
+            }
+        }
+    }
+}
+
+/// Y = Aᵀ M A of every tile for F(4x4, 3x3), with Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0;
+/// 0 1 −1 8 −8 1], into the output grid: each output row of a group of four tiles is 16 values, one
+/// store, interleaved from the tiles' four columns by two rounds of permutes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn output_transform_f4(
+    (m, rows, tb): (&[f32], usize, usize),
+    (o, w): (usize, usize),
+    block: std::ops::Range<usize>,
+    (out, qstride, wp): (&mut [f32], usize, usize),
+) {
+    let tw = w / 4;
+    let ms = matrix_stride(rows, tb);
+    assert!(tw.is_multiple_of(4) && block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
+    assert!(block.len() <= tb && m.len() >= 35 * ms + rows * tb && o <= rows);
+    assert!(out.len() >= (o - 1) * qstride + corner(block.end - 4, tw, wp, 4) + 3 * wp + LANES);
+    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+    let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
+    let at = |m: [__m512; 6]| {
+        let (s12, d12, s34, d34) = (add(m[1], m[2]), sub(m[1], m[2]), add(m[3], m[4]), sub(m[3], m[4]));
+        [add(add(m[0], s12), s34), fma(2.0, d34, d12), fma(4.0, s34, s12), fma(8.0, d34, add(d12, m[5]))]
+    };
+    // Columns 0 and 1 (or 2 and 3) of tiles 0..8 (or 8..16) in pairs, then two pairs to four tiles' rows.
+    let pairs = [
+        _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
+    ];
+    let quads = [
+        _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23),
+        _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31),
+    ];
+    for oc in 0..o {
+        for t0 in block.clone().step_by(LANES) {
+            // SAFETY: ξ < 36, oc < rows and t0 + 16 − block.start <= tb (asserted above).
+            let load = |xi: usize| unsafe { _mm512_loadu_ps(m.as_ptr().add(xi * ms + oc * tb + t0 - block.start)) };
+            // Down the columns (Aᵀ M: 4 rows of 6), then along each row.
+            let cols: [[__m512; 4]; 6] = std::array::from_fn(|j| at(std::array::from_fn(|i| load(6 * i + j))));
+            for (a, y) in (0..4).map(|a| at(std::array::from_fn(|j| cols[j][a]))).enumerate() {
+                for (half, pair) in pairs.iter().enumerate() {
+                    let (p01, p23) =
+                        (_mm512_permutex2var_ps(y[0], *pair, y[1]), _mm512_permutex2var_ps(y[2], *pair, y[3]));
+                    for (q, quad) in quads.iter().enumerate() {
+                        let g = 2 * half + q;
+                        // SAFETY: row a of group g's four tiles, 16 columns within the map's W
+                        // (asserted above).
+                        unsafe {
+                            let dst = out.as_mut_ptr().add(oc * qstride + corner(t0 + 4 * g, tw, wp, 4) + a * wp);
+                            _mm512_storeu_ps(dst, _mm512_permutex2var_ps(p01, *quad, p23));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The weight gradient's two transforms of one image, over all its `tiles` (see [`weight_from_products`]):
 /// V of the padded input `xpad` and D of the output gradient `dypad`, laid out like it (both as
-/// [`forward`] reads `xpad`, with C and O planes). Each is 16 matrices of its channels' rows of
-/// `tiles` values, [`matrix_stride`] apart.
+/// [`forward`] reads `xpad`, with C and O planes). Each is one matrix per transformed value of its
+/// channels' rows of `tiles` values, [`matrix_stride`] apart.
 pub(crate) fn weight_grad_transforms(
+    tiling: Tiling,
     (xpad, dypad, plane, wp): (&[f32], &[f32], usize, usize),
     (c, o, w): (usize, usize, usize),
     tiles: usize,
     (v, d): (&mut [f32], &mut [f32]),
 ) {
-    // SAFETY: `applies` (checked by the caller) found AVX-512F.
+    // SAFETY: `tiling` (checked by the caller) found AVX-512F.
     unsafe {
-        transform_tiles::<false>((xpad, plane, wp), (c, w), 0..tiles, (v, tiles));
-        transform_tiles::<true>((dypad, plane, wp), (o, w), 0..tiles, (d, tiles));
+        match tiling {
+            Tiling::F2 => {
+                transform_tiles::<false>((xpad, plane, wp), (c, w), 0..tiles, (v, tiles));
+                transform_tiles::<true>((dypad, plane, wp), (o, w), 0..tiles, (d, tiles));
+            }
+            Tiling::F4 => {
+                transform_tiles_f4::<false>((xpad, plane, wp), (c, w), 0..tiles, (v, tiles));
+                transform_tiles_f4::<true>((dypad, plane, wp), (o, w), 0..tiles, (d, tiles));
+            }
+        }
     }
 }
 
-/// Tiles of an H x W map (2x2 outputs each).
-pub(crate) fn tiles(h: usize, w: usize) -> usize {
-    h / 2 * (w / 2)
-}
-
-/// The weight gradient from its Winograd products: `m` (O, C, 16) holds, for every pair of
-/// channels, Σ over tiles of D ⊙ V (the transforms of dY's 2x2 tiles and of the input's 4x4 ones),
-/// and dW = Gᵀ m G (3x3 each), returned OIHW. This is F(2x2, 3x3) transposed: the forward's
-/// y = Aᵀ[(G g) ⊙ (Bᵀ d B)]A makes ∂y/∂g, summed against dY, Gᵀ[(A dY Aᵀ) ⊙ (Bᵀ d B)]G.
-pub(crate) fn weight_from_products(m: &[f32]) -> Vec<f32> {
-    let mut dw = vec![0f32; m.len() / 16 * 9];
-    for (prod, out) in m.chunks_exact(16).zip(dw.chunks_exact_mut(9)) {
-        // Gᵀ's rows combine M's rows: M0 + (M1 + M2)/2, (M1 − M2)/2, (M1 + M2)/2 + M3.
-        let gt = |a: f32, b: f32, c: f32, d: f32| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
-        let cols: [[f32; 3]; 4] = std::array::from_fn(|j| gt(prod[j], prod[4 + j], prod[8 + j], prod[12 + j]));
-        for k in 0..3 {
-            let row = gt(cols[0][k], cols[1][k], cols[2][k], cols[3][k]);
-            out[k * 3..k * 3 + 3].copy_from_slice(&row);
+/// The weight gradient from its Winograd products: `m` (O, C, values) holds, for every pair of
+/// channels, Σ over tiles of D ⊙ V (the transforms of dY's tiles and of the input's), and
+/// dW = Gᵀ m G (3x3 each), returned OIHW. This is the forward transposed: its
+/// y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A makes ∂y/∂g, summed against dY, Gᵀ[(A dY Aᵀ) ⊙ (Bᵀ d B)]G.
+pub(crate) fn weight_from_products(tiling: Tiling, m: &[f32]) -> Vec<f32> {
+    let values = tiling.values();
+    let mut dw = vec![0f32; m.len() / values * 9];
+    for (prod, out) in m.chunks_exact(values).zip(dw.chunks_exact_mut(9)) {
+        match tiling {
+            Tiling::F2 => {
+                // Gᵀ's rows combine M's rows: M0 + (M1 + M2)/2, (M1 − M2)/2, (M1 + M2)/2 + M3.
+                let gt = |a: f32, b: f32, c: f32, d: f32| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
+                let cols: [[f32; 3]; 4] = std::array::from_fn(|j| gt(prod[j], prod[4 + j], prod[8 + j], prod[12 + j]));
+                for k in 0..3 {
+                    let row = gt(cols[0][k], cols[1][k], cols[2][k], cols[3][k]);
+                    out[k * 3..k * 3 + 3].copy_from_slice(&row);
+                }
+            }
+            Tiling::F4 => {
+                // (Gᵀ M) as 3 rows of 6, then (Gᵀ M) G, in f64 like the forward's U.
+                let gtm: [[f64; 6]; 3] = std::array::from_fn(|k| {
+                    std::array::from_fn(|j| (0..6).map(|i| G4[i][k] * f64::from(prod[6 * i + j])).sum())
+                });
+                for (k, row) in out.chunks_exact_mut(3).enumerate() {
+                    for (l, dst) in row.iter_mut().enumerate() {
+                        *dst = (0..6).map(|j| gtm[k][j] * G4[j][l]).sum::<f64>() as f32;
+                    }
+                }
+            }
         }
     }
     dw
 }
 
-/// Offset in a padded plane (rows `wp` wide) of tile t's top-left value: tile row t / tw, column t % tw.
-fn corner(t: usize, tw: usize, wp: usize) -> usize {
-    2 * (t / tw) * wp + 2 * (t % tw)
+/// Offset in a padded plane (rows `wp` wide) of tile t's top-left value, for tiles of `size` outputs
+/// a side: tile row t / tw, column t % tw.
+fn corner(t: usize, tw: usize, wp: usize, size: usize) -> usize {
+    size * ((t / tw) * wp + t % tw)
 }
 
 /// Y = Aᵀ M A of every tile, with Aᵀ = [1 1 1 0; 0 1 −1 −1], into the output grid: 16 tiles per
@@ -372,4 +657,24 @@ fn output_transform(
     _: (&mut [f32], usize, usize),
 ) {
     unreachable!("Winograd's transforms need AVX-512 (`applies` checks it)")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
+    _: (&[f32], usize, usize),
+    _: (usize, usize),
+    _: std::ops::Range<usize>,
+    _: (&mut [f32], usize),
+) {
+    unreachable!("Winograd's transforms need AVX-512 (`tiling` checks it)")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn output_transform_f4(
+    _: (&[f32], usize, usize),
+    _: (usize, usize),
+    _: std::ops::Range<usize>,
+    _: (&mut [f32], usize, usize),
+) {
+    unreachable!("Winograd's transforms need AVX-512 (`tiling` checks it)")
 }
