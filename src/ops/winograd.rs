@@ -13,17 +13,24 @@
 //! Y_ot       = Aᵀ M[·][o][t] A        each output tile's m x m outputs
 //! ```
 //!
-//! Two tilings ([`Tiling`]): F(4x4, 3x3), 2.25 multiply-adds per output (4x fewer), on maps 16k wide
-//! (16x16 and 32x32 in ResNet-20), and F(2x2, 3x3), 4 per output (2.25x fewer), on the 8x8 maps, whose
-//! two 4x4 tiles a row would not fill a register's groups. F(4x4) has more work per transformed
-//! value, which is what the 16-channel layers need: there F(2x2) measured 1.00x the direct kernel and
-//! F(4x4) 0.59x its time (one thread, per image: 10.9 µs against 18.6).
+//! Two tilings ([`Tiling`]): F(4x4, 3x3), 2.25 multiply-adds per output (4x fewer), and F(2x2,
+//! 3x3), 4 per output (2.25x fewer). F(4x4) has more work per transformed value, which is what the
+//! 16-channel layers need: there F(2x2) measured 1.00x the direct kernel and F(4x4) 0.59x its time
+//! (one thread, per image: 10.9 µs against 18.6). Every stride-1 layer of ResNet-20 runs its forward
+//! and input gradient on F(4x4); the weight gradient does too on the 16x16 and 32x32 maps, and on
+//! F(2x2) on the 8x8 ones (see [`weight_grad_tiling`]).
+//!
+//! The forward takes a batch of images ([`batch`]): an 8x8 map has 4 tiles of 4x4, a 16x16 one 16,
+//! and the products run on far more tiles at once (one thread, per image: 64→64 on 8x8 6.5 µs in
+//! batches of 8 against 11.6 on F(2x2) one image at a time; 32→32 on 16x16 7.2 µs in batches of 4
+//! against 10.1 alone).
 //!
 //! The products carry most of the work and run on [`kernels::direct`] with one tap (its register
 //! tiles and weight blocks unchanged); the transforms are additions and a few multiplies by small
 //! constants. F(2x2)'s results agree with the direct kernel's to float rounding (its G's halves are
-//! exact in binary); F(4x4)'s to a few roundings more (G's sixths and B's fours and fives), ~1e-5 on
-//! outputs of magnitude ~5 in the tests.
+//! exact in binary); F(4x4)'s to ~1e-5 of the output's scale (G's sixths, and transforms that
+//! multiply by up to 8 and 25: 2e-4 on outputs up to 17 with 64 channels, against float64), as
+//! other libraries' F(4x4, 3x3) in float32.
 //!
 //! The weight gradient is the same algorithm transposed ([`weight_from_products`]): per image, the
 //! input's tiles transformed as above and dY's m x m tiles to (m + 2)², their products summed over
@@ -81,10 +88,11 @@ impl Tiling {
     }
 }
 
-/// The tiling a convolution of this shape runs on (its forward, input gradient and weight gradient),
-/// if any: F(4x4, 3x3) on maps whose rows are whole groups of four 4x4 tiles (16, 32, ... wide, a
-/// multiple of 4 high, 16k tiles), with [`MIN_CHANNELS_F4`] channels on either side, where the CPU
-/// has the direct kernel; else F(2x2, 3x3) where [`applies`].
+/// The tiling a convolution of this shape runs on (its forward and input gradient), if any:
+/// F(4x4, 3x3) where the map's tiles make whole groups of four (see [`Maps`]): rows of 4k tiles (maps
+/// 16k wide, a multiple of 4 high), or 8 wide and a multiple of 8 high (2x2 blocks of tiles), with
+/// [`MIN_CHANNELS_F4`] channels on either side, where the CPU has the direct kernel; else F(2x2, 3x3)
+/// where [`applies`].
 pub(crate) fn tiling(
     k: usize,
     stride: usize,
@@ -92,18 +100,44 @@ pub(crate) fn tiling(
     (h, w): (usize, usize),
     (c, o): (usize, usize),
 ) -> Option<Tiling> {
-    let shape = k == 3 && stride == 1 && pad == 1 && h > 0 && h % 4 == 0 && w > 0 && w.is_multiple_of(LANES);
-    let f4 = shape && Tiling::F4.tiles(h, w).is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS_F4;
-    if f4 && kernels::available() {
+    let shape = k == 3 && stride == 1 && pad == 1 && h > 0 && w > 0;
+    let groups = (h % 4 == 0 && w.is_multiple_of(LANES)) || (w == 8 && h % 8 == 0);
+    let registers = (batch(Tiling::F4, h, w) * Tiling::F4.tiles(h, w)).is_multiple_of(LANES);
+    if shape && groups && registers && c.min(o) >= MIN_CHANNELS_F4 && kernels::available() {
         Some(Tiling::F4)
     } else {
         applies(k, stride, pad, (h, w), (c, o)).then_some(Tiling::F2)
     }
 }
 
+/// The tiling a weight gradient of this shape runs on, if any: the forward's where an image has whole
+/// registers of tiles (16k), else F(2x2, 3x3) where [`applies`]. The weight gradient transforms one
+/// image at a time (no batch), and sums its products over the tiles of a few images per call: on
+/// the 8x8 maps, F(4x4)'s four tiles an image would make those calls too short for the kernel.
+pub(crate) fn weight_grad_tiling(
+    k: usize,
+    stride: usize,
+    pad: usize,
+    (h, w): (usize, usize),
+    (c, o): (usize, usize),
+) -> Option<Tiling> {
+    match tiling(k, stride, pad, (h, w), (c, o)) {
+        Some(Tiling::F4) if !Tiling::F4.tiles(h, w).is_multiple_of(LANES) => {
+            applies(k, stride, pad, (h, w), (c, o)).then_some(Tiling::F2)
+        }
+        t => t,
+    }
+}
+
 /// The fewest input and output channels a convolution runs on F(4x4, 3x3) with: ResNet-20's fewest,
 /// where it measured 0.59x the direct kernel's time (fewer were not measured).
 const MIN_CHANNELS_F4: usize = 16;
+
+/// Images per call of [`forward`] on maps of H x W: enough for a block of tiles (small maps have
+/// few tiles an image, and the products want many), at most 8.
+pub(crate) fn batch(tiling: Tiling, h: usize, w: usize) -> usize {
+    (BLOCK / tiling.tiles(h, w).max(1)).clamp(1, 8)
+}
 
 /// Output rows of a product: O rounded up to the direct kernel's blocks.
 fn output_rows(o: usize) -> usize {
@@ -192,18 +226,63 @@ fn weight_f4(kernel: &[f32], out: &mut [f32]) {
     }
 }
 
-/// The convolution of one padded image: `xpad` holds C planes of `plane` values, rows `wp` = W + 1
-/// wide, pixel (iy, ix) at (iy + 1)·wp + ix + 1 and zeros around (the stride-1 wide layout of
-/// `conv::Shifted`, with at least one zero row below the bottom padding). Writes output channel o's
-/// pixel (oy, ox) to `out[o·qstride + oy·wp + ox]`; `u` is [`weight`]'s for the same tiling.
+/// Where the tiles of a batch of images lie, in their padded inputs and in their outputs: planes
+/// `plane` values apart (rows `wp` wide), padded images `xstride` apart; outputs `qstride` apart a
+/// channel and `ostride` an image, rows `wp` wide too. Tile t is image t / `per_image`'s tile
+/// t % `per_image`, at tile row (t % per_image) / `tw`.
+///
+/// The transforms take 16 tiles per register. F(2x2)'s are 16 consecutive tiles of one image (see
+/// [`transform_tiles`]); F(4x4)'s are four groups of four consecutive tiles, each group within one
+/// image: four side by side in a tile row (rows of 4k tiles), or, on maps 8 wide (rows of 2 tiles),
+/// a 2x2 block of tiles.
+#[derive(Debug, Clone, Copy)]
+struct Maps {
+    plane: usize,
+    wp: usize,
+    xstride: usize,
+    qstride: usize,
+    ostride: usize,
+    tw: usize,
+    per_image: usize,
+    /// Outputs per side of a tile.
+    size: usize,
+}
+
+impl Maps {
+    /// Offset of tile t's top-left value in a padded image, from its image's start.
+    fn corner(&self, t: usize) -> usize {
+        let t = t % self.per_image;
+        self.size * ((t / self.tw) * self.wp + t % self.tw)
+    }
+
+    /// Offset of tile t's top-left value in the padded inputs.
+    fn input(&self, t: usize) -> usize {
+        t / self.per_image * self.xstride + self.corner(t)
+    }
+
+    /// Offset of tile t's top-left output in the outputs.
+    fn output(&self, t: usize) -> usize {
+        t / self.per_image * self.ostride + self.corner(t)
+    }
+}
+
+/// The convolution of `images` padded images, `xstride` apart: each holds C planes of `plane`
+/// values, rows `wp` = W + 1 wide, pixel (iy, ix) at (iy + 1)·wp + ix + 1 and zeros around (the
+/// stride-1 wide layout of `conv::Shifted`, with at least one zero row below the bottom padding).
+/// Writes image n's output channel o's pixel (oy, ox) to `out[n·ostride + o·qstride + oy·wp + ox]`;
+/// `u` is [`weight`]'s for the same tiling. Images' outputs are independent: a batch may be
+/// completed with any finite (or even stale) images whose outputs are not read.
 pub(crate) fn forward(
     tiling: Tiling,
-    (xpad, plane, wp): (&[f32], usize, usize),
-    (c, h, w): (usize, usize, usize),
+    (xpad, plane, wp, xstride): (&[f32], usize, usize, usize),
+    (c, h, w, images): (usize, usize, usize, usize),
     (u, o): (&[f32], usize),
-    (out, qstride): (&mut [f32], usize),
+    (out, qstride, ostride): (&mut [f32], usize, usize),
 ) {
-    assert!(wp == w + 1 && plane >= (h + 3) * wp && xpad.len() >= c * plane);
+    assert!(wp == w + 1 && plane >= (h + 3) * wp && xstride >= c * plane && images > 0);
+    assert!(xpad.len() >= (images - 1) * xstride + c * plane);
+    let (size, per_image) = (tiling.size(), tiling.tiles(h, w));
+    let maps = Maps { plane, wp, xstride, qstride, ostride, tw: w / size, per_image, size };
     let tb = BLOCK;
     let len = scratch_len(tiling, (c, o), tb);
     SCRATCH.with_borrow_mut(|scratch| {
@@ -211,31 +290,30 @@ pub(crate) fn forward(
             scratch.resize(len, 0.0);
         }
         let (v, m) = scratch[..len].split_at_mut(tiling.values() * matrix_stride(c, tb));
-        let tiles = tiling.tiles(h, w);
+        let tiles = images * per_image;
         for first in (0..tiles).step_by(tb) {
             let block = first..tiles.min(first + tb);
-            products(tiling, (xpad, plane, wp), (c, h, w), (u, o), (v, m), (out, qstride), (block, tb));
+            products(tiling, maps, (xpad, c), (u, o), (v, m), out, (block, tb));
         }
     });
 }
 
 /// The outputs of the tiles `block` (at most `tb`), with V and M of `tb` tiles each.
-#[allow(clippy::too_many_arguments)]
 fn products(
     tiling: Tiling,
-    (xpad, plane, wp): (&[f32], usize, usize),
-    (c, h, w): (usize, usize, usize),
+    maps: Maps,
+    (xpad, c): (&[f32], usize),
     (u, o): (&[f32], usize),
     (v, m): (&mut [f32], &mut [f32]),
-    (out, qstride): (&mut [f32], usize),
+    out: &mut [f32],
     (block, tb): (std::ops::Range<usize>, usize),
 ) {
     let rows = output_rows(o);
     let (vs, ms, n) = (matrix_stride(c, tb), matrix_stride(rows, tb), block.len());
     // SAFETY (the transforms): `tiling` (checked by the caller) found AVX-512F.
     match tiling {
-        Tiling::F2 => unsafe { transform_tiles::<false>((xpad, plane, wp), (c, w), block.clone(), (v, tb)) },
-        Tiling::F4 => unsafe { transform_tiles_f4::<false>((xpad, plane, wp), (c, w), block.clone(), (v, tb)) },
+        Tiling::F2 => unsafe { transform_tiles::<false>(xpad, maps, c, block.clone(), (v, tb)) },
+        Tiling::F4 => unsafe { transform_tiles_f4::<false>(xpad, maps, c, block.clone(), (v, tb)) },
     }
     let weights = rows * c;
     for xi in 0..tiling.values() {
@@ -252,8 +330,8 @@ fn products(
         };
     }
     match tiling {
-        Tiling::F2 => unsafe { output_transform((m, rows, tb), (o, h, w), block, (out, qstride, wp)) },
-        Tiling::F4 => unsafe { output_transform_f4((m, rows, tb), (o, w), block, (out, qstride, wp)) },
+        Tiling::F2 => unsafe { output_transform((m, rows, tb), maps, o, block, out) },
+        Tiling::F4 => unsafe { output_transform_f4((m, rows, tb), maps, o, block, out) },
     }
 }
 
@@ -267,12 +345,14 @@ fn products(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn transform_tiles<const OUTPUT_GRAD: bool>(
-    (xpad, plane, wp): (&[f32], usize, usize),
-    (c, w): (usize, usize),
+    xpad: &[f32],
+    maps: Maps,
+    c: usize,
     block: std::ops::Range<usize>,
     (v, tb): (&mut [f32], usize),
 ) {
-    let tw = w / 2;
+    let Maps { plane, wp, tw, per_image, .. } = maps;
+    assert!(maps.size == 2 && per_image.is_multiple_of(LANES) && block.start.is_multiple_of(LANES));
     // The lowest and highest value a register's loads reach past its first tile's corner.
     let reach = 3 * wp
         + 3
@@ -286,14 +366,14 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
         };
     let vs = matrix_stride(c, tb);
     assert!(block.len().is_multiple_of(LANES) && block.len() <= tb && v.len() >= 15 * vs + c * tb);
-    assert!(xpad.len() >= (c - 1) * plane + corner(block.end - LANES, tw, wp, 2) + reach);
+    assert!(xpad.len() >= (c - 1) * plane + maps.input(block.end - LANES) + reach);
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     // Four tiles from each of two rows, in the low half.
     let four = _mm512_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22, 0, 0, 0, 0, 0, 0, 0, 0);
     for ci in 0..c {
         for t0 in block.clone().step_by(LANES) {
             // SAFETY: every load lies within `reach` of the corner (asserted above).
-            let base = unsafe { xpad.as_ptr().add(ci * plane + corner(t0, tw, wp, 2)) };
+            let base = unsafe { xpad.as_ptr().add(ci * plane + maps.input(t0)) };
             let d = |r: usize, k: usize| unsafe {
                 let p = base.add(r * wp + k);
                 let load = |rows: usize| _mm512_loadu_ps(p.add(rows * wp));
@@ -349,24 +429,35 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
 }
 
 /// V = Bᵀ d B of every 6x6 tile d of `block` for F(4x4, 3x3) (rows and columns 4t .. 4t + 5 of the
-/// padded planes), with Lavin & Gray's Bᵀ (see `bt` inside), 16 tiles per register: four groups of
-/// four tiles side by side in a tile row, so that a tile value of a group is every fourth lane of one
-/// load, and a register's is two permutes of four loads and a blend.
+/// padded planes), with Lavin & Gray's Bᵀ (see `bt` inside), 16 tiles per register in four groups
+/// of four (see [`Maps`]):
+/// - four tiles side by side in a tile row: a tile value of the group is every fourth lane of one
+///   load, and the register's is two permutes of four loads and a blend;
+/// - a 2x2 block of tiles (maps 8 wide): one load per tile row holds both tiles' values of an input
+///   row, and the register's values are permuted together from eight loads, two values at a time.
+///
+/// With OUTPUT_GRAD, the weight gradient's transform of dY's 4x4 tiles instead, A dy Aᵀ, from dY laid
+/// out like the input: a tile's values sit where the middle 4x4 of an input tile's do.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
-    (xpad, plane, wp): (&[f32], usize, usize),
-    (c, w): (usize, usize),
+    xpad: &[f32],
+    maps: Maps,
+    c: usize,
     block: std::ops::Range<usize>,
     (v, tb): (&mut [f32], usize),
 ) {
-    let tw = w / 4;
+    let Maps { plane, wp, tw, .. } = maps;
+    let blocks = tw == 2;
     let vs = matrix_stride(c, tb);
-    assert!(tw.is_multiple_of(4) && block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
+    assert!(maps.size == 4 && (tw.is_multiple_of(4) || (blocks && maps.per_image.is_multiple_of(4))));
+    assert!(block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
     assert!(block.len() <= tb && v.len() >= 35 * vs + c * tb);
-    // The farthest load: row 5 of the last group's tiles, from column 4, 16 values.
-    assert!(xpad.len() >= (c - 1) * plane + corner(block.end - 4, tw, wp, 4) + 5 * wp + 4 + LANES);
-    // Value k of four tiles from each of two loads (lanes k, k + 4, ...), in both halves.
+    // The farthest load: row 5 of the last group's tiles from column 4 (side by side), or row 9 from
+    // column 0 (blocks), 16 values.
+    let reach = if blocks { 9 * wp + LANES } else { 5 * wp + 4 + LANES };
+    assert!(xpad.len() >= (c - 1) * plane + maps.input(block.end - 4) + reach);
+    // Side by side: value k of four tiles from each of two loads (lanes k, k + 4, ...), in both halves.
     let pick: [__m512i; 4] = std::array::from_fn(|k| {
         let k = k as i32;
         _mm512_setr_epi32(
@@ -388,6 +479,17 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
             k + 28,
         )
     });
+    // Blocks: values k and k + 1 of a block's tiles (lanes k and k + 4 of its two tile rows' loads),
+    // then two blocks' halves side by side, then the four blocks' values k and k + 1 apart.
+    let pair: [__m512i; 3] = std::array::from_fn(|p| {
+        let k = 2 * p as i32;
+        _mm512_setr_epi32(k, k + 4, k + 16, k + 20, k + 1, k + 5, k + 17, k + 21, 0, 0, 0, 0, 0, 0, 0, 0)
+    });
+    let halves = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    let apart = [
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+        _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31),
+    ];
     let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
     let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
     // Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0; 0 4 0 −5 0 1]
@@ -418,7 +520,7 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
         for t0 in block.clone().step_by(LANES) {
             // SAFETY: every load lies within the reach asserted above.
             let groups: [*const f32; 4] =
-                std::array::from_fn(|g| unsafe { xpad.as_ptr().add(ci * plane + corner(t0 + 4 * g, tw, wp, 4)) });
+                std::array::from_fn(|g| unsafe { xpad.as_ptr().add(ci * plane + maps.input(t0 + 4 * g)) });
             // Along the rows first (d B), row by row, then down the columns (Bᵀ (d B)).
             let e: [[__m512; 6]; 6] = std::array::from_fn(|r| {
                 if OUTPUT_GRAD && (r == 0 || r == 5) {
@@ -426,9 +528,22 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
                     return [zero; 6];
                 }
                 let load = |from: usize| -> [__m512; 4] {
-                    std::array::from_fn(|g| unsafe { _mm512_loadu_ps(groups[g].add(r * wp + from)) })
+                    std::array::from_fn(|g| unsafe { _mm512_loadu_ps(groups[g].add(from)) })
                 };
-                let (near, far) = (load(0), load(4));
+                if blocks {
+                    // Row r of each block's top tiles and of its bottom ones (4 rows further).
+                    let (top, bottom) = (load(r * wp), load((r + 4) * wp));
+                    let mut d = [zero; 6];
+                    for (p, pair) in pair.iter().enumerate() {
+                        let q: [__m512; 4] = std::array::from_fn(|g| _mm512_permutex2var_ps(top[g], *pair, bottom[g]));
+                        let (q01, q23) =
+                            (_mm512_permutex2var_ps(q[0], halves, q[1]), _mm512_permutex2var_ps(q[2], halves, q[3]));
+                        d[2 * p] = _mm512_permutex2var_ps(q01, apart[0], q23);
+                        d[2 * p + 1] = _mm512_permutex2var_ps(q01, apart[1], q23);
+                    }
+                    return transform(d);
+                }
+                let (near, far) = (load(r * wp), load(r * wp + 4));
                 let gather = |l: &[__m512; 4], k: usize| {
                     let low = _mm512_permutex2var_ps(l[0], pick[k], l[1]);
                     _mm512_mask_blend_ps(0xFF00, low, _mm512_permutex2var_ps(l[2], pick[k], l[3]))
@@ -460,15 +575,20 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
 #[target_feature(enable = "avx512f")]
 fn output_transform_f4(
     (m, rows, tb): (&[f32], usize, usize),
-    (o, w): (usize, usize),
+    maps: Maps,
+    o: usize,
     block: std::ops::Range<usize>,
-    (out, qstride, wp): (&mut [f32], usize, usize),
+    out: &mut [f32],
 ) {
-    let tw = w / 4;
+    let Maps { wp, qstride, tw, .. } = maps;
+    let blocks = tw == 2;
     let ms = matrix_stride(rows, tb);
-    assert!(tw.is_multiple_of(4) && block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
+    assert!(maps.size == 4 && (tw.is_multiple_of(4) || (blocks && maps.per_image.is_multiple_of(4))));
+    assert!(block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
     assert!(block.len() <= tb && m.len() >= 35 * ms + rows * tb && o <= rows);
-    assert!(out.len() >= (o - 1) * qstride + corner(block.end - 4, tw, wp, 4) + 3 * wp + LANES);
+    // The last group's farthest store: its row 3 (16 values), or its bottom tiles' row 3 (8).
+    let reach = if blocks { 7 * wp + 8 } else { 3 * wp + LANES };
+    assert!(out.len() >= (o - 1) * qstride + maps.output(block.end - 4) + reach);
     let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
     let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
     let at = |m: [__m512; 6]| {
@@ -496,11 +616,19 @@ fn output_transform_f4(
                         (_mm512_permutex2var_ps(y[0], *pair, y[1]), _mm512_permutex2var_ps(y[2], *pair, y[3]));
                     for (q, quad) in quads.iter().enumerate() {
                         let g = 2 * half + q;
-                        // SAFETY: row a of group g's four tiles, 16 columns within the map's W
-                        // (asserted above).
+                        // Row a of group g's four tiles, 16 outputs: side by side, one row of the
+                        // map; a block, 8 of row a (top tiles) and 8 of row 4 + a (bottom ones).
+                        let row = _mm512_permutex2var_ps(p01, *quad, p23);
+                        // SAFETY: within the map's W columns (asserted above).
                         unsafe {
-                            let dst = out.as_mut_ptr().add(oc * qstride + corner(t0 + 4 * g, tw, wp, 4) + a * wp);
-                            _mm512_storeu_ps(dst, _mm512_permutex2var_ps(p01, *quad, p23));
+                            let dst = out.as_mut_ptr().add(oc * qstride + maps.output(t0 + 4 * g) + a * wp);
+                            if blocks {
+                                _mm512_mask_storeu_ps(dst, 0x00FF, row);
+                                // Lanes 8..16 to the row 4 below: the store starts 8 values early.
+                                _mm512_mask_storeu_ps(dst.add(4 * wp - 8), 0xFF00, row);
+                            } else {
+                                _mm512_storeu_ps(dst, row);
+                            }
                         }
                     }
                 }
@@ -516,20 +644,21 @@ fn output_transform_f4(
 pub(crate) fn weight_grad_transforms(
     tiling: Tiling,
     (xpad, dypad, plane, wp): (&[f32], &[f32], usize, usize),
-    (c, o, w): (usize, usize, usize),
-    tiles: usize,
+    (c, o, h, w): (usize, usize, usize, usize),
     (v, d): (&mut [f32], &mut [f32]),
 ) {
-    // SAFETY: `tiling` (checked by the caller) found AVX-512F.
+    let (size, tiles) = (tiling.size(), tiling.tiles(h, w));
+    let maps = Maps { plane, wp, xstride: 0, qstride: 0, ostride: 0, tw: w / size, per_image: tiles, size };
+    // SAFETY: `weight_grad_tiling` (checked by the caller) found AVX-512F.
     unsafe {
         match tiling {
             Tiling::F2 => {
-                transform_tiles::<false>((xpad, plane, wp), (c, w), 0..tiles, (v, tiles));
-                transform_tiles::<true>((dypad, plane, wp), (o, w), 0..tiles, (d, tiles));
+                transform_tiles::<false>(xpad, maps, c, 0..tiles, (v, tiles));
+                transform_tiles::<true>(dypad, maps, o, 0..tiles, (d, tiles));
             }
             Tiling::F4 => {
-                transform_tiles_f4::<false>((xpad, plane, wp), (c, w), 0..tiles, (v, tiles));
-                transform_tiles_f4::<true>((dypad, plane, wp), (o, w), 0..tiles, (d, tiles));
+                transform_tiles_f4::<false>(xpad, maps, c, 0..tiles, (v, tiles));
+                transform_tiles_f4::<true>(dypad, maps, o, 0..tiles, (d, tiles));
             }
         }
     }
@@ -569,26 +698,29 @@ pub(crate) fn weight_from_products(tiling: Tiling, m: &[f32]) -> Vec<f32> {
     dw
 }
 
-/// Offset in a padded plane (rows `wp` wide) of tile t's top-left value, for tiles of `size` outputs
-/// a side: tile row t / tw, column t % tw.
-fn corner(t: usize, tw: usize, wp: usize, size: usize) -> usize {
-    size * ((t / tw) * wp + t % tw)
-}
-
 /// Y = Aᵀ M A of every tile, with Aᵀ = [1 1 1 0; 0 1 −1 −1], into the output grid: 16 tiles per
 /// register, their 2x2 outputs interleaved into rows by two permutes per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn output_transform(
     (m, rows, tb): (&[f32], usize, usize),
-    (o, h, w): (usize, usize, usize),
+    maps: Maps,
+    o: usize,
     block: std::ops::Range<usize>,
-    (out, qstride, wp): (&mut [f32], usize, usize),
+    out: &mut [f32],
 ) {
-    let tw = w / 2;
+    let Maps { wp, qstride, tw, per_image, .. } = maps;
     let ms = matrix_stride(rows, tb);
+    assert!(maps.size == 2 && per_image.is_multiple_of(LANES) && block.start.is_multiple_of(LANES));
     assert!(block.len().is_multiple_of(LANES) && block.len() <= tb && m.len() >= 15 * ms + rows * tb && o <= rows);
-    assert!(out.len() >= (o - 1) * qstride + (h - 1) * wp + w);
+    // The last register's stores reach 8 rows of 8 tiles' outputs (rows of 4 tiles), 4 of 16 (rows of
+    // 8) or 2 of 32 past its corner.
+    let reach = match tw {
+        4 => 7 * wp + 8,
+        8 => 3 * wp + 16,
+        _ => wp + 2 * LANES,
+    };
+    assert!(out.len() >= (o - 1) * qstride + maps.output(block.end - LANES) + reach);
     // The outputs of tiles 0..8 (low) and 8..16 (high): a tile's left value, then its right one.
     let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -605,11 +737,10 @@ fn output_transform(
                 [_mm512_permutex2var_ps(left, low, right), _mm512_permutex2var_ps(left, high, right)]
             };
             let (top, bottom) = (across(s0), across(s1));
-            let ty0 = t0 / tw;
-            // SAFETY: every store below writes output rows 2·ty0 .. 2·ty0 + 7 of channel oc within
-            // the map's W columns (asserted above).
+            // SAFETY: every store below writes the register's output rows (at most 8 from its
+            // corner) of channel oc within the map's W columns (asserted above).
             unsafe {
-                let dst = out.as_mut_ptr().add(oc * qstride + 2 * ty0 * wp + 2 * (t0 % tw));
+                let dst = out.as_mut_ptr().add(oc * qstride + maps.output(t0));
                 for (half, (t, b)) in top.into_iter().zip(bottom).enumerate() {
                     match tw {
                         // Tile rows ty0 + 2·half and the next, 8 outputs each.
@@ -641,8 +772,9 @@ fn output_transform(
 
 #[cfg(not(target_arch = "x86_64"))]
 fn transform_tiles<const OUTPUT_GRAD: bool>(
-    _: (&[f32], usize, usize),
-    _: (usize, usize),
+    _: &[f32],
+    _: Maps,
+    _: usize,
     _: std::ops::Range<usize>,
     _: (&mut [f32], usize),
 ) {
@@ -650,19 +782,15 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn output_transform(
-    _: (&[f32], usize, usize),
-    _: (usize, usize, usize),
-    _: std::ops::Range<usize>,
-    _: (&mut [f32], usize, usize),
-) {
+fn output_transform(_: (&[f32], usize, usize), _: Maps, _: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
     unreachable!("Winograd's transforms need AVX-512 (`applies` checks it)")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
-    _: (&[f32], usize, usize),
-    _: (usize, usize),
+    _: &[f32],
+    _: Maps,
+    _: usize,
     _: std::ops::Range<usize>,
     _: (&mut [f32], usize),
 ) {
@@ -670,11 +798,6 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn output_transform_f4(
-    _: (&[f32], usize, usize),
-    _: (usize, usize),
-    _: std::ops::Range<usize>,
-    _: (&mut [f32], usize, usize),
-) {
+fn output_transform_f4(_: (&[f32], usize, usize), _: Maps, _: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
     unreachable!("Winograd's transforms need AVX-512 (`tiling` checks it)")
 }
