@@ -31,8 +31,8 @@
 //! Stride-1 3x3 convolutions with 16+ channels on both sides run on Winograd's transforms instead
 //! (`winograd`: forward, input gradient and weight gradient), on the wide layout: F(4x4, 3x3), 36
 //! multiply-adds per 4x4 outputs where the direct kernel spends 144, a batch of images at a time
-//! on the small maps (`Shifted::batch`); the 8x8 maps' weight gradient runs F(2x2, 3x3), 16 per 2x2
-//! outputs.
+//! on the small maps (`Shifted::batch`); on maps up to 16x16 the weight gradient's transforms are
+//! channels-last, its products on the direct kernel.
 
 use super::bn;
 use super::kernels;
@@ -906,12 +906,16 @@ pub(crate) fn backward(
         InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
     let dw_path = match winograd::weight_grad_tiling(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) {
+        _ if winograd::weight_grad_channels_last(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) => {
+            WeightGradPath::ChannelsLast
+        }
         Some(tiling) if kernels::weight_grad_fits(gw.o, g.c) => WeightGradPath::Winograd(tiling),
         _ if shw.direct_weight_grad() => WeightGradPath::Direct,
         _ => WeightGradPath::Gemm,
     };
     let tiling = match dw_path {
         WeightGradPath::Winograd(tiling) => tiling,
+        WeightGradPath::ChannelsLast => winograd::Tiling::F4,
         _ => winograd::Tiling::F2,
     };
     let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
@@ -922,13 +926,16 @@ pub(crate) fn backward(
     let (tiles, values) = (tiling.tiles(g.h, g.w), tiling.values());
     let (d_stride, v_stride) = (winograd::matrix_stride(gw.o, tiles), winograd::matrix_stride(g.c, tiles));
     // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's products.
-    let acc_rows = if matches!(dw_path, WeightGradPath::Winograd(_)) { values * g.c } else { taps * g.c };
+    let winograd = matches!(dw_path, WeightGradPath::Winograd(_) | WeightGradPath::ChannelsLast);
+    let acc_rows = if winograd { values * g.c } else { taps * g.c };
     // One group of images: its partial dW (acc_rows, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; acc_rows * gw.o];
         // The padded input and dY (transposed for the gemm path, padded for Winograd's).
         let (mut xpad, mut dyt) = match dw_path {
             WeightGradPath::Winograd(_) => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
+            // Channels-last: the input padded by one pixel, dY unpadded.
+            WeightGradPath::ChannelsLast => (vec![0f32; (g.h + 2) * (g.w + 2) * g.c], vec![0f32; out_w]),
             WeightGradPath::Direct => (Vec::new(), Vec::new()),
             WeightGradPath::Gemm => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
         };
@@ -946,6 +953,11 @@ pub(crate) fn backward(
         let (per_call, slot_lens) = match dw_path {
             // Enough tiles per call (~256) to make the kernel's final sums cheap.
             WeightGradPath::Winograd(_) => ((256 / tiles).clamp(1, GROUP), (values * d_stride, values * v_stride)),
+            // One call per group: every image's D and V, side by side.
+            WeightGradPath::ChannelsLast => (
+                1,
+                (values * winograd::cl_stride(GROUP * tiles, gw.o), values * winograd::cl_stride(GROUP * tiles, g.c)),
+            ),
             WeightGradPath::Direct => (shw.images_per_call(), (gw.o * shw.grid16(), shw.padded_len())),
             WeightGradPath::Gemm => (0, (0, 0)),
         };
@@ -1014,6 +1026,16 @@ pub(crate) fn backward(
                         unsafe { kernels::weight_grad(&images, (gw.o, g.c), grid, &shifts, &mut acc) };
                     }
                 }
+                WeightGradPath::ChannelsLast => {
+                    winograd::channels_last(x_n, (g.c, g.h, g.w), 1, &mut xpad);
+                    winograd::channels_last(dy_w, (gw.o, g.h, g.w), 0, &mut dyt);
+                    let (d, v) = &mut slots[0];
+                    let calls = (i * tiles, GROUP * tiles);
+                    winograd::weight_grad_transforms_cl((&xpad, &dyt), (g.c, gw.o, g.h, g.w), calls, (v, d));
+                    if n == last {
+                        winograd::weight_grad_products_cl((v, d), (g.c, gw.o), GROUP * tiles, &mut acc);
+                    }
+                }
                 WeightGradPath::Winograd(_) => {
                     shw.pad(x_n, &mut xpad);
                     shdy.pad(dy_w, &mut dyt);
@@ -1047,7 +1069,7 @@ pub(crate) fn backward(
     }
     let dw = match dw_path {
         // Rows (ξ, C) -> (C, ξ), then each transformed product to its 3x3 kernel.
-        WeightGradPath::Winograd(tiling) => {
+        WeightGradPath::Winograd(_) | WeightGradPath::ChannelsLast => {
             winograd::weight_from_products(tiling, &sum_partials(&partials, gw.o, |r| (r % g.c) * values + r / g.c))
         }
         // Rows (tap, C) -> OIHW's (C, tap).
@@ -1062,6 +1084,9 @@ enum WeightGradPath {
     /// Winograd's transforms of the input and dY, their products on [`kernels::weight_grad`]
     /// (stride-1 3x3 convolutions; see [`winograd`]).
     Winograd(winograd::Tiling),
+    /// F(4x4, 3x3) over channels-last transforms, their products on the direct kernel (8x8 maps; see
+    /// [`winograd::weight_grad_channels_last`]).
+    ChannelsLast,
     /// [`kernels::weight_grad`] on dY and the padded input in place ([`Shifted::direct_weight_grad`]).
     Direct,
     /// k·k GEMMs on dY transposed ([`Shifted::weight_grad`]).
@@ -1361,6 +1386,10 @@ mod tests {
             (1, 16, 8, 8, 16, 3, 1, 1),
             (9, 24, 8, 8, 17, 3, 1, 1),
             (2, 16, 16, 8, 20, 3, 1, 1),
+            // The channels-last weight gradient (maps up to 16x16, channels in 16s): 8 images a call,
+            // and a partial group of one image.
+            (9, 32, 8, 8, 16, 3, 1, 1),
+            (9, 16, 16, 16, 32, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();

@@ -16,9 +16,9 @@
 //! Two tilings ([`Tiling`]): F(4x4, 3x3), 2.25 multiply-adds per output (4x fewer), and F(2x2,
 //! 3x3), 4 per output (2.25x fewer). F(4x4) has more work per transformed value, which is what the
 //! 16-channel layers need: there F(2x2) measured 1.00x the direct kernel and F(4x4) 0.59x its time
-//! (one thread, per image: 10.9 µs against 18.6). Every stride-1 layer of ResNet-20 runs its forward
-//! and input gradient on F(4x4); the weight gradient does too on the 16x16 and 32x32 maps, and on
-//! F(2x2) on the 8x8 ones (see [`weight_grad_tiling`]).
+//! (one thread, per image: 10.9 µs against 18.6). Every stride-1 layer of ResNet-20 runs its forward,
+//! input gradient and weight gradient on F(4x4); F(2x2) remains for other shapes (see [`tiling`],
+//! [`weight_grad_tiling`]).
 //!
 //! The forward takes a batch of images ([`batch`]): an 8x8 map has 4 tiles of 4x4, a 16x16 one 16,
 //! and the products run on far more tiles at once (one thread, per image: 64→64 on 8x8 6.5 µs in
@@ -34,8 +34,15 @@
 //!
 //! The weight gradient is the same algorithm transposed ([`weight_from_products`]): per image, the
 //! input's tiles transformed as above and dY's m x m tiles to (m + 2)², their products summed over
-//! tiles and images by [`kernels::weight_grad`] (inner dimension: the tiles), and one final
-//! transform per batch.
+//! tiles and images, and one final transform per batch. Two layouts:
+//! - tiles in the register lanes (the forward's transforms), the products on
+//!   [`kernels::weight_grad`], which sums the lanes at the end of each call: the 32x32 maps, whose
+//!   images have 64 tiles each;
+//! - channels in the lanes ([`weight_grad_channels_last`]: maps up to 16x16), the input and dY
+//!   transposed to channels-last per image, the products on [`kernels::direct`] with the tiles as
+//!   its contraction (no sums across lanes). On the 8x8 maps (4 tiles an image) this took 64→64's
+//!   dW from 1.55 to 1.02-1.07 ms a batch; one thread, per image: transposes 2.3 µs, transforms
+//!   1.5, products 4.8.
 
 use super::kernels::{self, LANES};
 #[cfg(target_arch = "x86_64")]
@@ -110,10 +117,11 @@ pub(crate) fn tiling(
     }
 }
 
-/// The tiling a weight gradient of this shape runs on, if any: the forward's where an image has whole
-/// registers of tiles (16k), else F(2x2, 3x3) where [`applies`]. The weight gradient transforms one
-/// image at a time (no batch), and sums its products over the tiles of a few images per call: on
-/// the 8x8 maps, F(4x4)'s four tiles an image would make those calls too short for the kernel.
+/// The tiling the tiles-in-lanes weight gradient runs on, if any (where the channels-last one does
+/// not: [`weight_grad_channels_last`]): the forward's where an image has whole registers of tiles
+/// (16k), else F(2x2, 3x3) where [`applies`]. It transforms one image at a time (no batch), and sums
+/// its products over the tiles of a few images per call: F(4x4)'s four tiles an 8x8 image would
+/// make those calls too short for its kernel.
 pub(crate) fn weight_grad_tiling(
     k: usize,
     stride: usize,
@@ -662,6 +670,186 @@ pub(crate) fn weight_grad_transforms(
             }
         }
     }
+}
+
+/// Whether a weight gradient of this shape runs on F(4x4, 3x3) over channels-last transforms
+/// ([`weight_grad_transforms_cl`]): the 8x8 maps (4 tiles an image), with channels in 16s. There the
+/// tiles-in-lanes kernel would sum over calls of a few dozen tiles (see [`weight_grad_tiling`]);
+/// with channels in the lanes, the products sum over the tiles as the direct kernel's contraction,
+/// with no sums across lanes.
+pub(crate) fn weight_grad_channels_last(
+    k: usize,
+    stride: usize,
+    pad: usize,
+    (h, w): (usize, usize),
+    (c, o): (usize, usize),
+) -> bool {
+    let shape = k == 3 && stride == 1 && pad == 1 && h % 4 == 0 && w % 4 == 0 && h * w <= MAX_PIXELS_CL;
+    shape && c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS_F4 && kernels::available()
+}
+
+/// Distance between the 36 matrices of a call's channels-last transforms (`k_total` tiles of C): one
+/// register more than their values, so that a tile's 36 values, stored together, fall into different
+/// cache sets (as [`matrix_stride`]; at 2^k floats apart they took 7x as long).
+pub(crate) fn cl_stride(k_total: usize, c: usize) -> usize {
+    k_total * c + LANES
+}
+
+/// The largest maps whose weight gradient runs channels-last: a group's transforms of 32x32 maps
+/// (2.4 MiB with 16 channels) no longer stay in L2, and their dW measured 2.1 ms against 1.3-1.4 on
+/// the tiles-in-lanes path.
+const MAX_PIXELS_CL: usize = 256;
+
+/// One CHW image into `out` channels-last, (H + 2·pad) x (W + 2·pad) pixels of C values, the image
+/// at (pad, pad). The border is not written (the caller's zeros).
+pub(crate) fn channels_last(x: &[f32], (c, h, w): (usize, usize, usize), pad: usize, out: &mut [f32]) {
+    let wp = w + 2 * pad;
+    assert!(x.len() >= c * h * w && out.len() >= (h + 2 * pad) * wp * c);
+    for y in 0..h {
+        for (xx, pixel) in out[((y + pad) * wp + pad) * c..][..w * c].chunks_exact_mut(c).enumerate() {
+            for (ci, v) in pixel.iter_mut().enumerate() {
+                *v = x[(ci * h + y) * w + xx];
+            }
+        }
+    }
+}
+
+/// The weight gradient's two F(4x4, 3x3) transforms of one 8x8 image, channels-last: V of the padded
+/// input `xcl` (10 x 10 pixels of C) into `vb`, blocked as [`kernels::direct`] reads a weight
+/// (per ξ: C/8 blocks of `k_total` tiles of 8 channels), and D of the output gradient `dycl` (8 x 8
+/// pixels of O) into `dt`, per ξ `k_total` rows of O. The image's 4 tiles are tiles `first..first
+/// + 4` of the `k_total` a call sums over.
+pub(crate) fn weight_grad_transforms_cl(
+    (xcl, dycl): (&[f32], &[f32]),
+    (c, o, h, w): (usize, usize, usize, usize),
+    (first, k_total): (usize, usize),
+    (vb, dt): (&mut [f32], &mut [f32]),
+) {
+    let tiles = Tiling::F4.tiles(h, w);
+    assert!(h % 4 == 0 && w % 4 == 0 && first + tiles <= k_total && c.is_multiple_of(LANES) && o.is_multiple_of(LANES));
+    assert!(vb.len() >= 36 * cl_stride(k_total, c) && dt.len() >= 36 * cl_stride(k_total, o));
+    assert!(xcl.len() >= (h + 2) * (w + 2) * c && dycl.len() >= h * w * o);
+    // SAFETY: `weight_grad_channels_last` (checked by the caller) found AVX-512F; the bounds above.
+    unsafe {
+        transform_cl::<false>((xcl, w + 2, c), (w / 4, tiles), (first, k_total), vb);
+        transform_cl::<true>((dycl, w, o), (w / 4, tiles), (first, k_total), dt);
+    }
+}
+
+/// The 36 products of a call's transforms ([`weight_grad_transforms_cl`]), on the direct kernel with
+/// V as the weight and D as the input: `acc[ξ][c][o] = Σ_t V[ξ][t][c] · D[ξ][t][o]` (overwritten),
+/// the layout the tiles-in-lanes path accumulates ([`weight_from_products`] after the groups' sum).
+pub(crate) fn weight_grad_products_cl(
+    (vb, dt): (&[f32], &[f32]),
+    (c, o): (usize, usize),
+    k_total: usize,
+    acc: &mut [f32],
+) {
+    assert!(acc.len() >= 36 * c * o);
+    for xi in 0..36 {
+        // SAFETY: `weight_grad_channels_last` (checked by the caller) found AVX-512F.
+        unsafe {
+            kernels::direct(
+                (&dt[xi * cl_stride(k_total, o)..][..k_total * o], o, k_total),
+                &[0],
+                &vb[xi * cl_stride(k_total, c)..][..k_total * c],
+                (&mut acc[xi * c * o..][..c * o], o),
+                o,
+                None,
+            )
+        };
+    }
+}
+
+/// F(4x4, 3x3)'s transform of the 4 tiles of one 8x8 image, channels-last, 16 channels per register:
+/// Bᵀ d B of the 6x6 windows of the padded input (`width` = 10 pixels a row), written blocked by 8
+/// channels (a weight for [`kernels::direct`]); or, with OUTPUT_GRAD, A dy Aᵀ of dY's 4x4 tiles
+/// (`width` = 8, unpadded), written as rows of all channels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transform_cl<const OUTPUT_GRAD: bool>(
+    (src, width, c): (&[f32], usize, usize),
+    (tw, tiles): (usize, usize),
+    (first, k_total): (usize, usize),
+    dst: &mut [f32],
+) {
+    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+    let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
+    let bt = |d: [__m512; 6]| {
+        let (s12, s34, d12, d43) = (add(d[1], d[2]), add(d[3], d[4]), sub(d[1], d[2]), sub(d[4], d[3]));
+        let (d42, d31) = (sub(d[4], d[2]), sub(d[3], d[1]));
+        [
+            fma(4.0, d[0], fma(-5.0, d[2], d[4])),
+            fma(-4.0, s12, s34),
+            fma(4.0, d12, d43),
+            fma(2.0, d31, d42),
+            fma(-2.0, d31, d42),
+            fma(4.0, d[1], fma(-5.0, d[3], d[5])),
+        ]
+    };
+    let a = |y: [__m512; 4]| {
+        let (s02, s13, q02, half_q13) = (add(y[0], y[2]), add(y[1], y[3]), fma(4.0, y[2], y[0]), fma(4.0, y[3], y[1]));
+        let q13 = add(half_q13, half_q13);
+        [y[0], add(s02, s13), sub(s02, s13), add(q02, q13), sub(q02, q13), y[3]]
+    };
+    // A tile's window: 6 rows of 6 pixels (input), or its 4 x 4 pixels (dY).
+    let side = if OUTPUT_GRAD { 4 } else { 6 };
+    let (base, stride) = (dst.as_mut_ptr(), cl_stride(k_total, c));
+    for tile in 0..tiles {
+        let (ty, tx) = (tile / tw, tile % tw);
+        let t = first + tile;
+        for cb in (0..c).step_by(LANES) {
+            // SAFETY: the window's pixels lie within the image (asserted by the caller).
+            let load = |r: usize, k: usize| unsafe {
+                _mm512_loadu_ps(src.as_ptr().add(((4 * ty + r) * width + 4 * tx + k) * c + cb))
+            };
+            let rows: [[__m512; 6]; 6] = std::array::from_fn(|r| {
+                if r >= side {
+                    return [_mm512_setzero_ps(); 6];
+                }
+                if OUTPUT_GRAD {
+                    a(std::array::from_fn(|k| load(r, k)))
+                } else {
+                    bt(std::array::from_fn(|k| load(r, k)))
+                }
+            });
+            for (j, column) in (0..6)
+                .map(|j| {
+                    if OUTPUT_GRAD {
+                        a(std::array::from_fn(|r| rows[r][j]))
+                    } else {
+                        bt(std::array::from_fn(|r| rows[r][j]))
+                    }
+                })
+                .enumerate()
+            {
+                for (i, value) in column.into_iter().enumerate() {
+                    let xi = 6 * i + j;
+                    // SAFETY: within dst (asserted by the caller: 36 · k_total · c values).
+                    unsafe {
+                        if OUTPUT_GRAD {
+                            _mm512_storeu_ps(base.add(xi * stride + t * c + cb), value);
+                        } else {
+                            // Channels cb .. cb + 8 to block cb / 8, the next 8 to the next block.
+                            let block = |b: usize| base.add(xi * stride + (b * k_total + t) * 8);
+                            _mm512_mask_storeu_ps(block(cb / 8), 0x00FF, value);
+                            _mm512_mask_storeu_ps(block(cb / 8 + 1).sub(8), 0xFF00, value);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn transform_cl<const OUTPUT_GRAD: bool>(
+    _: (&[f32], usize, usize),
+    _: (usize, usize),
+    _: (usize, usize),
+    _: &mut [f32],
+) {
+    unreachable!("Winograd's transforms need AVX-512 (`weight_grad_channels_last` checks it)")
 }
 
 /// The weight gradient from its Winograd products: `m` (O, C, values) holds, for every pair of
