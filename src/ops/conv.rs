@@ -905,13 +905,15 @@ pub(crate) fn backward(
         InputGrad::Phases(p) => p.buffers(),
         InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
-    let dw_path = match winograd::weight_grad_tiling(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) {
-        _ if winograd::weight_grad_channels_last(g.k, g.stride, g.pad, (g.h, g.w), (g.c, gw.o)) => {
-            WeightGradPath::ChannelsLast
+    let (map, channels) = ((g.h, g.w), (g.c, gw.o));
+    let dw_path = if winograd::weight_grad_channels_last(g.k, g.stride, g.pad, map, channels) {
+        WeightGradPath::ChannelsLast
+    } else {
+        match winograd::weight_grad_tiling(g.k, g.stride, g.pad, map, channels) {
+            Some(tiling) if kernels::weight_grad_fits(gw.o, g.c) => WeightGradPath::Winograd(tiling),
+            _ if shw.direct_weight_grad() => WeightGradPath::Direct,
+            _ => WeightGradPath::Gemm,
         }
-        Some(tiling) if kernels::weight_grad_fits(gw.o, g.c) => WeightGradPath::Winograd(tiling),
-        _ if shw.direct_weight_grad() => WeightGradPath::Direct,
-        _ => WeightGradPath::Gemm,
     };
     let tiling = match dw_path {
         WeightGradPath::Winograd(tiling) => tiling,

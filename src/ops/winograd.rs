@@ -673,10 +673,10 @@ pub(crate) fn weight_grad_transforms(
 }
 
 /// Whether a weight gradient of this shape runs on F(4x4, 3x3) over channels-last transforms
-/// ([`weight_grad_transforms_cl`]): the 8x8 maps (4 tiles an image), with channels in 16s. There the
-/// tiles-in-lanes kernel would sum over calls of a few dozen tiles (see [`weight_grad_tiling`]);
-/// with channels in the lanes, the products sum over the tiles as the direct kernel's contraction,
-/// with no sums across lanes.
+/// ([`weight_grad_transforms_cl`]): maps up to 16x16 (4 or 16 tiles an image), with channels in 16s.
+/// There the tiles-in-lanes kernel would sum its lanes after a few dozen or hundred tiles (see
+/// [`weight_grad_tiling`]); with channels in the lanes, the products sum over the tiles as the
+/// direct kernel's contraction, with no sums across lanes.
 pub(crate) fn weight_grad_channels_last(
     k: usize,
     stride: usize,
@@ -788,11 +788,11 @@ fn channels_last_blocks(_: &[f32], _: (usize, usize, usize), _: usize, _: &mut [
     unreachable!("the block transpose needs AVX-512 (`channels_last` checks it)")
 }
 
-/// The weight gradient's two F(4x4, 3x3) transforms of one 8x8 image, channels-last: V of the padded
-/// input `xcl` (10 x 10 pixels of C) into `vb`, blocked as [`kernels::direct`] reads a weight
-/// (per ξ: C/8 blocks of `k_total` tiles of 8 channels), and D of the output gradient `dycl` (8 x 8
-/// pixels of O) into `dt`, per ξ `k_total` rows of O. The image's 4 tiles are tiles `first..first
-/// + 4` of the `k_total` a call sums over.
+/// The weight gradient's two F(4x4, 3x3) transforms of one H x W image, channels-last: V of the
+/// padded input `xcl` ((H + 2) x (W + 2) pixels of C) into `vb`, blocked as [`kernels::direct`]
+/// reads a weight (per ξ: C/8 blocks of `k_total` tiles of 8 channels), and D of the output gradient
+/// `dycl` (H x W pixels of O) into `dt`, per ξ `k_total` rows of O; the matrices [`cl_stride`]
+/// apart. The image's T tiles are tiles `first..first + T` of the `k_total` a call sums over.
 pub(crate) fn weight_grad_transforms_cl(
     (xcl, dycl): (&[f32], &[f32]),
     (c, o, h, w): (usize, usize, usize, usize),
@@ -835,10 +835,10 @@ pub(crate) fn weight_grad_products_cl(
     }
 }
 
-/// F(4x4, 3x3)'s transform of the 4 tiles of one 8x8 image, channels-last, 16 channels per register:
-/// Bᵀ d B of the 6x6 windows of the padded input (`width` = 10 pixels a row), written blocked by 8
-/// channels (a weight for [`kernels::direct`]); or, with OUTPUT_GRAD, A dy Aᵀ of dY's 4x4 tiles
-/// (`width` = 8, unpadded), written as rows of all channels.
+/// F(4x4, 3x3)'s transform of the `tiles` tiles of one image (`tw` a row), channels-last, 16
+/// channels per register: Bᵀ d B of the 6x6 windows of the padded input (`width` = W + 2 pixels a
+/// row), written blocked by 8 channels (a weight for [`kernels::direct`]); or, with OUTPUT_GRAD,
+/// A dy Aᵀ of dY's 4x4 tiles (`width` = W, unpadded), written as rows of all channels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn transform_cl<const OUTPUT_GRAD: bool>(
