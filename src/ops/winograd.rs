@@ -721,7 +721,7 @@ pub(crate) fn channels_last(x: &[f32], (c, h, w): (usize, usize, usize), pad: us
 
 /// [`channels_last`] by 16x16 blocks (16 channels of 16 consecutive pixels), each transposed in
 /// registers: one load and one store per 16 values instead of a scattered store per value (one
-/// thread, an 8x8 image and its dY of 64 channels: 0.8 µs against 2.1).
+/// thread, an 8x8 image and its dY of 64 channels: 0.8 µs against 2.2).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn channels_last_blocks(x: &[f32], (c, h, w): (usize, usize, usize), pad: usize, out: &mut [f32]) {
@@ -743,7 +743,7 @@ fn channels_last_blocks(x: &[f32], (c, h, w): (usize, usize, usize), pad: usize,
 
 /// The transpose of a 16x16 block held as 16 registers (row i in register i): in-lane unpacks make
 /// each 128-bit lane a 4x4 block's transpose, then two rounds of 128-bit shuffles put the blocks in
-/// place (two-source permutes in four rounds took 2.7x as long: a 16-channel 32x32 image and its
+/// place (two-source permutes in four rounds took 2.4x as long: a 16-channel 32x32 image and its
 /// dY, 9.2 µs against 3.9).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
