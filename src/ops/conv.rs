@@ -153,7 +153,7 @@ impl Shifted {
     /// column and the right column's in its last (masked loads, at no cost over plain ones).
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let direct = kernels::available();
-        let winograd = winograd::tiling(g.k, g.stride, g.pad, (g.h, g.w), (g.c, g.o));
+        let winograd = winograd::tiling(&g);
         let tight = direct && winograd.is_none() && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
         Self { winograd, ..Self::with_rows(g, grid, direct, tight) }
     }
@@ -905,11 +905,10 @@ pub(crate) fn backward(
         InputGrad::Phases(p) => p.buffers(),
         InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
     };
-    let (map, channels) = ((g.h, g.w), (g.c, gw.o));
-    let dw_path = if winograd::weight_grad_channels_last(g.k, g.stride, g.pad, map, channels) {
+    let dw_path = if winograd::weight_grad_channels_last(&gw) {
         WeightGradPath::ChannelsLast
     } else {
-        match winograd::weight_grad_tiling(g.k, g.stride, g.pad, map, channels) {
+        match winograd::weight_grad_tiling(&gw) {
             Some(tiling) if kernels::weight_grad_fits(gw.o, g.c) => WeightGradPath::Winograd(tiling),
             _ if shw.direct_weight_grad() => WeightGradPath::Direct,
             _ => WeightGradPath::Gemm,

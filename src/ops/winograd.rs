@@ -44,6 +44,7 @@
 //!   dW from 1.55 to 0.91-0.97 ms a batch; one thread, per image: transposes 0.8 µs, transforms
 //!   1.4, products 4.7.
 
+use super::conv::Geometry;
 use super::kernels::{self, LANES};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -56,7 +57,8 @@ use std::arch::x86_64::*;
 /// With fewer than [`MIN_CHANNELS`] channels on either side, each transformed value feeds too few
 /// multiply-adds to pay for its transform: 16→16 channels on 32x32 maps measured 1.00x the direct
 /// kernel, where 32→32 on 16x16 took 0.65x its time and 64→64 on 8x8 0.59x (one thread, per image).
-fn applies(k: usize, stride: usize, pad: usize, (h, w): (usize, usize), (c, o): (usize, usize)) -> bool {
+fn applies(g: &Geometry) -> bool {
+    let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
     let (th, tw) = (h / 2, w / 2);
     let rows_fit = w % 2 == 0 && (tw == 4 || tw == 8 || (tw > 0 && tw.is_multiple_of(LANES)));
     let shape = k == 3 && stride == 1 && pad == 1 && h % 2 == 0 && rows_fit && th > 0;
@@ -100,20 +102,15 @@ impl Tiling {
 /// 16k wide, a multiple of 4 high), or 8 wide and a multiple of 8 high (2x2 blocks of tiles), with
 /// [`MIN_CHANNELS_F4`] channels on either side, where the CPU has the direct kernel; else F(2x2, 3x3)
 /// where [`applies`].
-pub(crate) fn tiling(
-    k: usize,
-    stride: usize,
-    pad: usize,
-    (h, w): (usize, usize),
-    (c, o): (usize, usize),
-) -> Option<Tiling> {
+pub(crate) fn tiling(g: &Geometry) -> Option<Tiling> {
+    let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
     let shape = k == 3 && stride == 1 && pad == 1 && h > 0 && w > 0;
     let groups = (h % 4 == 0 && w.is_multiple_of(LANES)) || (w == 8 && h % 8 == 0);
     let registers = (batch(Tiling::F4, h, w) * Tiling::F4.tiles(h, w)).is_multiple_of(LANES);
     if shape && groups && registers && c.min(o) >= MIN_CHANNELS_F4 && kernels::available() {
         Some(Tiling::F4)
     } else {
-        applies(k, stride, pad, (h, w), (c, o)).then_some(Tiling::F2)
+        applies(g).then_some(Tiling::F2)
     }
 }
 
@@ -122,17 +119,9 @@ pub(crate) fn tiling(
 /// (16k), else F(2x2, 3x3) where [`applies`]. It transforms one image at a time (no batch), and sums
 /// its products over the tiles of a few images per call: F(4x4)'s four tiles an 8x8 image would
 /// make those calls too short for its kernel.
-pub(crate) fn weight_grad_tiling(
-    k: usize,
-    stride: usize,
-    pad: usize,
-    (h, w): (usize, usize),
-    (c, o): (usize, usize),
-) -> Option<Tiling> {
-    match tiling(k, stride, pad, (h, w), (c, o)) {
-        Some(Tiling::F4) if !Tiling::F4.tiles(h, w).is_multiple_of(LANES) => {
-            applies(k, stride, pad, (h, w), (c, o)).then_some(Tiling::F2)
-        }
+pub(crate) fn weight_grad_tiling(g: &Geometry) -> Option<Tiling> {
+    match tiling(g) {
+        Some(Tiling::F4) if !Tiling::F4.tiles(g.h, g.w).is_multiple_of(LANES) => applies(g).then_some(Tiling::F2),
         t => t,
     }
 }
@@ -436,6 +425,48 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
     }
 }
 
+/// F(4x4, 3x3)'s input transform Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0;
+/// 0 2 −1 −2 1 0; 0 4 0 −5 0 1] applied to six registers (a tile's row or column), its rows' shared
+/// sums taken once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn input_f4(d: [__m512; 6]) -> [__m512; 6] {
+    let (add, sub, fma) = (_mm512_add_ps, _mm512_sub_ps, fma_by);
+    let (s12, s34, d12, d43) = (add(d[1], d[2]), add(d[3], d[4]), sub(d[1], d[2]), sub(d[4], d[3]));
+    let (d42, d31) = (sub(d[4], d[2]), sub(d[3], d[1]));
+    [
+        fma(4.0, d[0], fma(-5.0, d[2], d[4])),
+        fma(-4.0, s12, s34),
+        fma(4.0, d12, d43),
+        fma(2.0, d31, d42),
+        fma(-2.0, d31, d42),
+        fma(4.0, d[1], fma(-5.0, d[3], d[5])),
+    ]
+}
+
+/// The weight gradient's transform of dY's tiles for F(4x4, 3x3): A (6x4, the output transform's
+/// transpose) applied to four registers: y0, y0 + y1 + y2 + y3, y0 − y1 + y2 − y3,
+/// y0 + 2y1 + 4y2 + 8y3, y0 − 2y1 + 4y2 − 8y3, y3.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn grad_f4(y: [__m512; 4]) -> [__m512; 6] {
+    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+    let (s02, s13, q02, half_q13) =
+        (add(y[0], y[2]), add(y[1], y[3]), fma_by(4.0, y[2], y[0]), fma_by(4.0, y[3], y[1]));
+    let q13 = add(half_q13, half_q13);
+    [y[0], add(s02, s13), sub(s02, s13), add(q02, q13), sub(q02, q13), y[3]]
+}
+
+/// a·x + y, for a constant a.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn fma_by(a: f32, x: __m512, y: __m512) -> __m512 {
+    _mm512_fmadd_ps(_mm512_set1_ps(a), x, y)
+}
+
 /// V = Bᵀ d B of every 6x6 tile d of `block` for F(4x4, 3x3) (rows and columns 4t .. 4t + 5 of the
 /// padded planes), with Lavin & Gray's Bᵀ (see `bt` inside), 16 tiles per register in four groups
 /// of four (see [`Maps`]):
@@ -498,31 +529,7 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
         _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31),
     ];
-    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
-    let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
-    // Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0; 0 4 0 −5 0 1]
-    // applied to six registers, its rows' shared sums taken once.
-    let bt = |d: [__m512; 6]| {
-        let (s12, s34, d12, d43) = (add(d[1], d[2]), add(d[3], d[4]), sub(d[1], d[2]), sub(d[4], d[3]));
-        let (d42, d31) = (sub(d[4], d[2]), sub(d[3], d[1]));
-        [
-            fma(4.0, d[0], fma(-5.0, d[2], d[4])),
-            fma(-4.0, s12, s34),
-            fma(4.0, d12, d43),
-            fma(2.0, d31, d42),
-            fma(-2.0, d31, d42),
-            fma(4.0, d[1], fma(-5.0, d[3], d[5])),
-        ]
-    };
-    // A (6x4, the output transform's transpose) applied to four registers: y0, y0 + y1 + y2 + y3,
-    // y0 − y1 + y2 − y3, y0 + 2y1 + 4y2 + 8y3, y0 − 2y1 + 4y2 − 8y3, y3.
-    let a = |y: [__m512; 4]| {
-        let (s02, s13, q02, half_q13) = (add(y[0], y[2]), add(y[1], y[3]), fma(4.0, y[2], y[0]), fma(4.0, y[3], y[1]));
-        let q13 = add(half_q13, half_q13);
-        [y[0], add(s02, s13), sub(s02, s13), add(q02, q13), sub(q02, q13), y[3]]
-    };
-    // The transform of six values (a tile's row or column): Bᵀ of all six, or A of the middle four.
-    let transform = |d: [__m512; 6]| if OUTPUT_GRAD { a([d[1], d[2], d[3], d[4]]) } else { bt(d) };
+    let transform = |d: [__m512; 6]| if OUTPUT_GRAD { grad_f4([d[1], d[2], d[3], d[4]]) } else { input_f4(d) };
     let zero = _mm512_setzero_ps();
     for ci in 0..c {
         for t0 in block.clone().step_by(LANES) {
@@ -598,7 +605,7 @@ fn output_transform_f4(
     let reach = if blocks { 7 * wp + 8 } else { 3 * wp + LANES };
     assert!(out.len() >= (o - 1) * qstride + maps.output(block.end - 4) + reach);
     let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
-    let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
+    let fma = fma_by;
     let at = |m: [__m512; 6]| {
         let (s12, d12, s34, d34) = (add(m[1], m[2]), sub(m[1], m[2]), add(m[3], m[4]), sub(m[3], m[4]));
         [add(add(m[0], s12), s34), fma(2.0, d34, d12), fma(4.0, s34, s12), fma(8.0, d34, add(d12, m[5]))]
@@ -677,13 +684,8 @@ pub(crate) fn weight_grad_transforms(
 /// There the tiles-in-lanes kernel would sum its lanes after a few dozen or hundred tiles (see
 /// [`weight_grad_tiling`]); with channels in the lanes, the products sum over the tiles as the
 /// direct kernel's contraction, with no sums across lanes.
-pub(crate) fn weight_grad_channels_last(
-    k: usize,
-    stride: usize,
-    pad: usize,
-    (h, w): (usize, usize),
-    (c, o): (usize, usize),
-) -> bool {
+pub(crate) fn weight_grad_channels_last(g: &Geometry) -> bool {
+    let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
     let shape = k == 3 && stride == 1 && pad == 1 && h % 4 == 0 && w % 4 == 0 && h * w <= MAX_PIXELS_CL;
     shape && c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS_F4 && kernels::available()
 }
@@ -847,25 +849,6 @@ fn transform_cl<const OUTPUT_GRAD: bool>(
     (first, k_total): (usize, usize),
     dst: &mut [f32],
 ) {
-    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
-    let fma = |a: f32, x: __m512, y: __m512| _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
-    let bt = |d: [__m512; 6]| {
-        let (s12, s34, d12, d43) = (add(d[1], d[2]), add(d[3], d[4]), sub(d[1], d[2]), sub(d[4], d[3]));
-        let (d42, d31) = (sub(d[4], d[2]), sub(d[3], d[1]));
-        [
-            fma(4.0, d[0], fma(-5.0, d[2], d[4])),
-            fma(-4.0, s12, s34),
-            fma(4.0, d12, d43),
-            fma(2.0, d31, d42),
-            fma(-2.0, d31, d42),
-            fma(4.0, d[1], fma(-5.0, d[3], d[5])),
-        ]
-    };
-    let a = |y: [__m512; 4]| {
-        let (s02, s13, q02, half_q13) = (add(y[0], y[2]), add(y[1], y[3]), fma(4.0, y[2], y[0]), fma(4.0, y[3], y[1]));
-        let q13 = add(half_q13, half_q13);
-        [y[0], add(s02, s13), sub(s02, s13), add(q02, q13), sub(q02, q13), y[3]]
-    };
     // A tile's window: 6 rows of 6 pixels (input), or its 4 x 4 pixels (dY).
     let side = if OUTPUT_GRAD { 4 } else { 6 };
     let (base, stride) = (dst.as_mut_ptr(), cl_stride(k_total, c));
@@ -882,17 +865,17 @@ fn transform_cl<const OUTPUT_GRAD: bool>(
                     return [_mm512_setzero_ps(); 6];
                 }
                 if OUTPUT_GRAD {
-                    a(std::array::from_fn(|k| load(r, k)))
+                    grad_f4(std::array::from_fn(|k| load(r, k)))
                 } else {
-                    bt(std::array::from_fn(|k| load(r, k)))
+                    input_f4(std::array::from_fn(|k| load(r, k)))
                 }
             });
             for (j, column) in (0..6)
                 .map(|j| {
                     if OUTPUT_GRAD {
-                        a(std::array::from_fn(|r| rows[r][j]))
+                        grad_f4(std::array::from_fn(|r| rows[r][j]))
                     } else {
-                        bt(std::array::from_fn(|r| rows[r][j]))
+                        input_f4(std::array::from_fn(|r| rows[r][j]))
                     }
                 })
                 .enumerate()
