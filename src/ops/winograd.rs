@@ -652,10 +652,10 @@ fn output_transform_f4(
     }
 }
 
-/// The weight gradient's two transforms of one image, over all its `tiles` (see [`weight_from_products`]):
-/// V of the padded input `xpad` and D of the output gradient `dypad`, laid out like it (both as
-/// [`forward`] reads `xpad`, with C and O planes). Each is one matrix per transformed value of its
-/// channels' rows of `tiles` values, [`matrix_stride`] apart.
+/// The tiles-in-lanes weight gradient's two transforms of one H x W image, over all its T tiles (see
+/// [`weight_from_products`]): V of the padded input `xpad` and D of the output gradient `dypad`, laid
+/// out like it (both as [`forward`] reads `xpad`, with C and O planes). Each is one matrix per
+/// transformed value of its channels' rows of T values, [`matrix_stride`] apart.
 pub(crate) fn weight_grad_transforms(
     tiling: Tiling,
     (xpad, dypad, plane, wp): (&[f32], &[f32], usize, usize),
