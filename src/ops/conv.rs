@@ -140,8 +140,8 @@ struct Shifted {
     /// Rows exactly W wide, with no padding column: the direct kernel masks the taps that would read
     /// across a row's edge instead (3x3, stride 1, padding 1, small maps; see [`Shifted::new`]).
     tight: bool,
-    /// The Winograd tiling the forward runs on the direct kernel instead, if any ([`winograd`]).
-    winograd: Option<winograd::Tiling>,
+    /// Whether the forward runs Winograd's F(4x4, 3x3) ([`winograd`]) on the direct kernel instead.
+    winograd: bool,
 }
 
 impl Shifted {
@@ -153,8 +153,8 @@ impl Shifted {
     /// column and the right column's in its last (masked loads, at no cost over plain ones).
     fn new(g: Geometry, grid: Option<Grid>) -> Self {
         let direct = kernels::available();
-        let winograd = winograd::tiling(&g);
-        let tight = direct && winograd.is_none() && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
+        let winograd = winograd::applies(&g);
+        let tight = direct && !winograd && g.stride == 1 && g.k == 3 && g.pad == 1 && g.w <= TIGHT_MAX_WIDTH;
         Self { winograd, ..Self::with_rows(g, grid, direct, tight) }
     }
 
@@ -175,7 +175,7 @@ impl Shifted {
         // Tight: the rows above and below, and one value before the first row and after the last
         // (what the corner taps read).
         let plane = if tight { (g.h + 2) * wp + 2 } else { ((g.h + 2 * g.pad).div_ceil(s) + 1) * wp };
-        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight, winograd: None }
+        Shifted { g, grid, top, wp, plane, q: g.oh() * wp, direct, tight, winograd: false }
     }
 
     /// The row width for the direct kernel's edge masks, in the tight layout.
@@ -238,8 +238,8 @@ impl Shifted {
     /// The OIHW weight (O, C, k, k) as [`Shifted::products`] reads it.
     fn forward_weight(&self, w: &[f32]) -> Vec<f32> {
         let g = &self.g;
-        if let Some(tiling) = self.winograd {
-            winograd::weight(tiling, w, (g.o, g.c))
+        if self.winograd {
+            winograd::weight(w, (g.o, g.c))
         } else if self.direct {
             kernels::blocked_weight(w, (g.o, g.c, g.k * g.k))
         } else {
@@ -308,7 +308,11 @@ impl Shifted {
     /// buffers hold that many padded inputs, [`Shifted::padded_len`] apart, and output grids,
     /// [`Shifted::output_len`] apart.
     fn batch(&self) -> usize {
-        self.winograd.map_or(1, |tiling| winograd::batch(tiling, self.g.h, self.g.w))
+        if self.winograd {
+            winograd::batch(self.g.h, self.g.w)
+        } else {
+            1
+        }
     }
 
     /// Y\[n\] = Σ_t W_t · shift_t(Xpad\[n\]) for the [`Shifted::batch`] images padded in `xpad`, into
@@ -318,9 +322,9 @@ impl Shifted {
     fn products(&self, w: &[f32], xpad: &[f32], yext: &mut [f32]) {
         let g = &self.g;
         let (positions, images) = (self.positions(), self.batch());
-        if let Some(tiling) = self.winograd {
+        if self.winograd {
             let padded = (xpad, self.plane, self.wp, self.padded_len());
-            winograd::forward(tiling, padded, (g.c, g.h, g.w, images), (w, g.o), (yext, positions, self.output_len()));
+            winograd::forward(padded, (g.c, g.h, g.w, images), (w, g.o), (yext, positions, self.output_len()));
         } else if self.direct {
             let shifts: Vec<usize> = (0..g.k * g.k).map(|t| self.shift(t)).collect();
             // SAFETY: `direct` is set only where kernels::available() found AVX-512F.
@@ -907,34 +911,29 @@ pub(crate) fn backward(
     };
     let dw_path = if winograd::weight_grad_channels_last(&gw) {
         WeightGradPath::ChannelsLast
+    } else if winograd::weight_grad_in_lanes(&gw) && kernels::weight_grad_fits(gw.o, g.c) {
+        WeightGradPath::Winograd
+    } else if shw.direct_weight_grad() {
+        WeightGradPath::Direct
     } else {
-        match winograd::weight_grad_tiling(&gw) {
-            Some(tiling) if kernels::weight_grad_fits(gw.o, g.c) => WeightGradPath::Winograd(tiling),
-            _ if shw.direct_weight_grad() => WeightGradPath::Direct,
-            _ => WeightGradPath::Gemm,
-        }
-    };
-    let tiling = match dw_path {
-        WeightGradPath::Winograd(tiling) => tiling,
-        WeightGradPath::ChannelsLast => winograd::Tiling::F4,
-        _ => winograd::Tiling::F2,
+        WeightGradPath::Gemm
     };
     let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
     // For Winograd: dY padded like the input (its tiles are transformed like the input's), and
     // the distance between the matrices (one per transformed value ξ) of an image's D (O rows) and
     // V (C rows).
     let shdy = Shifted::wide(Geometry { c: gw.o, ..g }, None);
-    let (tiles, values) = (tiling.tiles(g.h, g.w), tiling.values());
+    let (tiles, values) = (winograd::tiles(g.h, g.w), winograd::VALUES);
     let (d_stride, v_stride) = (winograd::matrix_stride(gw.o, tiles), winograd::matrix_stride(g.c, tiles));
     // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's products.
-    let winograd = matches!(dw_path, WeightGradPath::Winograd(_) | WeightGradPath::ChannelsLast);
+    let winograd = matches!(dw_path, WeightGradPath::Winograd | WeightGradPath::ChannelsLast);
     let acc_rows = if winograd { values * g.c } else { taps * g.c };
     // One group of images: its partial dW (acc_rows, O), and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
         let mut acc = vec![0f32; acc_rows * gw.o];
         // The padded input and dY (transposed for the gemm path, padded for Winograd's).
         let (mut xpad, mut dyt) = match dw_path {
-            WeightGradPath::Winograd(_) => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
+            WeightGradPath::Winograd => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
             // Channels-last: the input padded by one pixel, dY unpadded.
             WeightGradPath::ChannelsLast => (vec![0f32; (g.h + 2) * (g.w + 2) * g.c], vec![0f32; out_w]),
             WeightGradPath::Direct => (Vec::new(), Vec::new()),
@@ -953,7 +952,7 @@ pub(crate) fn backward(
         // and padded (direct), or transformed, D and V (Winograd).
         let (per_call, slot_lens) = match dw_path {
             // Enough tiles per call (~256) to make the kernel's final sums cheap.
-            WeightGradPath::Winograd(_) => ((256 / tiles).clamp(1, GROUP), (values * d_stride, values * v_stride)),
+            WeightGradPath::Winograd => ((256 / tiles).clamp(1, GROUP), (values * d_stride, values * v_stride)),
             // One call per group: every image's D and V, side by side.
             WeightGradPath::ChannelsLast => (
                 1,
@@ -1037,12 +1036,12 @@ pub(crate) fn backward(
                         winograd::weight_grad_products_cl((v, d), (g.c, gw.o), GROUP * tiles, &mut acc);
                     }
                 }
-                WeightGradPath::Winograd(_) => {
+                WeightGradPath::Winograd => {
                     shw.pad(x_n, &mut xpad);
                     shdy.pad(dy_w, &mut dyt);
                     let (d, v) = &mut slots[slot];
                     let padded = (&xpad[..], &dyt[..], shw.plane, shw.wp);
-                    winograd::weight_grad_transforms(tiling, padded, (g.c, gw.o, g.h, g.w), (v, d));
+                    winograd::weight_grad_transforms(padded, (g.c, gw.o, g.h, g.w), (v, d));
                     if call_ends {
                         for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
                             let images: Vec<(&[f32], &[f32])> = slots[..=slot]
@@ -1070,8 +1069,8 @@ pub(crate) fn backward(
     }
     let dw = match dw_path {
         // Rows (ξ, C) -> (C, ξ), then each transformed product to its 3x3 kernel.
-        WeightGradPath::Winograd(_) | WeightGradPath::ChannelsLast => {
-            winograd::weight_from_products(tiling, &sum_partials(&partials, gw.o, |r| (r % g.c) * values + r / g.c))
+        WeightGradPath::Winograd | WeightGradPath::ChannelsLast => {
+            winograd::weight_from_products(&sum_partials(&partials, gw.o, |r| (r % g.c) * values + r / g.c))
         }
         // Rows (tap, C) -> OIHW's (C, tap).
         WeightGradPath::Direct | WeightGradPath::Gemm => sum_partials(&partials, gw.o, |r| (r % g.c) * taps + r / g.c),
@@ -1082,11 +1081,11 @@ pub(crate) fn backward(
 /// How a shifted convolution's backward computes dW.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum WeightGradPath {
-    /// Winograd's transforms of the input and dY, their products on [`kernels::weight_grad`]
-    /// (stride-1 3x3 convolutions; see [`winograd`]).
-    Winograd(winograd::Tiling),
-    /// F(4x4, 3x3) over channels-last transforms, their products on the direct kernel (8x8 maps; see
-    /// [`winograd::weight_grad_channels_last`]).
+    /// Winograd's transforms of the input and dY, tiles in the lanes, their products on
+    /// [`kernels::weight_grad`] (the 32x32 maps; see [`winograd::weight_grad_in_lanes`]).
+    Winograd,
+    /// Winograd's transforms channels-last, their products on the direct kernel (maps up to 16x16;
+    /// see [`winograd::weight_grad_channels_last`]).
     ChannelsLast,
     /// [`kernels::weight_grad`] on dY and the padded input in place ([`Shifted::direct_weight_grad`]).
     Direct,
@@ -1365,14 +1364,14 @@ mod tests {
             (3, 16, 16, 16, 8, 3, 1, 1),
             (1, 8, 14, 18, 12, 3, 1, 1),
             (1, 9, 4, 14, 13, 3, 1, 1),
-            // Winograd's F(2x2, 3x3) (32+ channels, on AVX-512 CPUs): rows of 4, 8, 16 and 32 tiles,
-            // for the forward and the input gradient, with output channels that fill no whole block
-            // and, on the widest map, 96 tiles (a whole block of 64 and a partial one).
+            // Shapes Winograd's rules turn down in part (on AVX-512 CPUs): heights 2 and 6 (no whole
+            // 4x4 tiles: the direct kernel), and 8x8 and 4x16 maps whose channels are not in 16s
+            // (the forward on Winograd, the weight gradient not), with output channels that fill no
+            // whole block.
             (1, 32, 8, 8, 34, 3, 1, 1),
             (2, 33, 4, 16, 32, 3, 1, 1),
             (1, 32, 2, 32, 35, 3, 1, 1),
             (1, 32, 6, 64, 32, 3, 1, 1),
-            // Winograd's weight gradient too (channels in fours), several images per call.
             (3, 32, 8, 8, 36, 3, 1, 1),
             (2, 36, 4, 16, 32, 3, 1, 1),
             // Winograd's F(4x4, 3x3) (16+ channels, maps 16k wide): rows of 4, 8 and 16 tiles, a

@@ -222,7 +222,7 @@ mod tests {
             (3, 3, 8, 8, 4, 2, false, true, false),
             (2, 16, 6, 6, 16, 1, false, true, true),
             (2, 8, 9, 7, 8, 2, false, false, true),
-            // Winograd's kernels, F(2x2) (32+ channels, 8x8) and F(4x4) (16+ channels, 16x16): the
+            // Winograd's kernels (8x8 in batches, 16x16), the channels-last weight gradient: the
             // stacked weight's gradient in one product.
             (2, 32, 8, 8, 32, 1, true, true, true),
             (2, 16, 16, 16, 16, 1, true, true, false),

@@ -13,12 +13,13 @@
 //! Y_ot       = Aᵀ M[·][o][t] A        each output tile's m x m outputs
 //! ```
 //!
-//! Two tilings ([`Tiling`]): F(4x4, 3x3), 2.25 multiply-adds per output (4x fewer), and F(2x2,
-//! 3x3), 4 per output (2.25x fewer). F(4x4) has more work per transformed value, which is what the
-//! 16-channel layers need: there F(2x2) measured 1.00x the direct kernel and F(4x4) 0.59x its time
-//! (one thread, per image: 10.9 µs against 18.6). Every stride-1 layer of ResNet-20 runs its forward,
-//! input gradient and weight gradient on F(4x4); F(2x2) remains for other shapes (see [`tiling`],
-//! [`weight_grad_tiling`]).
+//! F(4x4, 3x3) (m = 4): 36 multiply-adds per 4x4 outputs where the direct kernel spends 144. This
+//! module first ran F(2x2, 3x3) (16 per 2x2 outputs, 2.25x fewer); F(4x4) has more work per
+//! transformed value, which is what the 16-channel layers need: there F(2x2) measured 1.00x the
+//! direct kernel and F(4x4) 0.59x its time (one thread, per image: 10.9 µs against 18.6). It
+//! replaced F(2x2) on every ResNet-20 layer (forward, input gradient and weight gradient), and F(2x2)
+//! was removed: it still applied only to maps 2 more than a multiple of 4 high, and to the weight
+//! gradient of 8x8 maps whose channels are not in 16s (these now run the direct kernel and gemm).
 //!
 //! The forward takes a batch of images ([`batch`]): an 8x8 map has 4 tiles of 4x4, a 16x16 one 16,
 //! and the products run on far more tiles at once (one thread, per image: 64→64 on 8x8 6.5 µs in
@@ -27,113 +28,68 @@
 //!
 //! The products carry most of the work and run on [`kernels::direct`] with one tap (its register
 //! tiles and weight blocks unchanged); the transforms are additions and a few multiplies by small
-//! constants. F(2x2)'s results agree with the direct kernel's to float rounding (its G's halves are
-//! exact in binary); F(4x4)'s to ~1e-5 of the output's scale (G's sixths, and transforms that
-//! multiply by up to 8 and 25: 2e-4 on outputs up to 17 with 64 channels, against float64), as
-//! other libraries' F(4x4, 3x3) in float32.
+//! constants. The results agree with the direct kernel's to ~1e-5 of the output's scale (G's sixths,
+//! and transforms that multiply by up to 8 and 25: 2e-4 on outputs up to 17 with 64 channels,
+//! against float64), as other libraries' F(4x4, 3x3) in float32.
 //!
 //! The weight gradient is the same algorithm transposed ([`weight_from_products`]): per image, the
 //! input's tiles transformed as above and dY's m x m tiles to (m + 2)², their products summed over
 //! tiles and images, and one final transform per batch. Two layouts:
-//! - tiles in the register lanes (the forward's transforms), the products on
-//!   [`kernels::weight_grad`], which sums the lanes at the end of each call: the 32x32 maps, whose
+//! - tiles in the register lanes (the forward's transforms; [`weight_grad_in_lanes`]), the products
+//!   on [`kernels::weight_grad`], which sums the lanes at the end of each call: the 32x32 maps, whose
 //!   images have 64 tiles each;
 //! - channels in the lanes ([`weight_grad_channels_last`]: maps up to 16x16), the input and dY
 //!   transposed to channels-last per image, the products on [`kernels::direct`] with the tiles as
 //!   its contraction (no sums across lanes). On the 8x8 maps (4 tiles an image) this took 64→64's
-//!   dW from 1.55 to 0.91-0.97 ms a batch; one thread, per image: transposes 0.8 µs, transforms
-//!   1.4, products 4.7.
+//!   dW from 1.55 (F(2x2), tiles in the lanes) to 0.91-0.97 ms a batch; one thread, per image:
+//!   transposes 0.8 µs, transforms 1.4, products 4.7.
 
 use super::conv::Geometry;
 use super::kernels::{self, LANES};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Whether a convolution of this shape runs on F(2x2, 3x3): 3x3, stride 1, padding 1, on maps of
-/// even height and width (whole 2x2 output tiles), where the CPU has the direct kernel. The
-/// transforms take 16 tiles per register, from rows of 4, 8 or a multiple of 16 tiles: maps 8, 16 or
-/// a multiple of 32 wide, with a whole number of registers of tiles.
-///
-/// With fewer than [`MIN_CHANNELS`] channels on either side, each transformed value feeds too few
-/// multiply-adds to pay for its transform: 16→16 channels on 32x32 maps measured 1.00x the direct
-/// kernel, where 32→32 on 16x16 took 0.65x its time and 64→64 on 8x8 0.59x (one thread, per image).
-fn applies(g: &Geometry) -> bool {
-    let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
-    let (th, tw) = (h / 2, w / 2);
-    let rows_fit = w % 2 == 0 && (tw == 4 || tw == 8 || (tw > 0 && tw.is_multiple_of(LANES)));
-    let shape = k == 3 && stride == 1 && pad == 1 && h % 2 == 0 && rows_fit && th > 0;
-    shape && (th * tw).is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS && kernels::available()
+/// Outputs per side of a tile.
+const SIZE: usize = 4;
+
+/// Values of a transformed tile (products per tile and channel pair): (SIZE + 2)².
+pub(crate) const VALUES: usize = 36;
+
+/// Tiles of an H x W map.
+pub(crate) fn tiles(h: usize, w: usize) -> usize {
+    h / SIZE * (w / SIZE)
 }
 
-/// The fewest input and output channels a convolution runs on F(2x2, 3x3) with.
-const MIN_CHANNELS: usize = 32;
-
-/// Winograd's two tilings of the output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tiling {
-    /// F(2x2, 3x3): 2x2 outputs from a 4x4 input tile, 16 products (4 per output).
-    F2,
-    /// F(4x4, 3x3): 4x4 outputs from a 6x6 input tile, 36 products (2.25 per output).
-    F4,
-}
-
-impl Tiling {
-    /// Outputs per side of a tile.
-    fn size(self) -> usize {
-        match self {
-            Tiling::F2 => 2,
-            Tiling::F4 => 4,
-        }
-    }
-
-    /// Values of a transformed tile (products per tile and channel pair).
-    pub(crate) fn values(self) -> usize {
-        (self.size() + 2) * (self.size() + 2)
-    }
-
-    /// Tiles of an H x W map.
-    pub(crate) fn tiles(self, h: usize, w: usize) -> usize {
-        h / self.size() * (w / self.size())
-    }
-}
-
-/// The tiling a convolution of this shape runs on (its forward and input gradient), if any:
-/// F(4x4, 3x3) where the map's tiles make whole groups of four (see [`Maps`]): rows of 4k tiles (maps
-/// 16k wide, a multiple of 4 high), or 8 wide and a multiple of 8 high (2x2 blocks of tiles), with
-/// [`MIN_CHANNELS_F4`] channels on either side, where the CPU has the direct kernel; else F(2x2, 3x3)
-/// where [`applies`].
-pub(crate) fn tiling(g: &Geometry) -> Option<Tiling> {
+/// Whether a convolution of this shape runs on Winograd's transforms (its forward and input
+/// gradient): 3x3, stride 1, padding 1, where the map's tiles make whole groups of four (see
+/// [`Maps`]): rows of 4k tiles (maps 16k wide, a multiple of 4 high), or 8 wide and a multiple of 8
+/// high (2x2 blocks of tiles); with [`MIN_CHANNELS`] channels on either side, where the CPU has the
+/// direct kernel.
+pub(crate) fn applies(g: &Geometry) -> bool {
     let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
     let shape = k == 3 && stride == 1 && pad == 1 && h > 0 && w > 0;
     let groups = (h % 4 == 0 && w.is_multiple_of(LANES)) || (w == 8 && h % 8 == 0);
-    let registers = (batch(Tiling::F4, h, w) * Tiling::F4.tiles(h, w)).is_multiple_of(LANES);
-    if shape && groups && registers && c.min(o) >= MIN_CHANNELS_F4 && kernels::available() {
-        Some(Tiling::F4)
-    } else {
-        applies(g).then_some(Tiling::F2)
-    }
+    let registers = (batch(h, w) * tiles(h, w)).is_multiple_of(LANES);
+    shape && groups && registers && c.min(o) >= MIN_CHANNELS && kernels::available()
 }
 
-/// The tiling the tiles-in-lanes weight gradient runs on, if any (where the channels-last one does
-/// not: [`weight_grad_channels_last`]): the forward's where an image has whole registers of tiles
-/// (16k), else F(2x2, 3x3) where [`applies`]. It transforms one image at a time (no batch), and sums
-/// its products over the tiles of a few images per call: F(4x4)'s four tiles an 8x8 image would
-/// make those calls too short for its kernel.
-pub(crate) fn weight_grad_tiling(g: &Geometry) -> Option<Tiling> {
-    match tiling(g) {
-        Some(Tiling::F4) if !Tiling::F4.tiles(g.h, g.w).is_multiple_of(LANES) => applies(g).then_some(Tiling::F2),
-        t => t,
-    }
+/// Whether a weight gradient of this shape runs tiles in the lanes (where the channels-last one does
+/// not: [`weight_grad_channels_last`]): where the forward does and an image has whole registers of
+/// tiles (16k). It transforms one image at a time (no batch), and sums its products over the tiles
+/// of a few images per call: the four tiles of an 8x8 image would make those calls too short for
+/// its kernel.
+pub(crate) fn weight_grad_in_lanes(g: &Geometry) -> bool {
+    applies(g) && tiles(g.h, g.w).is_multiple_of(LANES)
 }
 
-/// The fewest input and output channels a convolution runs on F(4x4, 3x3) with: ResNet-20's fewest,
-/// where it measured 0.59x the direct kernel's time (fewer were not measured).
-const MIN_CHANNELS_F4: usize = 16;
+/// The fewest input and output channels a convolution runs on Winograd's transforms with: ResNet-20's
+/// fewest, where it measured 0.59x the direct kernel's time (fewer were not measured).
+const MIN_CHANNELS: usize = 16;
 
 /// Images per call of [`forward`] on maps of H x W: enough for a block of tiles (small maps have
 /// few tiles an image, and the products want many), at most 8.
-pub(crate) fn batch(tiling: Tiling, h: usize, w: usize) -> usize {
-    (BLOCK / tiling.tiles(h, w).max(1)).clamp(1, 8)
+pub(crate) fn batch(h: usize, w: usize) -> usize {
+    (BLOCK / tiles(h, w).max(1)).clamp(1, 8)
 }
 
 /// Output rows of a product: O rounded up to the direct kernel's blocks.
@@ -146,16 +102,16 @@ fn output_rows(o: usize) -> usize {
 /// Blocks of 16 to 256 tiles measured within noise of each other on ResNet-20's maps.
 const BLOCK: usize = 64;
 
-/// Distance between the 16 matrices of V (C rows) or M (`rows` rows) of `tb` tiles: one register
-/// more than their rows, so that the 16 values of a tile, stored or loaded together, fall into
+/// Distance between the 36 matrices of V (C rows) or M (`rows` rows) of `tb` tiles: one register
+/// more than their rows, so that the 36 values of a tile, stored or loaded together, fall into
 /// different cache sets (rows of 2^k floats put them all in one set, where they evict each other).
 pub(crate) fn matrix_stride(rows: usize, tb: usize) -> usize {
     rows * tb + LANES
 }
 
-/// Scratch values one block of `tb` tiles needs: V (16 matrices of C rows) and M (16 of O rows).
-fn scratch_len(tiling: Tiling, (c, o): (usize, usize), tb: usize) -> usize {
-    tiling.values() * (matrix_stride(c, tb) + matrix_stride(output_rows(o), tb))
+/// Scratch values one block of `tb` tiles needs: V (36 matrices of C rows) and M (36 of O rows).
+fn scratch_len((c, o): (usize, usize), tb: usize) -> usize {
+    VALUES * (matrix_stride(c, tb) + matrix_stride(output_rows(o), tb))
 }
 
 thread_local! {
@@ -166,42 +122,31 @@ thread_local! {
 }
 
 /// The OIHW 3x3 weight (O, C, 3, 3) transformed (U = G g Gᵀ) and laid out as one blocked weight of
-/// one tap per transformed value ξ (16 or 36), as [`kernels::direct`] reads them.
-pub(crate) fn weight(tiling: Tiling, w: &[f32], (o, c): (usize, usize)) -> Vec<f32> {
-    let values = tiling.values();
-    // U as (O, C, values): each kernel's transformed values where OIHW has its 9.
-    let mut u = vec![0f32; o * c * values];
-    for (kernel, out) in w.chunks_exact(9).zip(u.chunks_exact_mut(values)) {
-        match tiling {
-            Tiling::F2 => weight_f2(kernel, out),
-            Tiling::F4 => weight_f4(kernel, out),
+/// one tap per transformed value ξ, as [`kernels::direct`] reads them.
+pub(crate) fn weight(w: &[f32], (o, c): (usize, usize)) -> Vec<f32> {
+    // U as (O, C, 36): each kernel's transformed values where OIHW has its 9, in f64: G's sixths and
+    // twenty-fourths are not exact in binary, so each value is rounded once, at the end.
+    let mut u = vec![0f32; o * c * VALUES];
+    for (kernel, out) in w.chunks_exact(9).zip(u.chunks_exact_mut(VALUES)) {
+        let gg: [[f64; 3]; 6] = std::array::from_fn(|i| {
+            std::array::from_fn(|j| (0..3).map(|k| G[i][k] * f64::from(kernel[k * 3 + j])).sum())
+        });
+        for (i, row) in out.chunks_exact_mut(6).enumerate() {
+            for (j, dst) in row.iter_mut().enumerate() {
+                *dst = (0..3).map(|k| gg[i][k] * G[j][k]).sum::<f64>() as f32;
+            }
         }
     }
-    let mut out = Vec::with_capacity(values * output_rows(o) * c);
-    for xi in 0..values {
-        let u_xi: Vec<f32> = u.chunks_exact(values).map(|kernel| kernel[xi]).collect();
+    let mut out = Vec::with_capacity(VALUES * output_rows(o) * c);
+    for xi in 0..VALUES {
+        let u_xi: Vec<f32> = u.chunks_exact(VALUES).map(|kernel| kernel[xi]).collect();
         out.extend(kernels::blocked_weight(&u_xi, (o, c, 1)));
     }
     out
 }
 
-/// G g Gᵀ of one 3x3 kernel for F(2x2, 3x3), G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1].
-fn weight_f2(kernel: &[f32], out: &mut [f32]) {
-    // G g (4 rows of 3: the kernel's rows combined), then each row's 3 values to 4 ((G g) Gᵀ).
-    let g = |ky: usize, kx: usize| kernel[ky * 3 + kx];
-    let gg: [[f32; 3]; 4] = [
-        std::array::from_fn(|j| g(0, j)),
-        std::array::from_fn(|j| 0.5 * (g(0, j) + g(1, j) + g(2, j))),
-        std::array::from_fn(|j| 0.5 * (g(0, j) - g(1, j) + g(2, j))),
-        std::array::from_fn(|j| g(2, j)),
-    ];
-    for ([a, b, c], dst) in gg.into_iter().zip(out.chunks_exact_mut(4)) {
-        dst.copy_from_slice(&[a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]);
-    }
-}
-
-/// F(4x4, 3x3)'s kernel transform G (Lavin & Gray's, 6x3).
-const G4: [[f64; 3]; 6] = [
+/// The kernel transform G (Lavin & Gray's, 6x3).
+const G: [[f64; 3]; 6] = [
     [1. / 4., 0., 0.],
     [-1. / 6., -1. / 6., -1. / 6.],
     [-1. / 6., 1. / 6., -1. / 6.],
@@ -210,28 +155,14 @@ const G4: [[f64; 3]; 6] = [
     [0., 0., 1.],
 ];
 
-/// G g Gᵀ of one 3x3 kernel for F(4x4, 3x3) (Lavin & Gray's G, 6x3), in f64: G's sixths and
-/// twenty-fourths are not exact in binary, so the kernel is rounded once, at the end.
-fn weight_f4(kernel: &[f32], out: &mut [f32]) {
-    const G: [[f64; 3]; 6] = G4;
-    let gg: [[f64; 3]; 6] =
-        std::array::from_fn(|i| std::array::from_fn(|j| (0..3).map(|k| G[i][k] * f64::from(kernel[k * 3 + j])).sum()));
-    for (i, row) in out.chunks_exact_mut(6).enumerate() {
-        for (j, dst) in row.iter_mut().enumerate() {
-            *dst = (0..3).map(|k| gg[i][k] * G[j][k]).sum::<f64>() as f32;
-        }
-    }
-}
-
 /// Where the tiles of a batch of images lie, in their padded inputs and in their outputs: planes
 /// `plane` values apart (rows `wp` wide), padded images `xstride` apart; outputs `qstride` apart a
 /// channel and `ostride` an image, rows `wp` wide too. Tile t is image t / `per_image`'s tile
 /// t % `per_image`, at tile row (t % per_image) / `tw`.
 ///
-/// The transforms take 16 tiles per register. F(2x2)'s are 16 consecutive tiles of one image (see
-/// [`transform_tiles`]); F(4x4)'s are four groups of four consecutive tiles, each group within one
-/// image: four side by side in a tile row (rows of 4k tiles), or, on maps 8 wide (rows of 2 tiles),
-/// a 2x2 block of tiles.
+/// The transforms take 16 tiles per register, in four groups of four consecutive tiles, each group
+/// within one image: four side by side in a tile row (rows of 4k tiles), or, on maps 8 wide (rows
+/// of 2 tiles), a 2x2 block of tiles.
 #[derive(Debug, Clone, Copy)]
 struct Maps {
     plane: usize,
@@ -241,15 +172,13 @@ struct Maps {
     ostride: usize,
     tw: usize,
     per_image: usize,
-    /// Outputs per side of a tile.
-    size: usize,
 }
 
 impl Maps {
     /// Offset of tile t's top-left value in a padded image, from its image's start.
     fn corner(&self, t: usize) -> usize {
         let t = t % self.per_image;
-        self.size * ((t / self.tw) * self.wp + t % self.tw)
+        SIZE * ((t / self.tw) * self.wp + t % self.tw)
     }
 
     /// Offset of tile t's top-left value in the padded inputs.
@@ -267,10 +196,9 @@ impl Maps {
 /// values, rows `wp` = W + 1 wide, pixel (iy, ix) at (iy + 1)·wp + ix + 1 and zeros around (the
 /// stride-1 wide layout of `conv::Shifted`, with at least one zero row below the bottom padding).
 /// Writes image n's output channel o's pixel (oy, ox) to `out[n·ostride + o·qstride + oy·wp + ox]`;
-/// `u` is [`weight`]'s for the same tiling. Images' outputs are independent: a batch may be
+/// `u` is [`weight`]'s. Images' outputs are independent: a batch may be
 /// completed with any finite (or even stale) images whose outputs are not read.
 pub(crate) fn forward(
-    tiling: Tiling,
     (xpad, plane, wp, xstride): (&[f32], usize, usize, usize),
     (c, h, w, images): (usize, usize, usize, usize),
     (u, o): (&[f32], usize),
@@ -278,26 +206,24 @@ pub(crate) fn forward(
 ) {
     assert!(wp == w + 1 && plane >= (h + 3) * wp && xstride >= c * plane && images > 0);
     assert!(xpad.len() >= (images - 1) * xstride + c * plane);
-    let (size, per_image) = (tiling.size(), tiling.tiles(h, w));
-    let maps = Maps { plane, wp, xstride, qstride, ostride, tw: w / size, per_image, size };
+    let maps = Maps { plane, wp, xstride, qstride, ostride, tw: w / SIZE, per_image: tiles(h, w) };
     let tb = BLOCK;
-    let len = scratch_len(tiling, (c, o), tb);
+    let len = scratch_len((c, o), tb);
     SCRATCH.with_borrow_mut(|scratch| {
         if scratch.len() < len {
             scratch.resize(len, 0.0);
         }
-        let (v, m) = scratch[..len].split_at_mut(tiling.values() * matrix_stride(c, tb));
-        let tiles = images * per_image;
-        for first in (0..tiles).step_by(tb) {
-            let block = first..tiles.min(first + tb);
-            products(tiling, maps, (xpad, c), (u, o), (v, m), out, (block, tb));
+        let (v, m) = scratch[..len].split_at_mut(VALUES * matrix_stride(c, tb));
+        let all = images * maps.per_image;
+        for first in (0..all).step_by(tb) {
+            let block = first..all.min(first + tb);
+            products(maps, (xpad, c), (u, o), (v, m), out, (block, tb));
         }
     });
 }
 
 /// The outputs of the tiles `block` (at most `tb`), with V and M of `tb` tiles each.
 fn products(
-    tiling: Tiling,
     maps: Maps,
     (xpad, c): (&[f32], usize),
     (u, o): (&[f32], usize),
@@ -307,14 +233,11 @@ fn products(
 ) {
     let rows = output_rows(o);
     let (vs, ms, n) = (matrix_stride(c, tb), matrix_stride(rows, tb), block.len());
-    // SAFETY (the transforms): `tiling` (checked by the caller) found AVX-512F.
-    match tiling {
-        Tiling::F2 => unsafe { transform_tiles::<false>(xpad, maps, c, block.clone(), (v, tb)) },
-        Tiling::F4 => unsafe { transform_tiles_f4::<false>(xpad, maps, c, block.clone(), (v, tb)) },
-    }
+    // SAFETY (both transforms): `applies` (checked by the caller) found AVX-512F.
+    unsafe { transform_tiles::<false>(xpad, maps, c, block.clone(), (v, tb)) };
     let weights = rows * c;
-    for xi in 0..tiling.values() {
-        // SAFETY: `tiling` (checked by the caller) found AVX-512F.
+    for xi in 0..VALUES {
+        // SAFETY: `applies` (checked by the caller) found AVX-512F.
         unsafe {
             kernels::direct(
                 (&v[xi * vs..][..c * tb], tb, c),
@@ -326,103 +249,7 @@ fn products(
             )
         };
     }
-    match tiling {
-        Tiling::F2 => unsafe { output_transform((m, rows, tb), maps, o, block, out) },
-        Tiling::F4 => unsafe { output_transform_f4((m, rows, tb), maps, o, block, out) },
-    }
-}
-
-/// V = Bᵀ d B of every 4x4 tile d of `block` (rows and columns 2t .. 2t + 3 of the padded planes),
-/// with Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], 16 tiles per register: each tile value `d[r][k]`
-/// of a register's tiles is one permute of two loads (the even positions of a row, or of two rows).
-///
-/// With OUTPUT_GRAD, the weight gradient's transform of dY's 2x2 tiles instead, A dy Aᵀ (A = the
-/// transpose of the output transform's Aᵀ), from dY laid out like the input (`xpad`): a tile's values
-/// sit where the middle four of an input tile's do.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn transform_tiles<const OUTPUT_GRAD: bool>(
-    xpad: &[f32],
-    maps: Maps,
-    c: usize,
-    block: std::ops::Range<usize>,
-    (v, tb): (&mut [f32], usize),
-) {
-    let Maps { plane, wp, tw, per_image, .. } = maps;
-    assert!(maps.size == 2 && per_image.is_multiple_of(LANES) && block.start.is_multiple_of(LANES));
-    // The lowest and highest value a register's loads reach past its first tile's corner.
-    let reach = 3 * wp
-        + 3
-        + LANES
-        + if tw == 4 {
-            6 * wp
-        } else if tw == 8 {
-            2 * wp
-        } else {
-            LANES
-        };
-    let vs = matrix_stride(c, tb);
-    assert!(block.len().is_multiple_of(LANES) && block.len() <= tb && v.len() >= 15 * vs + c * tb);
-    assert!(xpad.len() >= (c - 1) * plane + maps.input(block.end - LANES) + reach);
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    // Four tiles from each of two rows, in the low half.
-    let four = _mm512_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22, 0, 0, 0, 0, 0, 0, 0, 0);
-    for ci in 0..c {
-        for t0 in block.clone().step_by(LANES) {
-            // SAFETY: every load lies within `reach` of the corner (asserted above).
-            let base = unsafe { xpad.as_ptr().add(ci * plane + maps.input(t0)) };
-            let d = |r: usize, k: usize| unsafe {
-                let p = base.add(r * wp + k);
-                let load = |rows: usize| _mm512_loadu_ps(p.add(rows * wp));
-                match tw {
-                    4 => {
-                        let (a, b) = (load(0), load(2));
-                        let low = _mm512_permutex2var_ps(a, four, b);
-                        let high = _mm512_permutex2var_ps(load(4), four, load(6));
-                        _mm512_shuffle_f32x4::<0b01_00_01_00>(low, high)
-                    }
-                    8 => _mm512_permutex2var_ps(load(0), even, load(2)),
-                    _ => _mm512_permutex2var_ps(load(0), even, _mm512_loadu_ps(p.add(LANES))),
-                }
-            };
-            let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
-            if OUTPUT_GRAD {
-                // A dy (rows p, p + r, p − r, −r of the tile's rows p and r), then each row (x, y)
-                // to (x, x + y, x − y, −y).
-                let (top, bottom) = ([d(1, 1), d(1, 2)], [d(2, 1), d(2, 2)]);
-                let zero = _mm512_setzero_ps();
-                let rows: [[__m512; 2]; 4] = [
-                    top,
-                    std::array::from_fn(|k| add(top[k], bottom[k])),
-                    std::array::from_fn(|k| sub(top[k], bottom[k])),
-                    std::array::from_fn(|k| sub(zero, bottom[k])),
-                ];
-                for (i, [x, y]) in rows.into_iter().enumerate() {
-                    for (j, value) in [x, add(x, y), sub(x, y), sub(zero, y)].into_iter().enumerate() {
-                        // SAFETY: as below.
-                        let at = (4 * i + j) * vs + ci * tb + t0 - block.start;
-                        unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(at), value) };
-                    }
-                }
-                continue;
-            }
-            let d: [[__m512; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|k| d(r, k)));
-            // Down the columns (Bᵀ d), then along the rows ((Bᵀ d) B).
-            let e: [[__m512; 4]; 4] = [
-                std::array::from_fn(|k| sub(d[0][k], d[2][k])),
-                std::array::from_fn(|k| add(d[1][k], d[2][k])),
-                std::array::from_fn(|k| sub(d[2][k], d[1][k])),
-                std::array::from_fn(|k| sub(d[1][k], d[3][k])),
-            ];
-            for (i, [e0, e1, e2, e3]) in e.into_iter().enumerate() {
-                for (j, value) in [sub(e0, e2), add(e1, e2), sub(e2, e1), sub(e1, e3)].into_iter().enumerate() {
-                    // SAFETY: 4i + j < 16, ci < C and t0 + 16 − block.start <= tb (asserted above).
-                    let at = (4 * i + j) * vs + ci * tb + t0 - block.start;
-                    unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(at), value) };
-                }
-            }
-        }
-    }
+    unsafe { output_transform((m, rows, tb), maps, o, block, out) };
 }
 
 /// F(4x4, 3x3)'s input transform Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0;
@@ -479,7 +306,7 @@ fn fma_by(a: f32, x: __m512, y: __m512) -> __m512 {
 /// out like the input: a tile's values sit where the middle 4x4 of an input tile's do.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
+fn transform_tiles<const OUTPUT_GRAD: bool>(
     xpad: &[f32],
     maps: Maps,
     c: usize,
@@ -489,7 +316,7 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
     let Maps { plane, wp, tw, .. } = maps;
     let blocks = tw == 2;
     let vs = matrix_stride(c, tb);
-    assert!(maps.size == 4 && (tw.is_multiple_of(4) || (blocks && maps.per_image.is_multiple_of(4))));
+    assert!(tw.is_multiple_of(4) || (blocks && maps.per_image.is_multiple_of(4)));
     assert!(block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
     assert!(block.len() <= tb && v.len() >= 35 * vs + c * tb);
     // The farthest load: row 5 of the last group's tiles from column 4 (side by side), or row 9 from
@@ -588,7 +415,7 @@ fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
 /// store, interleaved from the tiles' four columns by two rounds of permutes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn output_transform_f4(
+fn output_transform(
     (m, rows, tb): (&[f32], usize, usize),
     maps: Maps,
     o: usize,
@@ -598,7 +425,7 @@ fn output_transform_f4(
     let Maps { wp, qstride, tw, .. } = maps;
     let blocks = tw == 2;
     let ms = matrix_stride(rows, tb);
-    assert!(maps.size == 4 && (tw.is_multiple_of(4) || (blocks && maps.per_image.is_multiple_of(4))));
+    assert!(tw.is_multiple_of(4) || (blocks && maps.per_image.is_multiple_of(4)));
     assert!(block.start.is_multiple_of(LANES) && block.len().is_multiple_of(LANES));
     assert!(block.len() <= tb && m.len() >= 35 * ms + rows * tb && o <= rows);
     // The last group's farthest store: its row 3 (16 values), or its bottom tiles' row 3 (8).
@@ -657,37 +484,28 @@ fn output_transform_f4(
 /// out like it (both as [`forward`] reads `xpad`, with C and O planes). Each is one matrix per
 /// transformed value of its channels' rows of T values, [`matrix_stride`] apart.
 pub(crate) fn weight_grad_transforms(
-    tiling: Tiling,
     (xpad, dypad, plane, wp): (&[f32], &[f32], usize, usize),
     (c, o, h, w): (usize, usize, usize, usize),
     (v, d): (&mut [f32], &mut [f32]),
 ) {
-    let (size, tiles) = (tiling.size(), tiling.tiles(h, w));
-    let maps = Maps { plane, wp, xstride: 0, qstride: 0, ostride: 0, tw: w / size, per_image: tiles, size };
-    // SAFETY: `weight_grad_tiling` (checked by the caller) found AVX-512F.
+    let t = tiles(h, w);
+    let maps = Maps { plane, wp, xstride: 0, qstride: 0, ostride: 0, tw: w / SIZE, per_image: t };
+    // SAFETY: `weight_grad_in_lanes` (checked by the caller) found AVX-512F.
     unsafe {
-        match tiling {
-            Tiling::F2 => {
-                transform_tiles::<false>(xpad, maps, c, 0..tiles, (v, tiles));
-                transform_tiles::<true>(dypad, maps, o, 0..tiles, (d, tiles));
-            }
-            Tiling::F4 => {
-                transform_tiles_f4::<false>(xpad, maps, c, 0..tiles, (v, tiles));
-                transform_tiles_f4::<true>(dypad, maps, o, 0..tiles, (d, tiles));
-            }
-        }
+        transform_tiles::<false>(xpad, maps, c, 0..t, (v, t));
+        transform_tiles::<true>(dypad, maps, o, 0..t, (d, t));
     }
 }
 
 /// Whether a weight gradient of this shape runs on F(4x4, 3x3) over channels-last transforms
 /// ([`weight_grad_transforms_cl`]): maps up to 16x16 (4 or 16 tiles an image), with channels in 16s.
 /// There the tiles-in-lanes kernel would sum its lanes after a few dozen or hundred tiles (see
-/// [`weight_grad_tiling`]); with channels in the lanes, the products sum over the tiles as the
+/// [`weight_grad_in_lanes`]); with channels in the lanes, the products sum over the tiles as the
 /// direct kernel's contraction, with no sums across lanes.
 pub(crate) fn weight_grad_channels_last(g: &Geometry) -> bool {
     let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
     let shape = k == 3 && stride == 1 && pad == 1 && h % 4 == 0 && w % 4 == 0 && h * w <= MAX_PIXELS_CL;
-    shape && c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS_F4 && kernels::available()
+    shape && c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS && kernels::available()
 }
 
 /// Distance between the 36 matrices of a call's channels-last transforms (`k_total` tiles of C): one
@@ -801,14 +619,14 @@ pub(crate) fn weight_grad_transforms_cl(
     (first, k_total): (usize, usize),
     (vb, dt): (&mut [f32], &mut [f32]),
 ) {
-    let tiles = Tiling::F4.tiles(h, w);
-    assert!(h % 4 == 0 && w % 4 == 0 && first + tiles <= k_total && c.is_multiple_of(LANES) && o.is_multiple_of(LANES));
-    assert!(vb.len() >= 36 * cl_stride(k_total, c) && dt.len() >= 36 * cl_stride(k_total, o));
+    let t = tiles(h, w);
+    assert!(h % 4 == 0 && w % 4 == 0 && first + t <= k_total && c.is_multiple_of(LANES) && o.is_multiple_of(LANES));
+    assert!(vb.len() >= VALUES * cl_stride(k_total, c) && dt.len() >= VALUES * cl_stride(k_total, o));
     assert!(xcl.len() >= (h + 2) * (w + 2) * c && dycl.len() >= h * w * o);
     // SAFETY: `weight_grad_channels_last` (checked by the caller) found AVX-512F; the bounds above.
     unsafe {
-        transform_cl::<false>((xcl, w + 2, c), (w / 4, tiles), (first, k_total), vb);
-        transform_cl::<true>((dycl, w, o), (w / 4, tiles), (first, k_total), dt);
+        transform_cl::<false>((xcl, w + 2, c), (w / SIZE, t), (first, k_total), vb);
+        transform_cl::<true>((dycl, w, o), (w / SIZE, t), (first, k_total), dt);
     }
 }
 
@@ -821,8 +639,8 @@ pub(crate) fn weight_grad_products_cl(
     k_total: usize,
     acc: &mut [f32],
 ) {
-    assert!(acc.len() >= 36 * c * o);
-    for xi in 0..36 {
+    assert!(acc.len() >= VALUES * c * o);
+    for xi in 0..VALUES {
         // SAFETY: `weight_grad_channels_last` (checked by the caller) found AVX-512F.
         unsafe {
             kernels::direct(
@@ -909,110 +727,24 @@ fn transform_cl<const OUTPUT_GRAD: bool>(
     unreachable!("Winograd's transforms need AVX-512 (`weight_grad_channels_last` checks it)")
 }
 
-/// The weight gradient from its Winograd products: `m` (O, C, values) holds, for every pair of
+/// The weight gradient from its Winograd products: `m` (O, C, 36) holds, for every pair of
 /// channels, Σ over tiles of D ⊙ V (the transforms of dY's tiles and of the input's), and
 /// dW = Gᵀ m G (3x3 each), returned OIHW. This is the forward transposed: its
 /// y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A makes ∂y/∂g, summed against dY, Gᵀ[(A dY Aᵀ) ⊙ (Bᵀ d B)]G.
-pub(crate) fn weight_from_products(tiling: Tiling, m: &[f32]) -> Vec<f32> {
-    let values = tiling.values();
-    let mut dw = vec![0f32; m.len() / values * 9];
-    for (prod, out) in m.chunks_exact(values).zip(dw.chunks_exact_mut(9)) {
-        match tiling {
-            Tiling::F2 => {
-                // Gᵀ's rows combine M's rows: M0 + (M1 + M2)/2, (M1 − M2)/2, (M1 + M2)/2 + M3.
-                let gt = |a: f32, b: f32, c: f32, d: f32| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
-                let cols: [[f32; 3]; 4] = std::array::from_fn(|j| gt(prod[j], prod[4 + j], prod[8 + j], prod[12 + j]));
-                for k in 0..3 {
-                    let row = gt(cols[0][k], cols[1][k], cols[2][k], cols[3][k]);
-                    out[k * 3..k * 3 + 3].copy_from_slice(&row);
-                }
-            }
-            Tiling::F4 => {
-                // (Gᵀ M) as 3 rows of 6, then (Gᵀ M) G, in f64 like the forward's U.
-                let gtm: [[f64; 6]; 3] = std::array::from_fn(|k| {
-                    std::array::from_fn(|j| (0..6).map(|i| G4[i][k] * f64::from(prod[6 * i + j])).sum())
-                });
-                for (k, row) in out.chunks_exact_mut(3).enumerate() {
-                    for (l, dst) in row.iter_mut().enumerate() {
-                        *dst = (0..6).map(|j| gtm[k][j] * G4[j][l]).sum::<f64>() as f32;
-                    }
-                }
+pub(crate) fn weight_from_products(m: &[f32]) -> Vec<f32> {
+    let mut dw = vec![0f32; m.len() / VALUES * 9];
+    for (prod, out) in m.chunks_exact(VALUES).zip(dw.chunks_exact_mut(9)) {
+        // (Gᵀ M) as 3 rows of 6, then (Gᵀ M) G, in f64 like the forward's U.
+        let gtm: [[f64; 6]; 3] = std::array::from_fn(|k| {
+            std::array::from_fn(|j| (0..6).map(|i| G[i][k] * f64::from(prod[6 * i + j])).sum())
+        });
+        for (k, row) in out.chunks_exact_mut(3).enumerate() {
+            for (l, dst) in row.iter_mut().enumerate() {
+                *dst = (0..6).map(|j| gtm[k][j] * G[j][l]).sum::<f64>() as f32;
             }
         }
     }
     dw
-}
-
-/// Y = Aᵀ M A of every tile, with Aᵀ = [1 1 1 0; 0 1 −1 −1], into the output grid: 16 tiles per
-/// register, their 2x2 outputs interleaved into rows by two permutes per row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn output_transform(
-    (m, rows, tb): (&[f32], usize, usize),
-    maps: Maps,
-    o: usize,
-    block: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    let Maps { wp, qstride, tw, per_image, .. } = maps;
-    let ms = matrix_stride(rows, tb);
-    assert!(maps.size == 2 && per_image.is_multiple_of(LANES) && block.start.is_multiple_of(LANES));
-    assert!(block.len().is_multiple_of(LANES) && block.len() <= tb && m.len() >= 15 * ms + rows * tb && o <= rows);
-    // The last register's stores reach 8 rows of 8 tiles' outputs (rows of 4 tiles), 4 of 16 (rows of
-    // 8) or 2 of 32 past its corner.
-    let reach = match tw {
-        4 => 7 * wp + 8,
-        8 => 3 * wp + 16,
-        _ => wp + 2 * LANES,
-    };
-    assert!(out.len() >= (o - 1) * qstride + maps.output(block.end - LANES) + reach);
-    // The outputs of tiles 0..8 (low) and 8..16 (high): a tile's left value, then its right one.
-    let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
-    for oc in 0..o {
-        for t0 in block.clone().step_by(LANES) {
-            // SAFETY: ξ < 16, oc < rows and t0 + 16 − block.start <= tb (asserted above).
-            let at = |xi: usize| unsafe { _mm512_loadu_ps(m.as_ptr().add(xi * ms + oc * tb + t0 - block.start)) };
-            // Down the columns: the output's top row from M's rows 0 + 1 + 2, its bottom from 1 − 2 − 3.
-            let s0: [__m512; 4] = std::array::from_fn(|j| add(add(at(j), at(4 + j)), at(8 + j)));
-            let s1: [__m512; 4] = std::array::from_fn(|j| sub(sub(at(4 + j), at(8 + j)), at(12 + j)));
-            let across = |s: [__m512; 4]| {
-                let (left, right) = (add(add(s[0], s[1]), s[2]), sub(sub(s[1], s[2]), s[3]));
-                [_mm512_permutex2var_ps(left, low, right), _mm512_permutex2var_ps(left, high, right)]
-            };
-            let (top, bottom) = (across(s0), across(s1));
-            // SAFETY: every store below writes the register's output rows (at most 8 from its
-            // corner) of channel oc within the map's W columns (asserted above).
-            unsafe {
-                let dst = out.as_mut_ptr().add(oc * qstride + maps.output(t0));
-                for (half, (t, b)) in top.into_iter().zip(bottom).enumerate() {
-                    match tw {
-                        // Tile rows ty0 + 2·half and the next, 8 outputs each.
-                        4 => {
-                            let row = dst.add(4 * half * wp);
-                            let up = |v: __m512| _mm512_shuffle_f32x4::<0b11_10_11_10>(v, v);
-                            _mm512_mask_storeu_ps(row, 0xFF, t);
-                            _mm512_mask_storeu_ps(row.add(wp), 0xFF, b);
-                            _mm512_mask_storeu_ps(row.add(2 * wp), 0xFF, up(t));
-                            _mm512_mask_storeu_ps(row.add(3 * wp), 0xFF, up(b));
-                        }
-                        // Tile row ty0 + half, whole.
-                        8 => {
-                            let row = dst.add(2 * half * wp);
-                            _mm512_storeu_ps(row, t);
-                            _mm512_storeu_ps(row.add(wp), b);
-                        }
-                        _ => {
-                            let row = dst.add(half * LANES);
-                            _mm512_storeu_ps(row, t);
-                            _mm512_storeu_ps(row.add(wp), b);
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -1029,22 +761,6 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
 #[cfg(not(target_arch = "x86_64"))]
 fn output_transform(_: (&[f32], usize, usize), _: Maps, _: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
     unreachable!("Winograd's transforms need AVX-512 (`applies` checks it)")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn transform_tiles_f4<const OUTPUT_GRAD: bool>(
-    _: &[f32],
-    _: Maps,
-    _: usize,
-    _: std::ops::Range<usize>,
-    _: (&mut [f32], usize),
-) {
-    unreachable!("Winograd's transforms need AVX-512 (`tiling` checks it)")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn output_transform_f4(_: (&[f32], usize, usize), _: Maps, _: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
-    unreachable!("Winograd's transforms need AVX-512 (`tiling` checks it)")
 }
 
 #[cfg(test)]
