@@ -325,25 +325,9 @@ fn transform_tiles<const OUTPUT_GRAD: bool>(
     assert!(xpad.len() >= (c - 1) * plane + maps.input(block.end - 4) + reach);
     // Side by side: value k of four tiles from each of two loads (lanes k, k + 4, ...), in both halves.
     let pick: [__m512i; 4] = std::array::from_fn(|k| {
-        let k = k as i32;
-        _mm512_setr_epi32(
-            k,
-            k + 4,
-            k + 8,
-            k + 12,
-            k + 16,
-            k + 20,
-            k + 24,
-            k + 28,
-            k,
-            k + 4,
-            k + 8,
-            k + 12,
-            k + 16,
-            k + 20,
-            k + 24,
-            k + 28,
-        )
+        let lanes: [i32; 16] = std::array::from_fn(|j| (k + 4 * (j % 8)) as i32);
+        // SAFETY: 16 i32.
+        unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
     });
     // Blocks: values k and k + 1 of a block's tiles (lanes k and k + 4 of its two tile rows' loads),
     // then two blocks' halves side by side, then the four blocks' values k and k + 1 apart.
