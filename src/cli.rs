@@ -68,6 +68,28 @@ pub enum Command {
         /// Shorthand for --set data.path=DIR.
         #[arg(long)]
         data: Option<String>,
+        /// Runs trained at once (they share the cores; 1 is fastest per run on 2 cores).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+    },
+    /// Reproduce the paper's four claims (Fig. 1, 2, 3, Table 1) at a budget: trains what the out folder
+    /// lacks, then writes report.md with one verdict per claim, the figures and Table 1.
+    Paper {
+        /// quick: <= 15 min on 2 cores (embedded data, plus CIFAR-10 for Fig. 1 with --data);
+        /// standard: <= 2 h on 2 cores (CIFAR-10 subsets, needs --data); full: the paper's protocol.
+        #[arg(long, value_enum, default_value_t = crate::paper::protocol::Budget::Quick)]
+        budget: crate::paper::protocol::Budget,
+        /// Folder for runs/, report.md, fig1/2/3 (.svg, .png) and table1 (.md, .csv, .tex).
+        #[arg(long, default_value = "paper")]
+        out: PathBuf,
+        /// CIFAR-10 folder or archive (see `qat-lab data fetch cifar10`).
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+        device: BenchDevice,
+        /// Runs trained at once.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
     },
     /// Compare finished or running runs side by side in the lab.
     Compare {
@@ -81,6 +103,9 @@ pub enum Command {
     Report {
         #[arg(default_value_os_t = runs::default_root())]
         runs: PathBuf,
+        /// Also draw the paper's figures of these runs (fig1/2/3 .svg and .png) into the folder.
+        #[arg(long)]
+        figures: bool,
     },
     /// Training and eval throughput of ResNet-20 (float, W4/A4), peak memory, and the ratios to PyTorch
     /// running the same configurations (when torch is installed).
@@ -117,11 +142,35 @@ pub enum Command {
     },
 }
 
-/// Device for `bench`.
+/// Device for `bench` and `paper`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum BenchDevice {
     Cpu,
     Cuda,
+}
+
+impl BenchDevice {
+    fn kind(self) -> crate::config::DeviceKind {
+        match self {
+            BenchDevice::Cpu => crate::config::DeviceKind::Cpu,
+            BenchDevice::Cuda => crate::config::DeviceKind::Cuda,
+        }
+    }
+}
+
+/// Draws the paper's figures that the records allow into `dir`, naming each file.
+fn draw_figures(records: &[runs::RunRecord], dir: &std::path::Path) -> Result<()> {
+    use crate::report::figures;
+    let figs: Vec<_> =
+        [figures::fig1(records), figures::fig2(records), figures::fig3(records)].into_iter().flatten().collect();
+    if figs.is_empty() {
+        eprintln!("no figure to draw: Fig. 1 needs a baseline and a quantized run at one noise rate, Fig. 2 a baseline, Fig. 3 two settings of a method");
+    }
+    for fig in figs {
+        let [svg, png] = figures::draw(&fig, dir)?;
+        println!("{}: {} and {}", fig.name, svg.display(), png.display());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,9 +222,30 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_summary(&summary);
             Ok(exit_for(&summary))
         }
-        Command::Sweep { preset, vary, set, out, device, data } => {
+        Command::Sweep { preset, vary, set, out, device, data, parallel } => {
             crate::threads::configure(false);
-            sweep(&preset, &vary, &with_shorthands(set, device, data), &out)
+            sweep(&preset, &vary, &with_shorthands(set, device, data), &out, parallel)
+        }
+        Command::Paper { budget, out, data, device, parallel } => {
+            crate::threads::configure(false);
+            let opts = crate::paper::PaperOptions {
+                budget,
+                out,
+                data,
+                device: device.kind(),
+                runner: crate::runner::RunnerOptions { parallel, progress: std::io::stderr().is_terminal() },
+            };
+            let outcome = crate::paper::run(&opts)?;
+            for c in &outcome.claims {
+                println!("{} {}: {} — {}", c.id, c.title, c.verdict.name(), c.numbers);
+            }
+            println!(
+                "report: {} ({} runs trained, {} reused)",
+                outcome.report.display(),
+                outcome.trained,
+                outcome.reused
+            );
+            Ok(if outcome.stopped { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }
         Command::Compare { runs: dirs, table } => {
             if dirs.is_empty() {
@@ -189,12 +259,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let root = dirs[0].parent().map(PathBuf::from).unwrap_or_else(runs::default_root);
             open_lab(crate::ui::LabStart::Compare(records), root)
         }
-        Command::Report { runs: root } => {
-            let records = runs::list(&root);
-            if records.is_empty() {
-                bail!("no run records under {}: train some with `qat-lab run` or the lab", root.display());
+        Command::Report { runs: root, figures } => {
+            let scan = runs::scan(&root);
+            if let Some(note) = scan.unreadable_note() {
+                eprintln!("{note}");
             }
-            print_tables(&records);
+            if scan.records.is_empty() {
+                bail!("no readable run records under {}: train some with `qat-lab run` or the lab", root.display());
+            }
+            print_tables(&scan.records);
+            if figures {
+                draw_figures(&scan.records, &root)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { batch, steps, warmup, rounds, device, arch, no_torch, only, ops } => {
@@ -202,10 +278,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(arch) = crate::config::Arch::ALL.into_iter().find(|a| a.name() == arch) else {
                 bail!("unknown --arch {arch}; allowed: resnet8, resnet14, resnet20");
             };
-            let device = match device {
-                BenchDevice::Cpu => crate::config::DeviceKind::Cpu,
-                BenchDevice::Cuda => crate::config::DeviceKind::Cuda,
-            };
+            let device = device.kind();
             crate::bench::run(&crate::bench::BenchOptions {
                 batch,
                 steps,
@@ -283,15 +356,8 @@ fn print_presets() {
 pub fn run_headless(exp: &Experiment, out: &std::path::Path, plain: bool) -> Result<Summary> {
     let opts = RunOptions { runs_root: out.to_path_buf(), batch_events_every: if plain { 0 } else { 1 } };
     let (control, mut rx, handle) = train::spawn(exp.clone(), opts);
-    let ctrlc_control = control.clone();
-    // A second Ctrl-C falls through to the default handler (immediate exit).
-    let _ = ctrlc::set_handler(move || {
-        if ctrlc_control.is_stopping() {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this batch (Ctrl-C again to quit at once)...");
-        ctrlc_control.stop();
-    });
+    crate::signals::install();
+    crate::signals::register(&control);
     let bar =
         if plain { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(exp.train.epochs as u64) };
     bar.set_style(
@@ -360,6 +426,7 @@ pub fn run_headless(exp: &Experiment, out: &std::path::Path, plain: bool) -> Res
         }
     }
     bar.finish_and_clear();
+    crate::signals::unregister(&control);
     handle.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))
 }
 
@@ -410,7 +477,7 @@ fn print_summary(s: &Summary) {
     }
 }
 
-fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path) -> Result<ExitCode> {
+fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path, parallel: usize) -> Result<ExitCode> {
     let path = config::resolve_preset(preset);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut axes = config::sweep_axes(&text, &path.display().to_string())?;
@@ -450,23 +517,14 @@ fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path) -
         .map(|o| Experiment::from_toml(&text, &path.display().to_string(), o))
         .collect::<Result<Vec<_>, _>>()?;
     eprintln!("sweep: {} runs", exps.len());
-    let mut summaries = Vec::new();
-    for (i, exp) in exps.iter().enumerate() {
-        eprintln!("[{}/{}] {}", i + 1, exps.len(), grid[i].join(" "));
-        let s = run_headless(exp, out, true)?;
-        let stopped = s.status == Status::Stopped;
-        summaries.push(s);
-        if stopped {
-            break;
-        }
+    let progress = std::io::stderr().is_terminal();
+    let outcome = crate::runner::run(&exps, out, &crate::runner::RunnerOptions { parallel, progress })?;
+    let records = outcome.finished();
+    if outcome.stopped {
+        eprintln!("stopped: {} of {} runs finished; the same command goes on from there", records.len(), exps.len());
     }
-    let records: Vec<_> = summaries
-        .iter()
-        .filter(|s| !s.run_id.is_empty())
-        .filter_map(|s| runs::load(&out.join(&s.run_id)).ok())
-        .collect();
     print_tables(&records);
-    Ok(ExitCode::SUCCESS)
+    Ok(if outcome.stopped { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }
 
 /// The comparison table, then accuracy vs noise rate, then (multi-label runs) the Table-1 layout.

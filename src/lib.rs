@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`config`] (presets) -> [`data`] (datasets + label noise) -> [`model`] (layers,
 //! calling [`ops`], with [`regularize`]rs) -> [`train`] (worker thread, events) -> `ui` or headless ->
-//! [`runs`] (records on disk) -> [`report`].
+//! [`runs`] (records on disk) -> [`report`]. Multi-run commands go through [`runner`]; [`paper`]
+//! reproduces the paper's claims on top of it.
 
 pub mod bench;
 pub mod cli;
@@ -11,9 +12,12 @@ pub mod data;
 pub mod memory;
 pub mod model;
 pub mod ops;
+pub mod paper;
 pub mod regularize;
 pub mod report;
+pub mod runner;
 pub mod runs;
+pub mod signals;
 pub mod threads;
 pub mod train;
 pub mod ui;

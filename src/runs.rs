@@ -3,7 +3,7 @@
 //! Ctrl-C never leaves a half-written record.
 
 use crate::config::Experiment;
-use crate::train::{EpochMetrics, Summary};
+use crate::train::{EpochMetrics, Status, Summary};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,13 +50,17 @@ impl RunDir {
             .format(&time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
             .unwrap_or_default();
         let base = format!("{stamp}-{}-{}", slug(&exp.name), slug(&exp.regularizer.label()));
-        let mut path = root.join(&base);
+        // create_dir is the test and the claim at once: two runs starting in the same second (a
+        // sweep's parallel runs, another process) never share a folder.
         let mut n = 1;
-        while path.exists() {
-            n += 1;
-            path = root.join(format!("{base}-{n}"));
-        }
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let path = loop {
+            let path = if n == 1 { root.join(&base) } else { root.join(format!("{base}-{n}")) };
+            match std::fs::create_dir(&path) {
+                Ok(()) => break path,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 10_000 => n += 1,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        };
         let dir = RunDir { path };
         write_atomic(&dir.path.join(EXPERIMENT_FILE), exp.to_toml().as_bytes())?;
         Ok(dir)
@@ -108,6 +112,17 @@ impl RunRecord {
     pub fn id(&self) -> String {
         self.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
     }
+
+    /// Whether the run ended as planned (completed, or early-stopped): only such runs enter means.
+    pub fn finished_ok(&self) -> bool {
+        matches!(self.summary.as_ref().map(|s| s.status), Some(Status::Completed | Status::EarlyStopped))
+    }
+
+    /// Whether the run has ended for good (including by diverging): a multi-run command reuses it
+    /// instead of training it again.
+    pub fn is_result(&self) -> bool {
+        self.finished_ok() || matches!(self.summary.as_ref().map(|s| s.status), Some(Status::Diverged))
+    }
 }
 
 /// Reads a run folder. Missing metrics or summary are allowed (a run that just started or crashed).
@@ -136,14 +151,54 @@ pub fn load(dir: &Path) -> Result<RunRecord> {
     Ok(RunRecord { dir: dir.to_path_buf(), experiment, metrics, summary })
 }
 
-/// Every readable run under `root`, oldest first; unreadable folders are skipped.
-pub fn list(root: &Path) -> Vec<RunRecord> {
+/// A run folder that could not be read, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub dir: PathBuf,
+    pub reason: String,
+}
+
+/// Every run folder under a root: the records read, and the folders that could not be.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub records: Vec<RunRecord>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl Scan {
+    /// One line per unreadable record (path and reason), for readers to print beside what they show.
+    pub fn unreadable_note(&self) -> Option<String> {
+        if self.unreadable.is_empty() {
+            return None;
+        }
+        let mut out = format!("{} run record(s) could not be read and are left out:", self.unreadable.len());
+        for u in &self.unreadable {
+            out.push_str(&format!("\n  {}: {}", u.dir.display(), u.reason));
+        }
+        Some(out)
+    }
+}
+
+/// Reads every run folder (one holding an `experiment.toml`) under `root`, oldest first.
+pub fn scan(root: &Path) -> Scan {
     let mut dirs: Vec<PathBuf> = match std::fs::read_dir(root) {
         Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| p.join(EXPERIMENT_FILE).is_file()).collect(),
-        Err(_) => return Vec::new(),
+        Err(_) => return Scan::default(),
     };
     dirs.sort();
-    dirs.iter().filter_map(|d| load(d).ok()).collect()
+    let mut scan = Scan::default();
+    for d in dirs {
+        match load(&d) {
+            Ok(r) => scan.records.push(r),
+            Err(e) => scan.unreadable.push(Unreadable { dir: d, reason: format!("{e:#}") }),
+        }
+    }
+    scan
+}
+
+/// Every readable run under `root`, oldest first ([`scan`] also says which could not be read).
+pub fn list(root: &Path) -> Vec<RunRecord> {
+    scan(root).records
 }
 
 #[cfg(test)]

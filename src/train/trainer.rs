@@ -61,6 +61,10 @@ impl RunControl {
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
+    /// Whether both handles steer the same run.
+    pub fn same_as(&self, other: &RunControl) -> bool {
+        Arc::ptr_eq(&self.cancel, &other.cancel)
+    }
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }

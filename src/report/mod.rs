@@ -1,6 +1,8 @@
 //! Tables from run records: final and best metrics with the gain over the baseline, and accuracy as a
 //! function of the noise rate (the paper's Fig. 2), as Markdown.
 
+pub mod figures;
+
 use crate::runs::RunRecord;
 use std::collections::BTreeMap;
 
@@ -130,7 +132,11 @@ pub fn label_f1(r: &RunRecord) -> Option<Vec<f64>> {
 /// The paper's Table 1 for multi-label runs: one row per method, the F1 of each label and the
 /// average, as the mean over the method's runs (seeds); the average also shows its spread (±1 std).
 pub fn table1(records: &[RunRecord], label_names: &[String]) -> String {
-    let rows = table1_rows(records);
+    table1_markdown(&table1_rows(records), label_names)
+}
+
+/// Table 1 rows as Markdown.
+pub fn table1_markdown(rows: &[Table1Row], label_names: &[String]) -> String {
     let Some(first) = rows.first() else { return String::new() };
     let width = first.f1.len();
     let mut out = format!(
@@ -139,10 +145,42 @@ pub fn table1(records: &[RunRecord], label_names: &[String]) -> String {
     );
     out.push_str(&"---|".repeat(width + 2));
     out.push('\n');
-    for row in &rows {
+    for row in rows {
         let cells: Vec<String> = row.f1.iter().map(|v| format!("{v:.1}")).collect();
         out.push_str(&format!("| {} | {} | {} | {} |\n", row.method, cells.join(" | "), row.average_text(), row.runs));
     }
+    out
+}
+
+/// Table 1 rows as CSV: method, one column per label, the average, its spread and the run count.
+pub fn table1_csv(rows: &[Table1Row], label_names: &[String]) -> String {
+    let width = rows.first().map_or(0, |r| r.f1.len());
+    let mut out =
+        format!("method,{},avg,avg_std,runs\n", label_names.iter().take(width).cloned().collect::<Vec<_>>().join(","));
+    for row in rows {
+        let cells: Vec<String> = row.f1.iter().map(|v| format!("{v:.2}")).collect();
+        let spread = row.spread.map(|s| format!("{s:.2}")).unwrap_or_default();
+        out.push_str(&format!("\"{}\",{},{:.2},{spread},{}\n", row.method, cells.join(","), row.average, row.runs));
+    }
+    out
+}
+
+/// Table 1 rows as a LaTeX `tabular` (booktabs), the best average in bold.
+pub fn table1_latex(rows: &[Table1Row], label_names: &[String]) -> String {
+    let width = rows.first().map_or(0, |r| r.f1.len());
+    let best = rows.iter().map(|r| r.average).fold(f64::NEG_INFINITY, f64::max);
+    let escape =
+        |s: &str| s.replace('\\', "\\textbackslash{}").replace('&', "\\&").replace('%', "\\%").replace('_', "\\_");
+    let mut out = format!("\\begin{{tabular}}{{l{}c}}\n\\toprule\n", "c".repeat(width));
+    let names: Vec<String> = label_names.iter().take(width).map(|n| escape(n)).collect();
+    out.push_str(&format!("F1 score (\\%) & {} & Avg. \\\\\n\\midrule\n", names.join(" & ")));
+    for row in rows {
+        let cells: Vec<String> = row.f1.iter().map(|v| format!("{v:.1}")).collect();
+        let avg =
+            if row.average == best { format!("\\textbf{{{:.1}}}", row.average) } else { format!("{:.1}", row.average) };
+        out.push_str(&format!("{} & {} & {avg} \\\\\n", escape(&row.method), cells.join(" & ")));
+    }
+    out.push_str("\\bottomrule\n\\end{tabular}\n");
     out
 }
 
@@ -169,9 +207,14 @@ impl Table1Row {
 
 /// The rows of [`table1`], methods in order of first appearance.
 pub fn table1_rows(records: &[RunRecord]) -> Vec<Table1Row> {
+    table1_rows_by(records, label_f1)
+}
+
+/// Table 1's rows with each run's per-label F1 (×100) read by `pick`.
+pub fn table1_rows_by(records: &[RunRecord], pick: impl Fn(&RunRecord) -> Option<Vec<f64>>) -> Vec<Table1Row> {
     let mut groups: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
     for r in records {
-        let Some(f1) = label_f1(r) else { continue };
+        let Some(f1) = pick(r) else { continue };
         let method = r.experiment.regularizer.label();
         match groups.iter_mut().find(|g| g.0 == method) {
             Some(g) => g.1.push(f1),

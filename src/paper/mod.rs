@@ -1,0 +1,303 @@
+//! `qat-lab paper`: the paper's four claims (Fig. 1, Fig. 2, Fig. 3, Table 1) trained at a budget
+//! and judged from the records, with the figures and Table 1 written beside a `report.md`.
+//!
+//! The flow is one way: [`protocol`] says what to train, [`crate::runner`] trains what the out folder
+//! lacks, [`claims`] reads the records into verdicts ([`verdict`]'s rule), and this module writes the
+//! files.
+
+pub mod claims;
+pub mod protocol;
+pub mod verdict;
+
+use crate::config::{DeviceKind, Experiment};
+use crate::report::{self, figures};
+use crate::runner::{self, RunnerOptions};
+use crate::runs::{self, RunRecord, Unreadable};
+use anyhow::{bail, Result};
+use claims::Claim;
+use protocol::{Budget, Point, Protocol, F1_RATE, FACES_NOISE};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `qat-lab paper` was asked.
+#[derive(Debug, Clone)]
+pub struct PaperOptions {
+    pub budget: Budget,
+    /// Receives `runs/`, `report.md`, the figures and Table 1.
+    pub out: PathBuf,
+    /// A CIFAR-10 folder or archive.
+    pub data: Option<String>,
+    pub device: DeviceKind,
+    pub runner: RunnerOptions,
+}
+
+/// What a `paper` call did.
+#[derive(Debug)]
+pub struct PaperOutcome {
+    pub claims: Vec<Claim>,
+    pub report: PathBuf,
+    pub trained: usize,
+    pub reused: usize,
+    /// A stop signal ended training early; the report covers what finished.
+    pub stopped: bool,
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// The paper's Table 1 (BP4D, F1 ×100 per AU 1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24, then the
+/// average), set beside ours in the report.
+pub const PAPER_TABLE1: [(&str, [f64; 13]); 6] = [
+    ("Baseline", [49.6, 45.8, 55.1, 74.8, 75.5, 83.7, 87.1, 62.7, 47.0, 56.4, 44.8, 41.2, 60.3]),
+    ("Weight Decay", [52.6, 46.8, 54.3, 75.3, 76.4, 83.1, 87.2, 58.6, 44.6, 58.5, 44.1, 43.1, 60.4]),
+    ("Dropout", [50.2, 46.1, 57.5, 75.3, 75.8, 83.1, 87.1, 60.5, 47.9, 58.4, 46.9, 47.9, 61.4]),
+    ("Label Smoothing", [48.8, 45.7, 56.0, 75.3, 74.8, 82.7, 87.3, 60.1, 44.0, 57.1, 43.8, 41.5, 59.8]),
+    ("Pruning", [51.0, 45.0, 56.2, 76.1, 76.4, 82.5, 86.8, 61.3, 47.1, 58.0, 44.2, 42.8, 60.6]),
+    ("Quantization", [51.7, 48.2, 57.6, 75.4, 76.9, 83.9, 87.8, 59.7, 48.4, 59.0, 47.8, 53.4, 62.5]),
+];
+
+/// Trains what the budget needs and writes the report.
+pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
+    if opts.data.is_none() && matches!(opts.budget, Budget::Standard | Budget::Full) {
+        bail!(
+            "`--budget {}` trains on CIFAR-10: pass --data PATH (a folder or the archive; `qat-lab data fetch cifar10` downloads it)",
+            opts.budget.name()
+        );
+    }
+    let protocol = Protocol::new(opts.budget, opts.data.as_deref(), opts.device);
+    let plan = protocol.plan();
+    let distinct = {
+        let mut d: Vec<&Experiment> = Vec::new();
+        for e in &plan {
+            if !d.contains(&e) {
+                d.push(e);
+            }
+        }
+        d.len()
+    };
+    eprintln!("paper --budget {}: {distinct} distinct runs into {}", opts.budget.name(), opts.out.display());
+    let started = Instant::now();
+    let outcome = runner::run(&plan, &opts.out.join("runs"), &opts.runner)?;
+    let records = outcome.finished();
+    let claims = claims::evaluate(&protocol, &records);
+    let meta = Meta {
+        wall_secs: started.elapsed().as_secs_f64(),
+        trained: outcome.trained,
+        reused: outcome.reused,
+        distinct,
+        stopped: outcome.stopped,
+        unreadable: &outcome.unreadable,
+    };
+    let report = write(&protocol, &records, &claims, &meta, &opts.out)?;
+    Ok(PaperOutcome {
+        claims,
+        report,
+        trained: outcome.trained,
+        reused: outcome.reused,
+        stopped: outcome.stopped,
+        unreadable: outcome.unreadable,
+    })
+}
+
+/// How the records came to be, for the report's header.
+pub struct Meta<'a> {
+    pub wall_secs: f64,
+    pub trained: usize,
+    pub reused: usize,
+    pub distinct: usize,
+    pub stopped: bool,
+    pub unreadable: &'a [Unreadable],
+}
+
+/// The records of the experiments of one grid, in the records' order.
+fn of_grid(records: &[RunRecord], grid: &[Experiment]) -> Vec<RunRecord> {
+    records.iter().filter(|r| r.finished_ok() && grid.contains(&r.experiment)).cloned().collect()
+}
+
+fn f1_grid(p: &Protocol) -> Vec<Experiment> {
+    p.f1_points()
+        .into_iter()
+        .flat_map(|(b, q)| [Protocol::experiment(&p.fig1, &b), Protocol::experiment(&p.fig1, &q)])
+        .collect()
+}
+
+fn f2_grid(p: &Protocol) -> Vec<Experiment> {
+    let mut g = Vec::new();
+    for reg in p.fig2_methods() {
+        for &rate in &p.rates {
+            for &seed in &p.seeds {
+                g.push(Protocol::experiment(&p.classes, &Point { regularizer: reg.clone(), rate, seed }));
+            }
+        }
+    }
+    g
+}
+
+fn f3_grid(p: &Protocol) -> Vec<Experiment> {
+    let mut g = Vec::new();
+    for (_, settings) in p.fig3_panels() {
+        for reg in settings.iter().chain([&crate::config::Regularizer::None]) {
+            for &rate in &p.f3_rates {
+                for &seed in &p.seeds {
+                    g.push(Protocol::experiment(&p.classes, &Point { regularizer: reg.clone(), rate, seed }));
+                }
+            }
+        }
+    }
+    g
+}
+
+/// The CPU's model name, as /proc/cpuinfo gives it.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn family_line(name: &str, e: &Experiment) -> String {
+    let d = &e.data;
+    format!(
+        "| {name} | {} | {} | {} | {} ×{} | {} | {} | {} | {} | {} {:.0}% |",
+        d.dataset.name(),
+        if d.train_subset == 0 { "all".into() } else { d.train_subset.to_string() },
+        if d.test_subset == 0 { "all".into() } else { d.test_subset.to_string() },
+        e.model.arch.name(),
+        e.model.width,
+        e.train.epochs,
+        e.train.batch_size,
+        e.train.lr,
+        if d.augment { "yes" } else { "no" },
+        d.noise.kind.name(),
+        d.noise.rate * 100.0,
+    )
+}
+
+/// Writes `report.md`, `fig1/2/3.{svg,png}` and `table1.{md,csv,tex}` into `dir`; returns the report's path.
+pub fn write(p: &Protocol, records: &[RunRecord], claims: &[Claim], meta: &Meta, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut md = format!(
+        "# The paper, reproduced by qat-lab — budget `{}`\n\n\"Fighting over-fitting with quantization for learning deep neural networks on noisy labels\": \
+         its four claims, trained by `qat-lab paper --budget {}` and judged from the run records in `runs/`.\n\n",
+        p.budget.name(),
+        p.budget.name()
+    );
+    md.push_str(&format!(
+        "- Machine: {}, {} threads; qat-lab {}.\n- Runs: {} distinct, {} trained by this call, {} reused from earlier calls; {:.1} min of training this call.\n",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        env!("CARGO_PKG_VERSION"),
+        meta.distinct,
+        meta.trained,
+        meta.reused,
+        meta.wall_secs / 60.0
+    ));
+    if meta.stopped {
+        md.push_str("- **Stopped before the end**: the verdicts below read only the runs that finished; run the same command again to go on.\n");
+    }
+    if !meta.unreadable.is_empty() {
+        md.push_str(&format!(
+            "- {} record(s) under `runs/` could not be read and are left out:\n",
+            meta.unreadable.len()
+        ));
+        for u in meta.unreadable {
+            md.push_str(&format!("  - `{}`: {}\n", u.dir.display(), u.reason));
+        }
+    }
+    md.push_str("\n## Verdicts\n\n| claim | verdict | numbers |\n|---|---|---|\n");
+    for c in claims {
+        md.push_str(&format!("| {} {} | **{}** | {} |\n", c.id, c.title, c.verdict.name(), c.numbers));
+    }
+    md.push_str(
+        "\nThe rule: with the per-seed (paired) differences d₁…dₙ, their mean Δ and standard error SE = sd/√n, a claim is \
+         **held** when Δ > 2·SE, **not held** when Δ < −2·SE or its precondition fails, and **inconclusive** when the \
+         difference lies inside the seed spread (|Δ| ≤ 2·SE) or fewer than two seeds finished. The methods keep the \
+         paper's hyper-parameters at every budget; nothing is tuned per claim.\n",
+    );
+    let figs = [
+        ("F1", figures::fig1(&of_grid(records, &f1_grid(p)))),
+        ("F2", figures::fig2(&of_grid(records, &f2_grid(p)))),
+        ("F3", figures::fig3(&of_grid(records, &f3_grid(p)))),
+    ];
+    for c in claims {
+        md.push_str(&format!(
+            "\n## {} — {}: **{}**\n\n- The paper: {}\n- Criterion: {}.\n- Ours: {}\n",
+            c.id,
+            c.title,
+            c.verdict.name(),
+            c.paper,
+            c.criterion,
+            c.numbers
+        ));
+        for d in &c.details {
+            md.push_str(&format!("- {d}\n"));
+        }
+        if let Some((_, Some(fig))) = figs.iter().find(|(id, _)| *id == c.id) {
+            figures::draw(fig, dir)?;
+            md.push_str(&format!("\n![{}]({}.svg)\n", fig.title, fig.name));
+        }
+        if c.id == "F2" {
+            let f2 = of_grid(records, &f2_grid(p));
+            md.push_str(&format!(
+                "\nFinal test accuracy (%), mean ± std over seeds:\n\n{}",
+                report::noise_sweep_table(&f2)
+            ));
+        }
+        if c.id == "T1" {
+            md.push_str(&format!("\n{}", write_table1(p, records, dir)?));
+        }
+    }
+    md.push_str("\n## What was trained\n\nEvery method of a family trains on the same data, model and schedule; only the regularizer, the noise rate and the seed differ.\n\n");
+    md.push_str("| family | dataset | train images | test images | model | epochs | batch | lr | augment | noise |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str(&format!("{}\n", family_line("F1", &p.fig1)));
+    md.push_str(&format!("{}\n", family_line("F2, F3", &p.classes)));
+    md.push_str(&format!("{}\n", family_line("T1", &p.faces)));
+    let labels = |v: Vec<crate::config::Regularizer>| v.iter().map(|r| r.label()).collect::<Vec<_>>().join(", ");
+    md.push_str(&format!(
+        "\n- Validation: {:.0}% of the training images held out for every run (early stopping reads it).\n- F1: seeds {:?} at s = {:.0}%.\n- F2: {} at s = {}, seeds {:?}.\n- F3: {}; at s = {}.\n- T1: {} at {:.0}% annotation noise on ambiguous activations, seeds {:?}.\n",
+        p.classes.data.val_fraction * 100.0,
+        p.seeds,
+        F1_RATE * 100.0,
+        labels(p.fig2_methods()),
+        p.rates.iter().map(|s| format!("{:.0}%", s * 100.0)).collect::<Vec<_>>().join(", "),
+        p.seeds,
+        p.fig3_panels().into_iter().map(|(n, s)| format!("{n}: {}", labels(s))).collect::<Vec<_>>().join("; "),
+        p.f3_rates.iter().map(|s| format!("{:.0}%", s * 100.0)).collect::<Vec<_>>().join(", "),
+        labels(p.table1_methods()),
+        FACES_NOISE * 100.0,
+        p.t1_seeds,
+    ));
+    let path = dir.join("report.md");
+    runs::write_atomic(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// Writes `table1.{md,csv,tex}` (ours, read at the best-validation epoch) and returns the Markdown
+/// for the report, with the paper's table beneath.
+fn write_table1(p: &Protocol, records: &[RunRecord], dir: &Path) -> Result<String> {
+    let t1 = claims::table1_records(p, records);
+    let rows = report::table1_rows_by(&t1, claims::kept_f1);
+    let names = crate::data::faces::au_names();
+    let ours = report::table1_markdown(&rows, &names);
+    runs::write_atomic(&dir.join("table1.md"), ours.as_bytes())?;
+    runs::write_atomic(&dir.join("table1.csv"), report::table1_csv(&rows, &names).as_bytes())?;
+    runs::write_atomic(&dir.join("table1.tex"), report::table1_latex(&rows, &names).as_bytes())?;
+    let mut paper = String::from(
+        "| F1 score (%) | AU1 | AU2 | AU4 | AU6 | AU7 | AU10 | AU12 | AU14 | AU15 | AU17 | AU23 | AU24 | Avg. |\n|---|",
+    );
+    paper.push_str(&"---|".repeat(13));
+    paper.push('\n');
+    for (method, v) in PAPER_TABLE1 {
+        paper.push_str(&format!(
+            "| {method} | {} |\n",
+            v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    Ok(format!(
+        "Ours (procedural faces, {:.0}% annotation noise; test F1 at the best-validation epoch, mean of the seeds; Avg. ± std over seeds):\n\n{ours}\nThe paper's (BP4D):\n\n{paper}",
+        FACES_NOISE * 100.0
+    ))
+}
