@@ -86,14 +86,13 @@ fn start_a_run_watch_it_and_quit_cleanly() {
     let runs = tempfile::tempdir().unwrap();
     let Lab { _master, mut child, mut writer, screen } = start_lab(runs.path(), &[]);
 
-    screen.wait_for("the setup screen", Duration::from_secs(20), |t| {
-        t.contains("Experiment") && t.contains("demo-digits")
-    });
-    // Epochs: 40 -> 20 (one step left in the list), then start.
+    screen
+        .wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment") && t.contains("◀ demo ▶"));
+    // Epochs: 16 -> 10 (one step left in the list), then start.
     let down_to_epochs = "\x1b[B".repeat(12);
     writer.write_all(down_to_epochs.as_bytes()).unwrap();
     writer.write_all(b"\x1b[D").unwrap();
-    screen.wait_for("epochs = 30", Duration::from_secs(5), |t| t.contains("30 "));
+    screen.wait_for("epochs = 10", Duration::from_secs(5), |t| t.contains("◀ 10 ▶"));
     writer.write_all(b"\r").unwrap();
     let live = screen.wait_for("the chart to fill in", Duration::from_secs(60), |t| {
         let braille = t.chars().filter(|c| ('\u{2801}'..='\u{28FF}').contains(c)).count();

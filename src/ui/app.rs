@@ -285,18 +285,21 @@ impl App {
                 }
             }
             KeyCode::Char('a') => {
-                let mut kinds = Regularizer::all_defaults();
-                let no_val = self.setup.experiment.data.val_fraction == 0.0;
-                if no_val {
-                    kinds.retain(|r| !matches!(r, Regularizer::EarlyStopping { .. }));
+                // Early stopping is one of the paper's six methods and needs held-out data, so every run
+                // of the comparison gets the same 10% validation split (shown on the form) rather than
+                // leaving the method out.
+                let added_val = self.setup.experiment.data.val_fraction == 0.0;
+                if added_val {
+                    self.setup.experiment.data.val_fraction = 0.1;
                 }
+                let kinds = Regularizer::all_defaults();
                 match self.setup.variants(&kinds) {
                     Ok(v) => {
                         let cmds = self.queue(v);
-                        if no_val {
+                        if added_val {
                             self.status = Some((
                                 format!(
-                                    "queued {} runs; early stopping left out: it needs a validation split (set one to include it)",
+                                    "queued {} runs, each with a 10% validation split so early stopping can run",
                                     kinds.len()
                                 ),
                                 false,
@@ -455,12 +458,15 @@ mod tests {
     }
 
     #[test]
-    fn all_methods_without_validation_says_early_stopping_was_left_out() {
+    fn all_methods_without_validation_adds_one_so_early_stopping_is_included() {
         let mut a = app();
+        assert_eq!(a.setup.experiment.data.val_fraction, 0.0);
         let cmds = a.on_key(key(KeyCode::Char('a')));
         assert_eq!(cmds, vec![Command::Schedule]);
-        assert_eq!(a.runs.len(), 6);
-        assert!(a.status.as_ref().unwrap().0.contains("early stopping left out"));
+        assert_eq!(a.runs.len(), Regularizer::all_defaults().len());
+        assert!(a.runs.iter().any(|r| matches!(r.record.experiment.regularizer, Regularizer::EarlyStopping { .. })));
+        assert!(a.runs.iter().all(|r| r.record.experiment.data.val_fraction == 0.1), "the same split for all");
+        assert!(a.status.as_ref().unwrap().0.contains("10% validation split"));
     }
 
     #[test]

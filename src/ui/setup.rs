@@ -53,7 +53,7 @@ pub const FIELDS: [Field; 19] = [
 
 const SUBSETS: [usize; 7] = [0, 500, 1000, 2000, 5000, 10000, 20000];
 const WIDTHS: [f64; 5] = [0.25, 0.5, 1.0, 1.5, 2.0];
-const EPOCHS: [usize; 10] = [1, 3, 5, 10, 20, 30, 40, 60, 100, 200];
+const EPOCHS: [usize; 11] = [1, 3, 5, 10, 16, 20, 30, 40, 60, 100, 200];
 const BATCHES: [usize; 5] = [32, 64, 128, 256, 512];
 const LRS: [f64; 5] = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2];
 const VALIDATION: [f64; 4] = [0.0, 0.1, 0.2, 0.3];
@@ -76,7 +76,7 @@ pub struct SetupForm {
 
 impl SetupForm {
     pub fn new(presets: Vec<(String, Experiment)>, cores: usize, cuda_available: bool) -> Self {
-        let start = presets.iter().position(|(n, _)| n == "demo-digits");
+        let start = presets.iter().position(|(n, _)| n == "demo");
         let experiment = start.map(|i| presets[i].1.clone()).unwrap_or_else(default_demo);
         Self {
             experiment,
