@@ -176,27 +176,43 @@ pub fn fig3(records: &[RunRecord]) -> Option<Figure> {
     let rs = rates(&ok);
     let mut panels = Vec::new();
     for kind in ["quantization", "pruning", "dropout"] {
-        let of_kind: Vec<&RunRecord> = ok.iter().copied().filter(|r| r.experiment.regularizer.kind() == kind).collect();
-        let labels = methods(&of_kind);
-        if labels.len() < 2 {
+        // Each setting of the method with its parameter value, in increasing order.
+        let mut settings: Vec<(f64, String)> = Vec::new();
+        for r in ok.iter().filter(|r| r.experiment.regularizer.kind() == kind) {
+            let label = r.experiment.regularizer.label();
+            if let Some(x) = parameter(&r.experiment.regularizer) {
+                if !settings.iter().any(|(_, l)| *l == label) {
+                    settings.push((x, label));
+                }
+            }
+        }
+        if settings.len() < 2 {
             continue;
         }
-        let lines = labels
+        settings.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // As in the paper: the gain against the parameter, one line per noise rate.
+        let lines: Vec<Line> = rs
             .iter()
             .enumerate()
-            .map(|(color, label)| Line {
-                name: label.clone(),
+            .map(|(color, &s)| Line {
+                name: format!("s = {}%", s as f64 / 10.0),
                 color,
                 dashed: false,
-                points: rs
+                points: settings
                     .iter()
-                    .filter_map(|&s| Some((s as f64 / 10.0, acc_at(&ok, label, s)? - acc_at(&ok, "baseline", s)?)))
+                    .filter_map(|(x, label)| Some((*x, acc_at(&ok, label, s)? - acc_at(&ok, "baseline", s)?)))
                     .collect(),
             })
+            .filter(|l| !l.points.is_empty())
             .collect();
+        let x_label = match kind {
+            "quantization" => "weight bits",
+            "pruning" => "pruning ratio (%)",
+            _ => "dropout p",
+        };
         panels.push(Panel {
             title: format!("({}) {kind}", ["a", "b", "c"][panels.len()]),
-            x_label: "s (%)".into(),
+            x_label: x_label.into(),
             y_label: "accuracy gain (points)".into(),
             lines,
         });
@@ -206,6 +222,16 @@ pub fn fig3(records: &[RunRecord]) -> Option<Figure> {
         title: "Fig. 3: gain over the baseline per parameter setting".into(),
         panels,
     })
+}
+
+/// The parameter Fig. 3 varies: weight bits, pruning ratio (%) or dropout probability.
+fn parameter(r: &Regularizer) -> Option<f64> {
+    match r {
+        Regularizer::Quantization { weight_bits, .. } => Some(*weight_bits as f64),
+        Regularizer::Pruning { ratio, .. } => Some(ratio * 100.0),
+        Regularizer::Dropout { p, .. } => Some(*p),
+        _ => None,
+    }
 }
 
 fn register_font() {
