@@ -436,21 +436,35 @@ impl Experiment {
     }
 
     /// Parses TOML text (named `source_name` in errors) and applies overrides.
+    ///
+    /// A `regularizer.kind` override is applied first, so `--set regularizer.weight_bits=2 --set
+    /// regularizer.kind=quantization` means W2 whatever the order. An error caused by an override names
+    /// that `--set`; keys the final regularizer kind does not have are refused by name.
     pub fn from_toml(text: &str, source_name: &str, overrides: &[String]) -> Result<Experiment, ConfigError> {
         let err = |message: String| ConfigError { source_name: source_name.to_string(), message };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
         // `[sweep]` belongs to `qat-lab sweep` (see [`sweep_axes`]); a single run ignores it.
         table.remove("sweep");
         // Parse once before the overrides so that an error is blamed on the right source.
-        Experiment::deserialize(toml::Value::Table(table.clone())).map_err(|e| err(clean_serde(e)))?;
-        for o in overrides {
-            apply_override(&mut table, o).map_err(|m| ConfigError { source_name: format!("--set {o}"), message: m })?;
+        parse_table(&table).map_err(err)?;
+        check_regularizer_keys(&table).map_err(err)?;
+        let is_kind = |o: &&String| o.split_once('=').is_some_and(|(k, _)| k.trim() == "regularizer.kind");
+        let ordered = overrides.iter().filter(is_kind).chain(overrides.iter().filter(|o| !is_kind(o)));
+        for o in ordered {
+            let blame = |m: String| ConfigError { source_name: format!("--set {o}"), message: m };
+            apply_override(&mut table, o).map_err(blame)?;
+            parse_table(&table).map_err(blame)?;
+            check_regularizer_keys(&table).map_err(blame)?;
         }
-        let exp = Experiment::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let name = if overrides.is_empty() { source_name.to_string() } else { format!("{source_name} with --set") };
-            ConfigError { source_name: name, message: clean_serde(e) }
+        let exp = parse_table(&table).map_err(err)?;
+        exp.validate().map_err(|m| {
+            // A range error names its key; blame the `--set` that wrote that key, if one did.
+            let key = m.split_whitespace().next().unwrap_or_default();
+            match overrides.iter().rev().find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key)) {
+                Some(o) => ConfigError { source_name: format!("--set {o}"), message: m },
+                None => err(m),
+            }
         })?;
-        exp.validate().map_err(err)?;
         Ok(exp)
     }
 
@@ -554,6 +568,74 @@ fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
     }
 }
 
+/// The experiment in `table`. serde names a wrong field's section but not always the field
+/// (`invalid value: integer \`-4\`, expected u32 in \`regularizer\``): then the key whose removal
+/// makes the table parse is named in front.
+fn parse_table(table: &toml::Table) -> Result<Experiment, String> {
+    let parse = |t: &toml::Table| Experiment::deserialize(toml::Value::Table(t.clone()));
+    let message = match parse(table) {
+        Ok(exp) => return Ok(exp),
+        Err(e) => clean_serde(e),
+    };
+    let mut paths = Vec::new();
+    leaf_paths(table, "", &mut paths);
+    let culprit = paths.into_iter().find(|path| {
+        let mut without = table.clone();
+        remove_path(&mut without, path);
+        parse(&without).is_ok()
+    });
+    match culprit {
+        Some(key) if !message.contains(&format!("`{}`", key.rsplit('.').next().unwrap_or(&key))) => {
+            Err(format!("{key}: {message}"))
+        }
+        _ => Err(message),
+    }
+}
+
+fn leaf_paths(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in table {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v.as_table() {
+            Some(t) => leaf_paths(t, &path, out),
+            None => out.push(path),
+        }
+    }
+}
+
+fn remove_path(table: &mut toml::Table, path: &str) {
+    match path.split_once('.') {
+        Some((head, rest)) => {
+            if let Some(t) = table.get_mut(head).and_then(|v| v.as_table_mut()) {
+                remove_path(t, rest);
+            }
+        }
+        None => {
+            table.remove(path);
+        }
+    }
+}
+
+/// serde ignores extra keys beside a field-less kind (`kind = "none"`, `weight_bits = 4`): refuse any
+/// key of `[regularizer]` that its kind does not have, naming the keys it does.
+fn check_regularizer_keys(table: &toml::Table) -> Result<(), String> {
+    let Some(reg) = table.get("regularizer").and_then(|r| r.as_table()) else {
+        return Ok(());
+    };
+    let kind = reg.get("kind").and_then(|k| k.as_str()).unwrap_or("none");
+    let defaults = toml::Value::try_from(Regularizer::default_for(kind)?).map_err(|e| e.to_string())?;
+    let allowed: Vec<&str> = defaults.as_table().map(|t| t.keys().map(String::as_str).collect()).unwrap_or_default();
+    let extra: Vec<&str> = reg.keys().map(String::as_str).filter(|k| !allowed.contains(k)).collect();
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let has: Vec<&str> = allowed.iter().copied().filter(|k| *k != "kind").collect();
+    Err(format!(
+        "regularizer kind `{kind}` has no key {}; it has {}",
+        extra.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+        if has.is_empty() { "none besides `kind`".to_string() } else { has.join(", ") }
+    ))
+}
+
 /// serde's messages name the field but not always the section; keep them but drop the trailing noise.
 fn clean_serde(e: toml::de::Error) -> String {
     e.to_string().trim().replace('\n', " ")
@@ -568,6 +650,9 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), S
     let raw = raw.trim();
     if key.is_empty() {
         return Err("empty key; e.g. --set data.noise.rate=0.4".into());
+    }
+    if raw.is_empty() {
+        return Err(format!("no value after `{key}=`; write one, or `{key}=\"\"` for an empty text"));
     }
     let value = parse_value(raw);
     let parts: Vec<&str> = key.split('.').collect();
@@ -751,6 +836,45 @@ mod tests {
         assert!(err.to_string().contains("weight_bits"), "{err}");
         let err = Experiment::from_toml("[regularizer]\nkind='early_stopping'\n", "p.toml", &[]).unwrap_err();
         assert!(err.to_string().contains("val_fraction"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_whatever_their_order() {
+        let e = Experiment::from_toml(
+            "",
+            "p.toml",
+            &["regularizer.weight_bits=2".into(), "regularizer.kind=quantization".into()],
+        )
+        .unwrap();
+        assert!(matches!(e.regularizer, Regularizer::Quantization { weight_bits: 2, .. }), "{:?}", e.regularizer);
+    }
+
+    #[test]
+    fn keys_the_kind_does_not_have_are_refused_by_name() {
+        let err =
+            Experiment::from_toml("[regularizer]\nkind = \"none\"\nweight_bits = 4\nbanana = \"yes\"\n", "p.toml", &[])
+                .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("p.toml") && msg.contains("`weight_bits`") && msg.contains("`banana`"), "{msg}");
+        let err = Experiment::from_toml("", "p.toml", &["regularizer.weight_bits=4".into()]).unwrap_err();
+        assert!(err.to_string().starts_with("--set regularizer.weight_bits=4"), "{err}");
+        let err =
+            Experiment::from_toml("", "p.toml", &["regularizer.kind=dropout".into(), "regularizer.patience=3".into()])
+                .unwrap_err();
+        assert!(err.to_string().contains("`patience`") && err.to_string().contains("position"), "{err}");
+    }
+
+    #[test]
+    fn errors_caused_by_a_set_name_the_set() {
+        let err = Experiment::from_toml("", "p.toml", &["train.epochs=0".into()]).unwrap_err();
+        assert_eq!(err.source_name, "--set train.epochs=0", "{err}");
+        let err = Experiment::from_toml("", "p.toml", &["train.epochs=many".into()]).unwrap_err();
+        assert_eq!(err.source_name, "--set train.epochs=many", "{err}");
+        let err = Experiment::from_toml("", "p.toml", &["name=".into()]).unwrap_err();
+        assert!(err.source_name == "--set name=" && err.message.contains("no value"), "{err}");
+        let err =
+            Experiment::from_toml("[regularizer]\nkind='quantization'\nweight_bits=-4\n", "p.toml", &[]).unwrap_err();
+        assert!(err.to_string().contains("weight_bits"), "{err}");
     }
 
     #[test]
