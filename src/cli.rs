@@ -531,6 +531,10 @@ fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path, p
 fn print_tables(records: &[runs::RunRecord]) {
     println!("{}", crate::report::comparison_table(records));
     println!("{}", crate::report::noise_sweep_table(records));
+    let left_out = crate::report::left_out_of_means(records);
+    if !left_out.is_empty() {
+        println!("{left_out}\n");
+    }
     let names = crate::data::faces::au_names();
     let t1 = crate::report::table1(records, &names);
     if !t1.is_empty() {

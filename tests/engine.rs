@@ -280,3 +280,27 @@ fn multi_label_faces_train_with_per_au_f1() {
         }
     }
 }
+
+#[test]
+fn a_diverged_run_names_only_a_best_epoch_it_recorded() {
+    // The reproduction of issue 22 #8: the weights blow up after some epochs were recorded.
+    let overrides: Vec<String> = [
+        "train.lr=9.99",
+        "train.epochs=12",
+        "regularizer.kind=weight_decay",
+        "regularizer.value=1",
+        "data.train_subset=300",
+    ]
+    .map(String::from)
+    .to_vec();
+    let e = Experiment::load(&qat_lab::config::resolve_preset("demo-digits"), &overrides).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let (s, _) = train(&e, root.path());
+    assert_eq!(s.status, Status::Diverged, "{:?}", s.message);
+    let rec = runs::load(&root.path().join(&s.run_id)).unwrap();
+    let epochs: Vec<usize> = rec.metrics.iter().map(|m| m.epoch).collect();
+    if let Some(best) = &rec.summary.as_ref().unwrap().best {
+        assert!(epochs.contains(&best.epoch), "best epoch {} is not among the recorded {epochs:?}", best.epoch);
+    }
+    assert_eq!(rec.summary.unwrap().epochs_run, epochs.len());
+}

@@ -21,6 +21,17 @@ pub fn status_name(r: &RunRecord) -> &'static str {
     }
 }
 
+/// The runs that stay out of every mean (only completed and early-stopped runs enter them), counted
+/// and named with their status; empty when there are none.
+pub fn left_out_of_means(records: &[RunRecord]) -> String {
+    let out: Vec<String> =
+        records.iter().filter(|r| !r.finished_ok()).map(|r| format!("{} ({})", r.id(), status_name(r))).collect();
+    if out.is_empty() {
+        return String::new();
+    }
+    format!("{} run(s) left out of the means and gains, as not finished: {}", out.len(), out.join(", "))
+}
+
 /// Key that groups runs trained on the same data: dataset, noise kind and rate.
 fn data_key(r: &RunRecord) -> (String, String, u64) {
     let d = &r.experiment.data;
@@ -31,7 +42,7 @@ fn data_key(r: &RunRecord) -> (String, String, u64) {
 pub fn baseline_acc(records: &[RunRecord], r: &RunRecord) -> Option<f64> {
     let accs: Vec<f64> = records
         .iter()
-        .filter(|b| b.experiment.regularizer.kind() == "none" && data_key(b) == data_key(r))
+        .filter(|b| b.finished_ok() && b.experiment.regularizer.kind() == "none" && data_key(b) == data_key(r))
         .filter_map(final_acc)
         .collect();
     mean(&accs)
@@ -89,7 +100,7 @@ pub fn noise_sweep_table(records: &[RunRecord]) -> String {
     rates.sort();
     rates.dedup();
     let mut cells: BTreeMap<(String, u64), Vec<f64>> = BTreeMap::new();
-    for r in records {
+    for r in records.iter().filter(|r| r.finished_ok()) {
         if let Some(a) = final_acc(r) {
             cells.entry((r.experiment.regularizer.label(), data_key(r).2)).or_default().push(a);
         }
@@ -213,7 +224,7 @@ pub fn table1_rows(records: &[RunRecord]) -> Vec<Table1Row> {
 /// Table 1's rows with each run's per-label F1 (×100) read by `pick`.
 pub fn table1_rows_by(records: &[RunRecord], pick: impl Fn(&RunRecord) -> Option<Vec<f64>>) -> Vec<Table1Row> {
     let mut groups: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
-    for r in records {
+    for r in records.iter().filter(|r| r.finished_ok()) {
         let Some(f1) = pick(r) else { continue };
         let method = r.experiment.regularizer.label();
         match groups.iter_mut().find(|g| g.0 == method) {
@@ -305,5 +316,26 @@ mod tests {
         let s = noise_sweep_table(&recs);
         assert!(s.contains("s=20%") && s.contains("s=40%"), "{s}");
         assert!(s.contains("| W4/A4 | 78.00 | 70.00 |"), "{s}");
+    }
+
+    #[test]
+    fn only_finished_runs_enter_means_and_the_others_are_named() {
+        let q = Regularizer::default_for("quantization").unwrap();
+        let mut interrupted = record(Regularizer::None, 0.4, 0.95);
+        interrupted.summary.as_mut().unwrap().status = Status::Running;
+        interrupted.dir = "runs/cut".into();
+        let mut diverged = record(Regularizer::None, 0.4, 0.10);
+        diverged.summary.as_mut().unwrap().status = Status::Diverged;
+        diverged.dir = "runs/nan".into();
+        let recs = vec![record(Regularizer::None, 0.4, 0.60), interrupted, diverged, record(q, 0.4, 0.70)];
+        let s = noise_sweep_table(&recs);
+        assert!(s.contains("| baseline | 60.00 |"), "{s}");
+        assert_eq!(gain_vs_baseline(&recs, &recs[3]).map(|g| (g * 100.0).round()), Some(1000.0));
+        let note = left_out_of_means(&recs);
+        assert!(
+            note.starts_with("2 run(s)") && note.contains("cut (interrupted)") && note.contains("nan (diverged)"),
+            "{note}"
+        );
+        assert_eq!(left_out_of_means(&recs[..1]), "");
     }
 }

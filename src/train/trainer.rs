@@ -382,9 +382,6 @@ fn train(
             images_per_sec: seen as f64 / train_secs.max(1e-9),
             epoch_secs: epoch_start.elapsed().as_secs_f64(),
         };
-        if summary.best.as_ref().is_none_or(|b| eval_acc > b.eval_acc) {
-            summary.best = Some(Best { epoch, eval_acc, eval_loss });
-        }
         if let Some(name) = net.params.first_non_finite()? {
             summary.status = Status::Diverged;
             summary.message = Some(format!(
@@ -392,6 +389,10 @@ fn train(
             ));
             summary.epochs_run = history.len();
             return Ok(());
+        }
+        // Only a recorded epoch can be the best one: a diverged epoch above never reaches here.
+        if summary.best.as_ref().is_none_or(|b| eval_acc > b.eval_acc) {
+            summary.best = Some(Best { epoch, eval_acc, eval_loss });
         }
         history.push(m.clone());
         summary.epochs_run = epoch;
