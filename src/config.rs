@@ -106,6 +106,11 @@ impl DatasetKind {
         }
     }
     /// Whether every image carries several binary labels (Action Units) instead of one class.
+    /// Whether the images are generated from a seed (any subset size works, up to the generator's limit).
+    pub fn is_generated(self) -> bool {
+        matches!(self, Self::Shapes | Self::Faces)
+    }
+
     pub fn is_multi_label(self) -> bool {
         matches!(self, Self::Faces | Self::Bp4d | Self::AuCsv)
     }
@@ -415,6 +420,9 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// Presets are a few hundred bytes; anything over this is not one.
+pub const MAX_PRESET_BYTES: u64 = 1 << 20;
+
 /// A preset that could not be read, parsed or validated; the message names the cause and the fix.
 #[derive(Debug, thiserror::Error)]
 #[error("{source_name}: {message}")]
@@ -428,6 +436,20 @@ impl Experiment {
     /// Reads a preset file and applies `--set key=value` overrides in order.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment, ConfigError> {
         let name = path.display().to_string();
+        let refuse = |message: String| ConfigError { source_name: name.clone(), message };
+        // A device or a pipe (`/dev/zero`) would be read forever, and no preset is near a mebibyte.
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                return Err(refuse("not a regular file; a preset is a TOML file, e.g. presets/demo.toml".into()));
+            }
+            Ok(m) if m.len() > MAX_PRESET_BYTES => {
+                return Err(refuse(format!(
+                    "{} bytes is too large for a preset (at most {MAX_PRESET_BYTES}); is this the right file?",
+                    m.len()
+                )));
+            }
+            _ => {}
+        }
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: name.clone(),
             message: format!("cannot read the preset ({e}); `qat-lab run --list` shows the presets"),
@@ -836,6 +858,17 @@ mod tests {
         assert!(err.to_string().contains("weight_bits"), "{err}");
         let err = Experiment::from_toml("[regularizer]\nkind='early_stopping'\n", "p.toml", &[]).unwrap_err();
         assert!(err.to_string().contains("val_fraction"), "{err}");
+    }
+
+    #[test]
+    fn devices_and_huge_files_are_refused_as_presets() {
+        let err = Experiment::load(Path::new("/dev/zero"), &[]).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (MAX_PRESET_BYTES + 1) as usize]).unwrap();
+        let err = Experiment::load(&big, &[]).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
     }
 
     #[test]

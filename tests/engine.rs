@@ -304,3 +304,27 @@ fn a_diverged_run_names_only_a_best_epoch_it_recorded() {
     }
     assert_eq!(rec.summary.unwrap().epochs_run, epochs.len());
 }
+
+#[test]
+fn early_stopping_refuses_a_validation_split_of_no_images() {
+    let mut e = digits(3, Regularizer::default_for("early_stopping").unwrap());
+    e.data.val_fraction = 0.0001;
+    e.data.train_subset = 200;
+    let root = tempfile::tempdir().unwrap();
+    let (s, _) = train(&e, root.path());
+    assert_eq!(s.status, Status::Failed);
+    let msg = s.message.unwrap();
+    assert!(msg.contains("gives 0 validation images") && msg.contains("data.val_fraction"), "{msg}");
+}
+
+#[test]
+fn subsets_beyond_the_data_name_the_key_and_the_limit() {
+    let mut e = digits(1, Regularizer::None);
+    e.data.train_subset = 1_000_000;
+    let err = data::load(&e.data).unwrap_err().to_string();
+    assert!(err.contains("data.train_subset = 1000000") && err.contains("use at most"), "{err}");
+    e.data.dataset = DatasetKind::Shapes;
+    e.data.train_subset = 1_000_000_000;
+    let err = data::load(&e.data).unwrap_err().to_string();
+    assert!(err.contains("data.train_subset") && err.contains("at most 100000"), "{err}");
+}

@@ -142,6 +142,10 @@ impl Dataset {
     }
 }
 
+/// The most images a procedural generator (`shapes`, `faces`) makes for one split (about 1.2 GiB of
+/// 32x32 RGB floats).
+pub const MAX_GENERATED: usize = 100_000;
+
 /// Loads the dataset a preset names, then subsets, corrupts, splits and standardises it.
 pub fn load(cfg: &DataConfig) -> Result<Dataset> {
     let path = |what: &str| -> Result<std::path::PathBuf> {
@@ -150,6 +154,17 @@ pub fn load(cfg: &DataConfig) -> Result<Dataset> {
         }
         Ok(std::path::PathBuf::from(&cfg.path))
     };
+    if cfg.dataset.is_generated() {
+        // Checked before generating: a typo'd subset must not allocate terabytes.
+        for (key, n) in [("data.train_subset", cfg.train_subset), ("data.test_subset", cfg.test_subset)] {
+            if n > MAX_GENERATED {
+                bail!(
+                    "{key} = {n} is more than the `{}` generator makes (at most {MAX_GENERATED}); use a smaller subset",
+                    cfg.dataset.name()
+                );
+            }
+        }
+    }
     let raw = match cfg.dataset {
         DatasetKind::Digits => digits::load()?,
         DatasetKind::Shapes => {
@@ -182,6 +197,17 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
     let image_len: usize = raw.shape.iter().product();
     if raw.train.is_empty() || raw.test.is_empty() {
         bail!("dataset `{}` has no training or no test images", raw.name);
+    }
+    for (key, n, have, split) in [
+        ("data.train_subset", cfg.train_subset, raw.train.len(), "training"),
+        ("data.test_subset", cfg.test_subset, raw.test.len(), "test"),
+    ] {
+        if n > have && !cfg.dataset.is_generated() {
+            bail!(
+                "{key} = {n} is more than the {have} {split} images of `{}`; use at most {have}, or 0 for all",
+                raw.name
+            );
+        }
     }
     let mut rng = ChaCha8Rng::seed_from_u64(DATA_SEED);
     let mut order: Vec<usize> = (0..raw.train.len()).collect();

@@ -13,7 +13,7 @@ use crate::regularize::early_stop::{EarlyStopping, Verdict};
 use crate::regularize::smoothing::{smooth_binary, smooth_one_hot};
 use crate::runs::RunDir;
 use crate::threads;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -165,6 +165,22 @@ pub fn device_for(kind: DeviceKind) -> Result<Device> {
     }
 }
 
+/// Fewest validation images that early stopping or threshold tuning may decide on (or one batch, if
+/// the batch is smaller). Not a whole batch of 64: the small budgets' splits hold 12-60 images.
+pub const MIN_VALIDATION: usize = 10;
+
+fn check_validation_size(exp: &Experiment, val_len: usize) -> Result<()> {
+    let needs = matches!(exp.regularizer, Regularizer::EarlyStopping { .. }) || exp.train.tune_threshold;
+    let least = exp.train.batch_size.min(MIN_VALIDATION);
+    if needs && val_len < least {
+        bail!(
+            "data.val_fraction = {} gives {val_len} validation images; early stopping and threshold tuning need at least {least}: raise data.val_fraction or data.train_subset",
+            exp.data.val_fraction
+        );
+    }
+    Ok(())
+}
+
 fn train(
     exp: &Experiment,
     opts: &RunOptions,
@@ -179,6 +195,7 @@ fn train(
     };
     let device = device_for(exp.train.device)?;
     let data = load()?;
+    check_validation_size(exp, data.val.len())?;
     let dir = RunDir::create(&opts.runs_root, exp)?;
     *dir_out = Some(dir.clone());
     summary.run_id = dir.id();
