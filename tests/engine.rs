@@ -328,3 +328,16 @@ fn subsets_beyond_the_data_name_the_key_and_the_limit() {
     let err = data::load(&e.data).unwrap_err().to_string();
     assert!(err.contains("data.train_subset") && err.contains("at most 100000"), "{err}");
 }
+
+#[test]
+fn a_flipped_bit_in_the_cifar10_sample_is_refused() {
+    let Some(archive) = sample_archive() else { return };
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    let dir = tempfile::tempdir().unwrap();
+    let flipped = dir.path().join("flipped.tar.gz");
+    std::fs::write(&flipped, &bytes).unwrap();
+    let err = format!("{:#}", data::cifar10::load(&flipped).unwrap_err());
+    assert!(err.contains("flipped.tar.gz") && err.contains("corrupt"), "{err}");
+}

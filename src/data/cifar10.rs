@@ -29,7 +29,7 @@ pub fn load(path: &Path) -> Result<RawDataset> {
         return load_archive(path);
     }
     for dir in [path.to_path_buf(), path.join("cifar-10-batches-bin")] {
-        if dir.join("test_batch.bin").is_file() {
+        if dir.join(TEST_BATCH).is_file() {
             return load_folder(&dir);
         }
     }
@@ -49,35 +49,37 @@ pub fn load(path: &Path) -> Result<RawDataset> {
     )
 }
 
+/// The official training batch names, in order; nothing else beside them is read (a stray
+/// `data_batch_1.bin.orig` is not a sixth batch).
+const TRAIN_BATCHES: [&str; 5] =
+    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+const TEST_BATCH: &str = "test_batch.bin";
+
 fn load_folder(dir: &Path) -> Result<RawDataset> {
     let mut train = Split::default();
-    let mut batches: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("data_batch_")))
-        .collect();
-    batches.sort();
+    let batches: Vec<PathBuf> = TRAIN_BATCHES.iter().map(|n| dir.join(n)).filter(|p| p.is_file()).collect();
     if batches.is_empty() {
-        bail!("{}: no data_batch_*.bin files", dir.display());
+        bail!("{}: none of {} is there", dir.display(), TRAIN_BATCHES.join(", "));
     }
     for b in &batches {
         let bytes = std::fs::read(b).with_context(|| format!("reading {}", b.display()))?;
         parse_records(&bytes, &b.display().to_string(), &mut train)?;
     }
     let mut test = Split::default();
-    let tb = dir.join("test_batch.bin");
+    let tb = dir.join(TEST_BATCH);
     parse_records(&std::fs::read(&tb)?, &tb.display().to_string(), &mut test)?;
     Ok(dataset(train, test))
 }
 
 fn load_archive(path: &Path) -> Result<RawDataset> {
+    verify_official_checksum(path)?;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
     let mut train_parts: Vec<(String, Vec<u8>)> = Vec::new();
     let mut test = Split::default();
     let corrupt = |e: std::io::Error| {
         anyhow::anyhow!(
-            "{} is not a readable .tar.gz ({e}); it may be truncated: delete it and run `qat-lab data fetch cifar10` again",
+            "{} is not a readable .tar.gz ({e}); it may be truncated or corrupt: if it came from `qat-lab data fetch cifar10`, delete it and fetch again",
             path.display()
         )
     };
@@ -85,16 +87,19 @@ fn load_archive(path: &Path) -> Result<RawDataset> {
         let mut entry = entry.map_err(corrupt)?;
         let name = entry.path().map_err(corrupt)?.to_string_lossy().to_string();
         let file = name.rsplit('/').next().unwrap_or("").to_string();
-        if file.starts_with("data_batch_") && file.ends_with(".bin") || file == "test_batch.bin" {
+        if TRAIN_BATCHES.contains(&file.as_str()) || file == TEST_BATCH {
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf).map_err(corrupt)?;
-            if file == "test_batch.bin" {
+            if file == TEST_BATCH {
                 parse_records(&buf, &name, &mut test)?;
             } else {
                 train_parts.push((file, buf));
             }
         }
     }
+    // tar stops at its end marker; read the gzip stream to its end so that its CRC and length are
+    // checked (a flipped bit or a cut trailer is an error, not 10 changed pixels).
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(corrupt)?;
     if train_parts.is_empty() || test.is_empty() {
         bail!("{} holds no data_batch_*.bin or no test_batch.bin: not a CIFAR-10 binary archive", path.display());
     }
@@ -104,6 +109,20 @@ fn load_archive(path: &Path) -> Result<RawDataset> {
         parse_records(bytes, name, &mut train)?;
     }
     Ok(dataset(train, test))
+}
+
+/// A file named and sized like the official archive must be it, byte for byte.
+fn verify_official_checksum(path: &Path) -> Result<()> {
+    let official = super::fetch::cifar10();
+    let named = path.file_name().is_some_and(|n| n == ARCHIVE_NAME);
+    let sized = std::fs::metadata(path).ok().map(|m| m.len()) == official.len;
+    if named && sized && super::fetch::sha256_file(path)? != official.sha256 {
+        bail!(
+            "{} has the official archive's name and size but not its SHA-256: it is corrupt; delete it and run `qat-lab data fetch cifar10`",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn dataset(train: Split, test: Split) -> RawDataset {
@@ -180,6 +199,8 @@ pub(crate) mod tests {
         std::fs::create_dir(&bin).unwrap();
         std::fs::write(bin.join("data_batch_1.bin"), fake_batch(20)).unwrap();
         std::fs::write(bin.join("test_batch.bin"), fake_batch(5)).unwrap();
+        // Only the official names are read: a backup beside a batch is not another batch.
+        std::fs::write(bin.join("data_batch_1.bin.orig"), fake_batch(20)).unwrap();
         let c = load(&bin).unwrap();
         assert_eq!(c.train.len(), 20);
         assert!((c.train.images[PIXELS] - 20.0 / 255.0).abs() < 1e-6);
@@ -197,6 +218,29 @@ pub(crate) mod tests {
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let msg = format!("{:#}", load(&truncated).unwrap_err());
         assert!(msg.contains("truncated") || msg.contains("corrupt"), "{msg}");
+
+        // A cut gzip trailer, and single flipped bits in the compressed stream, are refused.
+        let whole = dir.path().join("w.tar.gz");
+        write_fake_archive(&whole, 30, 10);
+        let bytes = std::fs::read(&whole).unwrap();
+        std::fs::write(&truncated, &bytes[..bytes.len() - 8]).unwrap();
+        assert!(load(&truncated).is_err(), "an archive without its gzip trailer loaded");
+        // (The fake pixels repeat, so a flip may only change a back-reference into one that copies
+        // the same bytes: such an archive is intact and may load, but never with changed pixels.)
+        let original = load(&whole).unwrap();
+        let mut silent = Vec::new();
+        for k in 0..48 {
+            let mut flipped = bytes.clone();
+            let at = 20 + (k * 7919) % (bytes.len() - 28);
+            flipped[at] ^= 1 << (k % 8);
+            std::fs::write(&truncated, &flipped).unwrap();
+            if let Ok(d) = load(&truncated) {
+                if d.train.images != original.train.images || d.test.images != original.test.images {
+                    silent.push(at);
+                }
+            }
+        }
+        assert!(silent.is_empty(), "archives with a flipped bit at {silent:?} loaded with changed pixels");
 
         let mut out = Split::default();
         let msg = parse_records(&[1, 2, 3], "x.bin", &mut out).unwrap_err().to_string();
