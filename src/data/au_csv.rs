@@ -5,7 +5,7 @@
 
 use super::bp4d::{au_number, build};
 use super::faces::AUS;
-use super::{RawDataset, UNKNOWN};
+use super::{resolve_under, RawDataset, UNKNOWN};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -27,6 +27,18 @@ pub fn load(manifest: &Path, side: usize, fold: usize) -> Result<RawDataset> {
             bail!("{}: column `{h}` is not an AU column (expected AU<n> or <n>)", manifest.display());
         }
     }
+    for (i, h) in headers.iter().enumerate() {
+        if let Some(j) = headers.iter().skip(i + 1).position(|g| au_number(g).is_some() && au_number(g) == au_number(h))
+        {
+            bail!(
+                "{}: columns {} and {} (`{h}`, `{}`) are the same AU; keep one",
+                manifest.display(),
+                i + 1,
+                i + j + 2,
+                &headers[i + j + 1]
+            );
+        }
+    }
     let au_cols: Vec<(u32, usize)> =
         AUS.iter().filter_map(|&au| headers.iter().position(|h| au_number(h) == Some(au)).map(|c| (au, c))).collect();
     if au_cols.len() != AUS.len() {
@@ -39,6 +51,7 @@ pub fn load(manifest: &Path, side: usize, fold: usize) -> Result<RawDataset> {
         );
     }
     let mut rows = Vec::new();
+    let mut seen = std::collections::HashMap::new();
     for (i, rec) in reader.records().enumerate() {
         let rec = rec.with_context(|| format!("{}: row {} is not valid CSV", manifest.display(), i + 2))?;
         let mut targets = Vec::with_capacity(AUS.len());
@@ -50,11 +63,27 @@ pub fn load(manifest: &Path, side: usize, fold: usize) -> Result<RawDataset> {
                 other => bail!("{}: row {}: AU{au} = `{other}`; allowed: 0, 1, 9 (unknown)", manifest.display(), i + 2),
             });
         }
-        let image = base.join(rec.get(img_col).unwrap_or(""));
+        let row = i + 2;
+        let image = resolve_under(base, rec.get(img_col).unwrap_or(""))
+            .map_err(|e| anyhow::anyhow!("{}: row {row}: image {e}", manifest.display()))?;
         if !image.is_file() {
-            bail!("{}: row {}: image {} does not exist", manifest.display(), i + 2, image.display());
+            bail!("{}: row {row}: image {} does not exist", manifest.display(), image.display());
         }
-        rows.push((rec.get(subj_col).unwrap_or("").to_string(), image, targets));
+        let subject = rec.get(subj_col).unwrap_or("").to_string();
+        if subject.is_empty() {
+            bail!(
+                "{}: row {row}: the subject is empty; every image needs one (folds split by subject)",
+                manifest.display()
+            );
+        }
+        if let Some(first) = seen.insert(image.clone(), row) {
+            bail!(
+                "{}: row {row}: image {} is already row {first}; list each image once",
+                manifest.display(),
+                image.display()
+            );
+        }
+        rows.push((subject, image, targets));
     }
     if rows.is_empty() {
         bail!("{} has no rows", manifest.display());
@@ -93,6 +122,18 @@ mod tests {
         assert_eq!(d.test.len(), 3);
         assert!(d.test.subjects.iter().all(|s| s == "S1"));
         assert_eq!(d.train.targets.len(), 6 * 12);
+
+        for (bad, why) in [
+            (csv.replacen("img1.png", "../img1.png", 1), "without `..`"),
+            (csv.replacen("img1.png", "/etc/hostname", 1), "without `..`"),
+            (csv.replacen("img1.png,S1", "img1.png,", 1), "subject is empty"),
+            (csv.replacen("img1.png", "img2.png", 1), "already row"),
+            (csv.replacen("AU24", "AU1", 1), "same AU"),
+        ] {
+            std::fs::write(&manifest, bad).unwrap();
+            let msg = load(&manifest, 8, 0).unwrap_err().to_string();
+            assert!(msg.contains(why), "{why}: {msg}");
+        }
 
         std::fs::write(&manifest, csv.replacen("AU24", "smile", 1)).unwrap();
         let msg = load(&manifest, 8, 0).unwrap_err().to_string();

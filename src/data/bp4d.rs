@@ -11,7 +11,7 @@
 //! subject i goes to fold i mod 3; `data.fold` is the test fold, the other two train.
 
 use super::faces::AUS;
-use super::{folder::load_image, RawDataset, Split, Task, UNKNOWN};
+use super::{folder::load_image, resolve_under, RawDataset, Split, Task, UNKNOWN};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,7 +41,12 @@ pub fn load(root: &Path, side: usize, fold: usize) -> Result<RawDataset> {
         let (subject, task) = stem
             .split_once('_')
             .with_context(|| format!("{}: expected a name like F001_T1.csv (subject_task)", csv_path.display()))?;
-        let frames = frame_files(&root.join("images").join(subject).join(task))?;
+        let frames_dir = resolve_under(&root.join("images"), &format!("{subject}/{task}"))
+            .map_err(|e| anyhow::anyhow!("{}: its subject and task name {e}", csv_path.display()))?;
+        if subject.is_empty() || task.is_empty() || subject.contains(['/', '\\']) {
+            bail!("{}: expected a name like F001_T1.csv (subject_task), both non-empty", csv_path.display());
+        }
+        let frames = frame_files(&frames_dir)?;
         for (frame, targets) in read_occurrence(csv_path)? {
             match frames.get(&frame) {
                 Some(img) => rows.push((subject.to_string(), img.clone(), targets)),
@@ -89,6 +94,11 @@ fn read_occurrence(path: &Path) -> Result<Vec<(u64, Vec<f32>)>> {
         .from_path(path)
         .with_context(|| format!("opening {}", path.display()))?;
     let headers = reader.headers().with_context(|| format!("{}: no header row", path.display()))?.clone();
+    for (i, h) in headers.iter().enumerate() {
+        if au_number(h).is_some() && headers.iter().skip(i + 1).any(|g| au_number(g) == au_number(h)) {
+            bail!("{}: AU column `{h}` appears twice in the header; keep one", path.display());
+        }
+    }
     let mut columns = Vec::new();
     for au in AUS {
         let col = headers.iter().position(|h| au_number(h) == Some(au));
@@ -101,6 +111,7 @@ fn read_occurrence(path: &Path) -> Result<Vec<(u64, Vec<f32>)>> {
         })?);
     }
     let mut out = Vec::new();
+    let mut seen = HashMap::new();
     for (i, rec) in reader.records().enumerate() {
         let rec = rec.with_context(|| format!("{}: row {} is not valid CSV", path.display(), i + 2))?;
         let frame: u64 = rec
@@ -118,6 +129,9 @@ fn read_occurrence(path: &Path) -> Result<Vec<(u64, Vec<f32>)>> {
                     bail!("{}: row {}: AU {au} has value `{other}`; allowed: 0, 1, 9 (unknown)", path.display(), i + 2)
                 }
             });
+        }
+        if let Some(first) = seen.insert(frame, i + 2) {
+            bail!("{}: row {}: frame {frame} is already row {first}; list each frame once", path.display(), i + 2);
         }
         out.push((frame, targets));
     }
@@ -219,5 +233,21 @@ pub(crate) mod tests {
         std::fs::write(dir.path().join("images/F002/T2/0101.jpg"), b"garbage").unwrap();
         let msg = format!("{:#}", load(dir.path(), 16, 0).unwrap_err());
         assert!(msg.contains("0101.jpg") && msg.contains("decoded"), "{msg}");
+
+        // Names that would leave the images folder, repeated frames and repeated AU columns.
+        let bad = tempfile::tempdir().unwrap();
+        write_fixture(bad.path(), &["F001", "F002", "F003"], 2);
+        std::fs::write(bad.path().join("AU_OCC/.._x.csv"), "Frame,1\n7,1\n").unwrap();
+        let msg = format!("{:#}", load(bad.path(), 16, 0).unwrap_err());
+        assert!(msg.contains(".._x.csv") && msg.contains("without `..`"), "{msg}");
+        std::fs::remove_file(bad.path().join("AU_OCC/.._x.csv")).unwrap();
+        let csv_path = bad.path().join("AU_OCC/F001_T1.csv");
+        let csv = std::fs::read_to_string(&csv_path).unwrap();
+        std::fs::write(&csv_path, csv.replacen("\n101,", "\n100,", 1)).unwrap();
+        let msg = format!("{:#}", load(bad.path(), 16, 0).unwrap_err());
+        assert!(msg.contains("frame 100 is already row 2"), "{msg}");
+        std::fs::write(&csv_path, csv.replacen(",27", ",AU4", 1)).unwrap();
+        let msg = format!("{:#}", load(bad.path(), 16, 0).unwrap_err());
+        assert!(msg.contains("appears twice"), "{msg}");
     }
 }

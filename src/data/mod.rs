@@ -142,6 +142,23 @@ impl Dataset {
     }
 }
 
+/// `relative` resolved under `root`, refused when it could leave it: an absolute path, a `..`
+/// component, or a link that points outside. The message says which.
+pub fn resolve_under(root: &std::path::Path, relative: &str) -> std::result::Result<std::path::PathBuf, String> {
+    use std::path::Component;
+    let rel = std::path::Path::new(relative);
+    if relative.is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(format!("`{relative}` must be a path inside {}, without `..` or a leading `/`", root.display()));
+    }
+    let joined = root.join(rel);
+    if let (Ok(real), Ok(real_root)) = (joined.canonicalize(), root.canonicalize()) {
+        if !real.starts_with(&real_root) {
+            return Err(format!("`{relative}` is a link to {}, outside {}", real.display(), root.display()));
+        }
+    }
+    Ok(joined)
+}
+
 /// The most images a procedural generator (`shapes`, `faces`) makes for one split (about 1.2 GiB of
 /// 32x32 RGB floats).
 pub const MAX_GENERATED: usize = 100_000;
@@ -331,5 +348,21 @@ mod tests {
         assert_eq!(a.train.images, b.train.images);
         assert_eq!(a.train_clean_labels, b.train_clean_labels);
         assert_ne!(a.train.labels, b.train.labels);
+    }
+
+    #[test]
+    fn paths_stay_under_their_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.png"), b"x").unwrap();
+        assert_eq!(resolve_under(dir.path(), "a.png").unwrap(), dir.path().join("a.png"));
+        for bad in ["../x.png", "/etc/hostname", "", "sub/../../x"] {
+            assert!(resolve_under(dir.path(), bad).is_err(), "{bad} was accepted");
+        }
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("/etc", dir.path().join("out")).unwrap();
+            let err = resolve_under(dir.path(), "out/hostname").unwrap_err();
+            assert!(err.contains("outside"), "{err}");
+        }
     }
 }
