@@ -274,6 +274,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { batch, steps, warmup, rounds, device, arch, no_torch, only, ops } => {
+            for (flag, v) in [("--batch", batch), ("--steps", steps), ("--rounds", rounds)] {
+                if v == 0 {
+                    bail!("{flag} 0 measures nothing; give at least 1 (defaults: --batch 128 --steps 10 --rounds 3)");
+                }
+            }
             crate::threads::configure(false);
             let Some(arch) = crate::config::Arch::ALL.into_iter().find(|a| a.name() == arch) else {
                 bail!("unknown --arch {arch}; allowed: resnet8, resnet14, resnet20");

@@ -94,6 +94,18 @@ fn bad_input_gets_a_message_naming_cause_and_fix() {
     let o = qat_lab(&["data", "fetch", "imagenet"], tmp.path());
     assert!(!o.status.success());
     assert!(text(&o).contains("cifar10"));
+
+    let o = qat_lab(&["bench", "--batch", "0", "--no-torch"], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--batch 0 measures nothing"), "{}", text(&o));
+
+    let o = qat_lab(&["run", "/dev/zero"], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not a regular file"), "{}", text(&o));
+
+    let o = qat_lab(&["run", "fig1-baseline", "--data", "Cargo.toml"], tmp.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not a .tar.gz") && !text(&o).contains("delete"), "{}", text(&o));
 }
 
 #[test]

@@ -39,13 +39,17 @@ struct Lab {
 }
 
 fn start_lab(runs: &std::path::Path, args: &[&str]) -> Lab {
+    start_lab_in(runs, args, "xterm-256color")
+}
+
+fn start_lab_in(runs: &std::path::Path, args: &[&str], term: &str) -> Lab {
     let pty = native_pty_system();
     let pair = pty.openpty(PtySize { rows: 30, cols: 100, pixel_width: 0, pixel_height: 0 }).unwrap();
     let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_qat-lab"));
     cmd.args(args);
     cmd.cwd(env!("CARGO_MANIFEST_DIR"));
     cmd.env("QAT_LAB_RUNS", runs);
-    cmd.env("TERM", "xterm-256color");
+    cmd.env("TERM", term);
     cmd.env("RAYON_NUM_THREADS", "2");
     let child = pair.slave.spawn_command(cmd).unwrap();
     drop(pair.slave);
@@ -164,6 +168,23 @@ fn compare_opens_records_directly() {
     writer.write_all(b"r").unwrap();
     let both = screen.wait_for("the other run loaded", Duration::from_secs(10), |t| t.contains("W4/A4"));
     assert!(both.contains("loaded 1 run"), "{both}");
+    writer.write_all(b"q").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "did not quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_restored(&screen);
+}
+
+/// `TERM=dumb` gets the ASCII interface, and the status line says so.
+#[test]
+fn a_dumb_terminal_gets_the_ascii_interface() {
+    let runs = tempfile::tempdir().unwrap();
+    let Lab { _master, mut child, mut writer, screen } = start_lab_in(runs.path(), &[], "dumb");
+    let t = screen.wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment"));
+    assert!(t.contains("ASCII mode"), "{t}");
+    assert!(t.is_ascii(), "non-ASCII characters on a dumb terminal:\n{t}");
     writer.write_all(b"q").unwrap();
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {

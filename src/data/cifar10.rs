@@ -28,6 +28,12 @@ pub fn load(path: &Path) -> Result<RawDataset> {
     if path.is_file() {
         return load_archive(path);
     }
+    if !path.is_dir() {
+        bail!(
+            "{} is neither a file nor a folder: data.path must be the CIFAR-10 .tar.gz or a folder with its .bin files",
+            path.display()
+        );
+    }
     for dir in [path.to_path_buf(), path.join("cifar-10-batches-bin")] {
         if dir.join(TEST_BATCH).is_file() {
             return load_folder(&dir);
@@ -72,6 +78,14 @@ fn load_folder(dir: &Path) -> Result<RawDataset> {
 }
 
 fn load_archive(path: &Path) -> Result<RawDataset> {
+    let mut magic = [0u8; 2];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+    if read.is_err() || magic != [0x1f, 0x8b] {
+        bail!(
+            "{} is not a .tar.gz (it does not start with the gzip signature): data.path must be the CIFAR-10 binary archive ({ARCHIVE_NAME}) or a folder with its .bin files",
+            path.display()
+        );
+    }
     verify_official_checksum(path)?;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
@@ -218,6 +232,16 @@ pub(crate) mod tests {
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let msg = format!("{:#}", load(&truncated).unwrap_err());
         assert!(msg.contains("truncated") || msg.contains("corrupt"), "{msg}");
+
+        let own = dir.path().join("Cargo.toml");
+        std::fs::write(&own, "[package]\n").unwrap();
+        let msg = load(&own).unwrap_err().to_string();
+        assert!(msg.contains("not a .tar.gz") && !msg.contains("delete"), "{msg}");
+        #[cfg(unix)]
+        {
+            let msg = load(Path::new("/dev/null")).unwrap_err().to_string();
+            assert!(msg.contains("neither a file nor a folder"), "{msg}");
+        }
 
         // A cut gzip trailer, and single flipped bits in the compressed stream, are refused.
         let whole = dir.path().join("w.tar.gz");

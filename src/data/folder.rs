@@ -14,8 +14,25 @@ pub fn load(root: &Path, side: usize) -> Result<RawDataset> {
         bail!("{} is not a folder: data.path must name a folder with one sub-folder per class", root.display());
     }
     let (train_dir, test_dir) = (root.join("train"), root.join("test"));
-    let (classes, train, test) = if train_dir.is_dir() && test_dir.is_dir() {
+    if train_dir.is_dir() != test_dir.is_dir() {
+        let (has, lacks) = if train_dir.is_dir() { ("train", "test") } else { ("test", "train") };
+        bail!(
+            "{} has a {has}/ folder but no {lacks}/: add {lacks}/ with the same class sub-folders, or put the class folders directly in {} for an 80/20 split",
+            root.display(),
+            root.display()
+        );
+    }
+    let (classes, train, test) = if train_dir.is_dir() {
         let classes = class_names(&train_dir)?;
+        let test_classes = sub_folders(&test_dir)?;
+        let unknown: Vec<&String> = test_classes.iter().filter(|c| !classes.contains(c)).collect();
+        if !unknown.is_empty() {
+            bail!(
+                "{}: test classes {unknown:?} have no folder in {}; every test class needs training images",
+                test_dir.display(),
+                train_dir.display()
+            );
+        }
         let train = read_split(&train_dir, &classes, side)?;
         let test = read_split(&test_dir, &classes, side)?;
         (classes, train, test)
@@ -54,7 +71,7 @@ pub(crate) fn load_image(path: &Path, side: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-fn class_names(dir: &Path) -> Result<Vec<String>> {
+fn sub_folders(dir: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .flatten()
@@ -62,6 +79,11 @@ fn class_names(dir: &Path) -> Result<Vec<String>> {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
     names.sort();
+    Ok(names)
+}
+
+fn class_names(dir: &Path) -> Result<Vec<String>> {
+    let names = sub_folders(dir)?;
     if names.len() < 2 {
         bail!(
             "{} has {} class sub-folders; at least 2 are needed (one sub-folder of images per class)",
@@ -83,15 +105,7 @@ fn read_split(dir: &Path, classes: &[String], side: usize) -> Result<Split> {
             .collect();
         files.sort();
         for f in files {
-            let img = image::open(&f)
-                .with_context(|| {
-                    format!("{} could not be decoded as an image (PNG, JPEG or BMP); remove or convert it", f.display())
-                })?
-                .to_rgb8();
-            let img = image::imageops::resize(&img, side as u32, side as u32, image::imageops::FilterType::Triangle);
-            for c in 0..3 {
-                split.images.extend(img.pixels().map(|p| p.0[c] as f32 / 255.0));
-            }
+            split.images.extend(load_image(&f, side)?);
             split.labels.push(label as u32);
         }
     }
@@ -125,5 +139,15 @@ mod tests {
         let msg = format!("{:#}", load(dir.path(), 8).unwrap_err());
         assert!(msg.contains("broken.png") && msg.contains("decoded"), "{msg}");
         assert!(load(&dir.path().join("missing"), 8).unwrap_err().to_string().contains("not a folder"));
+
+        let split = tempfile::tempdir().unwrap();
+        for c in ["train/cats", "train/dogs"] {
+            std::fs::create_dir_all(split.path().join(c)).unwrap();
+        }
+        let msg = load(split.path(), 8).unwrap_err().to_string();
+        assert!(msg.contains("no test/"), "{msg}");
+        std::fs::create_dir_all(split.path().join("test/birds")).unwrap();
+        let msg = load(split.path(), 8).unwrap_err().to_string();
+        assert!(msg.contains("birds") && msg.contains("no folder in"), "{msg}");
     }
 }

@@ -37,6 +37,10 @@ pub fn initial_app(start: LabStart) -> App {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cuda = candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok();
     let mut app = App::new(setup::SetupForm::new(presets, cores, cuda));
+    if dumb_terminal(std::env::var("TERM").ok().as_deref()) {
+        app.ascii = true;
+        app.status = Some(("TERM=dumb: ASCII mode (press g for Unicode if the terminal can draw it)".into(), false));
+    }
     if let LabStart::Compare(records) = start {
         app.add_loaded(records);
         for r in &mut app.runs {
@@ -45,6 +49,11 @@ pub fn initial_app(start: LabStart) -> App {
         app.screen = Screen::Compare;
     }
     app
+}
+
+/// Terminals that name themselves `dumb` draw no box or braille characters.
+fn dumb_terminal(term: Option<&str>) -> bool {
+    term == Some("dumb")
 }
 
 /// Opens the lab in the terminal and runs it until the user quits. The terminal is restored on every
