@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// An archive to fetch.
 #[derive(Debug, Clone)]
@@ -38,10 +39,48 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Downloads `remote` to `dest`. A complete, verified `dest` is kept as it is; a `dest.part` left by an
-/// interrupted download is resumed (HTTP Range) or restarted when the server cannot resume. A file whose
-/// checksum does not match is removed and reported.
+/// How long a download waits, and how often it tries again.
+#[derive(Debug, Clone)]
+pub struct Patience {
+    /// Connecting, and then waiting for the server's answer.
+    pub connect: Duration,
+    pub answer: Duration,
+    /// No byte for this long while receiving the body counts as a stall.
+    pub stall: Duration,
+    /// Attempts in all (each resumes the part file), and the first wait between two; it doubles.
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+impl Default for Patience {
+    fn default() -> Self {
+        Patience {
+            connect: Duration::from_secs(15),
+            answer: Duration::from_secs(30),
+            stall: Duration::from_secs(30),
+            attempts: 4,
+            backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Downloads `remote` to `dest` with the default [`Patience`]. A complete, verified `dest` is kept as
+/// it is; a `dest.part` left by an interrupted download is resumed (HTTP Range) or restarted when the
+/// server cannot resume. A file whose checksum does not match is removed and reported.
 pub fn download(remote: &Remote, dest: &Path, show_progress: bool) -> Result<PathBuf> {
+    download_with(remote, dest, show_progress, &Patience::default())
+}
+
+/// What one attempt ended with.
+enum Failure {
+    /// Worth another attempt: a timeout, a stall, a dropped connection, a server error.
+    Retry(String),
+    /// Another attempt would fail the same way: a malformed URL, a 404.
+    Fatal(anyhow::Error),
+}
+
+/// [`download`] with explicit timeouts and retries.
+pub fn download_with(remote: &Remote, dest: &Path, show_progress: bool, patience: &Patience) -> Result<PathBuf> {
     if dest.is_file() {
         if sha256_file(dest)? == remote.sha256 {
             return Ok(dest.to_path_buf());
@@ -55,31 +94,83 @@ pub fn download(remote: &Remote, dest: &Path, show_progress: bool) -> Result<Pat
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let part = dest.with_extension("gz.part");
-    let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(patience.connect))
+        .timeout_recv_response(Some(patience.answer))
+        .build()
+        .into();
+    let mut wait = patience.backoff;
+    let mut last = String::new();
+    for attempt in 1..=patience.attempts.max(1) {
+        match attempt_download(&agent, remote, &part, show_progress, patience) {
+            Ok(()) => return finish(remote, &part, dest),
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Retry(why)) => {
+                last = why;
+                if attempt < patience.attempts {
+                    eprintln!(
+                        "{last}; trying again in {:.0} s (attempt {} of {})",
+                        wait.as_secs_f64(),
+                        attempt + 1,
+                        patience.attempts
+                    );
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+            }
+        }
+    }
+    bail!(
+        "{last}, {} attempts in all; check the network (or --url) and run the command again: the partial file is resumed",
+        patience.attempts
+    )
+}
 
-    let mut req = ureq::get(&remote.url);
+fn attempt_download(
+    agent: &ureq::Agent,
+    remote: &Remote,
+    part: &Path,
+    show_progress: bool,
+    patience: &Patience,
+) -> std::result::Result<(), Failure> {
+    let fatal = |e: anyhow::Error| Failure::Fatal(e);
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let mut req = agent.get(&remote.url);
     if have > 0 {
         req = req.header("Range", &format!("bytes={have}-"));
     }
+    let url = &remote.url;
     let resp = match req.call() {
         Ok(r) => r,
-        Err(ureq::Error::StatusCode(416)) => {
-            // The part file is already whole (or longer than the file): verify it below.
-            return finish(remote, &part, dest);
+        // The part file is already whole (or longer than the file): verify it.
+        Err(ureq::Error::StatusCode(416)) => return Ok(()),
+        Err(ureq::Error::StatusCode(code)) if (400..500).contains(&code) => {
+            return Err(fatal(anyhow::anyhow!(
+                "the server answered HTTP {code} for {url}: the file is not there; check --url"
+            )))
         }
-        Err(e) => bail!(
-            "downloading {}: {e}; check the network and run the command again (a partial file is resumed)",
-            remote.url
-        ),
+        Err(ureq::Error::StatusCode(code)) => {
+            return Err(Failure::Retry(format!("the server answered HTTP {code} for {url}")))
+        }
+        Err(e @ (ureq::Error::BadUri(_) | ureq::Error::Http(_))) => {
+            return Err(fatal(anyhow::anyhow!("`{url}` is not a valid http(s) URL ({e}); check --url")))
+        }
+        Err(ureq::Error::Timeout(what)) => {
+            return Err(Failure::Retry(format!("no answer from {url} (timed out: {what})")))
+        }
+        Err(e) => return Err(Failure::Retry(format!("downloading {url}: {e}"))),
     };
     let resumed = resp.status().as_u16() == 206;
     let total_left: Option<u64> =
         resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let start = if resumed { have } else { 0 };
     let total = total_left.map(|n| n + start).or(remote.len);
-
-    let mut file =
-        if resumed { std::fs::OpenOptions::new().append(true).open(&part)? } else { std::fs::File::create(&part)? };
+    let io = |e: std::io::Error| fatal(anyhow::anyhow!("writing {}: {e}", part.display()));
+    let mut file = if resumed {
+        std::fs::OpenOptions::new().append(true).open(part).map_err(io)?
+    } else {
+        std::fs::File::create(part).map_err(io)?
+    };
     let bar = if show_progress {
         let b = indicatif::ProgressBar::new(total.unwrap_or(0));
         b.set_style(
@@ -93,21 +184,45 @@ pub fn download(remote: &Remote, dest: &Path, show_progress: bool) -> Result<Pat
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // The body is read on its own thread so that a server that stops sending is noticed: ureq has
+    // no idle timeout for a body, only a total one, which no size of archive fits.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
     let mut reader = resp.into_body().into_reader();
-    let mut buf = vec![0u8; 1 << 16];
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let chunk = reader.read(&mut buf).map(|n| buf[..n].to_vec());
+            let end = !matches!(&chunk, Ok(c) if !c.is_empty());
+            if tx.send(chunk).is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut got = start;
     loop {
-        let n = reader.read(&mut buf).with_context(|| {
-            format!("connection lost while downloading {}; run the command again to resume", remote.url)
-        })?;
-        if n == 0 {
+        let chunk = match rx.recv_timeout(patience.stall) {
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(e)) => {
+                return Err(Failure::Retry(format!("the connection to {url} was lost after {got} bytes ({e})")))
+            }
+            Err(_) => {
+                bar.set_message("stalled");
+                return Err(Failure::Retry(format!(
+                    "the download of {url} stalled: no data for {:.0} s after {got} bytes",
+                    patience.stall.as_secs_f64()
+                )));
+            }
+        };
+        if chunk.is_empty() {
             break;
         }
-        file.write_all(&buf[..n])?;
-        bar.inc(n as u64);
+        file.write_all(&chunk).map_err(io)?;
+        got += chunk.len() as u64;
+        bar.inc(chunk.len() as u64);
     }
-    file.sync_all()?;
+    file.sync_all().map_err(io)?;
     bar.finish_and_clear();
-    finish(remote, &part, dest)
+    Ok(())
 }
 
 fn finish(remote: &Remote, part: &Path, dest: &Path) -> Result<PathBuf> {
@@ -166,26 +281,80 @@ mod tests {
         Remote { url, sha256: format!("{:x}", Sha256::digest(body)), len: Some(body.len() as u64) }
     }
 
+    fn quick() -> Patience {
+        Patience {
+            connect: Duration::from_millis(500),
+            answer: Duration::from_millis(500),
+            stall: Duration::from_millis(500),
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+        }
+    }
+
     #[test]
     fn downloads_verifies_and_resumes() {
         let body: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("a.tar.gz");
-        // First connection drops half-way: the error says to run again, the part file stays.
+        // The first connection drops half-way: the second attempt resumes from the part file.
         let url = serve(body.clone(), 2, Some(50_000));
         let r = remote(url, &body);
-        let first = download(&r, &dest, false);
-        assert!(first.is_err(), "a truncated transfer must fail the checksum or the read");
-        let part = dest.with_extension("gz.part");
-        if part.exists() {
-            // Resume from where it stopped.
-            assert!(std::fs::metadata(&part).unwrap().len() <= 50_000);
-        }
-        let got = download(&r, &dest, false).unwrap();
+        let got = download_with(&r, &dest, false, &quick()).unwrap();
         assert_eq!(std::fs::read(got).unwrap(), body);
         // Already there and valid: no network needed.
         let offline = Remote { url: "http://127.0.0.1:1/x".into(), ..r };
-        download(&offline, &dest, false).unwrap();
+        download_with(&offline, &dest, false, &quick()).unwrap();
+    }
+
+    #[test]
+    fn a_silent_or_stalled_server_times_out_and_bad_urls_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = |url: String| Remote { url, sha256: "00".repeat(32), len: None };
+        // Accepts and never answers.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/x.tar.gz", silent.local_addr().unwrap());
+        let keep = std::thread::spawn(move || {
+            let held: Vec<_> = silent.incoming().take(2).collect();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(held);
+        });
+        let msg = download_with(&r(url), &dir.path().join("s.tar.gz"), false, &quick()).unwrap_err().to_string();
+        assert!(msg.contains("no answer") && msg.contains("2 attempts"), "{msg}");
+        // Answers, sends 100 KB, then stalls (the body is longer than what it sends).
+        let stall = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/x.tar.gz", stall.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in stall.incoming().take(2) {
+                let mut s = s.unwrap();
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n");
+                let _ = s.write_all(&vec![7u8; 100_000]);
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let msg = download_with(&r(url), &dir.path().join("t.tar.gz"), false, &quick()).unwrap_err().to_string();
+        assert!(msg.contains("stalled"), "{msg}");
+        // A 404 and a malformed URL are not network trouble.
+        let nf = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/missing.tar.gz", nf.local_addr().unwrap());
+        std::thread::spawn(move || {
+            if let Some(Ok(mut s)) = nf.incoming().next() {
+                let mut line = String::new();
+                let mut rd = std::io::BufReader::new(s.try_clone().unwrap());
+                while rd.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        let msg = download_with(&r(url), &dir.path().join("n.tar.gz"), false, &quick()).unwrap_err().to_string();
+        assert!(msg.contains("HTTP 404") && msg.contains("--url"), "{msg}");
+        let msg = download_with(&r("not a url".into()), &dir.path().join("m.tar.gz"), false, &quick())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a valid") && msg.contains("--url"), "{msg}");
+        drop(keep);
     }
 
     #[test]
@@ -195,7 +364,7 @@ mod tests {
         let dest = dir.path().join("b.tar.gz");
         let url = serve(body.clone(), 1, None);
         let r = Remote { url, sha256: "00".repeat(32), len: None };
-        let msg = download(&r, &dest, false).unwrap_err().to_string();
+        let msg = download_with(&r, &dest, false, &quick()).unwrap_err().to_string();
         assert!(msg.contains("corrupt"), "{msg}");
         assert!(!dest.exists() && !dest.with_extension("gz.part").exists());
     }
