@@ -51,6 +51,17 @@ pub fn initial_app(start: LabStart) -> App {
     app
 }
 
+/// The status line after `r`: how many runs were loaded, and which records could not be read (in red).
+fn load_status(loaded: usize, root: &std::path::Path, scan: &runs::Scan) -> (String, bool) {
+    let mut text = format!("loaded {loaded} run(s) from {}", root.display());
+    if scan.unreadable.is_empty() {
+        return (text, false);
+    }
+    let names: Vec<String> = scan.unreadable.iter().map(|u| u.dir.display().to_string()).collect();
+    text.push_str(&format!("; {} unreadable (see the log): {}", names.len(), names.join(", ")));
+    (text, true)
+}
+
 /// Terminals that name themselves `dumb` draw no box or braille characters.
 fn dumb_terminal(term: Option<&str>) -> bool {
     term == Some("dumb")
@@ -110,8 +121,12 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, mut app: App, runs_
                             }
                             Command::Schedule => schedule(&mut app, &runs_root, &train_tx, &mut workers),
                             Command::LoadRuns => {
-                                let n = app.add_loaded(runs::list(&runs_root));
-                                app.status = Some((format!("loaded {n} run(s) from {}", runs_root.display()), false));
+                                let scan = runs::scan(&runs_root);
+                                let n = app.add_loaded(scan.records.clone());
+                                app.status = Some(load_status(n, &runs_root, &scan));
+                                for u in &scan.unreadable {
+                                    app.push_log(format!("could not read {}: {}", u.dir.display(), u.reason));
+                                }
                             }
                         }
                     }
@@ -202,5 +217,23 @@ fn shutdown(app: &App, workers: HashMap<u64, std::thread::JoinHandle<train::Summ
     }
     for (_, h) in workers {
         let _ = h.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloading_names_the_records_it_could_not_read() {
+        let root = tempfile::tempdir().unwrap();
+        let bad = root.path().join("20260101-000000-broken");
+        std::fs::create_dir(&bad).unwrap();
+        std::fs::write(bad.join("experiment.toml"), "[train\n").unwrap();
+        let scan = runs::scan(root.path());
+        let (text, error) = load_status(0, root.path(), &scan);
+        assert!(error && text.contains("1 unreadable") && text.contains("20260101-000000-broken"), "{text}");
+        let (text, error) = load_status(2, root.path(), &runs::Scan::default());
+        assert!(!error && text.starts_with("loaded 2 run(s)"), "{text}");
     }
 }
