@@ -77,6 +77,21 @@ fn start_lab_in(runs: &std::path::Path, args: &[&str], term: &str) -> Lab {
     Lab { _master: pair.master, child, writer, screen }
 }
 
+/// Presses `q` in a lab with nothing running, waits for it to exit and checks the terminal.
+fn quit_idle_lab(
+    child: &mut Box<dyn portable_pty::Child + Send + Sync>,
+    writer: &mut Box<dyn Write + Send>,
+    screen: &Screen,
+) {
+    writer.write_all(b"q").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "did not quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_restored(screen);
+}
+
 fn assert_restored(screen: &Screen) {
     std::thread::sleep(Duration::from_millis(200));
     let raw = String::from_utf8_lossy(&screen.raw.lock().unwrap()).to_string();
@@ -168,13 +183,7 @@ fn compare_opens_records_directly() {
     writer.write_all(b"r").unwrap();
     let both = screen.wait_for("the other run loaded", Duration::from_secs(10), |t| t.contains("W4/A4"));
     assert!(both.contains("loaded 1 run"), "{both}");
-    writer.write_all(b"q").unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(10), "did not quit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_restored(&screen);
+    quit_idle_lab(&mut child, &mut writer, &screen);
 }
 
 /// `TERM=dumb` gets the ASCII interface, and the status line says so.
@@ -185,11 +194,5 @@ fn a_dumb_terminal_gets_the_ascii_interface() {
     let t = screen.wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment"));
     assert!(t.contains("ASCII mode"), "{t}");
     assert!(t.is_ascii(), "non-ASCII characters on a dumb terminal:\n{t}");
-    writer.write_all(b"q").unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(10), "did not quit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_restored(&screen);
+    quit_idle_lab(&mut child, &mut writer, &screen);
 }
