@@ -105,12 +105,12 @@ impl DatasetKind {
             Self::AuCsv => "au_csv",
         }
     }
-    /// Whether every image carries several binary labels (Action Units) instead of one class.
     /// Whether the images are generated from a seed (any subset size works, up to the generator's limit).
     pub fn is_generated(self) -> bool {
         matches!(self, Self::Shapes | Self::Faces)
     }
 
+    /// Whether every image carries several binary labels (Action Units) instead of one class.
     pub fn is_multi_label(self) -> bool {
         matches!(self, Self::Faces | Self::Bp4d | Self::AuCsv)
     }
@@ -450,10 +450,8 @@ impl Experiment {
             }
             _ => {}
         }
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: name.clone(),
-            message: format!("cannot read the preset ({e}); `qat-lab run --list` shows the presets"),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| refuse(format!("cannot read the preset ({e}); `qat-lab run --list` shows the presets")))?;
         Self::from_toml(&text, &name, overrides)
     }
 
@@ -468,17 +466,16 @@ impl Experiment {
         // `[sweep]` belongs to `qat-lab sweep` (see [`sweep_axes`]); a single run ignores it.
         table.remove("sweep");
         // Parse once before the overrides so that an error is blamed on the right source.
-        parse_table(&table).map_err(err)?;
         check_regularizer_keys(&table).map_err(err)?;
+        let mut exp = parse_table(&table).map_err(err)?;
         let is_kind = |o: &&String| o.split_once('=').is_some_and(|(k, _)| k.trim() == "regularizer.kind");
         let ordered = overrides.iter().filter(is_kind).chain(overrides.iter().filter(|o| !is_kind(o)));
         for o in ordered {
             let blame = |m: String| ConfigError { source_name: format!("--set {o}"), message: m };
             apply_override(&mut table, o).map_err(blame)?;
-            parse_table(&table).map_err(blame)?;
             check_regularizer_keys(&table).map_err(blame)?;
+            exp = parse_table(&table).map_err(blame)?;
         }
-        let exp = parse_table(&table).map_err(err)?;
         exp.validate().map_err(|m| {
             // A range error names its key; blame the `--set` that wrote that key, if one did.
             let key = m.split_whitespace().next().unwrap_or_default();

@@ -3,7 +3,7 @@
 //! unknown), image paths relative to the manifest. The 12 AUs of the paper that the manifest has are
 //! used, in the paper's order; the split is the same subject-exclusive 3 folds as `bp4d`.
 
-use super::bp4d::{au_number, build};
+use super::bp4d::{au_number, build, repeated_au_column};
 use super::faces::AUS;
 use super::{resolve_under, RawDataset, UNKNOWN};
 use anyhow::{bail, Context, Result};
@@ -27,17 +27,8 @@ pub fn load(manifest: &Path, side: usize, fold: usize) -> Result<RawDataset> {
             bail!("{}: column `{h}` is not an AU column (expected AU<n> or <n>)", manifest.display());
         }
     }
-    for (i, h) in headers.iter().enumerate() {
-        if let Some(j) = headers.iter().skip(i + 1).position(|g| au_number(g).is_some() && au_number(g) == au_number(h))
-        {
-            bail!(
-                "{}: columns {} and {} (`{h}`, `{}`) are the same AU; keep one",
-                manifest.display(),
-                i + 1,
-                i + j + 2,
-                &headers[i + j + 1]
-            );
-        }
+    if let Some(h) = repeated_au_column(&headers) {
+        bail!("{}: AU column `{h}` appears twice in the header (the same AU); keep one", manifest.display());
     }
     let au_cols: Vec<(u32, usize)> =
         AUS.iter().filter_map(|&au| headers.iter().position(|h| au_number(h) == Some(au)).map(|c| (au, c))).collect();

@@ -41,11 +41,11 @@ pub fn load(root: &Path, side: usize, fold: usize) -> Result<RawDataset> {
         let (subject, task) = stem
             .split_once('_')
             .with_context(|| format!("{}: expected a name like F001_T1.csv (subject_task)", csv_path.display()))?;
-        let frames_dir = resolve_under(&root.join("images"), &format!("{subject}/{task}"))
-            .map_err(|e| anyhow::anyhow!("{}: its subject and task name {e}", csv_path.display()))?;
-        if subject.is_empty() || task.is_empty() || subject.contains(['/', '\\']) {
+        if subject.is_empty() || task.is_empty() {
             bail!("{}: expected a name like F001_T1.csv (subject_task), both non-empty", csv_path.display());
         }
+        let frames_dir = resolve_under(&root.join("images"), &format!("{subject}/{task}"))
+            .map_err(|e| anyhow::anyhow!("{}: its subject and task name {e}", csv_path.display()))?;
         let frames = frame_files(&frames_dir)?;
         for (frame, targets) in read_occurrence(csv_path)? {
             match frames.get(&frame) {
@@ -80,6 +80,12 @@ fn frame_files(dir: &Path) -> Result<HashMap<u64, PathBuf>> {
     Ok(map)
 }
 
+/// The first header naming an AU that an earlier header already names (`AU4` after `4`).
+pub(crate) fn repeated_au_column(headers: &csv::StringRecord) -> Option<&str> {
+    let mut seen = BTreeSet::new();
+    headers.iter().find(|h| au_number(h).is_some_and(|au| !seen.insert(au)))
+}
+
 /// Parses an AU column header: `12`, `AU12` or `au12`.
 pub(crate) fn au_number(header: &str) -> Option<u32> {
     let h = header.trim();
@@ -94,10 +100,8 @@ fn read_occurrence(path: &Path) -> Result<Vec<(u64, Vec<f32>)>> {
         .from_path(path)
         .with_context(|| format!("opening {}", path.display()))?;
     let headers = reader.headers().with_context(|| format!("{}: no header row", path.display()))?.clone();
-    for (i, h) in headers.iter().enumerate() {
-        if au_number(h).is_some() && headers.iter().skip(i + 1).any(|g| au_number(g) == au_number(h)) {
-            bail!("{}: AU column `{h}` appears twice in the header; keep one", path.display());
-        }
+    if let Some(h) = repeated_au_column(&headers) {
+        bail!("{}: AU column `{h}` appears twice in the header (the same AU); keep one", path.display());
     }
     let mut columns = Vec::new();
     for au in AUS {

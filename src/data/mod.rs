@@ -219,7 +219,7 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
         ("data.train_subset", cfg.train_subset, raw.train.len(), "training"),
         ("data.test_subset", cfg.test_subset, raw.test.len(), "test"),
     ] {
-        if n > have && !cfg.dataset.is_generated() {
+        if n > have {
             bail!(
                 "{key} = {n} is more than the {have} {split} images of `{}`; use at most {have}, or 0 for all",
                 raw.name

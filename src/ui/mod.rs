@@ -37,7 +37,8 @@ pub fn initial_app(start: LabStart) -> App {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cuda = candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok();
     let mut app = App::new(setup::SetupForm::new(presets, cores, cuda));
-    if dumb_terminal(std::env::var("TERM").ok().as_deref()) {
+    // Terminals that name themselves `dumb` draw no box or braille characters.
+    if std::env::var("TERM").is_ok_and(|t| t == "dumb") {
         app.ascii = true;
         app.status = Some(("TERM=dumb: ASCII mode (press g for Unicode if the terminal can draw it)".into(), false));
     }
@@ -52,19 +53,14 @@ pub fn initial_app(start: LabStart) -> App {
 }
 
 /// The status line after `r`: how many runs were loaded, and which records could not be read (in red).
-fn load_status(loaded: usize, root: &std::path::Path, scan: &runs::Scan) -> (String, bool) {
+fn load_status(loaded: usize, root: &std::path::Path, unreadable: &[runs::Unreadable]) -> (String, bool) {
     let mut text = format!("loaded {loaded} run(s) from {}", root.display());
-    if scan.unreadable.is_empty() {
+    if unreadable.is_empty() {
         return (text, false);
     }
-    let names: Vec<String> = scan.unreadable.iter().map(|u| u.dir.display().to_string()).collect();
+    let names: Vec<String> = unreadable.iter().map(|u| u.dir.display().to_string()).collect();
     text.push_str(&format!("; {} unreadable (see the log): {}", names.len(), names.join(", ")));
     (text, true)
-}
-
-/// Terminals that name themselves `dumb` draw no box or braille characters.
-fn dumb_terminal(term: Option<&str>) -> bool {
-    term == Some("dumb")
 }
 
 /// Opens the lab in the terminal and runs it until the user quits. The terminal is restored on every
@@ -121,10 +117,10 @@ async fn event_loop(terminal: &mut ratatui::DefaultTerminal, mut app: App, runs_
                             }
                             Command::Schedule => schedule(&mut app, &runs_root, &train_tx, &mut workers),
                             Command::LoadRuns => {
-                                let scan = runs::scan(&runs_root);
-                                let n = app.add_loaded(scan.records.clone());
-                                app.status = Some(load_status(n, &runs_root, &scan));
-                                for u in &scan.unreadable {
+                                let runs::Scan { records, unreadable } = runs::scan(&runs_root);
+                                let n = app.add_loaded(records);
+                                app.status = Some(load_status(n, &runs_root, &unreadable));
+                                for u in &unreadable {
                                     app.push_log(format!("could not read {}: {}", u.dir.display(), u.reason));
                                 }
                             }
@@ -231,9 +227,9 @@ mod tests {
         std::fs::create_dir(&bad).unwrap();
         std::fs::write(bad.join("experiment.toml"), "[train\n").unwrap();
         let scan = runs::scan(root.path());
-        let (text, error) = load_status(0, root.path(), &scan);
+        let (text, error) = load_status(0, root.path(), &scan.unreadable);
         assert!(error && text.contains("1 unreadable") && text.contains("20260101-000000-broken"), "{text}");
-        let (text, error) = load_status(2, root.path(), &runs::Scan::default());
+        let (text, error) = load_status(2, root.path(), &[]);
         assert!(!error && text.starts_with("loaded 2 run(s)"), "{text}");
     }
 }
