@@ -106,6 +106,25 @@ fn bad_input_gets_a_message_naming_cause_and_fix() {
     let o = qat_lab(&["run", "fig1-baseline", "--data", "Cargo.toml"], tmp.path());
     assert!(!o.status.success());
     assert!(text(&o).contains("not a .tar.gz") && !text(&o).contains("delete"), "{}", text(&o));
+
+    // Hundreds of GiB of activations: refused from the estimate, before 100,000 images are generated.
+    let o = qat_lab(
+        &[
+            "run",
+            "demo",
+            "--set",
+            "data.train_subset=100000",
+            "--set",
+            "train.batch_size=65536",
+            "--set",
+            "model.width=2.0",
+        ],
+        tmp.path(),
+    );
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("GiB of memory (data") && out.contains("at batch 65536") && out.contains("is available"), "{out}");
+    assert!(out.contains("lower train.batch_size"), "{out}");
 }
 
 #[test]

@@ -132,6 +132,17 @@ fn setup_explains_an_invalid_choice() {
 }
 
 #[test]
+fn setup_shows_the_memory_estimate_against_what_is_free() {
+    let mut a = app();
+    a.available_memory = Some(64 << 30);
+    let screen = render(&a, 160, 48);
+    assert!(screen.contains("Memory: about") && screen.contains("of 64.0 GiB free"), "{screen}");
+    a.available_memory = Some(100 << 20);
+    let screen = render(&a, 160, 48);
+    assert!(screen.contains("more than the 100 MiB free"), "{screen}");
+}
+
+#[test]
 fn live_screen_single_run_running() {
     let mut a = app();
     a.runs.push(run(Regularizer::None, 40, 15, true, false));

@@ -12,6 +12,9 @@ pub const DEFAULT_DIR: &str = "data/cifar10";
 pub const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";
 pub const CLASSES: [&str; 10] =
     ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+/// Images in the official training and test sets.
+pub const TRAIN_LEN: usize = 50_000;
+pub const TEST_LEN: usize = 10_000;
 const RECORD: usize = 3073;
 const PIXELS: usize = 3072;
 

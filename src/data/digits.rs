@@ -10,6 +10,8 @@ use std::io::Read;
 const DIGITS_CSV_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
 /// Images in the fixed training split; the remaining 360 form the test set.
 pub const TRAIN_LEN: usize = 1437;
+/// Images in the embedded set (train and test).
+pub const ALL_LEN: usize = 1797;
 
 /// Decodes the embedded file and makes a fixed, seeded 1,437 / 360 train/test split.
 pub fn load() -> Result<RawDataset> {

@@ -163,6 +163,59 @@ pub fn resolve_under(root: &std::path::Path, relative: &str) -> std::result::Res
 /// 32x32 RGB floats).
 pub const MAX_GENERATED: usize = 100_000;
 
+/// How many images of what shape a preset will load, known before loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataSize {
+    /// (channels, height, width).
+    pub shape: [usize; 3],
+    pub train: usize,
+    pub test: usize,
+    /// Classes or labels (the size of the network's head).
+    pub outputs: usize,
+    /// `false` where the counts are an upper bound (a CIFAR-10 copy without subsets may be a sample).
+    pub exact: bool,
+}
+
+impl DataSize {
+    /// What `cfg` loads: exact for the embedded and generated data and for file data with both
+    /// subsets set (a larger subset than the file holds is refused when loading); the official
+    /// CIFAR-10 sizes as an upper bound; `None` for folders, BP4D and manifests without subsets.
+    pub fn expected(cfg: &DataConfig) -> Option<DataSize> {
+        let pick = |subset: usize, all: usize| if subset > 0 { subset } else { all };
+        let side = cfg.image_size;
+        let files = |outputs: usize| {
+            (cfg.train_subset > 0 && cfg.test_subset > 0).then_some(DataSize {
+                shape: [3, side, side],
+                train: cfg.train_subset,
+                test: cfg.test_subset,
+                outputs,
+                exact: true,
+            })
+        };
+        let generated = |shape, train, test, outputs| DataSize {
+            shape,
+            train: pick(cfg.train_subset, train),
+            test: pick(cfg.test_subset, test),
+            outputs,
+            exact: true,
+        };
+        match cfg.dataset {
+            DatasetKind::Digits => {
+                let d = generated([1, 8, 8], digits::TRAIN_LEN, digits::ALL_LEN - digits::TRAIN_LEN, 10);
+                Some(DataSize { train: d.train.min(digits::TRAIN_LEN), test: d.test.min(digits::ALL_LEN - digits::TRAIN_LEN), ..d })
+            }
+            DatasetKind::Shapes => Some(generated([3, shapes::SIDE, shapes::SIDE], shapes::DEFAULT_TRAIN, shapes::DEFAULT_TEST, 10)),
+            DatasetKind::Faces => Some(generated([3, faces::SIDE, faces::SIDE], faces::DEFAULT_TRAIN, faces::DEFAULT_TEST, faces::AUS.len())),
+            DatasetKind::Cifar10 => Some(DataSize {
+                exact: cfg.train_subset > 0 && cfg.test_subset > 0,
+                ..generated([3, 32, 32], cifar10::TRAIN_LEN, cifar10::TEST_LEN, 10)
+            }),
+            DatasetKind::Folder => files(10),
+            DatasetKind::Bp4d | DatasetKind::AuCsv => files(faces::AUS.len()),
+        }
+    }
+}
+
 /// Loads the dataset a preset names, then subsets, corrupts, splits and standardises it.
 pub fn load(cfg: &DataConfig) -> Result<Dataset> {
     let path = |what: &str| -> Result<std::path::PathBuf> {

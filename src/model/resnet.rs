@@ -51,6 +51,49 @@ pub struct NetSpec {
     pub per_label_heads: bool,
 }
 
+impl NetSpec {
+    /// Channels of the three stages: 16/32/64 times the width multiplier.
+    pub fn widths(&self) -> [usize; 3] {
+        let ch = |base: usize| ((base as f64 * self.width).round() as usize).max(1);
+        [ch(16), ch(32), ch(64)]
+    }
+
+    /// The network's size before it is built: its trainable parameters (as [`ResNet::cost`] counts
+    /// them, unpruned) and the floats of every convolution's output for one image, the unit in which
+    /// a batch's activations are counted.
+    pub fn size(&self) -> NetSize {
+        let [in_ch, mut h, mut w] = self.input;
+        let widths = self.widths();
+        let conv = |in_ch: usize, out_ch: usize| out_ch * in_ch * 9 + 2 * out_ch;
+        let stem = widths[0] * h * w;
+        let mut size = NetSize { params: conv(in_ch, widths[0]), conv_outputs_per_image: stem, largest_output_per_image: stem };
+        let mut prev = widths[0];
+        for (stage, &out_ch) in widths.iter().enumerate() {
+            for b in 0..self.arch.blocks_per_stage() {
+                if stage > 0 && b == 0 {
+                    (h, w) = (h.div_ceil(2), w.div_ceil(2));
+                }
+                size.params += conv(prev, out_ch) + conv(out_ch, out_ch);
+                size.conv_outputs_per_image += 2 * out_ch * h * w;
+                size.largest_output_per_image = size.largest_output_per_image.max(out_ch * h * w);
+                prev = out_ch;
+            }
+        }
+        let head_norm = if self.per_label_heads { 2 * prev * self.outputs } else { 0 };
+        size.params += prev * self.outputs + self.outputs + head_norm;
+        size
+    }
+}
+
+/// What [`NetSpec::size`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetSize {
+    pub params: usize,
+    pub conv_outputs_per_image: usize,
+    /// Floats of the largest single convolution output for one image.
+    pub largest_output_per_image: usize,
+}
+
 /// The classifier: one linear layer, or one normalised head per label.
 #[derive(Debug, Clone)]
 pub enum Head {
@@ -97,8 +140,7 @@ impl ResNet {
             Regularizer::Dropout { p, position } => Some((*p, *position)),
             _ => None,
         };
-        let ch = |base: usize| ((base as f64 * spec.width).round() as usize).max(1);
-        let widths = [ch(16), ch(32), ch(64)];
+        let widths = spec.widths();
         let stem = ConvBn::new(&mut params, "stem", spec.input[0], widths[0], 3, 1, edge);
         let mut blocks = Vec::new();
         let mut in_ch = widths[0];
@@ -257,6 +299,26 @@ mod tests {
         assert!((40_000_000..42_000_000).contains(&macs), "{macs}");
         let r8 = ResNet::new(spec(Arch::Resnet8, 1.0), &Regularizer::None, &Device::Cpu, 0);
         assert_eq!(r8.params.trainable_count(), 75_290);
+    }
+
+    #[test]
+    fn size_counts_what_the_built_network_has() {
+        // ResNet-20 on 32x32: the stem and 6 convs of 16x32x32, 6 of 32x16x16, 6 of 64x8x8.
+        let r20 = spec(Arch::Resnet20, 1.0).size();
+        let expected = NetSize {
+            params: 269_722,
+            conv_outputs_per_image: 7 * 16_384 + 6 * 8_192 + 6 * 4_096,
+            largest_output_per_image: 16_384,
+        };
+        assert_eq!(r20, expected);
+        // Odd sides round up at each stride, as the convolutions do; per-label heads add their norms.
+        let odd = NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 9, 7], outputs: 4, per_label_heads: true };
+        assert_eq!(odd.size().conv_outputs_per_image, 3 * 8 * 63 + 2 * 16 * 5 * 4 + 2 * 32 * 3 * 2);
+        let reg = Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn: BnMode::Keep, ema_momentum: 0.9 };
+        for (s, reg) in [(odd, reg), (spec(Arch::Resnet14, 1.5), Regularizer::None)] {
+            let net = ResNet::new(s, &reg, &Device::Cpu, 0);
+            assert_eq!(s.size().params, net.cost().unwrap().params, "{s:?}");
+        }
     }
 
     #[test]

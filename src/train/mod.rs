@@ -1,6 +1,7 @@
 //! Training: a worker thread per run that streams [`events::TrainEvent`]s and writes the run record.
 
 pub mod events;
+pub mod footprint;
 pub mod metrics;
 pub mod optim;
 pub mod trainer;

@@ -1,11 +1,12 @@
 //! The training loop: one worker thread per run, cancellable and pausable, streaming events and
 //! writing the run record as it goes.
 
+use super::footprint::{self, Footprint};
 use super::events::{BatchProgress, Best, EpochMetrics, RunInfo, Status, Summary, TrainEvent};
 use super::metrics::{argmax_rows, f1_per_label, tune_thresholds, Accuracy, Memorisation};
 use super::optim::{l2_penalty, Adam};
 use crate::config::{BnMode, DeviceKind, Experiment, Regularizer};
-use crate::data::{self, augment, Dataset, Split};
+use crate::data::{self, augment, DataSize, Dataset, Split};
 use crate::model::resnet::NetSpec;
 use crate::model::ResNet;
 use crate::ops;
@@ -194,8 +195,22 @@ fn train(
         let _ = tx.send(TrainEvent::Log(msg));
     };
     let device = device_for(exp.train.device)?;
+    let available = footprint::available();
+    // Checked before loading where the sizes are known, so that a run too big fails before it allocates.
+    if let Some(size) = DataSize::expected(&exp.data).filter(|s| s.exact) {
+        Footprint::estimate(exp, &size).check(exp, available)?;
+    }
     let data = load()?;
     check_validation_size(exp, data.val.len())?;
+    let loaded = DataSize {
+        shape: data.shape,
+        train: data.train.len() + data.val.len(),
+        test: data.test.len(),
+        outputs: data.num_classes(),
+        exact: true,
+    };
+    let memory = Footprint::estimate(exp, &loaded);
+    memory.check(exp, available)?;
     let dir = RunDir::create(&opts.runs_root, exp)?;
     *dir_out = Some(dir.clone());
     summary.run_id = dir.id();
@@ -239,13 +254,14 @@ fn train(
         device: summary.device.clone(),
     }));
     log(format!(
-        "{}: {} train / {} val / {} test images, {:.1}% of training labels corrupted, {} parameters",
+        "{}: {} train / {} val / {} test images, {:.1}% of training labels corrupted, {} parameters, memory {}",
         data.name,
         data.train.len(),
         data.val.len(),
         data.test.len(),
         data.measured_noise_rate * 100.0,
-        cost.params
+        cost.params,
+        memory.describe()
     ));
 
     let (decoupled, l2) = match exp.regularizer {

@@ -143,6 +143,8 @@ pub struct App {
     pub status: Option<(String, bool)>,
     /// Compare screen: plot accuracy (true) or eval loss.
     pub compare_acc: bool,
+    /// Memory the machine had free when the lab opened, beside Setup's estimate (`None`: unknown).
+    pub available_memory: Option<u64>,
 }
 
 impl App {
@@ -158,6 +160,7 @@ impl App {
             confirm_quit: false,
             status: None,
             compare_acc: true,
+            available_memory: None,
         }
     }
 

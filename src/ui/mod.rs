@@ -37,6 +37,7 @@ pub fn initial_app(start: LabStart) -> App {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cuda = candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok();
     let mut app = App::new(setup::SetupForm::new(presets, cores, cuda));
+    app.available_memory = crate::train::footprint::available();
     // Terminals that name themselves `dumb` draw no box or braille characters.
     if std::env::var("TERM").is_ok_and(|t| t == "dumb") {
         app.ascii = true;

@@ -188,9 +188,28 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
             text.push(Line::from(Span::styled(format!("Cannot start: {msg}"), Style::default().fg(Color::LightRed))))
         }
     }
+    text.push(memory_line(e, app.available_memory));
     text.push(Line::from("b: baseline vs this, side by side"));
     text.push(Line::from("a: every method on the same noisy data"));
     f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(app, " About ")), info_area);
+}
+
+/// Setup's estimate of the run's peak memory, red where it exceeds what the machine has free.
+fn memory_line(e: &crate::config::Experiment, available: Option<u64>) -> Line<'static> {
+    use crate::train::footprint::{bytes, Footprint};
+    let Some(size) = crate::data::DataSize::expected(&e.data) else {
+        return Line::from("Memory: estimated once the data is loaded (set both subsets to see it here)");
+    };
+    let memory = Footprint::estimate(e, &size);
+    let text = format!("Memory: {}", memory.describe());
+    match available {
+        Some(free) if memory.host(e.train.device) > free => Line::from(Span::styled(
+            format!("{text}: more than the {} free; lower the subset or the batch size", bytes(free)),
+            Style::default().fg(Color::LightRed),
+        )),
+        Some(free) => Line::from(format!("{text} of {} free", bytes(free))),
+        None => Line::from(text),
+    }
 }
 
 fn regularizer_help(kind: &str) -> &'static str {
