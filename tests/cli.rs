@@ -123,7 +123,10 @@ fn bad_input_gets_a_message_naming_cause_and_fix() {
     );
     assert!(!o.status.success());
     let out = text(&o);
-    assert!(out.contains("GiB of memory (data") && out.contains("at batch 65536") && out.contains("is available"), "{out}");
+    assert!(
+        out.contains("GiB of memory (data") && out.contains("at batch 65536") && out.contains("is available"),
+        "{out}"
+    );
     assert!(out.contains("lower train.batch_size"), "{out}");
 }
 

@@ -14,7 +14,10 @@ pub fn load(manifest: &Path, side: usize, fold: usize) -> Result<RawDataset> {
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_path(manifest).with_context(|| {
         format!("cannot open the AU manifest {}: data.path must name a CSV file", manifest.display())
     })?;
-    let headers = reader.headers()?.clone();
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{}: the header row is not valid CSV (UTF-8 text expected)", manifest.display()))?
+        .clone();
     let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let (Some(img_col), Some(subj_col)) = (col("image"), col("subject")) else {
         bail!(

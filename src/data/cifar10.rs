@@ -70,13 +70,17 @@ fn load_folder(dir: &Path) -> Result<RawDataset> {
     if batches.is_empty() {
         bail!("{}: none of {} is there", dir.display(), TRAIN_BATCHES.join(", "));
     }
+    let read = |b: &Path, out: &mut Split| -> Result<()> {
+        let name = b.display().to_string();
+        check_batch_size(std::fs::metadata(b).map(|m| m.len()).unwrap_or(0), &name)?;
+        let bytes = std::fs::read(b).with_context(|| format!("reading {name}"))?;
+        parse_records(&bytes, &name, out)
+    };
     for b in &batches {
-        let bytes = std::fs::read(b).with_context(|| format!("reading {}", b.display()))?;
-        parse_records(&bytes, &b.display().to_string(), &mut train)?;
+        read(b, &mut train)?;
     }
     let mut test = Split::default();
-    let tb = dir.join(TEST_BATCH);
-    parse_records(&std::fs::read(&tb)?, &tb.display().to_string(), &mut test)?;
+    read(&dir.join(TEST_BATCH), &mut test)?;
     Ok(dataset(train, test))
 }
 
@@ -105,6 +109,8 @@ fn load_archive(path: &Path) -> Result<RawDataset> {
         let name = entry.path().map_err(corrupt)?.to_string_lossy().to_string();
         let file = name.rsplit('/').next().unwrap_or("").to_string();
         if TRAIN_BATCHES.contains(&file.as_str()) || file == TEST_BATCH {
+            let name = format!("{} ({name})", path.display());
+            check_batch_size(entry.size(), &name)?;
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf).map_err(corrupt)?;
             if file == TEST_BATCH {
@@ -151,6 +157,19 @@ fn dataset(train: Split, test: Split) -> RawDataset {
         train,
         test,
     }
+}
+
+/// The largest batch file read: the whole official training set in one file. A larger one (a
+/// corrupt header, a decompression bomb) is refused before it is read into memory.
+const MAX_BATCH_RECORDS: u64 = TRAIN_LEN as u64;
+
+fn check_batch_size(bytes: u64, name: &str) -> Result<()> {
+    if bytes > MAX_BATCH_RECORDS * RECORD as u64 {
+        bail!(
+            "{name}: {bytes} bytes is more than {MAX_BATCH_RECORDS} CIFAR-10 records (an official batch holds 10,000): corrupt or not CIFAR-10"
+        );
+    }
+    Ok(())
 }
 
 /// Appends the records of one batch file to `out`, checking length and labels.
@@ -221,6 +240,23 @@ pub(crate) mod tests {
         let c = load(&bin).unwrap();
         assert_eq!(c.train.len(), 20);
         assert!((c.train.images[PIXELS] - 20.0 / 255.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_batch_entry_claiming_gigabytes_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bomb.tar.gz");
+        let mut h = tar::Header::new_gnu();
+        h.set_path("cifar-10-batches-bin/test_batch.bin").unwrap();
+        h.set_size(4 << 30);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, h.as_bytes()).unwrap();
+        gz.finish().unwrap();
+        let msg = format!("{:#}", load(&path).unwrap_err());
+        assert!(msg.contains("bomb.tar.gz (cifar-10-batches-bin/test_batch.bin)"), "{msg}");
+        assert!(msg.contains("4294967296 bytes is more than 50000 CIFAR-10 records"), "{msg}");
     }
 
     #[test]

@@ -202,10 +202,21 @@ impl DataSize {
         match cfg.dataset {
             DatasetKind::Digits => {
                 let d = generated([1, 8, 8], digits::TRAIN_LEN, digits::ALL_LEN - digits::TRAIN_LEN, 10);
-                Some(DataSize { train: d.train.min(digits::TRAIN_LEN), test: d.test.min(digits::ALL_LEN - digits::TRAIN_LEN), ..d })
+                Some(DataSize {
+                    train: d.train.min(digits::TRAIN_LEN),
+                    test: d.test.min(digits::ALL_LEN - digits::TRAIN_LEN),
+                    ..d
+                })
             }
-            DatasetKind::Shapes => Some(generated([3, shapes::SIDE, shapes::SIDE], shapes::DEFAULT_TRAIN, shapes::DEFAULT_TEST, 10)),
-            DatasetKind::Faces => Some(generated([3, faces::SIDE, faces::SIDE], faces::DEFAULT_TRAIN, faces::DEFAULT_TEST, faces::AUS.len())),
+            DatasetKind::Shapes => {
+                Some(generated([3, shapes::SIDE, shapes::SIDE], shapes::DEFAULT_TRAIN, shapes::DEFAULT_TEST, 10))
+            }
+            DatasetKind::Faces => Some(generated(
+                [3, faces::SIDE, faces::SIDE],
+                faces::DEFAULT_TRAIN,
+                faces::DEFAULT_TEST,
+                faces::AUS.len(),
+            )),
             DatasetKind::Cifar10 => Some(DataSize {
                 exact: cfg.train_subset > 0 && cfg.test_subset > 0,
                 ..generated([3, 32, 32], cifar10::TRAIN_LEN, cifar10::TEST_LEN, 10)

@@ -66,7 +66,8 @@ impl NetSpec {
         let widths = self.widths();
         let conv = |in_ch: usize, out_ch: usize| out_ch * in_ch * 9 + 2 * out_ch;
         let stem = widths[0] * h * w;
-        let mut size = NetSize { params: conv(in_ch, widths[0]), conv_outputs_per_image: stem, largest_output_per_image: stem };
+        let mut size =
+            NetSize { params: conv(in_ch, widths[0]), conv_outputs_per_image: stem, largest_output_per_image: stem };
         let mut prev = widths[0];
         for (stage, &out_ch) in widths.iter().enumerate() {
             for b in 0..self.arch.blocks_per_stage() {
@@ -314,7 +315,13 @@ mod tests {
         // Odd sides round up at each stride, as the convolutions do; per-label heads add their norms.
         let odd = NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 9, 7], outputs: 4, per_label_heads: true };
         assert_eq!(odd.size().conv_outputs_per_image, 3 * 8 * 63 + 2 * 16 * 5 * 4 + 2 * 32 * 3 * 2);
-        let reg = Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn: BnMode::Keep, ema_momentum: 0.9 };
+        let reg = Regularizer::Quantization {
+            weight_bits: 4,
+            act_bits: 4,
+            first_last_bits: 8,
+            bn: BnMode::Keep,
+            ema_momentum: 0.9,
+        };
         for (s, reg) in [(odd, reg), (spec(Arch::Resnet14, 1.5), Regularizer::None)] {
             let net = ResNet::new(s, &reg, &Device::Cpu, 0);
             assert_eq!(s.size().params, net.cost().unwrap().params, "{s:?}");

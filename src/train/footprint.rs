@@ -49,7 +49,8 @@ impl Footprint {
         let per_image = net.conv_outputs_per_image as f64 * 4.0;
         let batch = exp.train.batch_size.min(size.train.max(1)) as f64;
         let train = batch * per_image * step_copies(&exp.regularizer);
-        let eval = EVAL_BATCH.min(size.test.max(1) as u64) as f64 * net.largest_output_per_image as f64 * 4.0 * EVAL_COPIES;
+        let eval =
+            EVAL_BATCH.min(size.test.max(1) as u64) as f64 * net.largest_output_per_image as f64 * 4.0 * EVAL_COPIES;
         Footprint {
             process: PROCESS,
             data: (size.train + size.test) as u64 * image_bytes * DATA_COPIES,

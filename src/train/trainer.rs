@@ -1,8 +1,8 @@
 //! The training loop: one worker thread per run, cancellable and pausable, streaming events and
 //! writing the run record as it goes.
 
-use super::footprint::{self, Footprint};
 use super::events::{BatchProgress, Best, EpochMetrics, RunInfo, Status, Summary, TrainEvent};
+use super::footprint::{self, Footprint};
 use super::metrics::{argmax_rows, f1_per_label, tune_thresholds, Accuracy, Memorisation};
 use super::optim::{l2_penalty, Adam};
 use crate::config::{BnMode, DeviceKind, Experiment, Regularizer};
