@@ -56,8 +56,9 @@ struct Subject {
 
 impl Subject {
     fn new(name: &str, reg: &Regularizer, opts: &BenchOptions, device: &Device) -> Result<Self> {
-        let spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10, per_label_heads: false };
-        let net = ResNet::new(spec, reg, device, 0);
+        let mut spec = NetSpec { arch: opts.arch, width: 1.0, input: [3, 32, 32], outputs: 10, per_label_heads: false };
+        let wiring = crate::methods::wiring(reg, &mut spec);
+        let net = ResNet::new(spec, &wiring, device, 0);
         let opt = Adam::new(&net.params.entries, 1e-3, 0.0)?;
         let x = Tensor::randn(0f32, 1.0, (opts.batch, 3, 32, 32), device)?;
         let labels: Vec<u32> = (0..opts.batch as u32).map(|i| i % 10).collect();

@@ -3,8 +3,8 @@
 
 use super::{Params, Role};
 use crate::config::BnMode;
+use crate::methods::quantization::{quantize_weight, weight_levels, ActQuant, FLOAT_BITS};
 use crate::ops;
-use crate::regularize::quant::{quantize_weight, weight_levels, ActQuant, FLOAT_BITS};
 use candle_core::{Result, Tensor, Var};
 
 const BN_EPS: f64 = 1e-5;
@@ -35,7 +35,7 @@ impl LayerQuant {
 }
 
 /// Quantization settings handed to a layer constructor.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantSpec {
     pub weight_bits: u32,
     pub act_bits: u32,

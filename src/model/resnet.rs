@@ -4,9 +4,9 @@
 
 use super::layers::{fused_blocks_train, ConvBn, LabelHeads, Linear, QuantSpec};
 use super::{Cost, Params};
-use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion, Regularizer};
+use crate::config::{Arch, BnMode, DropoutPosition, PruneCriterion};
+use crate::methods::pruning::channel_mask;
 use crate::ops;
-use crate::regularize::prune::channel_mask;
 use candle_core::{Device, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -86,6 +86,15 @@ impl NetSpec {
     }
 }
 
+/// The layers that methods wire into a network: quantizers for the inner layers and for the first
+/// and last ones, and dropout. The default is the float network.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Wiring {
+    pub inner_quant: Option<QuantSpec>,
+    pub edge_quant: Option<QuantSpec>,
+    pub dropout: Option<(f64, DropoutPosition)>,
+}
+
 /// What [`NetSpec::size`] counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetSize {
@@ -117,30 +126,10 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    /// Builds the network for `spec`, wiring in the regularizer's layers (quantizers, dropout).
-    pub fn new(spec: NetSpec, regularizer: &Regularizer, device: &Device, seed: u64) -> Self {
+    /// Builds the network for `spec` with the layers the run's methods ask for (quantizers, dropout).
+    pub fn new(spec: NetSpec, wiring: &Wiring, device: &Device, seed: u64) -> Self {
         let mut params = Params::new(device.clone(), seed);
-        let (inner, edge) = match regularizer {
-            Regularizer::Quantization { weight_bits, act_bits, first_last_bits, bn, ema_momentum } => (
-                Some(QuantSpec {
-                    weight_bits: *weight_bits,
-                    act_bits: *act_bits,
-                    ema_momentum: *ema_momentum,
-                    bn: *bn,
-                }),
-                Some(QuantSpec {
-                    weight_bits: *first_last_bits,
-                    act_bits: *first_last_bits,
-                    ema_momentum: *ema_momentum,
-                    bn: *bn,
-                }),
-            ),
-            _ => (None, None),
-        };
-        let dropout = match regularizer {
-            Regularizer::Dropout { p, position } => Some((*p, *position)),
-            _ => None,
-        };
+        let (inner, edge, dropout) = (wiring.inner_quant, wiring.edge_quant, wiring.dropout);
         let widths = spec.widths();
         let stem = ConvBn::new(&mut params, "stem", spec.input[0], widths[0], 3, 1, edge);
         let mut blocks = Vec::new();
@@ -283,6 +272,7 @@ fn shortcut(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Regularizer;
 
     fn spec(arch: Arch, width: f64) -> NetSpec {
         NetSpec { arch, width, input: [3, 32, 32], outputs: 10, per_label_heads: false }
@@ -291,14 +281,14 @@ mod tests {
     #[test]
     fn resnet20_has_the_published_parameter_count() {
         // He et al. 2016, Table 6: ResNet-20 has 0.27M parameters (269,722 with BN affine and the classifier).
-        let net = ResNet::new(spec(Arch::Resnet20, 1.0), &Regularizer::None, &Device::Cpu, 0);
+        let net = ResNet::new(spec(Arch::Resnet20, 1.0), &Wiring::default(), &Device::Cpu, 0);
         assert_eq!(net.params.trainable_count(), 269_722);
         assert_eq!(net.cost().unwrap().params, 269_722);
         assert_eq!(net.blocks.len(), 9);
         // ~40.8M MACs per 32x32 image.
         let macs = net.cost().unwrap().macs;
         assert!((40_000_000..42_000_000).contains(&macs), "{macs}");
-        let r8 = ResNet::new(spec(Arch::Resnet8, 1.0), &Regularizer::None, &Device::Cpu, 0);
+        let r8 = ResNet::new(spec(Arch::Resnet8, 1.0), &Wiring::default(), &Device::Cpu, 0);
         assert_eq!(r8.params.trainable_count(), 75_290);
     }
 
@@ -322,8 +312,9 @@ mod tests {
             bn: BnMode::Keep,
             ema_momentum: 0.9,
         };
-        for (s, reg) in [(odd, reg), (spec(Arch::Resnet14, 1.5), Regularizer::None)] {
-            let net = ResNet::new(s, &reg, &Device::Cpu, 0);
+        for (mut s, reg) in [(odd, reg), (spec(Arch::Resnet14, 1.5), Regularizer::None)] {
+            let wiring = crate::methods::wiring(&reg, &mut s);
+            let net = ResNet::new(s, &wiring, &Device::Cpu, 0);
             assert_eq!(s.size().params, net.cost().unwrap().params, "{s:?}");
         }
     }
@@ -333,7 +324,7 @@ mod tests {
         for input in [[1, 8, 8], [3, 9, 7]] {
             let net = ResNet::new(
                 NetSpec { arch: Arch::Resnet8, width: 0.5, input, outputs: 4, per_label_heads: false },
-                &Regularizer::None,
+                &Wiring::default(),
                 &Device::Cpu,
                 0,
             );
@@ -345,7 +336,7 @@ mod tests {
 
     #[test]
     fn pruning_removes_channels_parameters_and_macs() {
-        let mut net = ResNet::new(spec(Arch::Resnet20, 1.0), &Regularizer::None, &Device::Cpu, 0);
+        let mut net = ResNet::new(spec(Arch::Resnet20, 1.0), &Wiring::default(), &Device::Cpu, 0);
         let before = net.cost().unwrap();
         let kept = net.prune(0.75, PruneCriterion::LowestL1).unwrap();
         assert_eq!(kept, vec![4, 4, 4, 8, 8, 8, 16, 16, 16]);
@@ -365,12 +356,10 @@ mod tests {
         for bn in [BnMode::Fold, BnMode::Keep] {
             let reg =
                 Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.9 };
-            let net = ResNet::new(
-                NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 8, 8], outputs: 10, per_label_heads: false },
-                &reg,
-                &Device::Cpu,
-                1,
-            );
+            let mut spec =
+                NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 8, 8], outputs: 10, per_label_heads: false };
+            let wiring = crate::methods::wiring(&reg, &mut spec);
+            let net = ResNet::new(spec, &wiring, &Device::Cpu, 1);
             let x = Tensor::randn(0f32, 1.0, (4, 3, 8, 8), &Device::Cpu).unwrap();
             let y = net.forward(&x, true).unwrap();
             let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();

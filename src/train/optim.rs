@@ -94,19 +94,6 @@ impl Adam {
     }
 }
 
-/// Coupled L2 penalty α·Σ‖W‖² over the weights (added to the loss).
-pub fn l2_penalty(params: &[Param], alpha: f64) -> Result<Option<Tensor>> {
-    let mut total: Option<Tensor> = None;
-    for p in params.iter().filter(|p| p.role == Role::Weight) {
-        let s = p.var.as_tensor().sqr()?.sum_all()?;
-        total = Some(match total {
-            Some(t) => (t + s)?,
-            None => s,
-        });
-    }
-    total.map(|t| t * alpha).transpose()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,8 +127,6 @@ mod tests {
         assert!((got_w - (0.95 - 0.1)).abs() < 1e-5, "{got_w}");
         assert!((b.var.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.9).abs() < 1e-5);
         assert_eq!(buf.var.as_tensor().to_vec1::<f32>().unwrap()[0], 1.0);
-        let l2 = l2_penalty(&all, 0.01).unwrap().unwrap().to_scalar::<f32>().unwrap();
-        assert!((l2 - 0.01 * got_w * got_w).abs() < 1e-6);
     }
 }
 

@@ -4,14 +4,12 @@
 use super::events::{BatchProgress, Best, EpochMetrics, RunInfo, Status, Summary, TrainEvent};
 use super::footprint::{self, Footprint};
 use super::metrics::{argmax_rows, f1_per_label, tune_thresholds, Accuracy, Memorisation};
-use super::optim::{l2_penalty, Adam};
-use crate::config::{BnMode, DeviceKind, Experiment, Regularizer};
+use super::optim::Adam;
+use crate::config::{DeviceKind, Experiment};
 use crate::data::{self, augment, DataSize, Dataset, Split};
-use crate::model::resnet::NetSpec;
+use crate::methods::{self, Batch, EpochEnd, Method, Outcome};
+use crate::model::resnet::{NetSpec, Wiring};
 use crate::model::ResNet;
-use crate::ops;
-use crate::regularize::early_stop::{EarlyStopping, Verdict};
-use crate::regularize::smoothing::{smooth_binary, smooth_one_hot};
 use crate::runs::RunDir;
 use crate::threads;
 use anyhow::{anyhow, bail, Context, Result};
@@ -170,8 +168,8 @@ pub fn device_for(kind: DeviceKind) -> Result<Device> {
 /// the batch is smaller). Not a whole batch of 64: the small budgets' splits hold 12-60 images.
 pub const MIN_VALIDATION: usize = 10;
 
-fn check_validation_size(exp: &Experiment, val_len: usize) -> Result<()> {
-    let needs = matches!(exp.regularizer, Regularizer::EarlyStopping { .. }) || exp.train.tune_threshold;
+fn check_validation_size(exp: &Experiment, method: &dyn Method, val_len: usize) -> Result<()> {
+    let needs = method.needs_validation() || exp.train.tune_threshold;
     let least = exp.train.batch_size.min(MIN_VALIDATION);
     if needs && val_len < least {
         bail!(
@@ -195,13 +193,14 @@ fn train(
         let _ = tx.send(TrainEvent::Log(msg));
     };
     let device = device_for(exp.train.device)?;
+    let mut method = methods::build(&exp.regularizer);
     let available = footprint::available();
     // Checked before loading where the sizes are known, so that a run too big fails before it allocates.
     if let Some(size) = DataSize::expected(&exp.data).filter(|s| s.exact) {
         Footprint::estimate(exp, &size).check(exp, available)?;
     }
     let data = load()?;
-    check_validation_size(exp, data.val.len())?;
+    check_validation_size(exp, method.as_ref(), data.val.len())?;
     let loaded = DataSize {
         shape: data.shape,
         train: data.train.len() + data.val.len(),
@@ -219,16 +218,16 @@ fn train(
     dir.write_summary(summary)?;
 
     let multi = data.is_multi_label();
-    // The paper's multi-task QAT keeps one batch norm per AU head.
-    let per_label_heads = multi && matches!(exp.regularizer, Regularizer::Quantization { bn: BnMode::Keep, .. });
-    let spec = NetSpec {
+    let mut spec = NetSpec {
         arch: exp.model.arch,
         width: exp.model.width,
         input: data.shape,
         outputs: data.num_classes(),
-        per_label_heads,
+        per_label_heads: false,
     };
-    let mut net = ResNet::new(spec, &exp.regularizer, &device, exp.train.seed);
+    let mut wiring = Wiring::default();
+    method.wire(&mut spec, &mut wiring, multi);
+    let mut net = ResNet::new(spec, &wiring, &device, exp.train.seed);
     let cost = net.cost()?;
     summary.params = cost.params;
     summary.macs = cost.macs;
@@ -264,20 +263,7 @@ fn train(
         memory.describe()
     ));
 
-    let (decoupled, l2) = match exp.regularizer {
-        Regularizer::WeightDecay { value, decoupled: true } => (value, 0.0),
-        Regularizer::WeightDecay { value, decoupled: false } => (0.0, value),
-        _ => (0.0, 0.0),
-    };
-    let smoothing = match exp.regularizer {
-        Regularizer::LabelSmoothing { alpha } => alpha,
-        _ => 0.0,
-    };
-    let mut early = match exp.regularizer {
-        Regularizer::EarlyStopping { patience } => Some(EarlyStopping::new(patience)),
-        _ => None,
-    };
-    let mut best_snapshot: Option<Vec<Tensor>> = None;
+    let decoupled = method.decoupled_decay();
     let mut optimizer = Adam::new(&net.params.entries, exp.train.lr, decoupled)?;
     let mut rng = ChaCha8Rng::seed_from_u64(exp.train.seed.wrapping_add(0x7a11));
     let mut history: Vec<EpochMetrics> = Vec::new();
@@ -286,25 +272,15 @@ fn train(
     let mut order: Vec<usize> = (0..data.train.len()).collect();
 
     for epoch in 1..=exp.train.epochs {
-        if let Regularizer::Pruning { ratio, at_epoch, criterion } = exp.regularizer {
-            if epoch == at_epoch + 1 {
-                let kept = net.prune(ratio, criterion)?;
-                let after = net.cost()?;
-                summary.pruned_params = Some(after.params);
-                summary.pruned_macs = Some(after.macs);
-                // Fresh optimiser state: moments of removed channels must not carry over.
-                optimizer = Adam::new(&net.params.entries, exp.train.lr, decoupled)?;
-                log(format!(
-                    "pruned {:.0}% of inner channels ({kept:?} kept): parameters {} -> {} ({:.1}x), MACs {} -> {} ({:.1}x)",
-                    ratio * 100.0,
-                    cost.params,
-                    after.params,
-                    cost.params as f64 / after.params as f64,
-                    cost.macs,
-                    after.macs,
-                    cost.macs as f64 / after.macs as f64
-                ));
-            }
+        let mut outcome = Outcome::default();
+        method.before_epoch(epoch, &mut net, &mut outcome)?;
+        outcome.log.drain(..).for_each(log);
+        if outcome.reshaped {
+            let after = net.cost()?;
+            summary.pruned_params = Some(after.params);
+            summary.pruned_macs = Some(after.macs);
+            // Fresh optimiser state: moments of removed parameters must not carry over.
+            optimizer = Adam::new(&net.params.entries, exp.train.lr, decoupled)?;
         }
 
         let epoch_start = Instant::now();
@@ -326,24 +302,13 @@ fn train(
             let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), &device)?;
             let logits = threads::compute(&device, || net.forward(&x, true))?;
             let targets = if multi { data::rows(&data.train.targets, chunk, classes) } else { Vec::new() };
-            let mut loss = if multi {
-                let (soft, mask) = binary_targets(&targets, smoothing);
-                let shape = (chunk.len(), classes);
-                ops::masked_bce_with_logits(
-                    &logits,
-                    &Tensor::from_vec(soft, shape, &device)?,
-                    &Tensor::from_vec(mask, shape, &device)?,
-                )?
-            } else if smoothing > 0.0 {
-                let t = Tensor::from_vec(smooth_one_hot(&labels, classes, smoothing), (chunk.len(), classes), &device)?;
-                ops::soft_cross_entropy(&logits, &t)?
-            } else {
-                candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels.as_slice(), &device)?)?
+            let batch = Batch { labels: &labels, targets: &targets, classes, multi_label: multi, device: &device };
+            let mut loss = match method.loss(&batch, &logits)? {
+                Some(loss) => loss,
+                None => methods::default_loss(&batch, &logits)?,
             };
-            if l2 > 0.0 {
-                if let Some(p) = l2_penalty(&net.params.entries, l2)? {
-                    loss = (loss + p)?;
-                }
+            if let Some(penalty) = method.penalty(&net.params.entries)? {
+                loss = (loss + penalty)?;
             }
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
@@ -433,48 +398,30 @@ fn train(
         summary.final_eval_acc = Some(eval_acc);
         summary.final_eval_loss = Some(eval_loss);
         dir.write_metrics(&history)?;
+        let end = EpochEnd { epoch, multi_label: multi, val_loss: m.val_loss, val_f1: m.val_f1 };
         let _ = tx.send(TrainEvent::Epoch(m));
 
-        if let Some(es) = early.as_mut() {
-            // Validation loss for classes; validation average F1 (higher is better) for multi-label data.
-            let score = match (&history.last(), multi) {
-                (Some(m), true) => -m.val_f1.unwrap_or(f64::NAN),
-                (Some(m), false) => m.val_loss.unwrap_or(f64::NAN),
-                (None, _) => f64::NAN,
-            };
-            match es.observe(epoch, score) {
-                Verdict::Improved => best_snapshot = Some(net.params.snapshot()?),
-                Verdict::Wait => {}
-                Verdict::Stop => {
-                    summary.status = Status::EarlyStopped;
-                    log(format!(
-                        "early stopping: no better validation {} for {} epochs; best was epoch {}",
-                        if multi { "average F1" } else { "loss" },
-                        es.patience,
-                        es.best_epoch.unwrap_or(0)
-                    ));
-                    break;
-                }
-            }
+        let mut outcome = Outcome::default();
+        method.after_epoch(&end, &net, &mut outcome)?;
+        outcome.log.drain(..).for_each(log);
+        if outcome.stop {
+            summary.status = Status::EarlyStopped;
+            break;
         }
     }
 
-    // Early stopping keeps the best-validation weights, whether patience ran out or the epochs did.
-    if let (Some(es), Some(snapshot)) = (&early, &best_snapshot) {
-        if es.best_epoch != Some(summary.epochs_run) {
-            net.params.restore(snapshot)?;
-            let restored = history[es.best_epoch.unwrap_or(1) - 1].thresholds.clone();
-            let t = evaluate(&net, &data.test, &data, &device, (!restored.is_empty()).then_some(restored.as_slice()))?;
-            summary.final_eval_acc = Some(t.acc);
-            summary.final_eval_loss = Some(t.loss);
-            summary.restored_epoch = es.best_epoch;
-            log(format!(
-                "restored the weights of epoch {} (test {} {:.1}%)",
-                es.best_epoch.unwrap_or(0),
-                if multi { "average F1" } else { "accuracy" },
-                t.acc * 100.0
-            ));
-        }
+    // A method may end the run with an earlier epoch's weights (early stopping's best).
+    if let Some(kept) = method.keep_weights(&mut net, summary.epochs_run)? {
+        let thresholds = history[kept - 1].thresholds.clone();
+        let t = evaluate(&net, &data.test, &data, &device, (!thresholds.is_empty()).then_some(thresholds.as_slice()))?;
+        summary.final_eval_acc = Some(t.acc);
+        summary.final_eval_loss = Some(t.loss);
+        summary.restored_epoch = Some(kept);
+        log(format!(
+            "restored the weights of epoch {kept} (test {} {:.1}%)",
+            if multi { "average F1" } else { "accuracy" },
+            t.acc * 100.0
+        ));
     }
     if summary.epochs_run > 0 {
         net.params.save(&dir.weights_path())?;
@@ -554,12 +501,4 @@ pub fn evaluate(
         out.per_class = acc.per_class();
     }
     Ok(out)
-}
-
-/// Label-wise smoothed targets, y' = (1 - α)·y + α/2 (C = 2), and the mask of known labels.
-fn binary_targets(targets: &[f32], alpha: f64) -> (Vec<f32>, Vec<f32>) {
-    let known: Vec<f32> = targets.iter().map(|&t| if t >= 0.0 { 1.0 } else { 0.0 }).collect();
-    let clean: Vec<f32> = targets.iter().map(|&t| if t > 0.5 { 1.0 } else { 0.0 }).collect();
-    let soft = if alpha > 0.0 { smooth_binary(&clean, alpha) } else { clean };
-    (soft, known)
 }

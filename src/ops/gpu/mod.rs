@@ -1476,13 +1476,14 @@ mod tests {
         let quant =
             |bn| Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.9 };
         for reg in [Regularizer::None, quant(BnMode::Keep), quant(BnMode::Fold)] {
-            let spec =
+            let mut spec =
                 NetSpec { arch: Arch::Resnet20, width: 0.5, input: [3, 16, 16], outputs: 10, per_label_heads: false };
+            let wiring = crate::methods::wiring(&reg, &mut spec);
             let x = rand(&[8, 3, 16, 16], 3);
             let y: Vec<u32> = (0..8).map(|i| i % 10).collect();
             let mut results = Vec::new();
             for device in [Device::Cpu, dev.clone()] {
-                let net = ResNet::new(spec, &reg, &device, 0);
+                let net = ResNet::new(spec, &wiring, &device, 0);
                 let (x, y) = (x.to_device(&device).unwrap(), Tensor::new(y.as_slice(), &device).unwrap());
                 let loss = candle_nn::loss::cross_entropy(&net.forward(&x, true).unwrap(), &y).unwrap();
                 let grads = loss.backward().unwrap();

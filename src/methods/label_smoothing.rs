@@ -1,4 +1,29 @@
-//! Label smoothing (paper eq. 1): y' = (1 - α)·y + α/C.
+//! Label smoothing (paper eq. 1): y' = (1 - α)·y + α/C; label-wise (C = 2) on multi-label data.
+
+use super::{binary_loss, Batch, Method};
+use crate::ops;
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// Training on smoothed targets with factor `alpha`.
+#[derive(Debug, Clone, Copy)]
+pub struct LabelSmoothing {
+    pub alpha: f64,
+}
+
+impl Method for LabelSmoothing {
+    fn loss(&self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
+        if batch.multi_label {
+            return binary_loss(batch, logits, self.alpha).map(Some);
+        }
+        if self.alpha <= 0.0 {
+            return Ok(None);
+        }
+        let n = batch.labels.len();
+        let targets = smooth_one_hot(batch.labels, batch.classes, self.alpha);
+        Ok(Some(ops::soft_cross_entropy(logits, &Tensor::from_vec(targets, (n, batch.classes), batch.device)?)?))
+    }
+}
 
 /// Smoothed one-hot targets for a batch of class labels, row-major (N, C).
 pub fn smooth_one_hot(labels: &[u32], num_classes: usize, alpha: f64) -> Vec<f32> {

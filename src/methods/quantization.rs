@@ -4,8 +4,36 @@
 //! inputs) use one scale per tensor, λ = max|X| of the batch in training, and an exponential moving
 //! average of it in eval.
 
+use super::Method;
+use crate::config::BnMode;
+use crate::model::layers::QuantSpec;
+use crate::model::resnet::{NetSpec, Wiring};
 use crate::ops;
 use candle_core::{Result, Tensor, Var};
+
+/// QAT at W`weight_bits`/A`act_bits` in the inner layers and `first_last_bits` in the first and last,
+/// with batch norm folded into the weights or kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Quantization {
+    pub weight_bits: u32,
+    pub act_bits: u32,
+    pub first_last_bits: u32,
+    pub bn: BnMode,
+    pub ema_momentum: f64,
+}
+
+impl Method for Quantization {
+    fn wire(&self, spec: &mut NetSpec, wiring: &mut Wiring, multi_label: bool) {
+        let quant =
+            |weight_bits, act_bits| QuantSpec { weight_bits, act_bits, ema_momentum: self.ema_momentum, bn: self.bn };
+        wiring.inner_quant = Some(quant(self.weight_bits, self.act_bits));
+        wiring.edge_quant = Some(quant(self.first_last_bits, self.first_last_bits));
+        // The paper's multi-task QAT keeps one batch norm per AU head.
+        if multi_label && self.bn == BnMode::Keep {
+            spec.per_label_heads = true;
+        }
+    }
+}
 
 /// Bits that mean "leave this tensor in float".
 pub const FLOAT_BITS: u32 = 32;

@@ -1,6 +1,41 @@
-//! Structured magnitude pruning: per layer, remove a fraction of output channels chosen by L1 norm.
+//! Structured magnitude pruning: the network trains dense for `at_epoch` epochs, then every block's
+//! inner convolution loses a fraction of its output channels, chosen by L1 norm, and training goes on.
 
+use super::{Method, Outcome};
 use crate::config::PruneCriterion;
+use crate::model::ResNet;
+use anyhow::Result;
+
+/// Prunes `ratio` of the inner channels once, before epoch `at_epoch + 1`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pruning {
+    pub ratio: f64,
+    pub at_epoch: usize,
+    pub criterion: PruneCriterion,
+}
+
+impl Method for Pruning {
+    fn before_epoch(&mut self, epoch: usize, net: &mut ResNet, out: &mut Outcome) -> Result<()> {
+        if epoch != self.at_epoch + 1 {
+            return Ok(());
+        }
+        let before = net.cost()?;
+        let kept = net.prune(self.ratio, self.criterion)?;
+        let after = net.cost()?;
+        out.reshaped = true;
+        out.log.push(format!(
+            "pruned {:.0}% of inner channels ({kept:?} kept): parameters {} -> {} ({:.1}x), MACs {} -> {} ({:.1}x)",
+            self.ratio * 100.0,
+            before.params,
+            after.params,
+            before.params as f64 / after.params as f64,
+            before.macs,
+            after.macs,
+            before.macs as f64 / after.macs as f64
+        ));
+        Ok(())
+    }
+}
 
 /// Which output channels to keep (`true`) in a layer whose per-channel L1 norms are `norms`.
 /// Removes round(ratio·C) channels (never all of them), lowest or highest norms first; ties break by

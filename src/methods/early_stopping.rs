@@ -1,0 +1,109 @@
+//! Early stopping: watches a validation score, keeps the best epoch's weights, stops when patience
+//! runs out, and ends the run with the best weights (whether patience ran out or the epochs did).
+
+use super::{EpochEnd, Method, Outcome};
+use crate::model::ResNet;
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// Tracks the best validation score (lower is better), its weights, and when patience has run out.
+#[derive(Debug, Clone)]
+pub struct EarlyStopping {
+    pub patience: usize,
+    pub best: f64,
+    pub best_epoch: Option<usize>,
+    since_best: usize,
+    best_weights: Option<Vec<Tensor>>,
+}
+
+/// What the trainer should do after an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// New best: save a checkpoint.
+    Improved,
+    /// No improvement, patience left.
+    Wait,
+    /// Patience exhausted: stop and restore the best checkpoint.
+    Stop,
+}
+
+impl EarlyStopping {
+    pub fn new(patience: usize) -> Self {
+        Self { patience, best: f64::INFINITY, best_epoch: None, since_best: 0, best_weights: None }
+    }
+
+    /// Records the score of `epoch` (lower is better; NaN never improves).
+    pub fn observe(&mut self, epoch: usize, score: f64) -> Verdict {
+        if score < self.best {
+            self.best = score;
+            self.best_epoch = Some(epoch);
+            self.since_best = 0;
+            Verdict::Improved
+        } else {
+            self.since_best += 1;
+            if self.since_best >= self.patience {
+                Verdict::Stop
+            } else {
+                Verdict::Wait
+            }
+        }
+    }
+}
+
+impl Method for EarlyStopping {
+    fn needs_validation(&self) -> bool {
+        true
+    }
+
+    /// Validation loss for classes; validation average F1 (higher is better) for multi-label data.
+    fn after_epoch(&mut self, end: &EpochEnd, net: &ResNet, out: &mut Outcome) -> Result<()> {
+        let score = if end.multi_label { -end.val_f1.unwrap_or(f64::NAN) } else { end.val_loss.unwrap_or(f64::NAN) };
+        match self.observe(end.epoch, score) {
+            Verdict::Improved => self.best_weights = Some(net.params.snapshot()?),
+            Verdict::Wait => {}
+            Verdict::Stop => {
+                out.stop = true;
+                out.log.push(format!(
+                    "early stopping: no better validation {} for {} epochs; best was epoch {}",
+                    if end.multi_label { "average F1" } else { "loss" },
+                    self.patience,
+                    self.best_epoch.unwrap_or(0)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_weights(&mut self, net: &mut ResNet, epochs_run: usize) -> Result<Option<usize>> {
+        match (&self.best_weights, self.best_epoch) {
+            (Some(weights), Some(best)) if best != epochs_run => {
+                net.params.restore(weights)?;
+                Ok(Some(best))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stops_after_patience_epochs_without_improvement() {
+        let mut es = EarlyStopping::new(2);
+        let scores = [1.0, 0.8, 0.9, 0.7, 0.75, 0.71, 0.6];
+        let verdicts: Vec<Verdict> = scores[..6].iter().enumerate().map(|(e, &s)| es.observe(e, s)).collect();
+        use Verdict::*;
+        assert_eq!(verdicts, [Improved, Improved, Wait, Improved, Wait, Stop]);
+        assert_eq!(es.best_epoch, Some(3));
+        assert_eq!(es.best, 0.7);
+    }
+
+    #[test]
+    fn nan_never_counts_as_better() {
+        let mut es = EarlyStopping::new(1);
+        assert_eq!(es.observe(0, 1.0), Verdict::Improved);
+        assert_eq!(es.observe(1, f64::NAN), Verdict::Stop);
+    }
+}
