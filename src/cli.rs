@@ -370,7 +370,7 @@ pub fn run_headless(exp: &Experiment, out: &std::path::Path, plain: bool) -> Res
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_prefix(format!("{} [{}]", exp.name, exp.regularizer.label()));
+    bar.set_prefix(format!("{} [{}]", exp.name, exp.method_label()));
     let say = |line: String| {
         if plain {
             eprintln!("{line}")

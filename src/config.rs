@@ -17,6 +17,8 @@ pub struct Experiment {
     pub data: DataConfig,
     pub model: ModelConfig,
     pub regularizer: Regularizer,
+    /// A method made for noisy labels, combined with the regularizer (`quantization` + `gce` is one run).
+    pub robust: Robust,
     pub train: TrainConfig,
 }
 
@@ -28,6 +30,7 @@ impl Default for Experiment {
             data: DataConfig::default(),
             model: ModelConfig::default(),
             regularizer: Regularizer::None,
+            robust: Robust::None,
             train: TrainConfig::default(),
         }
     }
@@ -338,6 +341,99 @@ impl Regularizer {
     }
 }
 
+/// A method made for noisy labels (`none`: plain cross-entropy), in `[robust]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Robust {
+    #[default]
+    None,
+    /// Generalized cross-entropy (Zhang & Sabuncu 2018): (1 - p_y^q) / q.
+    Gce {
+        #[serde(default = "default_gce_q")]
+        q: f64,
+    },
+    /// Symmetric cross-entropy (Wang et al. 2019): alpha·CE + beta·RCE, log 0 clamped at -4.
+    Sce {
+        #[serde(default = "default_sce_alpha")]
+        alpha: f64,
+        #[serde(default = "default_one")]
+        beta: f64,
+    },
+    /// Co-teaching (Han et al. 2018): two networks, each trained on the small-loss samples of its peer.
+    CoTeaching {
+        /// Share of each batch dropped once ramped up; 0 (the default) means the preset's noise rate.
+        #[serde(default)]
+        forget_rate: f64,
+        /// Epochs over which the forget rate ramps up from 0.
+        #[serde(default = "default_tk")]
+        tk: usize,
+    },
+}
+
+fn default_gce_q() -> f64 {
+    0.7
+}
+fn default_sce_alpha() -> f64 {
+    0.1
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_tk() -> usize {
+    10
+}
+
+/// Kinds accepted in `robust.kind`.
+pub const ROBUST_KINDS: [&str; 4] = ["none", "gce", "sce", "co_teaching"];
+
+impl Robust {
+    /// The method `kind` with its papers' defaults.
+    pub fn default_for(kind: &str) -> Result<Robust, String> {
+        let mut t = toml::Table::new();
+        t.insert("kind".into(), toml::Value::String(kind.into()));
+        Robust::deserialize(toml::Value::Table(t))
+            .map_err(|_| format!("unknown robust method `{kind}`; allowed: {}", ROBUST_KINDS.join(", ")))
+    }
+
+    /// The `kind` tag as written in presets.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Gce { .. } => "gce",
+            Self::Sce { .. } => "sce",
+            Self::CoTeaching { .. } => "co_teaching",
+        }
+    }
+
+    /// Short human label, e.g. `GCE q=0.7`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::None => "CE".into(),
+            Self::Gce { q } => format!("GCE q={q}"),
+            Self::Sce { alpha, beta } => format!("SCE a={alpha} b={beta}"),
+            Self::CoTeaching { forget_rate, .. } if *forget_rate > 0.0 => format!("co-teaching f={forget_rate}"),
+            Self::CoTeaching { .. } => "co-teaching".into(),
+        }
+    }
+}
+
+impl Experiment {
+    /// The run's method as tables and folders name it: the regularizer's label, the robust method's,
+    /// or both (`W4/A4 + GCE q=0.7`).
+    pub fn method_label(&self) -> String {
+        match (&self.regularizer, &self.robust) {
+            (_, Robust::None) => self.regularizer.label(),
+            (Regularizer::None, r) => r.label(),
+            (reg, r) => format!("{} + {}", reg.label(), r.label()),
+        }
+    }
+
+    /// The paper's baseline: no regularizer and plain cross-entropy.
+    pub fn is_baseline(&self) -> bool {
+        self.regularizer == Regularizer::None && self.robust == Robust::None
+    }
+}
+
 /// Regularizer kinds accepted in `regularizer.kind`.
 pub const REGULARIZER_KINDS: [&str; 7] =
     ["none", "early_stopping", "weight_decay", "dropout", "label_smoothing", "pruning", "quantization"];
@@ -468,7 +564,9 @@ impl Experiment {
         // Parse once before the overrides so that an error is blamed on the right source.
         check_regularizer_keys(&table).map_err(err)?;
         let mut exp = parse_table(&table).map_err(err)?;
-        let is_kind = |o: &&String| o.split_once('=').is_some_and(|(k, _)| k.trim() == "regularizer.kind");
+        let is_kind = |o: &&String| {
+            o.split_once('=').is_some_and(|(k, _)| KINDED.iter().any(|s| k.trim() == format!("{s}.kind")))
+        };
         let ordered = overrides.iter().filter(is_kind).chain(overrides.iter().filter(|o| !is_kind(o)));
         for o in ordered {
             let blame = |m: String| ConfigError { source_name: format!("--set {o}"), message: m };
@@ -575,6 +673,43 @@ impl Experiment {
             }
             Regularizer::None => {}
         }
+        self.validate_robust()
+    }
+
+    /// The robust method's ranges, and the combinations that make sense: it replaces the loss, so
+    /// label smoothing cannot join it; co-teaching's peer network is not pruned, so pruning cannot.
+    fn validate_robust(&self) -> Result<(), String> {
+        match &self.robust {
+            Robust::None => return Ok(()),
+            Robust::Gce { q } => {
+                if !(*q > 0.0 && *q <= 1.0) {
+                    return Err(format!("robust.q = {q} is out of range; allowed: (0, 1]"));
+                }
+            }
+            Robust::Sce { alpha, beta } => {
+                check_range("robust.alpha", *alpha, 0.0, 100.0)?;
+                check_range("robust.beta", *beta, 0.0, 100.0)?;
+                if *alpha + *beta <= 0.0 {
+                    return Err("robust.alpha and robust.beta are both 0: nothing would be trained".into());
+                }
+            }
+            Robust::CoTeaching { forget_rate, tk } => {
+                check_range("robust.forget_rate", *forget_rate, 0.0, 0.95)?;
+                if *tk == 0 {
+                    return Err("robust.tk must be at least 1 (epochs over which the forget rate ramps up)".into());
+                }
+                if matches!(self.regularizer, Regularizer::Pruning { .. }) {
+                    return Err("co-teaching does not combine with pruning (its peer network is not pruned); use robust.kind = \"none\" or another regularizer".into());
+                }
+            }
+        }
+        if matches!(self.regularizer, Regularizer::LabelSmoothing { .. }) {
+            return Err(format!(
+                "label smoothing and robust.kind = \"{}\" both replace the loss; combine {} with another regularizer",
+                self.robust.kind(),
+                self.robust.label()
+            ));
+        }
         Ok(())
     }
 }
@@ -634,25 +769,41 @@ fn remove_path(table: &mut toml::Table, path: &str) {
     }
 }
 
-/// serde ignores extra keys beside a field-less kind (`kind = "none"`, `weight_bits = 4`): refuse any
-/// key of `[regularizer]` that its kind does not have, naming the keys it does.
-fn check_regularizer_keys(table: &toml::Table) -> Result<(), String> {
-    let Some(reg) = table.get("regularizer").and_then(|r| r.as_table()) else {
-        return Ok(());
+/// The defaults of `kind` in a kinded section (`regularizer`, `robust`), as a TOML table.
+fn kind_defaults(section: &str, kind: &str) -> Result<toml::Value, String> {
+    let value = match section {
+        "regularizer" => toml::Value::try_from(Regularizer::default_for(kind)?),
+        _ => toml::Value::try_from(Robust::default_for(kind)?),
     };
-    let kind = reg.get("kind").and_then(|k| k.as_str()).unwrap_or("none");
-    let defaults = toml::Value::try_from(Regularizer::default_for(kind)?).map_err(|e| e.to_string())?;
-    let allowed: Vec<&str> = defaults.as_table().map(|t| t.keys().map(String::as_str).collect()).unwrap_or_default();
-    let extra: Vec<&str> = reg.keys().map(String::as_str).filter(|k| !allowed.contains(k)).collect();
-    if extra.is_empty() {
-        return Ok(());
+    value.map_err(|e| e.to_string())
+}
+
+/// Sections whose `kind` decides which other keys they have.
+const KINDED: [&str; 2] = ["regularizer", "robust"];
+
+/// serde ignores extra keys beside a field-less kind (`kind = "none"`, `weight_bits = 4`): refuse any
+/// key of `[regularizer]` or `[robust]` that its kind does not have, naming the keys it does.
+fn check_regularizer_keys(table: &toml::Table) -> Result<(), String> {
+    for section in KINDED {
+        let Some(reg) = table.get(section).and_then(|r| r.as_table()) else {
+            continue;
+        };
+        let kind = reg.get("kind").and_then(|k| k.as_str()).unwrap_or("none");
+        let defaults = kind_defaults(section, kind)?;
+        let allowed: Vec<&str> =
+            defaults.as_table().map(|t| t.keys().map(String::as_str).collect()).unwrap_or_default();
+        let extra: Vec<&str> = reg.keys().map(String::as_str).filter(|k| !allowed.contains(k)).collect();
+        if extra.is_empty() {
+            continue;
+        }
+        let has: Vec<&str> = allowed.iter().copied().filter(|k| *k != "kind").collect();
+        return Err(format!(
+            "{section} kind `{kind}` has no key {}; it has {}",
+            extra.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+            if has.is_empty() { "none besides `kind`".to_string() } else { has.join(", ") }
+        ));
     }
-    let has: Vec<&str> = allowed.iter().copied().filter(|k| *k != "kind").collect();
-    Err(format!(
-        "regularizer kind `{kind}` has no key {}; it has {}",
-        extra.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
-        if has.is_empty() { "none besides `kind`".to_string() } else { has.join(", ") }
-    ))
+    Ok(())
 }
 
 /// serde's messages name the field but not always the section; keep them but drop the trailing noise.
@@ -675,15 +826,16 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), S
     }
     let value = parse_value(raw);
     let parts: Vec<&str> = key.split('.').collect();
-    if parts == ["regularizer", "kind"] {
-        let kind = value.as_str().unwrap_or(raw).to_string();
-        let reg = Regularizer::default_for(&kind)?;
-        let prev = table.get("regularizer").and_then(|r| r.get("kind")).and_then(|k| k.as_str());
-        if prev != Some(kind.as_str()) {
-            let v = toml::Value::try_from(&reg).map_err(|e| e.to_string())?;
-            table.insert("regularizer".into(), v);
+    if let [section, "kind"] = parts[..] {
+        if KINDED.contains(&section) {
+            let kind = value.as_str().unwrap_or(raw).to_string();
+            let defaults = kind_defaults(section, &kind)?;
+            let prev = table.get(section).and_then(|r| r.get("kind")).and_then(|k| k.as_str());
+            if prev != Some(kind.as_str()) {
+                table.insert(section.into(), defaults);
+            }
+            return Ok(());
         }
-        return Ok(());
     }
     let mut cur = table;
     for (i, part) in parts.iter().enumerate() {
@@ -805,6 +957,34 @@ mod tests {
         let e = Experiment::default();
         let back = Experiment::from_toml(&e.to_toml(), "t", &[]).unwrap();
         assert_eq!(e, back);
+    }
+
+    #[test]
+    fn a_robust_method_parses_combines_and_names_the_run() {
+        let e = Experiment::from_toml("[robust]\nkind = \"gce\"\nq = 0.5\n", "t.toml", &[]).unwrap();
+        assert_eq!((e.robust.clone(), e.method_label()), (Robust::Gce { q: 0.5 }, "GCE q=0.5".to_string()));
+        assert!(!e.is_baseline());
+        // Whatever the order, the kind comes first and its keys apply; a new kind drops the old keys.
+        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = Experiment::from_toml(
+            "[robust]\nkind = \"gce\"\nq = 0.5\n",
+            "t.toml",
+            &o(&["robust.beta=0.5", "robust.kind=sce", "regularizer.kind=quantization"]),
+        )
+        .unwrap();
+        assert_eq!(e.robust, Robust::Sce { alpha: 0.1, beta: 0.5 });
+        assert_eq!(e.method_label(), "W4/A4 + SCE a=0.1 b=0.5");
+        let e = Experiment::from_toml("", "t.toml", &o(&["robust.kind=co_teaching"])).unwrap();
+        assert_eq!(e.robust, Robust::CoTeaching { forget_rate: 0.0, tk: 10 });
+        let refused = |text: &str, sets: &[&str]| Experiment::from_toml(text, "t.toml", &o(sets)).unwrap_err().message;
+        assert!(refused("", &["robust.kind=gce", "robust.q=0"]).contains("robust.q = 0 is out of range"));
+        assert!(refused("", &["robust.kind=gce", "robust.alpha=1"]).contains("robust kind `gce` has no key `alpha`"));
+        assert!(refused("", &["robust.kind=mae"]).contains("allowed: none, gce, sce, co_teaching"));
+        let m = refused("", &["robust.kind=gce", "regularizer.kind=label_smoothing"]);
+        assert!(m.contains("both replace the loss"), "{m}");
+        let m = refused("", &["robust.kind=co_teaching", "regularizer.kind=pruning", "train.epochs=10"]);
+        assert!(m.contains("does not combine with pruning"), "{m}");
+        assert!(refused("[robust]\nkind = \"none\"\nq = 1\n", &[]).contains("has no key `q`"));
     }
 
     #[test]

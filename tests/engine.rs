@@ -1,6 +1,6 @@
 //! The training engine end to end: real data, every regularizer, run records, and the failure paths.
 
-use qat_lab::config::{Arch, DatasetKind, Experiment, Regularizer};
+use qat_lab::config::{Arch, DatasetKind, Experiment, Regularizer, Robust};
 use qat_lab::data;
 use qat_lab::runs;
 use qat_lab::train::trainer::{run, run_on};
@@ -132,6 +132,69 @@ fn every_regularizer_trains_and_writes_a_complete_record() {
         assert_eq!(rec.summary.unwrap().status, s.status);
         assert!(rec.metrics.iter().all(|m| m.eval_loss.is_finite() && (0.0..=1.0).contains(&m.eval_acc)));
     }
+}
+
+#[test]
+fn every_noisy_label_method_trains_alone_and_with_quantization_on_classes_and_labels() {
+    let root = tempfile::tempdir().unwrap();
+    let w4a4 = Regularizer::default_for("quantization").unwrap();
+    for dataset in [DatasetKind::Digits, DatasetKind::Faces] {
+        for kind in ["gce", "sce", "co_teaching"] {
+            for reg in [Regularizer::None, w4a4.clone()] {
+                let mut e = digits(2, reg.clone());
+                e.robust = Robust::default_for(kind).unwrap();
+                e.data.dataset = dataset;
+                e.data.train_subset = 300;
+                e.data.test_subset = 100;
+                if dataset == DatasetKind::Faces {
+                    e.data.noise.rate = 0.2;
+                }
+                let (s, _) = train(&e, root.path());
+                let what = format!("{dataset:?} {}", e.method_label());
+                assert_eq!(s.status, Status::Completed, "{what}: {:?}", s.message);
+                assert_eq!(s.label, e.method_label(), "{what}: the record names both methods");
+                let rec = runs::load(&root.path().join(&s.run_id)).unwrap();
+                assert_eq!(rec.experiment.robust, e.robust, "{what}: the record re-runs the same method");
+                let stored = rec.summary.as_ref().unwrap();
+                assert_eq!(stored.format, runs::record::FORMAT);
+                assert_eq!(stored.classes.len(), if dataset == DatasetKind::Faces { 12 } else { 10 }, "{what}");
+                assert!(rec.metrics.iter().all(|m| m.train_loss.is_finite() && m.eval_loss.is_finite()), "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_record_written_before_the_format_version_still_loads() {
+    // Written by the main of 2026-12-03 (before `format`, class names and `[robust]` were stored).
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/records-format-0");
+    let scan = runs::scan(&root);
+    assert!(scan.unreadable.is_empty(), "{:?}", scan.unreadable);
+    assert_eq!(scan.records.len(), 1);
+    let rec = &scan.records[0];
+    let summary = rec.summary.as_ref().unwrap();
+    assert_eq!((summary.format, summary.status, summary.classes.len()), (0, Status::Completed, 0));
+    assert_eq!(rec.experiment.robust, Robust::None);
+    assert_eq!(rec.experiment.method_label(), "baseline");
+    assert_eq!(rec.metrics.len(), 3);
+    assert_eq!(rec.metrics[2].f1.len(), 12);
+}
+
+#[test]
+fn co_teaching_trains_two_networks_so_it_differs_from_the_baseline_from_the_first_epoch() {
+    // Epoch 1 drops nothing (the forget rate ramps from 0), but the peer is built and trained, and
+    // from epoch 2 each network learns only from the samples its peer keeps.
+    let root = tempfile::tempdir().unwrap();
+    let mut base = digits(3, Regularizer::None);
+    base.data.train_subset = 300;
+    let mut co = base.clone();
+    co.robust = Robust::CoTeaching { forget_rate: 0.4, tk: 2 };
+    let (a, _) = train(&base, root.path());
+    let (b, _) = train(&co, root.path());
+    let (ra, rb) =
+        (runs::load(&root.path().join(&a.run_id)).unwrap(), runs::load(&root.path().join(&b.run_id)).unwrap());
+    assert_eq!(ra.metrics[0].train_loss, rb.metrics[0].train_loss, "epoch 1 keeps every sample");
+    assert_ne!(ra.metrics[2].train_loss, rb.metrics[2].train_loss, "later epochs train on the peer's picks");
 }
 
 #[test]

@@ -32,7 +32,7 @@ fn record(exp: Experiment, eval_losses: &[f64], acc: f64) -> RunRecord {
         epochs_run: metrics.len(),
         last: metrics.last().cloned(),
         final_eval_acc: Some(acc),
-        ..Summary::started(&exp.name, &exp.regularizer.label(), exp.data.noise.rate)
+        ..Summary::started(&exp.name, &exp.method_label(), exp.data.noise.rate)
     };
     RunRecord { dir: "runs/x".into(), experiment: exp, metrics, summary: Some(summary) }
 }

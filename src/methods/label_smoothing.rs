@@ -12,7 +12,7 @@ pub struct LabelSmoothing {
 }
 
 impl Method for LabelSmoothing {
-    fn loss(&self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
+    fn loss(&mut self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
         if batch.multi_label {
             return binary_loss(batch, logits, self.alpha).map(Some);
         }

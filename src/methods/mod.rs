@@ -1,16 +1,19 @@
-//! Methods: every regularizer is one file behind one trait, [`Method`], whose small hooks the trainer
-//! calls without knowing any method by name. [`build`] is the one place that maps a preset's
-//! `[regularizer]` to its method.
+//! Methods: every regularizer and every method made for noisy labels is one file behind one trait,
+//! [`Method`], whose small hooks the trainer calls without knowing any method by name. [`build`] is
+//! the one place that maps a preset's `[regularizer]` and `[robust]` to methods, and combines them.
 
 pub mod baseline;
+pub mod co_teaching;
 pub mod dropout;
 pub mod early_stopping;
+pub mod gce;
 pub mod label_smoothing;
 pub mod pruning;
 pub mod quantization;
+pub mod sce;
 pub mod weight_decay;
 
-use crate::config::Regularizer;
+use crate::config::{Experiment, Regularizer, Robust};
 use crate::model::resnet::{NetSpec, Wiring};
 use crate::model::{Param, ResNet};
 use crate::ops;
@@ -20,6 +23,10 @@ use candle_core::{Device, Tensor};
 /// One training batch as a loss sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
+    /// 1-based.
+    pub epoch: usize,
+    /// The images (N, C, H, W), for methods that run another network on them.
+    pub images: &'a Tensor,
     /// Single-label data: the (possibly corrupted) class of each image.
     pub labels: &'a [u32],
     /// Multi-label data: (N, L) targets, 1 present, 0 absent, negative unknown.
@@ -52,11 +59,26 @@ pub struct Outcome {
     pub stop: bool,
 }
 
-/// A regularizer (or, later, a loss made for noisy labels). Every hook has a neutral default, so a
-/// method implements only what it changes.
+/// How the run's network was built and is optimised, for methods that build a second one.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub wiring: Wiring,
+    pub device: Device,
+    pub seed: u64,
+    pub lr: f64,
+    pub decoupled_decay: f64,
+}
+
+/// A regularizer or a method made for noisy labels. Every hook has a neutral default, so a method
+/// implements only what it changes.
 pub trait Method: Send + std::fmt::Debug {
     /// Layers it adds to the network before it is built (quantizers, dropout, per-label heads).
     fn wire(&self, _spec: &mut NetSpec, _wiring: &mut Wiring, _multi_label: bool) {}
+
+    /// Once the network is built (before the first epoch).
+    fn built(&mut self, _net: &ResNet, _setup: &Setup) -> Result<()> {
+        Ok(())
+    }
 
     /// Whether it decides on the validation split (a run without one is refused).
     fn needs_validation(&self) -> bool {
@@ -69,7 +91,7 @@ pub trait Method: Send + std::fmt::Debug {
     }
 
     /// The training loss of a batch; `None` leaves it to [`default_loss`].
-    fn loss(&self, _batch: &Batch, _logits: &Tensor) -> Result<Option<Tensor>> {
+    fn loss(&mut self, _batch: &Batch, _logits: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 
@@ -95,8 +117,23 @@ pub trait Method: Send + std::fmt::Debug {
     }
 }
 
-/// The method of a preset's `[regularizer]`: the one registry of methods.
-pub fn build(regularizer: &Regularizer) -> Box<dyn Method> {
+/// The methods of an experiment: its regularizer and its robust method, as one.
+pub fn build(exp: &Experiment) -> Box<dyn Method> {
+    let regularizer = regularizer(&exp.regularizer);
+    let robust: Box<dyn Method> = match exp.robust {
+        Robust::None => return regularizer,
+        Robust::Gce { q } => Box::new(gce::Gce { q }),
+        Robust::Sce { alpha, beta } => Box::new(sce::Sce { alpha, beta }),
+        Robust::CoTeaching { forget_rate, tk } => {
+            let rate = if forget_rate > 0.0 { forget_rate } else { exp.data.noise.rate };
+            Box::new(co_teaching::CoTeaching::new(rate, tk))
+        }
+    };
+    Box::new(Combined(vec![regularizer, robust]))
+}
+
+/// The method of a `[regularizer]`: the registry of regularizers.
+fn regularizer(regularizer: &Regularizer) -> Box<dyn Method> {
     match *regularizer {
         Regularizer::None => Box::new(baseline::Baseline),
         Regularizer::EarlyStopping { patience } => Box::new(early_stopping::EarlyStopping::new(patience)),
@@ -113,10 +150,94 @@ pub fn build(regularizer: &Regularizer) -> Box<dyn Method> {
 }
 
 /// The layers `regularizer` wires into a network for single-label data.
-pub fn wiring(regularizer: &Regularizer, spec: &mut NetSpec) -> Wiring {
+pub fn wiring(regularizer_config: &Regularizer, spec: &mut NetSpec) -> Wiring {
     let mut wiring = Wiring::default();
-    build(regularizer).wire(spec, &mut wiring, false);
+    regularizer(regularizer_config).wire(spec, &mut wiring, false);
     wiring
+}
+
+/// Methods applied together: every hook of each, in order. The first loss given wins (the config
+/// refuses two methods that both replace the loss); penalties and decays add up.
+#[derive(Debug)]
+struct Combined(Vec<Box<dyn Method>>);
+
+impl Method for Combined {
+    fn wire(&self, spec: &mut NetSpec, wiring: &mut Wiring, multi_label: bool) {
+        self.0.iter().for_each(|m| m.wire(spec, wiring, multi_label));
+    }
+    fn built(&mut self, net: &ResNet, setup: &Setup) -> Result<()> {
+        self.0.iter_mut().try_for_each(|m| m.built(net, setup))
+    }
+    fn needs_validation(&self) -> bool {
+        self.0.iter().any(|m| m.needs_validation())
+    }
+    fn decoupled_decay(&self) -> f64 {
+        self.0.iter().map(|m| m.decoupled_decay()).sum()
+    }
+    fn loss(&mut self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
+        for m in &mut self.0 {
+            if let Some(loss) = m.loss(batch, logits)? {
+                return Ok(Some(loss));
+            }
+        }
+        Ok(None)
+    }
+    fn penalty(&self, params: &[Param]) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for p in self.0.iter().map(|m| m.penalty(params)) {
+            if let Some(p) = p? {
+                total = Some(match total {
+                    Some(t) => (t + p)?,
+                    None => p,
+                });
+            }
+        }
+        Ok(total)
+    }
+    fn before_epoch(&mut self, epoch: usize, net: &mut ResNet, out: &mut Outcome) -> Result<()> {
+        self.0.iter_mut().try_for_each(|m| m.before_epoch(epoch, net, out))
+    }
+    fn after_epoch(&mut self, end: &EpochEnd, net: &ResNet, out: &mut Outcome) -> Result<()> {
+        self.0.iter_mut().try_for_each(|m| m.after_epoch(end, net, out))
+    }
+    fn keep_weights(&mut self, net: &mut ResNet, epochs_run: usize) -> Result<Option<usize>> {
+        for m in &mut self.0 {
+            if let Some(epoch) = m.keep_weights(net, epochs_run)? {
+                return Ok(Some(epoch));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Known labels (1) and unknown ones (0) of multi-label targets, and the targets as 0/1.
+pub fn known_and_clean(targets: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let known = targets.iter().map(|&t| if t >= 0.0 { 1.0 } else { 0.0 }).collect();
+    let clean = targets.iter().map(|&t| if t > 0.5 { 1.0 } else { 0.0 }).collect();
+    (known, clean)
+}
+
+/// log p of the given label for every (image, label) entry: log σ(z) where the target is 1, log σ(-z)
+/// where it is 0, computed stably as -softplus(-s·z) with s = ±1.
+pub fn binary_log_likelihood(logits: &Tensor, clean: &Tensor) -> Result<Tensor> {
+    let sign = ((clean * 2.0)? - 1.0)?;
+    let x = logits.mul(&sign)?.neg()?;
+    // softplus(x) = max(x, 0) + log(1 + e^-|x|)
+    let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    Ok(softplus.neg()?)
+}
+
+/// Mean of `values` over the entries where `mask` is 1.
+pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let count = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    Ok((values.mul(mask)?.sum_all()? / count)?)
+}
+
+/// log softmax of the logits at each image's label, (N,).
+pub fn log_likelihood(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    let idx = Tensor::new(labels, logits.device())?.unsqueeze(1)?;
+    Ok(logp.gather(&idx, 1)?.squeeze(1)?)
 }
 
 /// Cross-entropy on the noisy classes, or masked binary cross-entropy on the known labels.
@@ -130,8 +251,7 @@ pub fn default_loss(batch: &Batch, logits: &Tensor) -> Result<Tensor> {
 
 /// Masked binary cross-entropy against targets smoothed label-wise by `alpha` (0: none).
 pub fn binary_loss(batch: &Batch, logits: &Tensor, alpha: f64) -> Result<Tensor> {
-    let known: Vec<f32> = batch.targets.iter().map(|&t| if t >= 0.0 { 1.0 } else { 0.0 }).collect();
-    let clean: Vec<f32> = batch.targets.iter().map(|&t| if t > 0.5 { 1.0 } else { 0.0 }).collect();
+    let (known, clean) = known_and_clean(batch.targets);
     let soft = if alpha > 0.0 { label_smoothing::smooth_binary(&clean, alpha) } else { clean };
     let shape = (batch.targets.len() / batch.classes.max(1), batch.classes);
     Ok(ops::masked_bce_with_logits(
@@ -139,4 +259,60 @@ pub fn binary_loss(batch: &Batch, logits: &Tensor, alpha: f64) -> Result<Tensor>
         &Tensor::from_vec(soft, shape, batch.device)?,
         &Tensor::from_vec(known, shape, batch.device)?,
     )?)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// A batch over `logits` (which also stand in for the images).
+    pub fn batch<'a>(
+        labels: &'a [u32],
+        targets: &'a [f32],
+        classes: usize,
+        multi: bool,
+        logits: &'a Tensor,
+    ) -> Batch<'a> {
+        Batch { epoch: 1, images: logits, labels, targets, classes, multi_label: multi, device: logits.device() }
+    }
+
+    /// A per-row reference for classes turned into one for a binary label: p(1) = softmax([0, z])[1].
+    pub fn binary(row: impl Fn(&[f64], u32) -> f64) -> impl Fn(&[f64], u32) -> f64 {
+        move |z: &[f64], y: u32| row(&[0.0, z[0]], y)
+    }
+
+    /// Checks a method's loss and its gradient against `row`, an f64 reference of one row's loss (one
+    /// label's, for multi-label data), on a fixed batch: the loss to 1e-5 and the gradient against
+    /// central differences of the reference.
+    pub fn check_against_reference(method: &mut dyn Method, row: impl Fn(&[f64], u32) -> f64, multi: bool) {
+        let (n, c) = (4, if multi { 3 } else { 5 });
+        let z: Vec<f64> = (0..n * c).map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.45).collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| (i * 3) % c as u32).collect();
+        let targets: Vec<f32> = (0..n * c).map(|i| [1.0, 0.0, -1.0, 0.0, 1.0][i % 5]).collect();
+        let reference = |z: &[f64]| -> f64 {
+            if multi {
+                let known: Vec<usize> = (0..n * c).filter(|&i| targets[i] >= 0.0).collect();
+                known.iter().map(|&i| row(&z[i..i + 1], targets[i] as u32)).sum::<f64>() / known.len() as f64
+            } else {
+                (0..n).map(|i| row(&z[i * c..(i + 1) * c], labels[i])).sum::<f64>() / n as f64
+            }
+        };
+        let var = Var::from_vec(z.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, c), &Device::Cpu).unwrap();
+        let logits = var.as_tensor();
+        let b = batch(&labels, &targets, c, multi, logits);
+        let loss = method.loss(&b, logits).unwrap().expect("the method gives a loss");
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let want = reference(&z);
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{method:?}: loss {got} vs {want}");
+        let grad = loss.backward().unwrap().get(logits).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..n * c {
+            let h = 1e-5;
+            let (mut up, mut down) = (z.clone(), z.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (reference(&up) - reference(&down)) / (2.0 * h);
+            assert!((grad[i] as f64 - numeric).abs() < 1e-4, "{method:?}: d/dz[{i}] = {} vs {numeric}", grad[i]);
+        }
+    }
 }

@@ -55,7 +55,7 @@ fn mean(v: &[f64]) -> f64 {
 fn methods(records: &[&RunRecord]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for r in records {
-        let l = r.experiment.regularizer.label();
+        let l = r.experiment.method_label();
         if !out.contains(&l) {
             out.push(l);
         }
@@ -80,7 +80,7 @@ fn per_mille(rate: f64) -> u64 {
 fn acc_at(records: &[&RunRecord], label: &str, rate: u64) -> Option<f64> {
     let v: Vec<f64> = records
         .iter()
-        .filter(|r| r.experiment.regularizer.label() == label && per_mille(r.experiment.data.noise.rate) == rate)
+        .filter(|r| r.experiment.method_label() == label && per_mille(r.experiment.data.noise.rate) == rate)
         .filter_map(|r| final_acc(r))
         .collect();
     (!v.is_empty()).then(|| mean(&v) * 100.0)
@@ -110,7 +110,7 @@ pub fn fig1(records: &[RunRecord]) -> Option<Figure> {
         .collect();
     let mut lines = Vec::new();
     for (color, label) in methods(&at).into_iter().enumerate() {
-        let group: Vec<&&RunRecord> = at.iter().filter(|r| r.experiment.regularizer.label() == label).collect();
+        let group: Vec<&&RunRecord> = at.iter().filter(|r| r.experiment.method_label() == label).collect();
         let epochs = group.iter().map(|r| r.metrics.len()).min().unwrap_or(0);
         let curve = |pick: fn(&crate::train::EpochMetrics) -> f64| -> Vec<(f64, f64)> {
             (0..epochs)
@@ -179,7 +179,7 @@ pub fn fig3(records: &[RunRecord]) -> Option<Figure> {
         // Each setting of the method with its parameter value, in increasing order.
         let mut settings: Vec<(f64, String)> = Vec::new();
         for r in ok.iter().filter(|r| r.experiment.regularizer.kind() == kind) {
-            let label = r.experiment.regularizer.label();
+            let label = r.experiment.method_label();
             if let Some(x) = parameter(&r.experiment.regularizer) {
                 if !settings.iter().any(|(_, l)| *l == label) {
                     settings.push((x, label));

@@ -42,7 +42,7 @@ fn data_key(r: &RunRecord) -> (String, String, u64) {
 pub fn baseline_acc(records: &[RunRecord], r: &RunRecord) -> Option<f64> {
     let accs: Vec<f64> = records
         .iter()
-        .filter(|b| b.finished_ok() && b.experiment.regularizer.kind() == "none" && data_key(b) == data_key(r))
+        .filter(|b| b.finished_ok() && b.experiment.is_baseline() && data_key(b) == data_key(r))
         .filter_map(final_acc)
         .collect();
     mean(&accs)
@@ -77,7 +77,7 @@ pub fn comparison_table(records: &[RunRecord]) -> String {
         out.push_str(&format!(
             "| {} | {} | {} | {:.0}% {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.id(),
-            r.experiment.regularizer.label(),
+            r.experiment.method_label(),
             r.experiment.data.dataset.name(),
             r.experiment.data.noise.rate * 100.0,
             r.experiment.data.noise.kind.name(),
@@ -102,7 +102,7 @@ pub fn noise_sweep_table(records: &[RunRecord]) -> String {
     let mut cells: BTreeMap<(String, u64), Vec<f64>> = BTreeMap::new();
     for r in records.iter().filter(|r| r.finished_ok()) {
         if let Some(a) = final_acc(r) {
-            cells.entry((r.experiment.regularizer.label(), data_key(r).2)).or_default().push(a);
+            cells.entry((r.experiment.method_label(), data_key(r).2)).or_default().push(a);
         }
     }
     let methods: Vec<String> = {
@@ -226,7 +226,7 @@ pub fn table1_rows_by(records: &[RunRecord], pick: impl Fn(&RunRecord) -> Option
     let mut groups: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
     for r in records.iter().filter(|r| r.finished_ok()) {
         let Some(f1) = pick(r) else { continue };
-        let method = r.experiment.regularizer.label();
+        let method = r.experiment.method_label();
         match groups.iter_mut().find(|g| g.0 == method) {
             Some(g) => g.1.push(f1),
             None => groups.push((method, vec![f1])),
@@ -252,7 +252,7 @@ pub fn table1_rows_by(records: &[RunRecord], pick: impl Fn(&RunRecord) -> Option
 /// Final accuracy (or average F1) minus the baseline's on the same data, in points; `None` for the
 /// baseline itself or when there is no baseline.
 pub fn gain_vs_baseline(records: &[RunRecord], r: &RunRecord) -> Option<f64> {
-    if r.experiment.regularizer.kind() == "none" {
+    if r.experiment.is_baseline() {
         return None;
     }
     Some((final_acc(r)? - baseline_acc(records, r)?) * 100.0)
@@ -275,7 +275,7 @@ mod tests {
             final_eval_acc: Some(acc),
             final_eval_loss: Some(1.0),
             measured_noise_rate: rate,
-            ..Summary::started("n", &exp.regularizer.label(), rate)
+            ..Summary::started("n", &exp.method_label(), rate)
         };
         RunRecord { dir: "runs/x".into(), experiment: exp, metrics: vec![m], summary: Some(summary) }
     }

@@ -5,7 +5,7 @@
 //! The factors are measured peaks (maximum resident set) of `qat-lab run` with a margin of about
 //! 20%; BENCHMARKS.md gives the measurements.
 
-use crate::config::{BnMode, DeviceKind, Experiment, Regularizer};
+use crate::config::{BnMode, DeviceKind, Experiment, Regularizer, Robust};
 use crate::data::DataSize;
 use crate::model::resnet::NetSpec;
 use anyhow::{bail, Result};
@@ -48,13 +48,15 @@ impl Footprint {
         let net = spec.size();
         let per_image = net.conv_outputs_per_image as f64 * 4.0;
         let batch = exp.train.batch_size.min(size.train.max(1)) as f64;
-        let train = batch * per_image * step_copies(&exp.regularizer);
+        // Co-teaching trains a second network of the same size beside the first.
+        let networks = if matches!(exp.robust, Robust::CoTeaching { .. }) { 2.0 } else { 1.0 };
+        let train = networks * batch * per_image * step_copies(&exp.regularizer);
         let eval =
             EVAL_BATCH.min(size.test.max(1) as u64) as f64 * net.largest_output_per_image as f64 * 4.0 * EVAL_COPIES;
         Footprint {
             process: PROCESS,
             data: (size.train + size.test) as u64 * image_bytes * DATA_COPIES,
-            model: net.params as u64 * 4 * MODEL_COPIES,
+            model: (networks * (net.params as u64 * 4 * MODEL_COPIES) as f64) as u64,
             activations: train.max(eval) as u64,
             exact: size.exact,
         }
@@ -191,6 +193,10 @@ mod tests {
         qat.regularizer = Regularizer::default_for("quantization").unwrap();
         let (a, b) = (Footprint::estimate(&base, &size(3000)), Footprint::estimate(&qat, &size(3000)));
         assert!(b.activations > a.activations, "{a:?} {b:?}");
+        let mut two = base.clone();
+        two.robust = Robust::default_for("co_teaching").unwrap();
+        let c = Footprint::estimate(&two, &size(3000));
+        assert_eq!((c.activations, c.model), (2 * a.activations, 2 * a.model), "co-teaching trains two networks");
     }
 
     #[test]

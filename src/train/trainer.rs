@@ -7,7 +7,7 @@ use super::metrics::{argmax_rows, f1_per_label, tune_thresholds, Accuracy, Memor
 use super::optim::Adam;
 use crate::config::{DeviceKind, Experiment};
 use crate::data::{self, augment, DataSize, Dataset, Split};
-use crate::methods::{self, Batch, EpochEnd, Method, Outcome};
+use crate::methods::{self, Batch, EpochEnd, Method, Outcome, Setup};
 use crate::model::resnet::{NetSpec, Wiring};
 use crate::model::ResNet;
 use crate::runs::RunDir;
@@ -116,7 +116,7 @@ fn run_with(
     load: impl FnOnce() -> Result<Dataset>,
 ) -> Summary {
     let started = Instant::now();
-    let mut summary = Summary::started(&exp.name, &exp.regularizer.label(), exp.data.noise.rate);
+    let mut summary = Summary::started(&exp.name, &exp.method_label(), exp.data.noise.rate);
     let mut dir: Option<RunDir> = None;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         train(exp, opts, control, tx, &mut summary, &mut dir, load)
@@ -193,7 +193,7 @@ fn train(
         let _ = tx.send(TrainEvent::Log(msg));
     };
     let device = device_for(exp.train.device)?;
-    let mut method = methods::build(&exp.regularizer);
+    let mut method = methods::build(exp);
     let available = footprint::available();
     // Checked before loading where the sizes are known, so that a run too big fails before it allocates.
     if let Some(size) = DataSize::expected(&exp.data).filter(|s| s.exact) {
@@ -215,6 +215,7 @@ fn train(
     summary.run_id = dir.id();
     summary.measured_noise_rate = data.measured_noise_rate;
     summary.device = format!("{:?}", exp.train.device).to_lowercase();
+    summary.classes = data.classes.clone();
     dir.write_summary(summary)?;
 
     let multi = data.is_multi_label();
@@ -237,7 +238,7 @@ fn train(
         run_id: dir.id(),
         dir: dir.path.clone(),
         name: exp.name.clone(),
-        label: exp.regularizer.label(),
+        label: exp.method_label(),
         dataset: data.name.clone(),
         classes: data.classes.clone(),
         multi_label: multi,
@@ -264,6 +265,10 @@ fn train(
     ));
 
     let decoupled = method.decoupled_decay();
+    method.built(
+        &net,
+        &Setup { wiring, device: device.clone(), seed: exp.train.seed, lr: exp.train.lr, decoupled_decay: decoupled },
+    )?;
     let mut optimizer = Adam::new(&net.params.entries, exp.train.lr, decoupled)?;
     let mut rng = ChaCha8Rng::seed_from_u64(exp.train.seed.wrapping_add(0x7a11));
     let mut history: Vec<EpochMetrics> = Vec::new();
@@ -302,7 +307,15 @@ fn train(
             let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), &device)?;
             let logits = threads::compute(&device, || net.forward(&x, true))?;
             let targets = if multi { data::rows(&data.train.targets, chunk, classes) } else { Vec::new() };
-            let batch = Batch { labels: &labels, targets: &targets, classes, multi_label: multi, device: &device };
+            let batch = Batch {
+                epoch,
+                images: &x,
+                labels: &labels,
+                targets: &targets,
+                classes,
+                multi_label: multi,
+                device: &device,
+            };
             let mut loss = match method.loss(&batch, &logits)? {
                 Some(loss) => loss,
                 None => methods::default_loss(&batch, &logits)?,

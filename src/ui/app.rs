@@ -2,7 +2,7 @@
 //! [`super::run_lab`] feeds events in and carries out the returned [`Command`]s, and the views only read.
 
 use super::setup::SetupForm;
-use crate::config::{Experiment, Regularizer};
+use crate::config::{Experiment, Regularizer, Robust, ROBUST_KINDS};
 use crate::runs::RunRecord;
 use crate::train::events::BatchProgress;
 use crate::train::{EpochMetrics, RunControl, RunInfo, Status, Summary, TrainEvent};
@@ -70,7 +70,7 @@ impl RunView {
     }
 
     pub fn label(&self) -> String {
-        self.record.experiment.regularizer.label()
+        self.record.experiment.method_label()
     }
 
     pub fn metrics(&self) -> &[EpochMetrics] {
@@ -111,6 +111,13 @@ impl RunView {
         let p = self.progress();
         (p > 0.01 && self.state != RunState::Done).then(|| started.elapsed().as_secs_f64() * (1.0 - p) / p)
     }
+}
+
+/// What `a` compares: the paper's seven regularizers, then each noisy-label loss alone.
+fn every_method() -> Vec<(Regularizer, Robust)> {
+    let regularizers = Regularizer::all_defaults().into_iter().map(|r| (r, Robust::None));
+    let robust = ROBUST_KINDS[1..].iter().map(|k| (Regularizer::None, Robust::default_for(k).expect("known kind")));
+    regularizers.chain(robust).collect()
 }
 
 fn next_uid() -> u64 {
@@ -275,14 +282,14 @@ impl App {
                 Err(msg) => self.status = Some((msg, true)),
             },
             KeyCode::Char('b') => {
-                // Baseline vs the chosen regularizer (or vs W4/A4 when the baseline is chosen).
-                let chosen = self.setup.experiment.regularizer.clone();
-                let other = if chosen == Regularizer::None {
-                    Regularizer::default_for("quantization").expect("known")
+                // Baseline vs the chosen method (or vs W4/A4 when the baseline is chosen).
+                let e = &self.setup.experiment;
+                let other = if e.is_baseline() {
+                    (Regularizer::default_for("quantization").expect("known"), Robust::None)
                 } else {
-                    chosen
+                    (e.regularizer.clone(), e.robust.clone())
                 };
-                match self.setup.variants(&[Regularizer::None, other]) {
+                match self.setup.variants(&[(Regularizer::None, Robust::None), other]) {
                     Ok(v) => return self.queue(v),
                     Err(msg) => self.status = Some((msg, true)),
                 }
@@ -295,7 +302,7 @@ impl App {
                 if added_val {
                     self.setup.experiment.data.val_fraction = 0.1;
                 }
-                let kinds = Regularizer::all_defaults();
+                let kinds = every_method();
                 match self.setup.variants(&kinds) {
                     Ok(v) => {
                         let cmds = self.queue(v);
@@ -466,7 +473,10 @@ mod tests {
         assert_eq!(a.setup.experiment.data.val_fraction, 0.0);
         let cmds = a.on_key(key(KeyCode::Char('a')));
         assert_eq!(cmds, vec![Command::Schedule]);
-        assert_eq!(a.runs.len(), Regularizer::all_defaults().len());
+        assert_eq!(a.runs.len(), Regularizer::all_defaults().len() + 3);
+        for kind in ["gce", "sce", "co_teaching"] {
+            assert!(a.runs.iter().any(|r| r.record.experiment.robust.kind() == kind), "{kind} is part of `a`");
+        }
         assert!(a.runs.iter().any(|r| matches!(r.record.experiment.regularizer, Regularizer::EarlyStopping { .. })));
         assert!(a.runs.iter().all(|r| r.record.experiment.data.val_fraction == 0.1), "the same split for all");
         assert!(a.status.as_ref().unwrap().0.contains("10% validation split"));

@@ -1,8 +1,8 @@
 //! The setup form: every choice of an experiment as a row whose value cycles with ←/→.
 
 use crate::config::{
-    Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, NoiseKind, PruneCriterion, Regularizer,
-    REGULARIZER_KINDS,
+    Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, NoiseKind, PruneCriterion, Regularizer, Robust,
+    REGULARIZER_KINDS, ROBUST_KINDS,
 };
 
 /// One editable row of the form.
@@ -16,6 +16,7 @@ pub enum Field {
     NoiseRate,
     Validation,
     Regularizer,
+    Robust,
     Param1,
     Param2,
     Arch,
@@ -29,7 +30,7 @@ pub enum Field {
     Parallel,
 }
 
-pub const FIELDS: [Field; 19] = [
+pub const FIELDS: [Field; 20] = [
     Field::Preset,
     Field::Dataset,
     Field::Path,
@@ -38,6 +39,7 @@ pub const FIELDS: [Field; 19] = [
     Field::NoiseRate,
     Field::Validation,
     Field::Regularizer,
+    Field::Robust,
     Field::Param1,
     Field::Param2,
     Field::Arch,
@@ -124,6 +126,7 @@ impl SetupForm {
             Field::NoiseRate => ("Noise rate s".into(), format!("{:.0}%", e.data.noise.rate * 100.0)),
             Field::Validation => ("Validation split".into(), format!("{:.0}%", e.data.val_fraction * 100.0)),
             Field::Regularizer => ("Regularizer".into(), e.regularizer.kind().replace('_', " ")),
+            Field::Robust => ("Robust method".into(), e.robust.label()),
             Field::Param1 => p1,
             Field::Param2 => p2,
             Field::Arch => ("Model".into(), e.model.arch.name().into()),
@@ -218,6 +221,10 @@ impl SetupForm {
                 let next = step(&kinds, &e.regularizer.kind(), dir);
                 e.regularizer = Regularizer::default_for(next).expect("known kind");
             }
+            Field::Robust => {
+                let next = step(&ROBUST_KINDS, &e.robust.kind(), dir);
+                e.robust = Robust::default_for(next).expect("known kind");
+            }
             Field::Param1 => cycle_param(&mut e.regularizer, 0, dir),
             Field::Param2 => cycle_param(&mut e.regularizer, 1, dir),
             Field::Arch => e.model.arch = step(&Arch::ALL, &e.model.arch, dir),
@@ -270,14 +277,16 @@ impl SetupForm {
         Ok(e)
     }
 
-    /// The same experiment under each regularizer in `kinds` (same data, noise and seed), named apart.
-    pub fn variants(&self, kinds: &[Regularizer]) -> Result<Vec<Experiment>, String> {
+    /// The same experiment under each method in `methods` (a regularizer and a noisy-label loss; same
+    /// data, noise and seed).
+    pub fn variants(&self, methods: &[(Regularizer, Robust)]) -> Result<Vec<Experiment>, String> {
         let base = self.build()?;
-        kinds
+        methods
             .iter()
-            .map(|r| {
+            .map(|(r, robust)| {
                 let mut e = base.clone();
                 e.regularizer = r.clone();
+                e.robust = robust.clone();
                 if matches!(r, Regularizer::EarlyStopping { .. }) && e.data.val_fraction == 0.0 {
                     return Err("early stopping needs a validation split: set `Validation split` to 10%".into());
                 }
@@ -371,7 +380,12 @@ mod tests {
         f.cursor = FIELDS.iter().position(|x| *x == Field::Device).unwrap();
         f.cycle(1);
         assert_eq!(f.experiment.train.device, DeviceKind::Cpu, "no CUDA offered when not available");
-        let v = f.variants(&[Regularizer::None, Regularizer::default_for("quantization").unwrap()]).unwrap();
+        let v = f
+            .variants(&[
+                (Regularizer::None, Robust::None),
+                (Regularizer::default_for("quantization").unwrap(), Robust::None),
+            ])
+            .unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].data, v[1].data);
     }

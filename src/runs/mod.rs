@@ -3,8 +3,10 @@
 //! Ctrl-C never leaves a half-written record.
 
 use crate::config::Experiment;
-use crate::train::{EpochMetrics, Status, Summary};
+pub mod record;
+
 use anyhow::{Context, Result};
+pub use record::{EpochMetrics, Status, Summary};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -49,7 +51,7 @@ impl RunDir {
         let stamp = now
             .format(&time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
             .unwrap_or_default();
-        let base = format!("{stamp}-{}-{}", slug(&exp.name), slug(&exp.regularizer.label()));
+        let base = format!("{stamp}-{}-{}", slug(&exp.name), slug(&exp.method_label()));
         // create_dir is the test and the claim at once: two runs starting in the same second (a
         // sweep's parallel runs, another process) never share a folder.
         let mut n = 1;

@@ -1,0 +1,74 @@
+//! Generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018): L_q = (1 - p_y^q) / q, between
+//! cross-entropy (q -> 0) and the noise-robust mean absolute error (q = 1). Multi-label data: the same
+//! per label, with p the probability given to the label's (noisy) value, over the known labels.
+
+use super::{binary_log_likelihood, known_and_clean, log_likelihood, masked_mean, Batch, Method};
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// GCE with exponent `q` (the paper's default 0.7).
+#[derive(Debug, Clone, Copy)]
+pub struct Gce {
+    pub q: f64,
+}
+
+impl Gce {
+    /// (1 - e^(q·log p)) / q, element-wise.
+    fn of_log_likelihood(&self, logp: &Tensor) -> Result<Tensor> {
+        Ok(((logp * self.q)?.exp()?.neg()? + 1.0)?.affine(1.0 / self.q, 0.0)?)
+    }
+}
+
+impl Method for Gce {
+    fn loss(&mut self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
+        if batch.multi_label {
+            let (known, clean) = known_and_clean(batch.targets);
+            let shape = logits.shape().clone();
+            let clean = Tensor::from_vec(clean, &shape, batch.device)?;
+            let known = Tensor::from_vec(known, &shape, batch.device)?;
+            let per_entry = self.of_log_likelihood(&binary_log_likelihood(logits, &clean)?)?;
+            return Ok(Some(masked_mean(&per_entry, &known)?));
+        }
+        Ok(Some(self.of_log_likelihood(&log_likelihood(logits, batch.labels)?)?.mean_all()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{batch, check_against_reference};
+    use super::*;
+
+    /// GCE of one row in f64.
+    fn reference(q: f64) -> impl Fn(&[f64], u32) -> f64 {
+        move |z: &[f64], y: u32| {
+            let m = z.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+            let p = (z[y as usize] - m).exp() / sum;
+            (1.0 - p.powf(q)) / q
+        }
+    }
+
+    #[test]
+    fn loss_and_gradient_match_an_f64_reference() {
+        for q in [0.7, 1.0, 0.1] {
+            check_against_reference(&mut Gce { q }, reference(q), false);
+            check_against_reference(&mut Gce { q }, super::super::tests::binary(reference(q)), true);
+        }
+    }
+
+    #[test]
+    fn q_near_zero_approaches_cross_entropy_and_unknown_labels_are_ignored() {
+        let logits = Tensor::new(&[[2.0f32, -1.0, 0.5]], &candle_core::Device::Cpu).unwrap();
+        let mut gce = Gce { q: 1e-4 };
+        let b = batch(&[0], &[], 3, false, &logits);
+        let got = gce.loss(&b, &logits).unwrap().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let ce = -log_likelihood(&logits, &[0]).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - ce).abs() < 1e-3, "{got} vs {ce}");
+        // Multi-label: an unknown label (-1) changes nothing.
+        let two = Tensor::new(&[[2.0f32, -1.0]], &candle_core::Device::Cpu).unwrap();
+        let one_known = gce.loss(&batch(&[], &[1.0, -1.0], 2, true, &two), &two).unwrap().unwrap();
+        let first = Tensor::new(&[[2.0f32]], &candle_core::Device::Cpu).unwrap();
+        let alone = gce.loss(&batch(&[], &[1.0], 1, true, &first), &first).unwrap().unwrap();
+        assert_eq!(one_known.to_scalar::<f32>().unwrap(), alone.to_scalar::<f32>().unwrap());
+    }
+}
