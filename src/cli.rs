@@ -540,8 +540,8 @@ fn print_tables(records: &[runs::RunRecord]) {
     if !left_out.is_empty() {
         println!("{left_out}\n");
     }
-    let names = crate::data::faces::au_names();
-    let t1 = crate::report::table1(records, &names);
+    let names = records.iter().find(|r| r.experiment.data.dataset.is_multi_label()).map(|r| r.label_names());
+    let t1 = crate::report::table1(records, &names.unwrap_or_default());
     if !t1.is_empty() {
         println!("{t1}");
     }

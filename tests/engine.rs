@@ -158,6 +158,7 @@ fn every_noisy_label_method_trains_alone_and_with_quantization_on_classes_and_la
                 let stored = rec.summary.as_ref().unwrap();
                 assert_eq!(stored.format, runs::record::FORMAT);
                 assert_eq!(stored.classes.len(), if dataset == DatasetKind::Faces { 12 } else { 10 }, "{what}");
+                assert_eq!(rec.label_names(), stored.classes, "{what}: views read the names from the record");
                 assert!(rec.metrics.iter().all(|m| m.train_loss.is_finite() && m.eval_loss.is_finite()), "{what}");
             }
         }
@@ -178,6 +179,8 @@ fn a_record_written_before_the_format_version_still_loads() {
     assert_eq!(rec.experiment.method_label(), "baseline");
     assert_eq!(rec.metrics.len(), 3);
     assert_eq!(rec.metrics[2].f1.len(), 12);
+    // Its label names were not stored; format 0's multi-label runs all had the paper's 12 AUs.
+    assert_eq!(rec.label_names(), qat_lab::data::faces::au_names());
 }
 
 #[test]

@@ -1048,7 +1048,8 @@ pub(crate) fn backward(
                                 .iter()
                                 .map(|(d, v)| (&d[xi * d_stride..], &v[xi * v_stride..]))
                                 .collect();
-                            // SAFETY: `weight_grad_tiling` (the Winograd path's test) found AVX-512F.
+                            // SAFETY: the Winograd path is chosen only where winograd::applies, which needs
+                            // kernels::available() (AVX-512F).
                             unsafe { kernels::weight_grad(&images, (gw.o, g.c), (tiles, tiles), &[0], acc) };
                         }
                     }

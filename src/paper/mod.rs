@@ -280,7 +280,7 @@ pub fn write(p: &Protocol, records: &[RunRecord], claims: &[Claim], meta: &Meta,
 fn write_table1(p: &Protocol, records: &[RunRecord], dir: &Path) -> Result<String> {
     let t1 = claims::table1_records(p, records);
     let rows = report::table1_rows_by(&t1, claims::kept_f1);
-    let names = crate::data::faces::au_names();
+    let names = t1.first().map(|r| r.label_names()).unwrap_or_default();
     let ours = report::table1_markdown(&rows, &names);
     runs::write_atomic(&dir.join("table1.md"), ours.as_bytes())?;
     runs::write_atomic(&dir.join("table1.csv"), report::table1_csv(&rows, &names).as_bytes())?;

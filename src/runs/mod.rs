@@ -111,6 +111,16 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The class or label names of the run's outputs, from its summary. Records of format 0 did not
+    /// store them; their multi-label runs all had the paper's 12 AUs, in the paper's order.
+    pub fn label_names(&self) -> Vec<String> {
+        match &self.summary {
+            Some(s) if !s.classes.is_empty() => s.classes.clone(),
+            _ if self.experiment.data.dataset.is_multi_label() => crate::data::faces::au_names(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn id(&self) -> String {
         self.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
     }

@@ -69,6 +69,14 @@ impl RunView {
         }
     }
 
+    /// Class or label names: the live run's, else its record's.
+    pub fn label_names(&self) -> Vec<String> {
+        match &self.info {
+            Some(info) => info.classes.clone(),
+            None => self.record.label_names(),
+        }
+    }
+
     pub fn label(&self) -> String {
         self.record.experiment.method_label()
     }
@@ -136,6 +144,22 @@ pub enum Command {
 }
 
 /// The whole lab state.
+/// A line for the status bar: what happened, and whether it went wrong (shown in red).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub text: String,
+    pub error: bool,
+}
+
+impl Notice {
+    pub fn info(text: impl Into<String>) -> Self {
+        Self { text: text.into(), error: false }
+    }
+    pub fn error(text: impl Into<String>) -> Self {
+        Self { text: text.into(), error: true }
+    }
+}
+
 pub struct App {
     pub screen: Screen,
     pub setup: SetupForm,
@@ -146,8 +170,8 @@ pub struct App {
     pub show_help: bool,
     pub ascii: bool,
     pub confirm_quit: bool,
-    /// A message for the status line (errors in red).
-    pub status: Option<(String, bool)>,
+    /// A message for the status line.
+    pub status: Option<Notice>,
     /// Compare screen: plot accuracy (true) or eval loss.
     pub compare_acc: bool,
     /// Memory the machine had free when the lab opened, beside Setup's estimate (`None`: unknown).
@@ -190,7 +214,7 @@ impl App {
         }
         self.selected = first;
         self.screen = Screen::Live;
-        self.status = Some((format!("queued {n} run{}", if n == 1 { "" } else { "s" }), false));
+        self.status = Some(Notice::info(format!("queued {n} run{}", if n == 1 { "" } else { "s" })));
         vec![Command::Schedule]
     }
 
@@ -249,7 +273,7 @@ impl App {
             KeyCode::Char('g') => {
                 self.ascii = !self.ascii;
                 let mode = if self.ascii { "ASCII" } else { "Unicode (braille)" };
-                self.status = Some((format!("charts in {mode}"), false));
+                self.status = Some(Notice::info(format!("charts in {mode}")));
             }
             _ => {
                 return match self.screen {
@@ -279,7 +303,7 @@ impl App {
             KeyCode::Enter if self.setup.toggle_edit() => {}
             KeyCode::Enter | KeyCode::Char('s') => match self.setup.build() {
                 Ok(e) => return self.queue(vec![e]),
-                Err(msg) => self.status = Some((msg, true)),
+                Err(msg) => self.status = Some(Notice::error(msg)),
             },
             KeyCode::Char('b') => {
                 // Baseline vs the chosen method (or vs W4/A4 when the baseline is chosen).
@@ -291,7 +315,7 @@ impl App {
                 };
                 match self.setup.variants(&[(Regularizer::None, Robust::None), other]) {
                     Ok(v) => return self.queue(v),
-                    Err(msg) => self.status = Some((msg, true)),
+                    Err(msg) => self.status = Some(Notice::error(msg)),
                 }
             }
             KeyCode::Char('a') => {
@@ -307,17 +331,14 @@ impl App {
                     Ok(v) => {
                         let cmds = self.queue(v);
                         if added_val {
-                            self.status = Some((
-                                format!(
-                                    "queued {} runs, each with a 10% validation split so early stopping can run",
-                                    kinds.len()
-                                ),
-                                false,
-                            ));
+                            self.status = Some(Notice::info(format!(
+                                "queued {} runs, each with a 10% validation split so early stopping can run",
+                                kinds.len()
+                            )));
                         }
                         return cmds;
                     }
-                    Err(msg) => self.status = Some((msg, true)),
+                    Err(msg) => self.status = Some(Notice::error(msg)),
                 }
             }
             _ => {}
@@ -355,7 +376,7 @@ impl App {
                             c.set_paused(false);
                             c.stop();
                         }
-                        self.status = Some(("stopping after this batch; the record is kept".into(), false));
+                        self.status = Some(Notice::info("stopping after this batch; the record is kept"));
                     }
                     RunState::Queued => {
                         self.runs.remove(self.selected);
@@ -366,7 +387,7 @@ impl App {
             }
             KeyCode::Char('d') | KeyCode::Delete if n > 0 => {
                 if matches!(self.runs[self.selected].state, RunState::Running | RunState::Paused) {
-                    self.status = Some(("stop the run first (x), then remove it (d)".into(), true));
+                    self.status = Some(Notice::error("stop the run first (x), then remove it (d)"));
                 } else {
                     // Removes it from the lab only; the record stays on disk.
                     self.runs.remove(self.selected);
@@ -417,7 +438,7 @@ impl App {
                 let failed = matches!(s.status, Status::Failed | Status::Diverged);
                 run.record.summary = Some(*s);
                 if failed {
-                    self.status = Some((line.clone(), true));
+                    self.status = Some(Notice::error(line.clone()));
                 }
                 self.push_log(line);
             }
@@ -479,7 +500,7 @@ mod tests {
         }
         assert!(a.runs.iter().any(|r| matches!(r.record.experiment.regularizer, Regularizer::EarlyStopping { .. })));
         assert!(a.runs.iter().all(|r| r.record.experiment.data.val_fraction == 0.1), "the same split for all");
-        assert!(a.status.as_ref().unwrap().0.contains("10% validation split"));
+        assert!(a.status.as_ref().unwrap().text.contains("10% validation split"));
     }
 
     #[test]
@@ -493,8 +514,8 @@ mod tests {
             ..Summary::started("n", "baseline", 0.4)
         };
         a.on_train_event(uid, TrainEvent::Finished(Box::new(summary)));
-        let (msg, error) = a.status.clone().unwrap();
-        assert!(error && msg.contains("data fetch cifar10"), "{msg}");
+        let Notice { text, error } = a.status.clone().unwrap();
+        assert!(error && text.contains("data fetch cifar10"), "{text}");
         assert_eq!(a.runs[0].state, RunState::Done);
         // Removing a finished run is allowed; a running one must be stopped first.
         a.on_key(key(KeyCode::Char('d')));

@@ -9,7 +9,7 @@ use crate::config::{self, Experiment};
 use crate::runs::{self, RunRecord};
 use crate::train::{self, RunOptions, TrainEvent};
 use anyhow::Result;
-use app::{App, Command, RunState, Screen};
+use app::{App, Command, Notice, RunState, Screen};
 use crossterm::event::{Event, KeyEventKind};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -41,7 +41,7 @@ pub fn initial_app(start: LabStart) -> App {
     // Terminals that name themselves `dumb` draw no box or braille characters.
     if std::env::var("TERM").is_ok_and(|t| t == "dumb") {
         app.ascii = true;
-        app.status = Some(("TERM=dumb: ASCII mode (press g for Unicode if the terminal can draw it)".into(), false));
+        app.status = Some(Notice::info("TERM=dumb: ASCII mode (press g for Unicode if the terminal can draw it)"));
     }
     if let LabStart::Compare(records) = start {
         app.add_loaded(records);
@@ -54,14 +54,13 @@ pub fn initial_app(start: LabStart) -> App {
 }
 
 /// The status line after `r`: how many runs were loaded, and which records could not be read (in red).
-fn load_status(loaded: usize, root: &std::path::Path, unreadable: &[runs::Unreadable]) -> (String, bool) {
-    let mut text = format!("loaded {loaded} run(s) from {}", root.display());
+fn load_status(loaded: usize, root: &std::path::Path, unreadable: &[runs::Unreadable]) -> Notice {
+    let text = format!("loaded {loaded} run(s) from {}", root.display());
     if unreadable.is_empty() {
-        return (text, false);
+        return Notice::info(text);
     }
     let names: Vec<String> = unreadable.iter().map(|u| u.dir.display().to_string()).collect();
-    text.push_str(&format!("; {} unreadable (see the log): {}", names.len(), names.join(", ")));
-    (text, true)
+    Notice::error(format!("{text}; {} unreadable (see the log): {}", names.len(), names.join(", ")))
 }
 
 /// Opens the lab in the terminal and runs it until the user quits. The terminal is restored on every
@@ -228,9 +227,9 @@ mod tests {
         std::fs::create_dir(&bad).unwrap();
         std::fs::write(bad.join("experiment.toml"), "[train\n").unwrap();
         let scan = runs::scan(root.path());
-        let (text, error) = load_status(0, root.path(), &scan.unreadable);
+        let Notice { text, error } = load_status(0, root.path(), &scan.unreadable);
         assert!(error && text.contains("1 unreadable") && text.contains("20260101-000000-broken"), "{text}");
-        let (text, error) = load_status(2, root.path(), &[]);
+        let Notice { text, error } = load_status(2, root.path(), &[]);
         assert!(!error && text.starts_with("loaded 2 run(s)"), "{text}");
     }
 }

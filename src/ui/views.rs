@@ -5,7 +5,7 @@ use super::setup::{Field, FIELDS};
 use crate::report;
 use ratatui::layout::{Constraint, Direction, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style, Stylize};
-use ratatui::symbols::{self, Marker};
+use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Clear, Dataset, GraphType, Paragraph, Row, Table, Wrap};
 use ratatui::Frame;
@@ -24,17 +24,6 @@ const PALETTE: [Color; 8] = [
     Color::White,
     Color::LightGreen,
 ];
-
-const ASCII_BORDER: symbols::border::Set = symbols::border::Set {
-    top_left: "+",
-    top_right: "+",
-    bottom_left: "+",
-    bottom_right: "+",
-    vertical_left: "|",
-    vertical_right: "|",
-    horizontal_top: "-",
-    horizontal_bottom: "-",
-};
 
 /// Draws the whole lab.
 pub fn draw(f: &mut Frame, app: &App) {
@@ -57,7 +46,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     }
     draw_footer(f, app, footer);
     if app.show_help {
-        draw_help(f, app, area);
+        draw_help(f, area);
     }
     if app.confirm_quit {
         let n = app.running_count();
@@ -66,7 +55,7 @@ pub fn draw(f: &mut Frame, app: &App) {
             if n == 1 { " is" } else { "s are" },
             if n == 1 { "it" } else { "them" }
         );
-        popup(f, app, area, "Quit?", &text, 56, 7);
+        popup(f, area, "Quit?", &text, 56, 7);
     }
     if app.ascii {
         asciify(f.buffer_mut());
@@ -102,13 +91,8 @@ pub fn asciify(buf: &mut ratatui::buffer::Buffer) {
     }
 }
 
-fn block<'a>(app: &App, title: impl Into<Line<'a>>) -> Block<'a> {
-    let b = Block::default().borders(Borders::ALL).title(title);
-    if app.ascii {
-        b.border_set(ASCII_BORDER)
-    } else {
-        b
-    }
+fn block<'a>(title: impl Into<Line<'a>>) -> Block<'a> {
+    Block::default().borders(Borders::ALL).title(title)
 }
 
 fn run_color(i: usize) -> Color {
@@ -139,8 +123,8 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
 
 fn draw_footer(f: &mut Frame, app: &App, area: Rect) {
     let line = match &app.status {
-        Some((msg, true)) => Line::from(Span::styled(msg.clone(), Style::default().fg(Color::LightRed))),
-        Some((msg, false)) => Line::from(msg.clone()),
+        Some(n) if n.error => Line::from(Span::styled(n.text.clone(), Style::default().fg(Color::LightRed))),
+        Some(n) => Line::from(n.text.clone()),
         None => Line::from(match app.screen {
             Screen::Setup => "↑↓ choose  ←→ change  Enter start  b baseline vs this  a all methods  q quit",
             Screen::Live => "↑↓ run  space overlay  p pause  x stop  d remove  Tab next screen  q quit",
@@ -162,7 +146,6 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
             let (label, value) = form.row(*field);
             let selected = i == form.cursor;
             let value = if selected && *field != Field::Path { format!("◀ {value} ▶") } else { value };
-            let value = if app.ascii { value.replace('◀', "<").replace('▶', ">") } else { value };
             let style = if selected { Style::default().add_modifier(Modifier::REVERSED) } else { Style::default() };
             Line::from(vec![Span::raw(format!("{label:<18}")), Span::styled(value, style)])
         })
@@ -170,7 +153,7 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
     let inner_h = form_area.height.saturating_sub(2) as usize;
     let skip = (form.cursor + 1).saturating_sub(inner_h);
     let rows: Vec<Line> = rows.into_iter().skip(skip).collect();
-    f.render_widget(Paragraph::new(rows).block(block(app, " Experiment ")), form_area);
+    f.render_widget(Paragraph::new(rows).block(block(" Experiment ")), form_area);
 
     let e = &form.experiment;
     let mut text = vec![
@@ -194,7 +177,7 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
     text.push(memory_line(e, app.available_memory));
     text.push(Line::from("b: baseline vs this, side by side"));
     text.push(Line::from("a: every method on the same noisy data"));
-    f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(app, " About ")), info_area);
+    f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(" About ")), info_area);
 }
 
 /// Setup's estimate of the run's peak memory, red where it exceeds what the machine has free.
@@ -279,7 +262,7 @@ fn draw_runs_list(f: &mut Frame, app: &App, area: Rect, title: &str) {
     let visible = area.height.saturating_sub(3) as usize;
     let skip = (app.selected + 1).saturating_sub(visible.max(1));
     let rows: Vec<Row> = rows.into_iter().skip(skip).collect();
-    f.render_widget(Table::new(rows, widths).header(header).block(block(app, title.to_string())), area);
+    f.render_widget(Table::new(rows, widths).header(header).block(block(title.to_string())), area);
 }
 
 fn draw_live(f: &mut Frame, app: &App, area: Rect) {
@@ -287,7 +270,7 @@ fn draw_live(f: &mut Frame, app: &App, area: Rect) {
         let text =
             "No runs yet.\n\nGo to Setup (1), pick a noise rate and a regularizer, press Enter to start one run, \
                     or b for baseline vs your choice side by side.\n\nr loads finished runs from the runs folder.";
-        f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(app, " Live ")), area);
+        f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(" Live ")), area);
         return;
     }
     let list_h = (app.runs.len() as u16 + 3).min(area.height / 4).max(4);
@@ -316,7 +299,7 @@ fn draw_live(f: &mut Frame, app: &App, area: Rect) {
     draw_progress(f, run, progress);
     let lines: Vec<Line> =
         app.log.iter().rev().take(log_h.saturating_sub(2) as usize).rev().map(|l| Line::from(l.clone())).collect();
-    f.render_widget(Paragraph::new(lines).block(block(app, " Log ")), log);
+    f.render_widget(Paragraph::new(lines).block(block(" Log ")), log);
 }
 
 fn marker(app: &App, ascii: char) -> Marker {
@@ -392,7 +375,7 @@ fn draw_loss_chart(f: &mut Frame, app: &App, area: Rect) {
         if app.ascii { Marker::Custom('o') } else { Marker::Dot },
         GraphType::Scatter,
     ));
-    render_chart(f, app, area, title, data, None);
+    render_chart(f, area, title, data, None);
 }
 
 fn draw_accuracy_chart(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
@@ -427,7 +410,7 @@ fn draw_accuracy_chart(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
         last.map(|x| format!("{:.1}", x.eval_acc * 100.0)).unwrap_or_else(|| "-".into()),
         last.map(|x| format!("{:.1}", x.memorized * 100.0)).unwrap_or_else(|| "-".into()),
     );
-    render_chart(f, app, area, Line::from(title), data, Some((0.0, 100.0)));
+    render_chart(f, area, Line::from(title), data, Some((0.0, 100.0)));
 }
 
 /// One sparkline per label (AU): its test F1 over the epochs, and the current value; in as many
@@ -435,7 +418,7 @@ fn draw_accuracy_chart(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
 fn draw_label_sparklines(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
     let m = run.metrics();
     let labels = m.last().map(|x| x.f1.len()).unwrap_or(0);
-    let names = crate::data::faces::au_names();
+    let names = run.label_names();
     let rows = (area.height.saturating_sub(2) as usize).max(1);
     let columns = labels.div_ceil(rows).max(1);
     let rows = labels.div_ceil(columns).max(1); // balance the columns
@@ -463,10 +446,7 @@ fn draw_label_sparklines(f: &mut Frame, app: &App, run: &RunView, area: Rect) {
     }
     let avg = m.last().map(|x| x.eval_acc * 100.0).unwrap_or(0.0);
     let title = format!(" {} - F1 per AU (avg {avg:.1}) ", run.label());
-    f.render_widget(
-        Paragraph::new(lines.into_iter().map(Line::from).collect::<Vec<_>>()).block(block(app, title)),
-        area,
-    );
+    f.render_widget(Paragraph::new(lines.into_iter().map(Line::from).collect::<Vec<_>>()).block(block(title)), area);
 }
 
 /// The last `width` values (0..1) as block characters, or ASCII shades.
@@ -480,7 +460,7 @@ pub fn sparkline(values: &[f64], width: usize, ascii: bool) -> String {
 
 type Series = (String, Vec<(f64, f64)>, Style, Marker, GraphType);
 
-fn render_chart(f: &mut Frame, app: &App, area: Rect, title: Line, data: Vec<Series>, y_fixed: Option<(f64, f64)>) {
+fn render_chart(f: &mut Frame, area: Rect, title: Line, data: Vec<Series>, y_fixed: Option<(f64, f64)>) {
     let max_x = data.iter().flat_map(|d| d.1.iter().map(|p| p.0)).fold(1.0f64, f64::max);
     let (lo, hi) = y_fixed.unwrap_or_else(|| {
         let ys: Vec<f64> = data.iter().flat_map(|d| d.1.iter().map(|p| p.1)).collect();
@@ -508,7 +488,7 @@ fn render_chart(f: &mut Frame, app: &App, area: Rect, title: Line, data: Vec<Ser
         }
     };
     let chart = Chart::new(datasets)
-        .block(block(app, title))
+        .block(block(title))
         .x_axis(
             Axis::default()
                 .bounds([1.0, max_x.max(2.0)])
@@ -553,7 +533,7 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
     if app.runs.is_empty() {
         let text = "Nothing to compare yet.\n\nr loads the finished runs in the runs folder; \
                     `qat-lab compare runs/a runs/b` opens chosen ones; runs started in the lab appear here too.";
-        f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(app, " Compare ")), area);
+        f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(" Compare ")), area);
         return;
     }
     let table_h = (app.runs.len() as u16 + 3).min(area.height / 2).max(5);
@@ -574,12 +554,12 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
         (true, true) => " Eval average F1 % (m: loss) ",
         (false, _) => " Eval loss (m: accuracy) ",
     };
-    render_chart(f, app, chart_area, Line::from(title), data, None);
+    render_chart(f, chart_area, Line::from(title), data, None);
 
     let records: Vec<_> = app.runs.iter().map(|r| r.record.clone()).collect();
     let checked: Vec<_> = app.runs.iter().filter(|r| r.checked).map(|r| r.record.clone()).collect();
     if checked.iter().any(|r| report::label_f1(r).is_some()) {
-        draw_table1(f, app, &checked, table_area);
+        draw_table1(f, &checked, table_area);
         return;
     }
     let rows: Vec<Row> = app
@@ -638,7 +618,7 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(
         Table::new(rows, widths)
             .header(header)
-            .block(block(app, " Final and best test accuracy; gain = final − baseline on the same noise ")),
+            .block(block(" Final and best test accuracy; gain = final − baseline on the same noise ")),
         table_area,
     );
 }
@@ -653,11 +633,11 @@ fn table1_title(records: &[crate::runs::RunRecord]) -> String {
 }
 
 /// The paper's Table 1 layout: per-AU F1 of each method (mean over its runs) and the average.
-fn draw_table1(f: &mut Frame, app: &App, records: &[crate::runs::RunRecord], area: Rect) {
+fn draw_table1(f: &mut Frame, records: &[crate::runs::RunRecord], area: Rect) {
     let rows = report::table1_rows(records);
     let Some(first) = rows.first() else { return };
     let labels = first.f1.len();
-    let names = crate::data::faces::au_names();
+    let names = records.first().map(|r| r.label_names()).unwrap_or_default();
     let mut header = vec!["F1 %".to_string()];
     header.extend(names.iter().take(labels).map(|n| n.trim_start_matches("AU").to_string()));
     header.extend(["Avg.".to_string(), "runs".to_string()]);
@@ -673,11 +653,11 @@ fn draw_table1(f: &mut Frame, app: &App, records: &[crate::runs::RunRecord], are
     let table = Table::new(body, widths)
         .header(Row::new(header).style(Style::default().add_modifier(Modifier::BOLD)))
         .column_spacing(0)
-        .block(block(app, table1_title(records)));
+        .block(block(table1_title(records)));
     f.render_widget(table, area);
 }
 
-fn draw_help(f: &mut Frame, app: &App, area: Rect) {
+fn draw_help(f: &mut Frame, area: Rect) {
     let text = "\
 Screens   1 Setup   2 Live   3 Compare   Tab next
 Setup     ↑↓ field   ←→ value   Enter start run
@@ -693,21 +673,16 @@ Charts: dim = train loss on the noisy labels, bright = eval
 loss on clean test labels; o marks each run's lowest eval
 loss. A rising eval loss while train loss falls is
 over-fitting: the model memorises the wrong labels.";
-    let text = if app.ascii {
-        text.replace('↑', "^").replace('↓', "v").replace('←', "<").replace('→', ">")
-    } else {
-        text.to_string()
-    };
-    popup(f, app, area, " Help (any key closes) ", &text, 64, 18);
+    popup(f, area, " Help (any key closes) ", text, 64, 18);
 }
 
-fn popup(f: &mut Frame, app: &App, area: Rect, title: &str, text: &str, w: u16, h: u16) {
+fn popup(f: &mut Frame, area: Rect, title: &str, text: &str, w: u16, h: u16) {
     let w = w.min(area.width);
     let h = h.min(area.height);
     let rect = Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h };
     f.render_widget(Clear, rect);
     f.render_widget(
-        Paragraph::new(text.to_string()).wrap(Wrap { trim: false }).block(block(app, title.to_string()).bold()),
+        Paragraph::new(text.to_string()).wrap(Wrap { trim: false }).block(block(title.to_string()).bold()),
         rect,
     );
 }
