@@ -151,6 +151,8 @@ fn a_sweep_trains_the_grid_and_prints_the_tables_then_compare_and_report_read_th
             "--vary",
             "regularizer.kind=none,quantization",
             "--vary",
+            "robust.kind=none,gce",
+            "--vary",
             "data.noise.rate=0.2",
             "--set",
             "train.epochs=1",
@@ -161,10 +163,10 @@ fn a_sweep_trains_the_grid_and_prints_the_tables_then_compare_and_report_read_th
     );
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains("sweep: 2 runs"), "{out}");
-    assert!(out.contains("| W4/A4 |") && out.contains("s=20%"), "{out}");
+    assert!(out.contains("sweep: 4 runs"), "{out}");
+    assert!(out.contains("| W4/A4 |") && out.contains("| W4/A4 + GCE q=0.7 |") && out.contains("s=20%"), "{out}");
     let dirs: Vec<String> = qat_lab::runs::list(&out_dir).iter().map(|r| r.dir.display().to_string()).collect();
-    assert_eq!(dirs.len(), 2);
+    assert_eq!(dirs.len(), 4);
     let o = qat_lab(&["compare", "--table", &dirs[0], &dirs[1]], tmp.path());
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("gain vs baseline"));
