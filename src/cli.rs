@@ -90,6 +90,10 @@ pub enum Command {
         /// Runs trained at once.
         #[arg(long, default_value_t = 1)]
         parallel: usize,
+        /// Also train GCE, SCE, co-teaching and co-teaching + W4/A4 on the F2 and T1 grids, reported in a
+        /// section of their own (not the paper's comparison).
+        #[arg(long)]
+        extended: bool,
     },
     /// Compare finished or running runs side by side in the lab.
     Compare {
@@ -226,7 +230,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             crate::threads::configure(false);
             sweep(&preset, &vary, &with_shorthands(set, device, data), &out, parallel)
         }
-        Command::Paper { budget, out, data, device, parallel } => {
+        Command::Paper { budget, out, data, device, parallel, extended } => {
             crate::threads::configure(false);
             let opts = crate::paper::PaperOptions {
                 budget,
@@ -234,6 +238,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 data,
                 device: device.kind(),
                 runner: crate::runner::RunnerOptions { parallel, progress: std::io::stderr().is_terminal() },
+                extended,
             };
             let outcome = crate::paper::run(&opts)?;
             for c in &outcome.claims {

@@ -199,15 +199,17 @@ fn figure_data_snapshots() {
 fn a_second_paper_call_reuses_the_finished_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("paper");
-    let call = || {
+    let call_with = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_qat-lab"))
             .args(["paper", "--budget", "smoke", "--out"])
             .arg(&out)
+            .args(extra)
             .env("RAYON_NUM_THREADS", "2")
             .stdin(Stdio::null())
             .output()
             .expect("run qat-lab")
     };
+    let call = || call_with(&[]);
     let first = call();
     let text = String::from_utf8_lossy(&first.stdout).to_string();
     assert!(first.status.success(), "{text}{}", String::from_utf8_lossy(&first.stderr));
@@ -242,4 +244,25 @@ fn a_second_paper_call_reuses_the_finished_runs() {
     let verdicts =
         |t: &str| t.lines().filter(|l| l.starts_with('F') || l.starts_with('T')).map(String::from).collect::<Vec<_>>();
     assert_eq!(verdicts(&text), verdicts(&text2));
+
+    // --extended trains only the noisy-label methods, reuses the paper's runs and adds its own section.
+    let third = call_with(&["--extended"]);
+    let text3 = String::from_utf8_lossy(&third.stdout);
+    assert!(third.status.success(), "{text3}{}", String::from_utf8_lossy(&third.stderr));
+    assert!(text3.contains(&format!("{trained} reused)")), "{text3}");
+    assert_eq!(verdicts(&text), verdicts(&text3), "the paper's verdicts do not move");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let section =
+        report.split("## Beyond the paper").nth(1).unwrap_or_else(|| panic!("no extended section:\n{report}"));
+    for method in [
+        "| baseline |",
+        "| W4/A4 |",
+        "| GCE q=0.7 |",
+        "| SCE a=0.1 b=1 |",
+        "| co-teaching |",
+        "| W4/A4 + co-teaching |",
+    ] {
+        assert!(section.contains(method), "{method} missing from the extended section:\n{section}");
+    }
+    assert!(out.join("fig2-extended.svg").is_file());
 }

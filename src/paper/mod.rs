@@ -29,6 +29,9 @@ pub struct PaperOptions {
     pub data: Option<String>,
     pub device: DeviceKind,
     pub runner: RunnerOptions,
+    /// Also train the methods made for noisy labels ([`Protocol::extended_plan`]) and report them in a
+    /// section of their own.
+    pub extended: bool,
 }
 
 /// What a `paper` call did.
@@ -63,7 +66,10 @@ pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
         );
     }
     let protocol = Protocol::new(opts.budget, opts.data.as_deref(), opts.device);
-    let plan = protocol.plan();
+    let mut plan = protocol.plan();
+    if opts.extended {
+        plan.extend(protocol.extended_plan());
+    }
     let distinct = {
         let mut d: Vec<&Experiment> = Vec::new();
         for e in &plan {
@@ -87,6 +93,11 @@ pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
         unreadable: &outcome.unreadable,
     };
     let report = write(&protocol, &records, &claims, &meta, &opts.out)?;
+    if opts.extended {
+        let mut md = std::fs::read_to_string(&report)?;
+        md.push_str(&extended_section(&protocol, &records, &opts.out)?);
+        runs::write_atomic(&report, md.as_bytes())?;
+    }
     Ok(PaperOutcome {
         claims,
         report,
@@ -143,6 +154,46 @@ fn f3_grid(p: &Protocol) -> Vec<Experiment> {
         }
     }
     g
+}
+
+/// `--extended`'s section: the methods made for noisy labels beside the paper's baseline and W4/A4,
+/// on F2's grid (table and figure) and on T1's faces (Table 1's layout). No verdict: the paper makes
+/// no claim about them.
+fn extended_section(p: &Protocol, records: &[RunRecord], dir: &Path) -> Result<String> {
+    let mut md = String::from(
+        "\n## Beyond the paper: methods made for noisy labels (`--extended`)\n\nNot the paper's comparison: it compared \
+         quantization only with general-purpose regularizers. Here GCE, SCE and co-teaching (and co-teaching with W4/A4) \
+         train on exactly the data, model and schedule of F2 and T1, with their own papers' defaults; the baseline and \
+         W4/A4 rows are the same runs as above.\n",
+    );
+    let w4a4 = |e: &Experiment| {
+        matches!(e.regularizer, crate::config::Regularizer::Quantization { weight_bits: 4, act_bits: 4, .. })
+    };
+    let paper_rows = |e: &Experiment| e.robust == crate::config::Robust::None && (e.is_baseline() || w4a4(e));
+    let f2: Vec<RunRecord> = of_grid(records, &f2_grid(p))
+        .into_iter()
+        .filter(|r| paper_rows(&r.experiment))
+        .chain(of_grid(records, &p.extended_plan()).into_iter().filter(|r| !r.experiment.data.dataset.is_multi_label()))
+        .collect();
+    md.push_str(&format!("\nFinal test accuracy (%), mean ± std over seeds:\n\n{}", report::noise_sweep_table(&f2)));
+    if let Some(mut fig) = figures::fig2(&f2) {
+        fig.name = "fig2-extended".into();
+        fig.title = format!("{} — with methods made for noisy labels", fig.title);
+        figures::draw(&fig, dir)?;
+        md.push_str(&format!("\n![{}]({}.svg)\n", fig.title, fig.name));
+    }
+    let faces: Vec<RunRecord> = claims::table1_records(p, records)
+        .into_iter()
+        .filter(|r| paper_rows(&r.experiment))
+        .chain(of_grid(records, &p.extended_plan()).into_iter().filter(|r| r.experiment.data.dataset.is_multi_label()))
+        .collect();
+    let names = faces.first().map(|r| r.label_names()).unwrap_or_default();
+    let rows = report::table1_rows_by(&faces, claims::kept_f1);
+    md.push_str(&format!(
+        "\nTable 1's layout on the faces (test F1 at the best-validation epoch, mean of the seeds):\n\n{}",
+        report::table1_markdown(&rows, &names)
+    ));
+    Ok(md)
 }
 
 /// The CPU's model name, as /proc/cpuinfo gives it.

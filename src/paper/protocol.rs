@@ -3,7 +3,7 @@
 //! hyper-parameters. Only data size, epochs and model width follow the budget (and, for time, how many
 //! noise rates, settings and seeds the grids hold).
 
-use crate::config::{Arch, BnMode, DatasetKind, DeviceKind, Experiment, NoiseKind, Regularizer};
+use crate::config::{Arch, BnMode, DatasetKind, DeviceKind, Experiment, NoiseKind, Regularizer, Robust};
 
 /// How much compute a reproduction may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -241,6 +241,41 @@ impl Protocol {
     /// best-validation weights whether or not patience runs out.
     pub fn early_stopping(&self, family: &Experiment) -> Regularizer {
         Regularizer::EarlyStopping { patience: (family.train.epochs / 4).max(3) }
+    }
+
+    /// `--extended`: the methods made for noisy labels, each alone and co-teaching also with W4/A4, as
+    /// (regularizer, robust method) pairs; the paper compared none of them.
+    pub fn extended_methods(&self, family: &Experiment) -> Vec<(Regularizer, Robust)> {
+        let w4a4 = quantization(4, 4, if family.data.dataset.is_multi_label() { BnMode::Keep } else { BnMode::Fold });
+        let robust = |k: &str| Robust::default_for(k).expect("known kind");
+        vec![
+            (Regularizer::None, robust("gce")),
+            (Regularizer::None, robust("sce")),
+            (Regularizer::None, robust("co_teaching")),
+            (w4a4, robust("co_teaching")),
+        ]
+    }
+
+    /// `--extended`'s runs: its methods on F2's grid and on T1's seeds.
+    pub fn extended_plan(&self) -> Vec<Experiment> {
+        let mut plan = Vec::new();
+        for (reg, robust) in self.extended_methods(&self.classes) {
+            for &rate in &self.rates {
+                for &seed in &self.seeds {
+                    let mut e = Self::experiment(&self.classes, &Point { regularizer: reg.clone(), rate, seed });
+                    e.robust = robust.clone();
+                    plan.push(e);
+                }
+            }
+        }
+        for (reg, robust) in self.extended_methods(&self.faces) {
+            for &seed in &self.t1_seeds {
+                let mut e = Self::experiment(&self.faces, &Point { regularizer: reg.clone(), rate: FACES_NOISE, seed });
+                e.robust = robust.clone();
+                plan.push(e);
+            }
+        }
+        plan
     }
 
     /// The experiment of one grid point of a family.
