@@ -2,7 +2,7 @@
 //! cross-entropy (q -> 0) and the noise-robust mean absolute error (q = 1). Multi-label data: the same
 //! per label, with p the probability given to the label's (noisy) value, over the known labels.
 
-use super::{binary_log_likelihood, known_and_clean, log_likelihood, masked_mean, Batch, Method};
+use super::{mean_of_log_likelihood, Batch, Method};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -21,20 +21,13 @@ impl Gce {
 
 impl Method for Gce {
     fn loss(&mut self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
-        if batch.multi_label {
-            let (known, clean) = known_and_clean(batch.targets);
-            let shape = logits.shape().clone();
-            let clean = Tensor::from_vec(clean, &shape, batch.device)?;
-            let known = Tensor::from_vec(known, &shape, batch.device)?;
-            let per_entry = self.of_log_likelihood(&binary_log_likelihood(logits, &clean)?)?;
-            return Ok(Some(masked_mean(&per_entry, &known)?));
-        }
-        Ok(Some(self.of_log_likelihood(&log_likelihood(logits, batch.labels)?)?.mean_all()?))
+        Ok(Some(mean_of_log_likelihood(batch, logits, |logp| self.of_log_likelihood(logp))?))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::log_likelihood;
     use super::super::tests::{batch, check_against_reference};
     use super::*;
 

@@ -233,6 +233,23 @@ pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok((values.mul(mask)?.sum_all()? / count)?)
 }
 
+/// The mean of `loss_of(log p)` over the batch, where log p is each image's log-likelihood of its
+/// label, or (multi-label data) each known (image, label) entry's: the shape of GCE and SCE.
+pub fn mean_of_log_likelihood(
+    batch: &Batch,
+    logits: &Tensor,
+    loss_of: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if !batch.multi_label {
+        return Ok(loss_of(&log_likelihood(logits, batch.labels)?)?.mean_all()?);
+    }
+    let (known, clean) = known_and_clean(batch.targets);
+    let shape = logits.shape().clone();
+    let clean = Tensor::from_vec(clean, &shape, batch.device)?;
+    let known = Tensor::from_vec(known, &shape, batch.device)?;
+    masked_mean(&loss_of(&binary_log_likelihood(logits, &clean)?)?, &known)
+}
+
 /// log softmax of the logits at each image's label, (N,).
 pub fn log_likelihood(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;

@@ -2,7 +2,7 @@
 //! cross-entropy -Σ_k p_k log y_k takes log 0 = A = -4 (the paper's clamp), so RCE = -A·(1 - p_y).
 //! Multi-label data: the same per label (C = 2), over the known labels.
 
-use super::{binary_log_likelihood, known_and_clean, log_likelihood, masked_mean, Batch, Method};
+use super::{mean_of_log_likelihood, Batch, Method};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -27,15 +27,7 @@ impl Sce {
 
 impl Method for Sce {
     fn loss(&mut self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
-        if batch.multi_label {
-            let (known, clean) = known_and_clean(batch.targets);
-            let shape = logits.shape().clone();
-            let clean = Tensor::from_vec(clean, &shape, batch.device)?;
-            let known = Tensor::from_vec(known, &shape, batch.device)?;
-            let per_entry = self.of_log_likelihood(&binary_log_likelihood(logits, &clean)?)?;
-            return Ok(Some(masked_mean(&per_entry, &known)?));
-        }
-        Ok(Some(self.of_log_likelihood(&log_likelihood(logits, batch.labels)?)?.mean_all()?))
+        Ok(Some(mean_of_log_likelihood(batch, logits, |logp| self.of_log_likelihood(logp))?))
     }
 }
 
