@@ -7,6 +7,7 @@ pub mod au_csv;
 pub mod augment;
 pub mod bp4d;
 pub mod cifar10;
+pub mod cifar_n;
 pub mod digits;
 pub mod faces;
 pub mod fetch;
