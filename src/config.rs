@@ -124,16 +124,31 @@ impl DatasetKind {
 #[serde(deny_unknown_fields, default)]
 pub struct NoiseConfig {
     pub kind: NoiseKind,
-    /// Fraction s of training examples that are re-annotated.
+    /// Fraction s of training examples that are re-annotated (synthetic kinds; `human` ignores it).
     pub rate: f64,
     pub seed: u64,
+    /// `human`: the CIFAR-N label file (`CIFAR-10_human.pt`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub labels: String,
+    /// `human`: which annotation (CIFAR-10N: aggre, rand1, rand2, rand3, worst).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub set: String,
 }
 
 impl Default for NoiseConfig {
     fn default() -> Self {
-        Self { kind: NoiseKind::Uniform, rate: 0.0, seed: 1 }
+        Self { kind: NoiseKind::Uniform, rate: 0.0, seed: 1, labels: String::new(), set: String::new() }
     }
 }
+
+/// CIFAR-10N's label sets as `data.noise.set` names them, with their key in the official file.
+pub const CIFAR10N_SETS: [(&str, &str); 5] = [
+    ("aggre", "aggre_label"),
+    ("rand1", "random_label1"),
+    ("rand2", "random_label2"),
+    ("rand3", "random_label3"),
+    ("worst", "worse_label"),
+];
 
 /// How a re-annotated label is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,9 +163,13 @@ pub enum NoiseKind {
     /// Multi-label only: per-label flips concentrated on low-intensity (ambiguous) examples, the way
     /// annotators disagree.
     Ambiguous,
+    /// Real human annotations: CIFAR-N's labels (`data.noise.labels`, `data.noise.set`) in place of the
+    /// training labels.
+    Human,
 }
 
 impl NoiseKind {
+    /// The synthetic kinds (Setup cycles through these).
     pub const ALL: [NoiseKind; 4] = [Self::Uniform, Self::Flip, Self::Pair, Self::Ambiguous];
     pub fn name(self) -> &'static str {
         match self {
@@ -158,6 +177,7 @@ impl NoiseKind {
             Self::Flip => "flip",
             Self::Pair => "pair",
             Self::Ambiguous => "ambiguous",
+            Self::Human => "human",
         }
     }
 }
@@ -606,6 +626,30 @@ impl Experiment {
             return Err(format!(
                 "data.noise.kind = \"ambiguous\" is for multi-label datasets (faces, bp4d, au_csv), not {}",
                 d.dataset.name()
+            ));
+        }
+        if d.noise.kind == NoiseKind::Human {
+            if d.dataset != DatasetKind::Cifar10 {
+                return Err(format!(
+                    "data.noise.kind = \"human\" reads CIFAR-10N's labels, so it needs data.dataset = \"cifar10\", not {}",
+                    d.dataset.name()
+                ));
+            }
+            if d.noise.labels.is_empty() {
+                return Err("data.noise.kind = \"human\" needs data.noise.labels: the path of CIFAR-10_human.pt".into());
+            }
+            if !CIFAR10N_SETS.iter().any(|(name, _)| *name == d.noise.set) {
+                let names: Vec<&str> = CIFAR10N_SETS.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "data.noise.set = \"{}\" is not a CIFAR-10N label set; allowed: {}",
+                    d.noise.set,
+                    names.join(", ")
+                ));
+            }
+        } else if !d.noise.labels.is_empty() || !d.noise.set.is_empty() {
+            return Err(format!(
+                "data.noise.labels and data.noise.set are for data.noise.kind = \"human\", not \"{}\"",
+                d.noise.kind.name()
             ));
         }
         if d.fold > 2 {

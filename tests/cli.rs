@@ -131,6 +131,44 @@ fn bad_input_gets_a_message_naming_cause_and_fix() {
 }
 
 #[test]
+fn human_noise_on_the_shuffled_cifar_sample_is_refused_with_the_reason() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets");
+    let (sample, labels) =
+        (shared.join("cifar10-sample/cifar-10-sample-binary.tar.gz"), shared.join("cifar-n/CIFAR-10_human.pt"));
+    if !sample.is_file() || !labels.is_file() {
+        eprintln!("skipped: the shared CIFAR-10 sample or CIFAR-10_human.pt is absent from {}", shared.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qat_lab(
+        &[
+            "run",
+            "fig1-baseline",
+            "--data",
+            sample.to_str().unwrap(),
+            "--set",
+            "data.noise.kind=human",
+            "--set",
+            &format!("data.noise.labels={}", labels.display()),
+            "--set",
+            "data.noise.set=worst",
+        ],
+        tmp.path(),
+    );
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("not in the official order") && out.contains("labels 50000 training images"), "{out}");
+    // Without a set, or on another dataset, the preset is refused before anything loads.
+    let o = qat_lab(&["run", "demo", "--set", "data.noise.kind=human"], tmp.path());
+    assert!(!o.status.success() && text(&o).contains("needs data.dataset = \"cifar10\""), "{}", text(&o));
+    let o = qat_lab(
+        &["run", "fig1-baseline", "--set", "data.noise.kind=human", "--set", "data.noise.labels=x.pt"],
+        tmp.path(),
+    );
+    assert!(!o.status.success() && text(&o).contains("allowed: aggre, rand1, rand2, rand3, worst"), "{}", text(&o));
+}
+
+#[test]
 fn the_lab_refuses_a_non_terminal_and_points_to_headless_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let o = qat_lab(&[], tmp.path());

@@ -4,6 +4,7 @@
 //! set. candle's pickle reader gives the objects; this module reads exactly that layout and refuses
 //! anything else, naming what it found.
 
+use crate::config::{NoiseConfig, CIFAR10N_SETS};
 use anyhow::{bail, Context, Result};
 use candle_core::pickle::{Object, Stack};
 use std::io::Read;
@@ -18,7 +19,10 @@ pub fn read_label_sets(path: &Path) -> Result<Vec<(String, Vec<i64>)>> {
         format!("cannot open the CIFAR-N label file {}: set data.noise.labels to CIFAR-10_human.pt", path.display())
     })?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| {
-        anyhow::anyhow!("{} is not a PyTorch .pt archive (a zip): {e}; it may be truncated: download it again", path.display())
+        anyhow::anyhow!(
+            "{} is not a PyTorch .pt archive (a zip): {e}; it may be truncated: download it again",
+            path.display()
+        )
     })?;
     let name = (0..archive.len())
         .filter_map(|i| archive.name_for_index(i).and_then(|n| n.ok()).map(|n| n.to_string()))
@@ -26,11 +30,58 @@ pub fn read_label_sets(path: &Path) -> Result<Vec<(String, Vec<i64>)>> {
         .with_context(|| format!("{} holds no data.pkl: not a PyTorch .pt archive", path.display()))?;
     let mut entry = archive.by_name(&name).with_context(|| format!("{}: cannot read {name}", path.display()))?;
     if entry.size() > MAX_PICKLE {
-        bail!("{}: {name} is {} bytes, more than a CIFAR-N label file holds: not CIFAR-N", path.display(), entry.size());
+        bail!(
+            "{}: {name} is {} bytes, more than a CIFAR-N label file holds: not CIFAR-N",
+            path.display(),
+            entry.size()
+        );
     }
     let mut bytes = Vec::with_capacity(entry.size() as usize);
     entry.read_to_end(&mut bytes).with_context(|| format!("{}: {name} is corrupt or truncated", path.display()))?;
     parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The training labels that `noise.set` of `noise.labels` gives a dataset whose own (clean) labels
+/// are `clean`, in the same order; refused where the file does not belong to that data.
+pub fn noisy_labels(noise: &NoiseConfig, clean: &[u32], classes: usize) -> Result<Vec<u32>> {
+    let path = Path::new(&noise.labels);
+    let sets = read_label_sets(path)?;
+    let get = |key: &str| sets.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    let key = CIFAR10N_SETS.iter().find(|(name, _)| *name == noise.set).map(|(_, key)| *key).unwrap_or("");
+    let (Some(file_clean), Some(noisy)) = (get("clean_label"), get(key)) else {
+        let names: Vec<&str> = sets.iter().map(|(k, _)| k.as_str()).collect();
+        bail!(
+            "{} has no `clean_label` or no `{key}` (data.noise.set = \"{}\"); it holds {}: is it CIFAR-10_human.pt?",
+            path.display(),
+            noise.set,
+            names.join(", ")
+        );
+    };
+    if file_clean.len() != clean.len() || noisy.len() != clean.len() {
+        bail!(
+            "the dataset is not in the official order: {} labels {} training images but the dataset has {} (a subset or a shuffled copy, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the whole official CIFAR-10",
+            path.display(),
+            file_clean.len(),
+            clean.len()
+        );
+    }
+    if let Some(i) = file_clean.iter().zip(clean).position(|(&a, &b)| a != b as i64) {
+        bail!(
+            "the dataset is not in the official order: its training image {i} has class {} where {} says {} (a shuffled subset, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the official CIFAR-10",
+            clean[i],
+            path.display(),
+            file_clean[i]
+        );
+    }
+    noisy
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| {
+            u32::try_from(y).ok().filter(|&y| (y as usize) < classes).with_context(|| {
+                format!("{}: `{key}` gives image {i} the label {y}, outside the {classes} classes", path.display())
+            })
+        })
+        .collect()
 }
 
 /// The dict of int64 arrays in a protocol-2 pickle.
@@ -44,7 +95,9 @@ pub fn parse(pickle: &[u8]) -> std::result::Result<Vec<(String, Vec<i64>)>, Stri
     let mut sets = entries
         .into_iter()
         .map(|(key, value)| {
-            let Object::Unicode(name) = key else { return Err(format!("a key of the dict is {}, not a name", kind(&key))) };
+            let Object::Unicode(name) = key else {
+                return Err(format!("a key of the dict is {}, not a name", kind(&key)));
+            };
             let labels = int64_array(value).map_err(|e| format!("`{name}`: {e}"))?;
             Ok((name, labels))
         })
@@ -67,14 +120,16 @@ fn int64_array(obj: Object) -> std::result::Result<Vec<i64>, String> {
             })
             .collect();
     }
-    let Object::Build { callable, args } = obj else { return Err(format!("expected a numpy array, found {}", kind(&obj))) };
+    let Object::Build { callable, args } = obj else {
+        return Err(format!("expected a numpy array, found {}", kind(&obj)));
+    };
     match *callable {
         Object::Reduce { callable, .. } if is_class(&callable, "_reconstruct") => {}
         other => return Err(format!("expected a numpy array, found {}", kind(&other))),
     }
     let Object::Tuple(state) = *args else { return Err("a numpy array without its state tuple".into()) };
-    let [_, shape, dtype, fortran, data] = <[Object; 5]>::try_from(state)
-        .map_err(|s| format!("a numpy array state of {} fields, expected 5", s.len()))?;
+    let [_, shape, dtype, fortran, data] =
+        <[Object; 5]>::try_from(state).map_err(|s| format!("a numpy array state of {} fields, expected 5", s.len()))?;
     let n = match shape {
         Object::Tuple(dims) if dims.len() == 1 => match dims[0] {
             Object::Int(n) if n >= 0 => n as usize,
@@ -104,7 +159,9 @@ fn check_int64(dtype: Object) -> std::result::Result<(), String> {
         reduce @ Object::Reduce { .. } => (Box::new(reduce), None),
         other => return Err(format!("a dtype that is {}", kind(&other))),
     };
-    let Object::Reduce { callable: class, args: type_args } = *callable else { return Err("an unreadable dtype".into()) };
+    let Object::Reduce { callable: class, args: type_args } = *callable else {
+        return Err("an unreadable dtype".into());
+    };
     if !is_class(&class, "dtype") {
         return Err(format!("a dtype that is {}", kind(&class)));
     }
@@ -160,7 +217,9 @@ fn kind(obj: &Object) -> String {
         Object::Tuple(_) => "a tuple".into(),
         Object::List(_) => "a list".into(),
         Object::Dict(_) => "a dict".into(),
-        Object::Reduce { callable, .. } | Object::Build { callable, .. } => format!("an object made by {}", kind(callable)),
+        Object::Reduce { callable, .. } | Object::Build { callable, .. } => {
+            format!("an object made by {}", kind(callable))
+        }
         Object::Mark | Object::PersistentLoad(_) => "an unsupported pickle object".into(),
     }
 }
@@ -197,7 +256,9 @@ pub(crate) mod tests {
             p.extend([0x89, 0x88, 0x87, b'R']);
             p.extend([b'(', b'K', 3]);
             unicode(&mut p, "<");
-            p.extend([b'N', b'N', b'N', b'J', 0xff, 0xff, 0xff, 0xff, b'J', 0xff, 0xff, 0xff, 0xff, b'K', 0, b't', b'b']);
+            p.extend([
+                b'N', b'N', b'N', b'J', 0xff, 0xff, 0xff, 0xff, b'J', 0xff, 0xff, 0xff, 0xff, b'K', 0, b't', b'b',
+            ]);
             p.push(0x89);
             global(&mut p, "_codecs", "encode");
             let latin1: String = data.iter().map(|&b| b as char).collect();
@@ -226,13 +287,72 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn human_labels_replace_the_training_labels_of_data_in_the_official_order_only() {
+        use crate::config::{DataConfig, DatasetKind, NoiseKind};
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        // 40 training images labelled i % 10 (the fake batch's order is "official" here).
+        std::fs::write(bin.join("data_batch_1.bin"), crate::data::cifar10::tests::fake_batch(40)).unwrap();
+        std::fs::write(bin.join("test_batch.bin"), crate::data::cifar10::tests::fake_batch(10)).unwrap();
+        let clean: Vec<i64> = (0..40).map(|i| i % 10).collect();
+        // "worst" relabels every 4th image as the next class: 25% noise.
+        let worst: Vec<i64> =
+            clean.iter().enumerate().map(|(i, &c)| if i % 4 == 0 { (c + 1) % 10 } else { c }).collect();
+        let pt = dir.path().join("CIFAR-10_human.pt");
+        write_pt(&pt, &pickle(&[("clean_label", "i8", int64(&clean), 40), ("worse_label", "i8", int64(&worst), 40)]));
+        let mut cfg =
+            DataConfig { dataset: DatasetKind::Cifar10, path: bin.display().to_string(), ..Default::default() };
+        cfg.noise.kind = NoiseKind::Human;
+        cfg.noise.labels = pt.display().to_string();
+        cfg.noise.set = "worst".into();
+        let data = crate::data::load(&cfg).unwrap();
+        assert_eq!(data.measured_noise_rate, 0.25);
+        assert_eq!(data.corrupted.iter().filter(|&&c| c).count(), 10);
+        for (i, &noisy) in data.train.labels.iter().enumerate() {
+            assert_eq!(data.corrupted[i], noisy != data.train_clean_labels[i]);
+        }
+        // A subset is drawn after the labels are matched, so it keeps them.
+        cfg.train_subset = 20;
+        let sub = crate::data::load(&cfg).unwrap();
+        assert_eq!(sub.train.len(), 20);
+        // Another order, or another size, is not the data the file labels.
+        let shuffled: Vec<i64> = clean.iter().rev().copied().collect();
+        write_pt(
+            &pt,
+            &pickle(&[("clean_label", "i8", int64(&shuffled), 40), ("worse_label", "i8", int64(&worst), 40)]),
+        );
+        let m = format!("{:#}", crate::data::load(&cfg).unwrap_err());
+        assert!(m.contains("not in the official order") && m.contains("training image 0 has class 0"), "{m}");
+        write_pt(
+            &pt,
+            &pickle(&[("clean_label", "i8", int64(&clean[..30]), 30), ("worse_label", "i8", int64(&worst[..30]), 30)]),
+        );
+        let m = format!("{:#}", crate::data::load(&cfg).unwrap_err());
+        assert!(
+            m.contains("not in the official order") && m.contains("labels 30 training images but the dataset has 40"),
+            "{m}"
+        );
+        // A set the file lacks names what it holds.
+        write_pt(&pt, &pickle(&[("clean_label", "i8", int64(&clean), 40)]));
+        let m = format!("{:#}", crate::data::load(&cfg).unwrap_err());
+        assert!(m.contains("no `worse_label`") && m.contains("it holds clean_label"), "{m}");
+    }
+
+    #[test]
     fn reads_a_torch_archive_of_int64_arrays() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("labels.pt");
         let clean = [6i64, 9, 9, 4, 1];
-        write_pt(&path, &pickle(&[("clean_label", "i8", int64(&clean), 5), ("worse_label", "i8", int64(&[6, 1, 9, 4, 0]), 5)]));
+        write_pt(
+            &path,
+            &pickle(&[("clean_label", "i8", int64(&clean), 5), ("worse_label", "i8", int64(&[6, 1, 9, 4, 0]), 5)]),
+        );
         let sets = read_label_sets(&path).unwrap();
-        assert_eq!(sets, vec![("clean_label".to_string(), clean.to_vec()), ("worse_label".to_string(), vec![6, 1, 9, 4, 0])]);
+        assert_eq!(
+            sets,
+            vec![("clean_label".to_string(), clean.to_vec()), ("worse_label".to_string(), vec![6, 1, 9, 4, 0])]
+        );
     }
 
     #[test]
@@ -265,14 +385,19 @@ pub(crate) mod tests {
         write_pt(&path, &float);
         let m = format!("{:#}", read_label_sets(&path).unwrap_err());
         assert!(m.contains("`clean_label`: expected a numpy array, found a float"), "{m}");
-        assert!(format!("{:#}", read_label_sets(&dir.path().join("none.pt")).unwrap_err()).contains("data.noise.labels"));
+        assert!(
+            format!("{:#}", read_label_sets(&dir.path().join("none.pt")).unwrap_err()).contains("data.noise.labels")
+        );
     }
 
     /// The shared official files, when present.
     fn shared(name: &str) -> Option<std::path::PathBuf> {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/cifar-n").join(name);
         if !p.is_file() {
-            eprintln!("skipped: {} is absent (the official CIFAR-N files are in ../shared on the lab's machines)", p.display());
+            eprintln!(
+                "skipped: {} is absent (the official CIFAR-N files are in ../shared on the lab's machines)",
+                p.display()
+            );
             return None;
         }
         Some(p)

@@ -291,6 +291,13 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
             );
         }
     }
+    // Human labels align with the raw training set by index, so they are read before subsetting.
+    let human = match cfg.noise.kind {
+        crate::config::NoiseKind::Human => {
+            Some(cifar_n::noisy_labels(&cfg.noise, &raw.train.labels, raw.classes.len())?)
+        }
+        _ => None,
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(DATA_SEED);
     let mut order: Vec<usize> = (0..raw.train.len()).collect();
     order.shuffle(&mut rng);
@@ -307,7 +314,10 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
     let clean = train.labels.clone();
     let (corrupted_all, picked_rate, measured_rate, per) = match raw.task {
         Task::Classify => {
-            let noisy = noise::corrupt(&clean, raw.classes.len(), &cfg.noise);
+            let noisy = match &human {
+                Some(labels) => noise::annotated(&clean, order.iter().map(|&i| labels[i]).collect()),
+                None => noise::corrupt(&clean, raw.classes.len(), &cfg.noise),
+            };
             train.labels = noisy.labels;
             (noisy.corrupted, noisy.picked_rate, noisy.measured_rate, 1)
         }
@@ -386,7 +396,7 @@ mod tests {
     fn digits_prepare_keeps_counts_and_standardises() {
         let cfg = DataConfig {
             val_fraction: 0.1,
-            noise: NoiseConfig { kind: NoiseKind::Flip, rate: 0.4, seed: 3 },
+            noise: NoiseConfig { kind: NoiseKind::Flip, rate: 0.4, seed: 3, ..Default::default() },
             ..Default::default()
         };
         let ds = load(&cfg).unwrap();

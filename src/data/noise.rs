@@ -38,6 +38,8 @@ pub fn corrupt(clean: &[u32], num_classes: usize, cfg: &NoiseConfig) -> NoisyLab
                     }
                 }
                 NoiseKind::Pair => (clean[i] + 1) % c,
+                // Human labels come from their file ([`annotated`]), never from a draw.
+                NoiseKind::Human => clean[i],
             };
         }
     }
@@ -45,6 +47,13 @@ pub fn corrupt(clean: &[u32], num_classes: usize, cfg: &NoiseConfig) -> NoisyLab
     let changed = corrupted.iter().filter(|&&x| x).count();
     let denom = n.max(1) as f64;
     NoisyLabels { labels, corrupted, picked_rate: picked as f64 / denom, measured_rate: changed as f64 / denom }
+}
+
+/// Labels that annotators gave (`noisy`, aligned with `clean`): corrupted where they differ.
+pub fn annotated(clean: &[u32], noisy: Vec<u32>) -> NoisyLabels {
+    let corrupted: Vec<bool> = noisy.iter().zip(clean).map(|(a, b)| a != b).collect();
+    let rate = corrupted.iter().filter(|&&x| x).count() as f64 / clean.len().max(1) as f64;
+    NoisyLabels { labels: noisy, corrupted, picked_rate: rate, measured_rate: rate }
 }
 
 /// Multi-label targets after corruption.
@@ -110,7 +119,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn cfg(kind: NoiseKind, rate: f64, seed: u64) -> NoiseConfig {
-        NoiseConfig { kind, rate, seed }
+        NoiseConfig { kind, rate, seed, ..Default::default() }
     }
 
     proptest! {

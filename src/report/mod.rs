@@ -35,7 +35,13 @@ pub fn left_out_of_means(records: &[RunRecord]) -> String {
 /// Key that groups runs trained on the same data: dataset, noise kind and rate.
 fn data_key(r: &RunRecord) -> (String, String, u64) {
     let d = &r.experiment.data;
-    (d.dataset.name().to_string(), d.noise.kind.name().to_string(), (d.noise.rate * 1000.0).round() as u64)
+    // Human noise is told apart by its label set (its rate field is unused).
+    let kind = if d.noise.set.is_empty() {
+        d.noise.kind.name().to_string()
+    } else {
+        format!("{}:{}", d.noise.kind.name(), d.noise.set)
+    };
+    (d.dataset.name().to_string(), kind, (d.noise.rate * 1000.0).round() as u64)
 }
 
 /// The baseline's final accuracy for the same data, averaged over its seeds.
