@@ -159,6 +159,9 @@ fn every_noisy_label_method_trains_alone_and_with_quantization_on_classes_and_la
                 assert_eq!(stored.format, runs::record::FORMAT);
                 assert_eq!(stored.classes.len(), if dataset == DatasetKind::Faces { 12 } else { 10 }, "{what}");
                 assert_eq!(rec.label_names(), stored.classes, "{what}: views read the names from the record");
+                let rows = if dataset == DatasetKind::Faces { 0 } else { 10 };
+                assert_eq!(stored.transition.len(), rows, "{what}: the noise transition matrix of classes");
+                assert!(stored.transition.iter().all(|r| (r.iter().sum::<f64>() - 1.0).abs() < 1e-9), "{what}");
                 assert!(rec.metrics.iter().all(|m| m.train_loss.is_finite() && m.eval_loss.is_finite()), "{what}");
             }
         }

@@ -308,6 +308,8 @@ pub(crate) mod tests {
         cfg.noise.set = "worst".into();
         let data = crate::data::load(&cfg).unwrap();
         assert_eq!(data.measured_noise_rate, 0.25);
+        // Class 0 (images 0, 10, 20, 30) gives images 0 and 20 to class 1; class 1 keeps all of its own.
+        assert_eq!((data.transition[0][0], data.transition[0][1], data.transition[1][1]), (0.5, 0.5, 1.0));
         assert_eq!(data.corrupted.iter().filter(|&&c| c).count(), 10);
         for (i, &noisy) in data.train.labels.iter().enumerate() {
             assert_eq!(data.corrupted[i], noisy != data.train_clean_labels[i]);
@@ -426,6 +428,13 @@ pub(crate) mod tests {
                 let got = disagreement(&sets, "clean_label", set);
                 assert!((got - rate).abs() < 0.0001, "{set}: {got} vs the published {rate}");
             }
+            // CIFAR-10 has 5,000 training images per class, so the diagonal's mean is 1 - the rate.
+            let to_u32 = |v: &Vec<i64>| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
+            let worst = &sets.iter().find(|(k, _)| k == "worse_label").unwrap().1;
+            let m = crate::data::noise::transition_matrix(&to_u32(clean), &to_u32(worst), 10);
+            let diagonal = (0..10).map(|i| m[i][i]).sum::<f64>() / 10.0;
+            assert!((diagonal - (1.0 - 0.4021)).abs() < 0.0001, "{diagonal}");
+            assert!(m.iter().all(|r| (r.iter().sum::<f64>() - 1.0).abs() < 1e-9));
         }
         if let Some(p) = shared("CIFAR-100_human.pt") {
             let sets = read_label_sets(&p).unwrap();

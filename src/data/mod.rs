@@ -127,6 +127,8 @@ pub struct Dataset {
     pub noise_picked_rate: f64,
     /// Fraction of training labels that really differ from the truth.
     pub measured_noise_rate: f64,
+    /// Single-label data: row i is the share of clean class i's training examples labelled j.
+    pub transition: Vec<Vec<f64>>,
 }
 
 impl Dataset {
@@ -342,6 +344,11 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
     let corrupted = corrupted_all[..n_fit * per].to_vec();
     let train_clean_labels = clean[..n_fit].to_vec();
 
+    // Over the whole noisy training set (validation included), as the noise was made.
+    let transition = match raw.task {
+        Task::Classify => noise::transition_matrix(&clean, &train.labels, raw.classes.len()),
+        Task::MultiLabel => Vec::new(),
+    };
     let mut ds = Dataset {
         name: raw.name,
         task: raw.task,
@@ -354,6 +361,7 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
         test,
         noise_picked_rate: picked_rate,
         measured_noise_rate: measured_rate,
+        transition,
     };
     standardise(&mut ds);
     Ok(ds)

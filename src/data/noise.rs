@@ -56,6 +56,24 @@ pub fn annotated(clean: &[u32], noisy: Vec<u32>) -> NoisyLabels {
     NoisyLabels { labels: noisy, corrupted, picked_rate: rate, measured_rate: rate }
 }
 
+/// The noise transition matrix of single-label data: row i is the share of the examples of clean
+/// class i that carry each label j (rows of absent classes are zero).
+pub fn transition_matrix(clean: &[u32], noisy: &[u32], classes: usize) -> Vec<Vec<f64>> {
+    let mut counts = vec![vec![0usize; classes]; classes];
+    for (&c, &y) in clean.iter().zip(noisy) {
+        if (c as usize) < classes && (y as usize) < classes {
+            counts[c as usize][y as usize] += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|row| {
+            let n = row.iter().sum::<usize>().max(1) as f64;
+            row.into_iter().map(|k| k as f64 / n).collect()
+        })
+        .collect()
+}
+
 /// Multi-label targets after corruption.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoisyTargets {
@@ -203,5 +221,25 @@ mod tests {
         let a = corrupt(&clean, 10, &cfg(NoiseKind::Flip, 0.3, 1));
         let b = corrupt(&clean, 10, &cfg(NoiseKind::Flip, 0.3, 2));
         assert_ne!(a.corrupted, b.corrupted);
+    }
+
+    #[test]
+    fn uniform_noise_has_the_expected_transition_matrix() {
+        // s = 40% over 10 classes: a picked label is uniform over all 10, so the diagonal is
+        // 1 - s + s/10 = 0.64 and every other cell s/10 = 0.04.
+        let clean: Vec<u32> = (0..50_000).map(|i| i % 10).collect();
+        let out = corrupt(&clean, 10, &cfg(NoiseKind::Uniform, 0.4, 3));
+        let m = transition_matrix(&clean, &out.labels, 10);
+        for (i, row) in m.iter().enumerate() {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+            for (j, &v) in row.iter().enumerate() {
+                let want = if i == j { 0.64 } else { 0.04 };
+                assert!((v - want).abs() < 0.012, "({i}, {j}): {v} vs {want}");
+            }
+        }
+        // Pair noise moves mass to the next class only.
+        let pair = corrupt(&clean, 10, &cfg(NoiseKind::Pair, 0.3, 3));
+        let m = transition_matrix(&clean, &pair.labels, 10);
+        assert!((m[2][3] - 0.3).abs() < 0.02 && m[2][4] == 0.0 && (m[2][2] - 0.7).abs() < 0.02, "{:?}", m[2]);
     }
 }

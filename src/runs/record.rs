@@ -122,6 +122,10 @@ pub struct Summary {
     /// written before they were stored).
     #[serde(default)]
     pub classes: Vec<String>,
+    /// Single-label data: the noise transition matrix of the training labels (row i: the share of
+    /// clean class i labelled j); empty for multi-label data and older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transition: Vec<Vec<f64>>,
 }
 
 impl Summary {
@@ -149,6 +153,7 @@ impl Summary {
             wall_secs: 0.0,
             device: String::new(),
             classes: Vec::new(),
+            transition: Vec::new(),
         }
     }
 }

@@ -216,6 +216,7 @@ fn train(
     summary.measured_noise_rate = data.measured_noise_rate;
     summary.device = format!("{:?}", exp.train.device).to_lowercase();
     summary.classes = data.classes.clone();
+    summary.transition = data.transition.clone();
     dir.write_summary(summary)?;
 
     let multi = data.is_multi_label();
