@@ -320,10 +320,7 @@ impl Regularizer {
 
     /// The regularizer `kind` with its default parameters.
     pub fn default_for(kind: &str) -> Result<Regularizer, String> {
-        let mut t = toml::Table::new();
-        t.insert("kind".into(), toml::Value::String(kind.into()));
-        Regularizer::deserialize(toml::Value::Table(t))
-            .map_err(|_| format!("unknown regularizer `{kind}`; allowed: {}", REGULARIZER_KINDS.join(", ")))
+        default_of_kind(kind, "regularizer", &REGULARIZER_KINDS)
     }
 
     /// The `kind` tag as written in presets.
@@ -403,16 +400,21 @@ fn default_tk() -> usize {
     10
 }
 
+/// A kinded section (`{ kind = "..." }`) with every other field at its default.
+fn default_of_kind<T: serde::de::DeserializeOwned>(kind: &str, what: &str, allowed: &[&str]) -> Result<T, String> {
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), toml::Value::String(kind.into()));
+    T::deserialize(toml::Value::Table(t))
+        .map_err(|_| format!("unknown {what} `{kind}`; allowed: {}", allowed.join(", ")))
+}
+
 /// Kinds accepted in `robust.kind`.
 pub const ROBUST_KINDS: [&str; 4] = ["none", "gce", "sce", "co_teaching"];
 
 impl Robust {
     /// The method `kind` with its papers' defaults.
     pub fn default_for(kind: &str) -> Result<Robust, String> {
-        let mut t = toml::Table::new();
-        t.insert("kind".into(), toml::Value::String(kind.into()));
-        Robust::deserialize(toml::Value::Table(t))
-            .map_err(|_| format!("unknown robust method `{kind}`; allowed: {}", ROBUST_KINDS.join(", ")))
+        default_of_kind(kind, "robust method", &ROBUST_KINDS)
     }
 
     /// The `kind` tag as written in presets.

@@ -372,6 +372,17 @@ mod tests {
         f.cursor = FIELDS.iter().position(|x| *x == Field::Regularizer).unwrap();
         f.cycle(1);
         assert_eq!(f.experiment.regularizer.kind(), "early_stopping");
+        // The robust method's row cycles through the noisy-label methods, and back to plain CE.
+        f.cursor = FIELDS.iter().position(|x| *x == Field::Robust).unwrap();
+        let kinds: Vec<&str> = (0..4)
+            .map(|_| {
+                f.cycle(1);
+                f.experiment.robust.kind()
+            })
+            .collect();
+        assert_eq!(kinds, ["gce", "sce", "co_teaching", "none"]);
+        f.cycle(1);
+        assert_eq!(f.row(Field::Robust), ("Robust method".to_string(), "GCE q=0.7".to_string()));
         f.experiment.data.val_fraction = 0.0;
         assert!(f.build().unwrap_err().contains("val_fraction"));
         f.cursor = FIELDS.iter().position(|x| *x == Field::Validation).unwrap();
