@@ -168,6 +168,51 @@ fn human_noise_on_the_shuffled_cifar_sample_is_refused_with_the_reason() {
     assert!(!o.status.success() && text(&o).contains("allowed: aggre, rand1, rand2, rand3, worst"), "{}", text(&o));
 }
 
+/// A loopback HTTP server that answers one GET with `body`.
+fn serve_once(body: Vec<u8>) -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body).unwrap();
+    });
+    format!("http://{addr}/CIFAR-10_human.pt")
+}
+
+#[test]
+fn data_fetch_cifar10n_downloads_and_verifies_the_label_file() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/cifar-n/CIFAR-10_human.pt");
+    let Ok(body) = std::fs::read(&shared) else {
+        eprintln!("skipped: {} is absent (served on loopback as the official file)", shared.display());
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cifar-n");
+    let o = qat_lab(
+        &["data", "fetch", "cifar10n", "--dir", dir.to_str().unwrap(), "--url", &serve_once(body.clone())],
+        tmp.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("CIFAR-10N's labels ready at") && text(&o).contains("sha256 verified"), "{}", text(&o));
+    assert_eq!(std::fs::read(dir.join("CIFAR-10_human.pt")).unwrap(), body);
+    // A file that is not the official one is refused and removed.
+    let other = tmp.path().join("other");
+    let o = qat_lab(
+        &["data", "fetch", "cifar10n", "--dir", other.to_str().unwrap(), "--url", &serve_once(b"not it".to_vec())],
+        tmp.path(),
+    );
+    assert!(!o.status.success() && text(&o).contains("corrupt"), "{}", text(&o));
+    assert!(!other.join("CIFAR-10_human.pt").exists());
+}
+
 #[test]
 fn the_lab_refuses_a_non_terminal_and_points_to_headless_runs() {
     let tmp = tempfile::tempdir().unwrap();

@@ -10,13 +10,19 @@ use candle_core::pickle::{Object, Stack};
 use std::io::Read;
 use std::path::Path;
 
+/// Where `qat-lab data fetch cifar10n` puts the label files, and where the presets look.
+pub const DEFAULT_DIR: &str = "data/cifar-n";
+
 /// The largest pickle read (the real files' are 2.4 MB and 1.0 MB).
 const MAX_PICKLE: u64 = 64 << 20;
 
 /// The label sets of a CIFAR-N file, as (name, labels) sorted by name.
 pub fn read_label_sets(path: &Path) -> Result<Vec<(String, Vec<i64>)>> {
     let file = std::fs::File::open(path).with_context(|| {
-        format!("cannot open the CIFAR-N label file {}: set data.noise.labels to CIFAR-10_human.pt", path.display())
+        format!(
+            "cannot open the CIFAR-N label file {}: run `qat-lab data fetch cifar10n` (it saves data/cifar-n/CIFAR-10_human.pt), or set data.noise.labels to your copy",
+            path.display()
+        )
     })?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| {
         anyhow::anyhow!(

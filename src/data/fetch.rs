@@ -24,6 +24,24 @@ pub fn cifar10() -> Remote {
     }
 }
 
+/// CIFAR-10N's human labels (Wei et al. 2022, CC BY-NC 4.0), from the authors' repository.
+pub fn cifar10n() -> Remote {
+    Remote {
+        url: "https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/CIFAR-10_human.pt".into(),
+        sha256: "873e69c39cb9b5e97fb6bae2d60bb59b38a5cbc31d2b868f7903dcb2b9dd2310".into(),
+        len: Some(2_401_007),
+    }
+}
+
+/// CIFAR-100N's human labels, from the same repository.
+pub fn cifar100n() -> Remote {
+    Remote {
+        url: "https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/CIFAR-100_human.pt".into(),
+        sha256: "bd2d80409754d420292d622e15e25248ba21e37d27429efac49c8da723f44394".into(),
+        len: Some(1_000_959),
+    }
+}
+
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path)?;
