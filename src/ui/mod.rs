@@ -38,6 +38,8 @@ pub fn initial_app(start: LabStart) -> App {
     let cuda = candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok();
     let mut app = App::new(setup::SetupForm::new(presets, cores, cuda));
     app.available_memory = crate::train::footprint::available();
+    let labels = std::path::Path::new(crate::data::cifar_n::DEFAULT_DIR).join("CIFAR-10_human.pt");
+    app.setup.human_labels = labels.is_file().then(|| labels.display().to_string());
     // Terminals that name themselves `dumb` draw no box or braille characters.
     if std::env::var("TERM").is_ok_and(|t| t == "dumb") {
         app.ascii = true;

@@ -2,7 +2,7 @@
 
 use crate::config::{
     Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, NoiseKind, PruneCriterion, Regularizer, Robust,
-    REGULARIZER_KINDS, ROBUST_KINDS,
+    CIFAR10N_SETS, REGULARIZER_KINDS, ROBUST_KINDS,
 };
 
 /// One editable row of the form.
@@ -74,6 +74,8 @@ pub struct SetupForm {
     pub cuda_available: bool,
     /// Text being typed into the path field, when editing.
     pub editing: Option<String>,
+    /// CIFAR-10N's label file, when present: Setup then offers human noise on CIFAR-10.
+    pub human_labels: Option<String>,
 }
 
 impl SetupForm {
@@ -90,7 +92,18 @@ impl SetupForm {
             max_parallel: cores.clamp(1, 8),
             cuda_available,
             editing: None,
+            human_labels: None,
         }
+    }
+
+    /// The noise kinds the form offers: the synthetic ones, and human noise on CIFAR-10 when the
+    /// label file is there.
+    fn noise_kinds(&self) -> Vec<NoiseKind> {
+        let mut kinds = NoiseKind::ALL.to_vec();
+        if self.human_labels.is_some() && self.experiment.data.dataset == DatasetKind::Cifar10 {
+            kinds.push(NoiseKind::Human);
+        }
+        kinds
     }
 
     pub fn field(&self) -> Field {
@@ -123,6 +136,9 @@ impl SetupForm {
                 if e.data.train_subset == 0 { "all".into() } else { e.data.train_subset.to_string() },
             ),
             Field::NoiseKind => ("Noise kind".into(), e.data.noise.kind.name().into()),
+            Field::NoiseRate if e.data.noise.kind == NoiseKind::Human => {
+                ("Human label set".into(), e.data.noise.set.clone())
+            }
             Field::NoiseRate => ("Noise rate s".into(), format!("{:.0}%", e.data.noise.rate * 100.0)),
             Field::Validation => ("Validation split".into(), format!("{:.0}%", e.data.val_fraction * 100.0)),
             Field::Regularizer => ("Regularizer".into(), e.regularizer.kind().replace('_', " ")),
@@ -211,7 +227,24 @@ impl SetupForm {
             Field::Dataset => e.data.dataset = step(&DatasetKind::ALL, &e.data.dataset, dir),
             Field::Path => {}
             Field::Subset => e.data.train_subset = step(&SUBSETS, &e.data.train_subset, dir),
-            Field::NoiseKind => e.data.noise.kind = step(&NoiseKind::ALL, &e.data.noise.kind, dir),
+            Field::NoiseKind => {
+                let kinds = self.noise_kinds();
+                let labels = self.human_labels.clone().unwrap_or_default();
+                let noise = &mut self.experiment.data.noise;
+                noise.kind = step(&kinds, &noise.kind, dir);
+                // Human noise reads its labels from the file; the synthetic kinds take none.
+                if noise.kind == NoiseKind::Human {
+                    noise.labels = labels;
+                    noise.set = CIFAR10N_SETS[0].0.into();
+                } else {
+                    noise.labels.clear();
+                    noise.set.clear();
+                }
+            }
+            Field::NoiseRate if e.data.noise.kind == NoiseKind::Human => {
+                let sets: Vec<&str> = CIFAR10N_SETS.iter().map(|(name, _)| *name).collect();
+                e.data.noise.set = step(&sets, &e.data.noise.set.as_str(), dir).to_string();
+            }
             Field::NoiseRate => {
                 e.data.noise.rate = ((e.data.noise.rate * 20.0).round() + dir as f64).clamp(0.0, 18.0) / 20.0;
             }
@@ -372,6 +405,34 @@ mod tests {
         f.cursor = FIELDS.iter().position(|x| *x == Field::Regularizer).unwrap();
         f.cycle(1);
         assert_eq!(f.experiment.regularizer.kind(), "early_stopping");
+        // Human noise is offered on CIFAR-10 only when the label file is there; its set takes the
+        // noise-rate row.
+        f.experiment.data.dataset = DatasetKind::Cifar10;
+        f.cursor = FIELDS.iter().position(|x| *x == Field::NoiseKind).unwrap();
+        let kinds = |f: &mut SetupForm| {
+            (0..5)
+                .map(|_| {
+                    f.cycle(1);
+                    f.experiment.data.noise.kind
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(!kinds(&mut f).contains(&NoiseKind::Human), "no label file, no human noise");
+        f.human_labels = Some("data/cifar-n/CIFAR-10_human.pt".into());
+        while f.experiment.data.noise.kind != NoiseKind::Human {
+            f.cycle(1);
+        }
+        assert_eq!(f.experiment.data.noise.labels, "data/cifar-n/CIFAR-10_human.pt");
+        assert_eq!(f.row(Field::NoiseRate), ("Human label set".to_string(), "aggre".to_string()));
+        f.cursor = FIELDS.iter().position(|x| *x == Field::NoiseRate).unwrap();
+        f.cycle(-1);
+        assert_eq!(f.experiment.data.noise.set, "worst");
+        let chosen = std::mem::replace(&mut f.experiment.regularizer, Regularizer::None);
+        assert!(f.experiment.validate().is_ok(), "{:?}", f.experiment.validate());
+        f.experiment.regularizer = chosen;
+        f.cursor = FIELDS.iter().position(|x| *x == Field::NoiseKind).unwrap();
+        f.cycle(1);
+        assert!(f.experiment.data.noise.labels.is_empty() && f.experiment.data.noise.set.is_empty());
         // The robust method's row cycles through the noisy-label methods, and back to plain CE.
         f.cursor = FIELDS.iter().position(|x| *x == Field::Robust).unwrap();
         let kinds: Vec<&str> = (0..4)
