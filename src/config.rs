@@ -584,7 +584,7 @@ impl Experiment {
         // `[sweep]` belongs to `qat-lab sweep` (see [`sweep_axes`]); a single run ignores it.
         table.remove("sweep");
         // Parse once before the overrides so that an error is blamed on the right source.
-        check_regularizer_keys(&table).map_err(err)?;
+        check_kind_keys(&table).map_err(err)?;
         let mut exp = parse_table(&table).map_err(err)?;
         let is_kind = |o: &&String| {
             o.split_once('=').is_some_and(|(k, _)| KINDED.iter().any(|s| k.trim() == format!("{s}.kind")))
@@ -593,7 +593,7 @@ impl Experiment {
         for o in ordered {
             let blame = |m: String| ConfigError { source_name: format!("--set {o}"), message: m };
             apply_override(&mut table, o).map_err(blame)?;
-            check_regularizer_keys(&table).map_err(blame)?;
+            check_kind_keys(&table).map_err(blame)?;
             exp = parse_table(&table).map_err(blame)?;
         }
         exp.validate().map_err(|m| {
@@ -829,7 +829,7 @@ const KINDED: [&str; 2] = ["regularizer", "robust"];
 
 /// serde ignores extra keys beside a field-less kind (`kind = "none"`, `weight_bits = 4`): refuse any
 /// key of `[regularizer]` or `[robust]` that its kind does not have, naming the keys it does.
-fn check_regularizer_keys(table: &toml::Table) -> Result<(), String> {
+fn check_kind_keys(table: &toml::Table) -> Result<(), String> {
     for section in KINDED {
         let Some(reg) = table.get(section).and_then(|r| r.as_table()) else {
             continue;

@@ -92,12 +92,7 @@ pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
         stopped: outcome.stopped,
         unreadable: &outcome.unreadable,
     };
-    let report = write(&protocol, &records, &claims, &meta, &opts.out)?;
-    if opts.extended {
-        let mut md = std::fs::read_to_string(&report)?;
-        md.push_str(&extended_section(&protocol, &records, &opts.out)?);
-        runs::write_atomic(&report, md.as_bytes())?;
-    }
+    let report = write(&protocol, &records, &claims, &meta, opts.extended, &opts.out)?;
     Ok(PaperOutcome {
         claims,
         report,
@@ -227,8 +222,16 @@ fn family_line(name: &str, e: &Experiment) -> String {
     )
 }
 
-/// Writes `report.md`, `fig1/2/3.{svg,png}` and `table1.{md,csv,tex}` into `dir`; returns the report's path.
-pub fn write(p: &Protocol, records: &[RunRecord], claims: &[Claim], meta: &Meta, dir: &Path) -> Result<PathBuf> {
+/// Writes `report.md`, `fig1/2/3.{svg,png}` and `table1.{md,csv,tex}` into `dir` (with `extended`, also
+/// the noisy-label methods' section and `fig2-extended`); returns the report's path.
+pub fn write(
+    p: &Protocol,
+    records: &[RunRecord],
+    claims: &[Claim],
+    meta: &Meta,
+    extended: bool,
+    dir: &Path,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let mut md = format!(
         "# The paper, reproduced by qat-lab — budget `{}`\n\n\"Fighting over-fitting with quantization for learning deep neural networks on noisy labels\": \
@@ -321,6 +324,9 @@ pub fn write(p: &Protocol, records: &[RunRecord], claims: &[Claim], meta: &Meta,
         FACES_NOISE * 100.0,
         p.t1_seeds,
     ));
+    if extended {
+        md.push_str(&extended_section(p, records, dir)?);
+    }
     let path = dir.join("report.md");
     runs::write_atomic(&path, md.as_bytes())?;
     Ok(path)

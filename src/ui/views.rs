@@ -203,7 +203,7 @@ fn robust_help(kind: &str) -> Option<&'static str> {
         "gce" => Some("GCE: (1 - p^q)/q, between cross-entropy and the noise-robust MAE (q = 0.7)."),
         "sce" => Some("SCE: 0.1·CE + 1.0·reverse CE; the reverse term is bounded, so wrong labels pull less."),
         "co_teaching" => {
-            Some("Co-teaching: two networks; each trains on the small-loss half its peer picks (2x the time).")
+            Some("Co-teaching: two networks; each trains on the small-loss samples its peer keeps, dropping up to the noise rate (2x the time).")
         }
         _ => None,
     }
