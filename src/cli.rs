@@ -181,9 +181,9 @@ fn draw_figures(records: &[runs::RunRecord], dir: &std::path::Path) -> Result<()
 pub enum DataAction {
     /// Download and verify a dataset archive (resumes an interrupted download).
     Fetch {
-        /// What to fetch: cifar10 (the images), or cifar10n / cifar100n (CIFAR-N's human labels).
+        /// What to fetch: cifar10 / cifar100 (the images), or cifar10n / cifar100n (CIFAR-N's human labels).
         dataset: String,
-        /// Folder to put the file in [default: data/cifar10, or data/cifar-n for the label files].
+        /// Folder to put the file in [default: data/cifar10 or data/cifar100, or data/cifar-n for the label files].
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Download from this address instead of the official one (same checksum required).
@@ -303,13 +303,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Data { action: DataAction::Fetch { dataset, dir, url } } => {
-            use crate::data::{cifar10, cifar_n, fetch};
+            use crate::data::{cifar, cifar_n, fetch};
             let (mut remote, default_dir, file, what) = match dataset.as_str() {
-                "cifar10" => (fetch::cifar10(), cifar10::DEFAULT_DIR, cifar10::ARCHIVE_NAME, "CIFAR-10"),
+                "cifar10" => (fetch::cifar10(), cifar::CIFAR10.default_dir, cifar::CIFAR10.archive_name, "CIFAR-10"),
+                "cifar100" => {
+                    (fetch::cifar100(), cifar::CIFAR100.default_dir, cifar::CIFAR100.archive_name, "CIFAR-100")
+                }
                 "cifar10n" => (fetch::cifar10n(), cifar_n::DEFAULT_DIR, "CIFAR-10_human.pt", "CIFAR-10N's labels"),
                 "cifar100n" => (fetch::cifar100n(), cifar_n::DEFAULT_DIR, "CIFAR-100_human.pt", "CIFAR-100N's labels"),
                 _ => bail!(
-                    "unknown dataset `{dataset}` to fetch; allowed: cifar10, cifar10n, cifar100n (digits and shapes need no download)"
+                    "unknown dataset `{dataset}` to fetch; allowed: cifar10, cifar100, cifar10n, cifar100n (digits and shapes need no download)"
                 ),
             };
             if let Some(u) = url {
@@ -317,7 +320,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             let dest = dir.unwrap_or_else(|| PathBuf::from(default_dir)).join(file);
             let path = fetch::download(&remote, &dest, std::io::stderr().is_terminal())?;
-            println!("{what} ready at {} (sha256 verified); presets read it from there", path.display());
+            println!(
+                "{what} ready at {} ({} verified); presets read it from there",
+                path.display(),
+                remote.checksum.name()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -84,6 +84,8 @@ pub enum DatasetKind {
     Shapes,
     /// CIFAR-10 in the official binary layout (folder or `.tar.gz`).
     Cifar10,
+    /// CIFAR-100 in the official binary layout, with its 100 fine classes.
+    Cifar100,
     /// One sub-folder per class of image files.
     Folder,
     /// Procedural faces with 12 Action Units (multi-label), generated from a seed.
@@ -95,13 +97,14 @@ pub enum DatasetKind {
 }
 
 impl DatasetKind {
-    pub const ALL: [DatasetKind; 7] =
-        [Self::Digits, Self::Shapes, Self::Faces, Self::Cifar10, Self::Folder, Self::Bp4d, Self::AuCsv];
+    pub const ALL: [DatasetKind; 8] =
+        [Self::Digits, Self::Shapes, Self::Faces, Self::Cifar10, Self::Cifar100, Self::Folder, Self::Bp4d, Self::AuCsv];
     pub fn name(self) -> &'static str {
         match self {
             Self::Digits => "digits",
             Self::Shapes => "shapes",
             Self::Cifar10 => "cifar10",
+            Self::Cifar100 => "cifar100",
             Self::Folder => "folder",
             Self::Faces => "faces",
             Self::Bp4d => "bp4d",
@@ -127,10 +130,10 @@ pub struct NoiseConfig {
     /// Fraction s of training examples that are re-annotated (synthetic kinds; `human` ignores it).
     pub rate: f64,
     pub seed: u64,
-    /// `human`: the CIFAR-N label file (`CIFAR-10_human.pt`).
+    /// `human`: the CIFAR-N label file (`CIFAR-10_human.pt` or `CIFAR-100_human.pt`).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub labels: String,
-    /// `human`: which annotation (CIFAR-10N: aggre, rand1, rand2, rand3, worst).
+    /// `human`: which annotation (CIFAR-10N: aggre, rand1, rand2, rand3, worst; CIFAR-100N: noisy).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub set: String,
 }
@@ -149,6 +152,50 @@ pub const CIFAR10N_SETS: [(&str, &str); 5] = [
     ("rand3", "random_label3"),
     ("worst", "worse_label"),
 ];
+
+/// CIFAR-100N's one label set (fine classes).
+pub const CIFAR100N_SETS: [(&str, &str); 1] = [("noisy", "noisy_label")];
+
+/// The CIFAR-N human labels that exist for a dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HumanLabels {
+    /// The dataset the labels belong to, as messages print it.
+    pub dataset: &'static str,
+    /// The official file's name.
+    pub file: &'static str,
+    /// The `qat-lab data fetch` argument that downloads it.
+    pub fetch: &'static str,
+    /// `data.noise.set` names with their key in the file.
+    pub sets: &'static [(&'static str, &'static str)],
+}
+
+impl HumanLabels {
+    /// Human labels for `dataset`, where CIFAR-N has them (CIFAR-10 and CIFAR-100).
+    pub fn of(dataset: DatasetKind) -> Option<Self> {
+        match dataset {
+            DatasetKind::Cifar10 => {
+                Some(Self { dataset: "CIFAR-10", file: "CIFAR-10_human.pt", fetch: "cifar10n", sets: &CIFAR10N_SETS })
+            }
+            DatasetKind::Cifar100 => Some(Self {
+                dataset: "CIFAR-100",
+                file: "CIFAR-100_human.pt",
+                fetch: "cifar100n",
+                sets: &CIFAR100N_SETS,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The set names, for messages and the Setup form.
+    pub fn set_names(&self) -> Vec<&'static str> {
+        self.sets.iter().map(|(name, _)| *name).collect()
+    }
+
+    /// The file's key for a set name.
+    pub fn key(&self, set: &str) -> Option<&'static str> {
+        self.sets.iter().find(|(name, _)| *name == set).map(|(_, key)| *key)
+    }
+}
 
 /// How a re-annotated label is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -631,21 +678,24 @@ impl Experiment {
             ));
         }
         if d.noise.kind == NoiseKind::Human {
-            if d.dataset != DatasetKind::Cifar10 {
+            let Some(human) = HumanLabels::of(d.dataset) else {
                 return Err(format!(
-                    "data.noise.kind = \"human\" reads CIFAR-10N's labels, so it needs data.dataset = \"cifar10\", not {}",
+                    "data.noise.kind = \"human\" reads CIFAR-N's labels, so it needs data.dataset = \"cifar10\" or \"cifar100\", not {}",
                     d.dataset.name()
                 ));
-            }
+            };
             if d.noise.labels.is_empty() {
-                return Err("data.noise.kind = \"human\" needs data.noise.labels: the path of CIFAR-10_human.pt".into());
-            }
-            if !CIFAR10N_SETS.iter().any(|(name, _)| *name == d.noise.set) {
-                let names: Vec<&str> = CIFAR10N_SETS.iter().map(|(n, _)| *n).collect();
                 return Err(format!(
-                    "data.noise.set = \"{}\" is not a CIFAR-10N label set; allowed: {}",
+                    "data.noise.kind = \"human\" needs data.noise.labels: the path of {} (`qat-lab data fetch {}`)",
+                    human.file, human.fetch
+                ));
+            }
+            if human.key(&d.noise.set).is_none() {
+                return Err(format!(
+                    "data.noise.set = \"{}\" is not a label set of {}; allowed: {}",
                     d.noise.set,
-                    names.join(", ")
+                    human.file,
+                    human.set_names().join(", ")
                 ));
             }
         } else if !d.noise.labels.is_empty() || !d.noise.set.is_empty() {

@@ -201,7 +201,7 @@ fn data_fetch_cifar10n_downloads_and_verifies_the_label_file() {
         tmp.path(),
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("CIFAR-10N's labels ready at") && text(&o).contains("sha256 verified"), "{}", text(&o));
+    assert!(text(&o).contains("CIFAR-10N's labels ready at") && text(&o).contains("SHA-256 verified"), "{}", text(&o));
     assert_eq!(std::fs::read(dir.join("CIFAR-10_human.pt")).unwrap(), body);
     // A file that is not the official one is refused and removed.
     let other = tmp.path().join("other");

@@ -407,6 +407,6 @@ fn a_flipped_bit_in_the_cifar10_sample_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let flipped = dir.path().join("flipped.tar.gz");
     std::fs::write(&flipped, &bytes).unwrap();
-    let err = format!("{:#}", data::cifar10::load(&flipped).unwrap_err());
+    let err = format!("{:#}", data::cifar::CIFAR10.load(&flipped).unwrap_err());
     assert!(err.contains("flipped.tar.gz") && err.contains("corrupt"), "{err}");
 }

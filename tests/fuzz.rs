@@ -11,7 +11,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use qat_lab::config::{sweep_axes, Experiment};
-use qat_lab::data::{au_csv, bp4d, cifar10, Split};
+use qat_lab::data::{au_csv, bp4d, cifar::CIFAR10, Split};
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -218,7 +218,7 @@ fn cifar10_batch_files() {
     let seeds = vec![read(&corpus("cifar10/data_batch_1.bin"))];
     fuzz("cifar10 batch", &seeds, |bytes| {
         let mut split = Split::default();
-        cifar10::parse_records(bytes, "data_batch_1.bin", &mut split).map_err(message)?;
+        CIFAR10.parse_records(bytes, "data_batch_1.bin", &mut split).map_err(message)?;
         assert_eq!(split.images.len(), split.labels.len() * 3072);
         Ok(())
     });
@@ -231,7 +231,7 @@ fn cifar10_archives_at_the_gzip_and_the_tar_layer() {
     let path = tmp.path().join("sample.tar.gz");
     let load = |gz: &[u8]| {
         std::fs::write(&path, gz).unwrap();
-        let d = cifar10::load(&path).map_err(message)?;
+        let d = CIFAR10.load(&path).map_err(message)?;
         assert!(!d.train.is_empty() && !d.test.is_empty());
         Ok(())
     };

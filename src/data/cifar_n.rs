@@ -4,7 +4,7 @@
 //! set. candle's pickle reader gives the objects; this module reads exactly that layout and refuses
 //! anything else, naming what it found.
 
-use crate::config::{NoiseConfig, CIFAR10N_SETS};
+use crate::config::{HumanLabels, NoiseConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::pickle::{Object, Stack};
 use std::io::Read;
@@ -20,7 +20,7 @@ const MAX_PICKLE: u64 = 64 << 20;
 pub fn read_label_sets(path: &Path) -> Result<Vec<(String, Vec<i64>)>> {
     let file = std::fs::File::open(path).with_context(|| {
         format!(
-            "cannot open the CIFAR-N label file {}: run `qat-lab data fetch cifar10n` (it saves data/cifar-n/CIFAR-10_human.pt), or set data.noise.labels to your copy",
+            "cannot open the CIFAR-N label file {}: run `qat-lab data fetch cifar10n` or `cifar100n` (they save data/cifar-n/CIFAR-10_human.pt and CIFAR-100_human.pt), or set data.noise.labels to your copy",
             path.display()
         )
     })?;
@@ -49,34 +49,37 @@ pub fn read_label_sets(path: &Path) -> Result<Vec<(String, Vec<i64>)>> {
 
 /// The training labels that `noise.set` of `noise.labels` gives a dataset whose own (clean) labels
 /// are `clean`, in the same order; refused where the file does not belong to that data.
-pub fn noisy_labels(noise: &NoiseConfig, clean: &[u32], classes: usize) -> Result<Vec<u32>> {
+pub fn noisy_labels(noise: &NoiseConfig, human: &HumanLabels, clean: &[u32], classes: usize) -> Result<Vec<u32>> {
     let path = Path::new(&noise.labels);
     let sets = read_label_sets(path)?;
     let get = |key: &str| sets.iter().find(|(k, _)| k == key).map(|(_, v)| v);
-    let key = CIFAR10N_SETS.iter().find(|(name, _)| *name == noise.set).map(|(_, key)| *key).unwrap_or("");
+    let key = human.key(&noise.set).unwrap_or("");
     let (Some(file_clean), Some(noisy)) = (get("clean_label"), get(key)) else {
         let names: Vec<&str> = sets.iter().map(|(k, _)| k.as_str()).collect();
         bail!(
-            "{} has no `clean_label` or no `{key}` (data.noise.set = \"{}\"); it holds {}: is it CIFAR-10_human.pt?",
+            "{} has no `clean_label` or no `{key}` (data.noise.set = \"{}\"); it holds {}: is it {}?",
             path.display(),
             noise.set,
-            names.join(", ")
+            names.join(", "),
+            human.file
         );
     };
     if file_clean.len() != clean.len() || noisy.len() != clean.len() {
         bail!(
-            "the dataset is not in the official order: {} labels {} training images but the dataset has {} (a subset or a shuffled copy, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the whole official CIFAR-10",
+            "the dataset is not in the official order: {} labels {} training images but the dataset has {} (a subset or a shuffled copy, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the whole official {}",
             path.display(),
             file_clean.len(),
-            clean.len()
+            clean.len(),
+            human.dataset
         );
     }
     if let Some(i) = file_clean.iter().zip(clean).position(|(&a, &b)| a != b as i64) {
         bail!(
-            "the dataset is not in the official order: its training image {i} has class {} where {} says {} (a shuffled subset, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the official CIFAR-10",
+            "the dataset is not in the official order: its training image {i} has class {} where {} says {} (a shuffled subset, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the official {}",
             clean[i],
             path.display(),
-            file_clean[i]
+            file_clean[i],
+            human.dataset
         );
     }
     noisy
@@ -299,8 +302,8 @@ pub(crate) mod tests {
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
         // 40 training images labelled i % 10 (the fake batch's order is "official" here).
-        std::fs::write(bin.join("data_batch_1.bin"), crate::data::cifar10::tests::fake_batch(40)).unwrap();
-        std::fs::write(bin.join("test_batch.bin"), crate::data::cifar10::tests::fake_batch(10)).unwrap();
+        std::fs::write(bin.join("data_batch_1.bin"), crate::data::cifar::tests::fake_batch(40)).unwrap();
+        std::fs::write(bin.join("test_batch.bin"), crate::data::cifar::tests::fake_batch(10)).unwrap();
         let clean: Vec<i64> = (0..40).map(|i| i % 10).collect();
         // "worst" relabels every 4th image as the next class: 25% noise.
         let worst: Vec<i64> =
@@ -345,6 +348,36 @@ pub(crate) mod tests {
         write_pt(&pt, &pickle(&[("clean_label", "i8", int64(&clean), 40)]));
         let m = format!("{:#}", crate::data::load(&cfg).unwrap_err());
         assert!(m.contains("no `worse_label`") && m.contains("it holds clean_label"), "{m}");
+    }
+
+    #[test]
+    fn cifar100n_labels_the_fine_classes() {
+        use crate::config::{DataConfig, DatasetKind, NoiseKind};
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("cifar-100-binary");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(bin.join("train.bin"), crate::data::cifar::tests::fake_cifar100(100)).unwrap();
+        std::fs::write(bin.join("test.bin"), crate::data::cifar::tests::fake_cifar100(10)).unwrap();
+        let clean: Vec<i64> = (0..100).map(|i| i * 7 % 100).collect();
+        // Every 5th image takes the next fine class: 20% noise.
+        let noisy: Vec<i64> =
+            clean.iter().enumerate().map(|(i, &c)| if i % 5 == 0 { (c + 1) % 100 } else { c }).collect();
+        let pt = dir.path().join("CIFAR-100_human.pt");
+        write_pt(&pt, &pickle(&[("clean_label", "i8", int64(&clean), 100), ("noisy_label", "i8", int64(&noisy), 100)]));
+        let mut cfg =
+            DataConfig { dataset: DatasetKind::Cifar100, path: dir.path().display().to_string(), ..Default::default() };
+        cfg.noise.kind = NoiseKind::Human;
+        cfg.noise.labels = pt.display().to_string();
+        cfg.noise.set = "noisy".into();
+        let data = crate::data::load(&cfg).unwrap();
+        assert_eq!(data.measured_noise_rate, 0.2);
+        assert_eq!(data.transition.len(), 100);
+        assert_eq!(data.corrupted.iter().filter(|&&c| c).count(), 20);
+        // CIFAR-10N's set names are not CIFAR-100N's.
+        cfg.noise.set = "worst".into();
+        let e = crate::config::Experiment { data: cfg, ..Default::default() };
+        let m = e.validate().unwrap_err();
+        assert!(m.contains("not a label set of CIFAR-100_human.pt; allowed: noisy"), "{m}");
     }
 
     #[test]

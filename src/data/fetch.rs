@@ -1,6 +1,7 @@
-//! Downloads a dataset archive with a progress bar, resuming a partial file and verifying its SHA-256.
+//! Downloads a dataset archive with a progress bar, resuming a partial file and verifying its checksum.
 
 use anyhow::{bail, Context, Result};
+use md5::Md5;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,17 +11,65 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Remote {
     pub url: String,
-    pub sha256: String,
+    /// What the file must hash to.
+    pub checksum: Checksum,
     /// Expected size in bytes, when known (shown before the server answers).
     pub len: Option<u64>,
+}
+
+/// The digest a downloaded file must have. SHA-256 where we know it; CIFAR-100's archive is published
+/// with an MD5 only, which still catches a truncated or corrupt download.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Checksum {
+    Sha256(String),
+    Md5(String),
+}
+
+impl Checksum {
+    /// The algorithm's name, as messages print it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sha256(_) => "SHA-256",
+            Self::Md5(_) => "MD5",
+        }
+    }
+
+    /// The expected digest, hex.
+    pub fn expected(&self) -> &str {
+        match self {
+            Self::Sha256(h) | Self::Md5(h) => h,
+        }
+    }
+
+    /// The same algorithm's digest of a file, hex.
+    pub fn of_file(&self, path: &Path) -> Result<String> {
+        match self {
+            Self::Sha256(_) => hash_file::<Sha256>(path),
+            Self::Md5(_) => hash_file::<Md5>(path),
+        }
+    }
+
+    /// Whether the file has the expected digest.
+    pub fn matches(&self, path: &Path) -> Result<bool> {
+        Ok(self.of_file(path)? == self.expected())
+    }
 }
 
 /// The official CIFAR-10 binary archive.
 pub fn cifar10() -> Remote {
     Remote {
         url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz".into(),
-        sha256: "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd".into(),
+        checksum: Checksum::Sha256("c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd".into()),
         len: Some(170_052_171),
+    }
+}
+
+/// The official CIFAR-100 binary archive (fine and coarse labels).
+pub fn cifar100() -> Remote {
+    Remote {
+        url: "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz".into(),
+        checksum: Checksum::Md5("03b5dce01913d631647c71ecec9e9cb8".into()),
+        len: Some(168_513_733),
     }
 }
 
@@ -28,7 +77,7 @@ pub fn cifar10() -> Remote {
 pub fn cifar10n() -> Remote {
     Remote {
         url: "https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/CIFAR-10_human.pt".into(),
-        sha256: "873e69c39cb9b5e97fb6bae2d60bb59b38a5cbc31d2b868f7903dcb2b9dd2310".into(),
+        checksum: Checksum::Sha256("873e69c39cb9b5e97fb6bae2d60bb59b38a5cbc31d2b868f7903dcb2b9dd2310".into()),
         len: Some(2_401_007),
     }
 }
@@ -37,15 +86,19 @@ pub fn cifar10n() -> Remote {
 pub fn cifar100n() -> Remote {
     Remote {
         url: "https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/CIFAR-100_human.pt".into(),
-        sha256: "bd2d80409754d420292d622e15e25248ba21e37d27429efac49c8da723f44394".into(),
+        checksum: Checksum::Sha256("bd2d80409754d420292d622e15e25248ba21e37d27429efac49c8da723f44394".into()),
         len: Some(1_000_959),
     }
 }
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    hash_file::<Sha256>(path)
+}
+
+fn hash_file<H: Digest>(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
+    let mut h = H::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = f.read(&mut buf)?;
@@ -54,7 +107,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(format!("{:x}", h.finalize()))
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// How long a download waits, and how often it tries again.
@@ -100,12 +153,13 @@ enum Failure {
 /// [`download`] with explicit timeouts and retries.
 pub fn download_with(remote: &Remote, dest: &Path, show_progress: bool, patience: &Patience) -> Result<PathBuf> {
     if dest.is_file() {
-        if sha256_file(dest)? == remote.sha256 {
+        if remote.checksum.matches(dest)? {
             return Ok(dest.to_path_buf());
         }
         bail!(
-            "{} exists but its SHA-256 does not match the official archive: it is corrupt or a different file; delete it and run the command again",
-            dest.display()
+            "{} exists but its {} does not match the official file: it is corrupt or a different file; delete it and run the command again",
+            dest.display(),
+            remote.checksum.name()
         );
     }
     if let Some(dir) = dest.parent() {
@@ -244,12 +298,13 @@ fn attempt_download(
 }
 
 fn finish(remote: &Remote, part: &Path, dest: &Path) -> Result<PathBuf> {
-    let got = sha256_file(part)?;
-    if got != remote.sha256 {
+    let got = remote.checksum.of_file(part)?;
+    if got != remote.checksum.expected() {
         std::fs::remove_file(part).ok();
         bail!(
-            "the downloaded file is corrupt (sha256 {got}, expected {}); it was removed: run the command again",
-            remote.sha256
+            "the downloaded file is corrupt ({} {got}, expected {}); it was removed: run the command again",
+            remote.checksum.name(),
+            remote.checksum.expected()
         );
     }
     std::fs::rename(part, dest)?;
@@ -296,7 +351,7 @@ mod tests {
     }
 
     fn remote(url: String, body: &[u8]) -> Remote {
-        Remote { url, sha256: format!("{:x}", Sha256::digest(body)), len: Some(body.len() as u64) }
+        Remote { url, checksum: Checksum::Sha256(format!("{:x}", Sha256::digest(body))), len: Some(body.len() as u64) }
     }
 
     fn quick() -> Patience {
@@ -307,6 +362,19 @@ mod tests {
             attempts: 2,
             backoff: Duration::from_millis(10),
         }
+    }
+
+    #[test]
+    fn md5_and_sha256_checksums_are_the_published_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("abc");
+        std::fs::write(&f, "abc").unwrap();
+        // RFC 1321 and FIPS 180-2 test vectors.
+        assert_eq!(Checksum::Md5(String::new()).of_file(&f).unwrap(), "900150983cd24fb0d6963f7d28e17f72");
+        let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(Checksum::Sha256(String::new()).of_file(&f).unwrap(), sha);
+        assert!(Checksum::Sha256(sha.into()).matches(&f).unwrap());
+        assert!(!Checksum::Md5(sha.into()).matches(&f).unwrap());
     }
 
     #[test]
@@ -327,7 +395,7 @@ mod tests {
     #[test]
     fn a_silent_or_stalled_server_times_out_and_bad_urls_say_so() {
         let dir = tempfile::tempdir().unwrap();
-        let r = |url: String| Remote { url, sha256: "00".repeat(32), len: None };
+        let r = |url: String| Remote { url, checksum: Checksum::Sha256("00".repeat(32)), len: None };
         // Accepts and never answers.
         let silent = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/x.tar.gz", silent.local_addr().unwrap());
@@ -381,7 +449,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("b.tar.gz");
         let url = serve(body.clone(), 1, None);
-        let r = Remote { url, sha256: "00".repeat(32), len: None };
+        let r = Remote { url, checksum: Checksum::Sha256("00".repeat(32)), len: None };
         let msg = download_with(&r, &dest, false, &quick()).unwrap_err().to_string();
         assert!(msg.contains("corrupt"), "{msg}");
         assert!(!dest.exists() && !dest.with_extension("gz.part").exists());

@@ -6,7 +6,7 @@
 pub mod au_csv;
 pub mod augment;
 pub mod bp4d;
-pub mod cifar10;
+pub mod cifar;
 pub mod cifar_n;
 pub mod digits;
 pub mod faces;
@@ -220,10 +220,13 @@ impl DataSize {
                 faces::DEFAULT_TEST,
                 faces::AUS.len(),
             )),
-            DatasetKind::Cifar10 => Some(DataSize {
-                exact: cfg.train_subset > 0 && cfg.test_subset > 0,
-                ..generated([3, 32, 32], cifar10::TRAIN_LEN, cifar10::TEST_LEN, 10)
-            }),
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+                let layout = cifar::layout(cfg.dataset).expect("a CIFAR kind");
+                Some(DataSize {
+                    exact: cfg.train_subset > 0 && cfg.test_subset > 0,
+                    ..generated([3, 32, 32], layout.train_len, layout.test_len, layout.classes.len())
+                })
+            }
             DatasetKind::Folder => files(10),
             DatasetKind::Bp4d | DatasetKind::AuCsv => files(faces::AUS.len()),
         }
@@ -261,9 +264,10 @@ pub fn load(cfg: &DataConfig) -> Result<Dataset> {
             let n_test = if cfg.test_subset > 0 { cfg.test_subset } else { faces::DEFAULT_TEST };
             faces::generate(n_train, n_test, DATA_SEED)
         }
-        DatasetKind::Cifar10 => {
-            let path = if cfg.path.is_empty() { cifar10::DEFAULT_DIR.to_string() } else { cfg.path.clone() };
-            cifar10::load(std::path::Path::new(&path))?
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            let layout = cifar::layout(cfg.dataset).expect("a CIFAR kind");
+            let path = if cfg.path.is_empty() { layout.default_dir } else { cfg.path.as_str() };
+            layout.load(std::path::Path::new(path))?
         }
         DatasetKind::Folder => {
             folder::load(&path("a folder with one sub-folder of images per class")?, cfg.image_size)?
@@ -296,7 +300,8 @@ pub fn prepare(raw: RawDataset, cfg: &DataConfig) -> Result<Dataset> {
     // Human labels align with the raw training set by index, so they are read before subsetting.
     let human = match cfg.noise.kind {
         crate::config::NoiseKind::Human => {
-            Some(cifar_n::noisy_labels(&cfg.noise, &raw.train.labels, raw.classes.len())?)
+            let human = crate::config::HumanLabels::of(cfg.dataset).expect("validated: a CIFAR-N dataset");
+            Some(cifar_n::noisy_labels(&cfg.noise, &human, &raw.train.labels, raw.classes.len())?)
         }
         _ => None,
     };

@@ -38,8 +38,14 @@ pub fn initial_app(start: LabStart) -> App {
     let cuda = candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok();
     let mut app = App::new(setup::SetupForm::new(presets, cores, cuda));
     app.available_memory = crate::train::footprint::available();
-    let labels = std::path::Path::new(crate::data::cifar_n::DEFAULT_DIR).join("CIFAR-10_human.pt");
-    app.setup.human_labels = labels.is_file().then(|| labels.display().to_string());
+    app.setup.human_labels = [config::DatasetKind::Cifar10, config::DatasetKind::Cifar100]
+        .into_iter()
+        .filter_map(|d| {
+            config::HumanLabels::of(d).map(|h| std::path::Path::new(crate::data::cifar_n::DEFAULT_DIR).join(h.file))
+        })
+        .filter(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
     // Terminals that name themselves `dumb` draw no box or braille characters.
     if std::env::var("TERM").is_ok_and(|t| t == "dumb") {
         app.ascii = true;

@@ -1,8 +1,8 @@
 //! The setup form: every choice of an experiment as a row whose value cycles with ←/→.
 
 use crate::config::{
-    Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, NoiseKind, PruneCriterion, Regularizer, Robust,
-    CIFAR10N_SETS, REGULARIZER_KINDS, ROBUST_KINDS,
+    Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, HumanLabels, NoiseKind, PruneCriterion,
+    Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS,
 };
 
 /// One editable row of the form.
@@ -74,8 +74,8 @@ pub struct SetupForm {
     pub cuda_available: bool,
     /// Text being typed into the path field, when editing.
     pub editing: Option<String>,
-    /// CIFAR-10N's label file, when present: Setup then offers human noise on CIFAR-10.
-    pub human_labels: Option<String>,
+    /// The CIFAR-N label files present: Setup then offers human noise on their dataset.
+    pub human_labels: Vec<String>,
 }
 
 impl SetupForm {
@@ -92,18 +92,49 @@ impl SetupForm {
             max_parallel: cores.clamp(1, 8),
             cuda_available,
             editing: None,
-            human_labels: None,
+            human_labels: Vec::new(),
         }
     }
 
-    /// The noise kinds the form offers: the synthetic ones, and human noise on CIFAR-10 when the
-    /// label file is there.
+    /// The noise kinds the form offers: the synthetic ones, and human noise on CIFAR-10 or
+    /// CIFAR-100 when its label file is there.
     fn noise_kinds(&self) -> Vec<NoiseKind> {
         let mut kinds = NoiseKind::ALL.to_vec();
-        if self.human_labels.is_some() && self.experiment.data.dataset == DatasetKind::Cifar10 {
+        if self.human_file().is_some() {
             kinds.push(NoiseKind::Human);
         }
         kinds
+    }
+
+    /// The chosen dataset's CIFAR-N labels and the path of their file, when it is present.
+    fn human_file(&self) -> Option<(HumanLabels, String)> {
+        let human = HumanLabels::of(self.experiment.data.dataset)?;
+        let named = |p: &&String| std::path::Path::new(p.as_str()).file_name().is_some_and(|n| n == human.file);
+        self.human_labels.iter().find(named).map(|p| (human, p.clone()))
+    }
+
+    /// Points human noise at the chosen dataset's label file and first set, or, where it has none,
+    /// goes back to the synthetic kinds (which take no file).
+    fn fit_human_noise(&mut self) {
+        let human = self.human_file();
+        let noise = &mut self.experiment.data.noise;
+        match (noise.kind, human) {
+            (NoiseKind::Human, Some((h, path))) => {
+                if noise.labels != path || h.key(&noise.set).is_none() {
+                    noise.labels = path;
+                    noise.set = h.sets[0].0.into();
+                }
+            }
+            (NoiseKind::Human, None) => {
+                noise.kind = NoiseKind::Uniform;
+                noise.labels.clear();
+                noise.set.clear();
+            }
+            _ => {
+                noise.labels.clear();
+                noise.set.clear();
+            }
+        }
     }
 
     pub fn field(&self) -> Field {
@@ -224,26 +255,22 @@ impl SetupForm {
                     self.experiment = self.presets[i].1.clone();
                 }
             }
-            Field::Dataset => e.data.dataset = step(&DatasetKind::ALL, &e.data.dataset, dir),
+            Field::Dataset => {
+                e.data.dataset = step(&DatasetKind::ALL, &e.data.dataset, dir);
+                self.fit_human_noise();
+            }
             Field::Path => {}
             Field::Subset => e.data.train_subset = step(&SUBSETS, &e.data.train_subset, dir),
             Field::NoiseKind => {
                 let kinds = self.noise_kinds();
-                let labels = self.human_labels.clone().unwrap_or_default();
                 let noise = &mut self.experiment.data.noise;
                 noise.kind = step(&kinds, &noise.kind, dir);
-                // Human noise reads its labels from the file; the synthetic kinds take none.
-                if noise.kind == NoiseKind::Human {
-                    noise.labels = labels;
-                    noise.set = CIFAR10N_SETS[0].0.into();
-                } else {
-                    noise.labels.clear();
-                    noise.set.clear();
-                }
+                self.fit_human_noise();
             }
             Field::NoiseRate if e.data.noise.kind == NoiseKind::Human => {
-                let sets: Vec<&str> = CIFAR10N_SETS.iter().map(|(name, _)| *name).collect();
-                e.data.noise.set = step(&sets, &e.data.noise.set.as_str(), dir).to_string();
+                if let Some(h) = HumanLabels::of(e.data.dataset) {
+                    e.data.noise.set = step(&h.set_names(), &e.data.noise.set.as_str(), dir).to_string();
+                }
             }
             Field::NoiseRate => {
                 e.data.noise.rate = ((e.data.noise.rate * 20.0).round() + dir as f64).clamp(0.0, 18.0) / 20.0;
@@ -418,7 +445,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert!(!kinds(&mut f).contains(&NoiseKind::Human), "no label file, no human noise");
-        f.human_labels = Some("data/cifar-n/CIFAR-10_human.pt".into());
+        f.human_labels = vec!["data/cifar-n/CIFAR-10_human.pt".into(), "data/cifar-n/CIFAR-100_human.pt".into()];
         while f.experiment.data.noise.kind != NoiseKind::Human {
             f.cycle(1);
         }
@@ -433,6 +460,21 @@ mod tests {
         f.cursor = FIELDS.iter().position(|x| *x == Field::NoiseKind).unwrap();
         f.cycle(1);
         assert!(f.experiment.data.noise.labels.is_empty() && f.experiment.data.noise.set.is_empty());
+        // Another CIFAR takes its own file and first set; a dataset without human labels goes back to
+        // uniform noise.
+        while f.experiment.data.noise.kind != NoiseKind::Human {
+            f.cycle(1);
+        }
+        f.cursor = FIELDS.iter().position(|x| *x == Field::Dataset).unwrap();
+        f.cycle(1);
+        assert_eq!(f.experiment.data.dataset, DatasetKind::Cifar100);
+        let noise = &f.experiment.data.noise;
+        assert_eq!((noise.labels.as_str(), noise.set.as_str()), ("data/cifar-n/CIFAR-100_human.pt", "noisy"));
+        f.cycle(1);
+        let noise = &f.experiment.data.noise;
+        assert_eq!(noise.kind, NoiseKind::Uniform);
+        assert!(noise.labels.is_empty() && noise.set.is_empty());
+        f.cycle(-2);
         // The robust method's row cycles through the noisy-label methods, and back to plain CE.
         f.cursor = FIELDS.iter().position(|x| *x == Field::Robust).unwrap();
         let kinds: Vec<&str> = (0..4)
