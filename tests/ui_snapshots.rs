@@ -132,6 +132,24 @@ fn setup_explains_an_invalid_choice() {
 }
 
 #[test]
+fn setup_shows_the_noise_matrix_on_the_noise_rows() {
+    use qat_lab::ui::setup::{Field, FIELDS};
+    let mut a = app();
+    a.setup.cursor = FIELDS.iter().position(|f| *f == Field::NoiseRate).unwrap();
+    let uniform = render(&a, 80, 24);
+    // Uniform 40% over 10 classes: 64% kept, 4% to every other class.
+    assert!(uniform.contains("64%") && uniform.contains("most confused 0->1 (4%)"), "{uniform}");
+    insta::assert_snapshot!("setup_noise_uniform_80x24", uniform);
+    a.setup.cursor = FIELDS.iter().position(|f| *f == Field::NoiseKind).unwrap();
+    a.setup.cycle(1);
+    a.setup.cycle(1);
+    assert_eq!(a.setup.experiment.data.noise.kind, qat_lab::config::NoiseKind::Pair);
+    let pair = render(&a, 80, 24);
+    assert!(pair.contains("60%") && pair.contains("most confused 0->1 (40%)"), "{pair}");
+    insta::assert_snapshot!("setup_noise_pair_80x24", pair);
+}
+
+#[test]
 fn setup_shows_the_memory_estimate_against_what_is_free() {
     let mut a = app();
     a.available_memory = Some(64 << 30);

@@ -74,6 +74,24 @@ pub fn transition_matrix(clean: &[u32], noisy: &[u32], classes: usize) -> Vec<Ve
         .collect()
 }
 
+/// The transition matrix that synthetic noise of `kind` at `rate` gives single-label data in
+/// expectation (what [`corrupt`] draws): `None` for the kinds that have no such matrix (`human`
+/// depends on its file, `ambiguous` is per label).
+pub fn expected_transition(kind: NoiseKind, rate: f64, classes: usize) -> Option<Vec<Vec<f64>>> {
+    let k = classes as f64;
+    let cell = |i: usize, j: usize| match kind {
+        // A picked example draws any class, its own included.
+        NoiseKind::Uniform => (if i == j { 1.0 - rate } else { 0.0 }) + rate / k,
+        NoiseKind::Flip if i == j => 1.0 - rate,
+        NoiseKind::Flip => rate / (k - 1.0),
+        NoiseKind::Pair if i == j => 1.0 - rate,
+        NoiseKind::Pair if j == (i + 1) % classes => rate,
+        _ => 0.0,
+    };
+    let defined = matches!(kind, NoiseKind::Uniform | NoiseKind::Flip | NoiseKind::Pair) && classes >= 2;
+    defined.then(|| (0..classes).map(|i| (0..classes).map(|j| cell(i, j)).collect()).collect())
+}
+
 /// Multi-label targets after corruption.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoisyTargets {
@@ -221,6 +239,31 @@ mod tests {
         let a = corrupt(&clean, 10, &cfg(NoiseKind::Flip, 0.3, 1));
         let b = corrupt(&clean, 10, &cfg(NoiseKind::Flip, 0.3, 2));
         assert_ne!(a.corrupted, b.corrupted);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn drawn_noise_matches_its_expected_matrix(kind in 0usize..3, rate in 0.0f64..0.9, seed in 0u64..1000) {
+            let kind = [NoiseKind::Uniform, NoiseKind::Flip, NoiseKind::Pair][kind];
+            let clean: Vec<u32> = (0..20_000).map(|i| i % 10).collect();
+            let drawn = transition_matrix(&clean, &corrupt(&clean, 10, &cfg(kind, rate, seed)).labels, 10);
+            let expected = expected_transition(kind, rate, 10).unwrap();
+            for (i, (d, e)) in drawn.iter().zip(&expected).enumerate() {
+                proptest::prop_assert!((e.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+                for j in 0..10 {
+                    // 2,000 examples a class: a share's standard error is below 0.012.
+                    proptest::prop_assert!((d[j] - e[j]).abs() < 0.05, "{kind:?} ({i}, {j}): {} vs {}", d[j], e[j]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kinds_without_a_class_matrix_have_none() {
+        assert!(expected_transition(NoiseKind::Human, 0.4, 10).is_none());
+        assert!(expected_transition(NoiseKind::Ambiguous, 0.4, 10).is_none());
+        assert_eq!(expected_transition(NoiseKind::Pair, 0.3, 3).unwrap()[2], vec![0.3, 0.0, 0.7]);
     }
 
     #[test]

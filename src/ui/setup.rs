@@ -76,6 +76,25 @@ pub struct SetupForm {
     pub editing: Option<String>,
     /// The CIFAR-N label files present: Setup then offers human noise on their dataset.
     pub human_labels: Vec<String>,
+    /// The transition matrix of the human label set last chosen, read once from its file.
+    human_matrix: Option<HumanMatrix>,
+}
+
+/// A human label set's transition matrix, or why it could not be read.
+#[derive(Debug, Clone)]
+struct HumanMatrix {
+    labels: String,
+    set: String,
+    matrix: Result<Vec<Vec<f64>>, String>,
+}
+
+/// What Setup can show of the chosen noise's transition matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoiseMatrix {
+    /// Row i: the share of clean class i given each label j.
+    Known(Vec<Vec<f64>>),
+    /// No class matrix: the reason, as the screen says it.
+    Unknown(String),
 }
 
 impl SetupForm {
@@ -93,6 +112,7 @@ impl SetupForm {
             cuda_available,
             editing: None,
             human_labels: Vec::new(),
+            human_matrix: None,
         }
     }
 
@@ -111,6 +131,58 @@ impl SetupForm {
         let human = HumanLabels::of(self.experiment.data.dataset)?;
         let named = |p: &&String| std::path::Path::new(p.as_str()).file_name().is_some_and(|n| n == human.file);
         self.human_labels.iter().find(named).map(|p| (human, p.clone()))
+    }
+
+    /// The transition matrix of the chosen noise: expected for the synthetic kinds, read from the
+    /// file for human labels.
+    pub fn noise_matrix(&self) -> NoiseMatrix {
+        let data = &self.experiment.data;
+        if data.dataset.is_multi_label() {
+            return NoiseMatrix::Unknown("multi-label data: noise flips each label on its own".into());
+        }
+        if data.noise.kind == NoiseKind::Human {
+            return match &self.human_matrix {
+                Some(h) if h.labels == data.noise.labels && h.set == data.noise.set => match &h.matrix {
+                    Ok(m) => NoiseMatrix::Known(m.clone()),
+                    Err(e) => NoiseMatrix::Unknown(e.clone()),
+                },
+                _ => NoiseMatrix::Unknown("the label file is read when its set is chosen".into()),
+            };
+        }
+        let classes = match (data.dataset, crate::data::DataSize::expected(data)) {
+            (DatasetKind::Folder, _) | (_, None) => {
+                return NoiseMatrix::Unknown("the classes are known once the folder is loaded".into())
+            }
+            (_, Some(size)) => size.outputs,
+        };
+        match crate::data::noise::expected_transition(data.noise.kind, data.noise.rate, classes) {
+            Some(m) => NoiseMatrix::Known(m),
+            None => NoiseMatrix::Unknown(format!("{} noise has no class matrix", data.noise.kind.name())),
+        }
+    }
+
+    /// Reads the chosen human label set's matrix, unless it is the one already read.
+    fn read_human_matrix(&mut self) {
+        let noise = &self.experiment.data.noise;
+        let fresh = self.human_matrix.as_ref().is_some_and(|h| h.labels == noise.labels && h.set == noise.set);
+        if noise.kind != NoiseKind::Human || fresh {
+            return;
+        }
+        let matrix = HumanLabels::of(self.experiment.data.dataset)
+            .and_then(|h| h.key(&noise.set))
+            .ok_or_else(|| format!("{} is not a label set here", noise.set))
+            .and_then(|key| {
+                let sets = crate::data::cifar_n::read_label_sets(std::path::Path::new(&noise.labels))
+                    .map_err(|e| format!("{e:#}"))?;
+                let get = |k: &str| sets.iter().find(|(name, _)| name == k).map(|(_, v)| v);
+                let (Some(clean), Some(noisy)) = (get("clean_label"), get(key)) else {
+                    return Err(format!("{} has no clean_label or {key}", noise.labels));
+                };
+                let to_u32 = |v: &[i64]| v.iter().map(|&x| x.max(0) as u32).collect::<Vec<_>>();
+                let classes = clean.iter().max().map_or(0, |&m| m.max(0) as usize + 1);
+                Ok(crate::data::noise::transition_matrix(&to_u32(clean), &to_u32(noisy), classes))
+            });
+        self.human_matrix = Some(HumanMatrix { labels: noise.labels.clone(), set: noise.set.clone(), matrix });
     }
 
     /// Points human noise at the chosen dataset's label file and first set, or, where it has none,
@@ -135,6 +207,7 @@ impl SetupForm {
                 noise.set.clear();
             }
         }
+        self.read_human_matrix();
     }
 
     pub fn field(&self) -> Field {
@@ -254,6 +327,7 @@ impl SetupForm {
                 if let Some(i) = self.preset {
                     self.experiment = self.presets[i].1.clone();
                 }
+                self.read_human_matrix();
             }
             Field::Dataset => {
                 e.data.dataset = step(&DatasetKind::ALL, &e.data.dataset, dir);
@@ -271,6 +345,7 @@ impl SetupForm {
                 if let Some(h) = HumanLabels::of(e.data.dataset) {
                     e.data.noise.set = step(&h.set_names(), &e.data.noise.set.as_str(), dir).to_string();
                 }
+                self.read_human_matrix();
             }
             Field::NoiseRate => {
                 e.data.noise.rate = ((e.data.noise.rate * 20.0).round() + dir as f64).clamp(0.0, 18.0) / 20.0;
@@ -502,5 +577,37 @@ mod tests {
             .unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].data, v[1].data);
+    }
+
+    #[test]
+    fn the_noise_matrix_is_expected_for_synthetic_noise_and_read_for_human_labels() {
+        use crate::data::cifar_n::tests::{int64, pickle, write_pt};
+        let mut f = SetupForm::new(vec![], 2, false);
+        f.experiment.data.dataset = DatasetKind::Cifar10;
+        f.experiment.data.noise.kind = NoiseKind::Flip;
+        f.experiment.data.noise.rate = 0.3;
+        let NoiseMatrix::Known(m) = f.noise_matrix() else { panic!("flip noise has a matrix") };
+        assert!((m[0][0] - 0.7).abs() < 1e-12 && (m[0][1] - 0.3 / 9.0).abs() < 1e-12);
+        // Human labels: the file's own matrix (class 0 half given to class 1).
+        let dir = tempfile::tempdir().unwrap();
+        let pt = dir.path().join("CIFAR-10_human.pt");
+        let clean: Vec<i64> = (0..40).map(|i| i % 10).collect();
+        let worst: Vec<i64> = clean.iter().enumerate().map(|(i, &c)| if i % 20 == 0 { 1 } else { c }).collect();
+        write_pt(&pt, &pickle(&[("clean_label", "i8", int64(&clean), 40), ("worse_label", "i8", int64(&worst), 40)]));
+        f.human_labels = vec![pt.display().to_string()];
+        f.cursor = FIELDS.iter().position(|x| *x == Field::NoiseKind).unwrap();
+        while f.experiment.data.noise.kind != NoiseKind::Human {
+            f.cycle(1);
+        }
+        f.cursor = FIELDS.iter().position(|x| *x == Field::NoiseRate).unwrap();
+        f.cycle(-1);
+        assert_eq!(f.experiment.data.noise.set, "worst");
+        let NoiseMatrix::Known(m) = f.noise_matrix() else { panic!("{:?}", f.noise_matrix()) };
+        assert_eq!((m[0][0], m[0][1], m[1][1]), (0.5, 0.5, 1.0));
+        // A file that cannot be read says why instead of a grid.
+        std::fs::write(&pt, b"not a zip").unwrap();
+        f.cycle(-1);
+        let NoiseMatrix::Unknown(why) = f.noise_matrix() else { panic!("read a broken file") };
+        assert!(why.contains("not a PyTorch .pt archive"), "{why}");
     }
 }

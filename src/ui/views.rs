@@ -81,6 +81,10 @@ pub fn asciify(buf: &mut ratatui::buffer::Buffer) {
             "↑" => "^",
             "↓" => "v",
             "•" | "·" => ".",
+            "≥" => ">",
+            "░" => ":",
+            "▒" => "+",
+            "▓" => "=",
             "█" | "▄" | "▀" | "▇" | "▆" => "#",
             "▅" | "▃" => "=",
             "▂" | "▁" => "_",
@@ -160,11 +164,16 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
         Line::from(Span::styled(e.name.clone(), Style::default().add_modifier(Modifier::BOLD))),
         Line::from(if e.description.is_empty() { "Custom experiment.".to_string() } else { e.description.clone() }),
         Line::from(""),
-        Line::from(regularizer_help(e.regularizer.kind())),
-        Line::from(""),
     ];
-    if let Some(help) = robust_help(e.robust.kind()) {
-        text.extend([Line::from(help), Line::from("")]);
+    if matches!(form.field(), Field::NoiseKind | Field::NoiseRate) {
+        // On the noise rows the panel shows what the noise does, so that "worst" and "40% uniform"
+        // can be told apart.
+        text.extend(noise_heatmap(&form.noise_matrix()));
+    } else {
+        text.extend([Line::from(regularizer_help(e.regularizer.kind())), Line::from("")]);
+        if let Some(help) = robust_help(e.robust.kind()) {
+            text.extend([Line::from(help), Line::from("")]);
+        }
     }
     match form.build() {
         Ok(_) => {
@@ -178,6 +187,49 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
     text.push(Line::from("b: baseline vs this, side by side"));
     text.push(Line::from("a: every method on the same noisy data"));
     f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }).block(block(" About ")), info_area);
+}
+
+/// The noise transition matrix as a grid of shades (row = true class, column = label given), with
+/// each row's share kept; more than 12 classes are summarised in words.
+fn noise_heatmap(matrix: &crate::ui::setup::NoiseMatrix) -> Vec<Line<'static>> {
+    use crate::ui::setup::NoiseMatrix;
+    let m = match matrix {
+        NoiseMatrix::Known(m) => m,
+        NoiseMatrix::Unknown(why) => return vec![Line::from(format!("Noise matrix: {why}")), Line::from("")],
+    };
+    let n = m.len();
+    let diagonal: Vec<f64> = (0..n).map(|i| m[i][i]).collect();
+    let (lo, hi) = diagonal.iter().fold((1.0f64, 0.0f64), |(lo, hi), &d| (lo.min(d), hi.max(d)));
+    let (worst_i, worst_j, worst) = (0..n)
+        .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+        .map(|(i, j)| (i, j, m[i][j]))
+        .fold((0, 0, 0.0), |a, b| if b.2 > a.2 { b } else { a });
+    let kept =
+        if (hi - lo) < 0.005 { format!("{:.0}%", lo * 100.0) } else { format!("{:.0}-{:.0}%", lo * 100.0, hi * 100.0) };
+    let summary = format!("kept {kept}; most confused {worst_i}->{worst_j} ({:.0}%)", worst * 100.0);
+    if n > 12 {
+        return vec![Line::from(format!("Noise over {n} classes: {summary}")), Line::from("")];
+    }
+    let shade = |v: f64| match v {
+        v if v <= 0.0 => ("·", Color::DarkGray),
+        v if v < 0.05 => ("░", Color::Blue),
+        v if v < 0.2 => ("▒", Color::Cyan),
+        v if v < 0.5 => ("▓", Color::Yellow),
+        _ => ("█", Color::LightRed),
+    };
+    let mut lines = vec![Line::from("Noise: true class -> label given")];
+    for (i, row) in m.iter().enumerate() {
+        let mut spans = vec![Span::raw(format!("{i:>2} "))];
+        spans.extend(row.iter().map(|&v| {
+            let (glyph, color) = shade(v);
+            Span::styled(glyph.repeat(2), Style::default().fg(color))
+        }));
+        spans.push(Span::raw(format!(" {:>3.0}%", row[i] * 100.0)));
+        lines.push(Line::from(spans));
+    }
+    lines.push(Line::from("·0 ░<5% ▒<20% ▓<50% █≥50%"));
+    lines.push(Line::from(summary));
+    lines
 }
 
 /// Setup's estimate of the run's peak memory, red where it exceeds what the machine has free.
