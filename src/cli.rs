@@ -174,6 +174,10 @@ fn draw_figures(records: &[runs::RunRecord], dir: &std::path::Path) -> Result<()
         let [svg, png] = figures::draw(&fig, dir)?;
         println!("{}: {} and {}", fig.name, svg.display(), png.display());
     }
+    for matrix in crate::report::noise_matrix::noise_matrices(records) {
+        let [svg, png] = crate::report::noise_matrix::draw(&matrix, dir)?;
+        println!("{} (noise transition matrix): {} and {}", matrix.name, svg.display(), png.display());
+    }
     Ok(())
 }
 

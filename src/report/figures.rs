@@ -234,7 +234,7 @@ fn parameter(r: &Regularizer) -> Option<f64> {
     }
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The bundled font renders PNG text without any system font.

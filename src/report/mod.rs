@@ -2,6 +2,7 @@
 //! function of the noise rate (the paper's Fig. 2), as Markdown.
 
 pub mod figures;
+pub mod noise_matrix;
 
 use crate::runs::RunRecord;
 use std::collections::BTreeMap;
