@@ -93,6 +93,12 @@ fn baseline_memorises_noisy_labels_and_its_eval_loss_turns_up() {
         last.train_loss
     );
     assert!(last.memorized > first.memorized + 0.5, "memorisation rises");
+    // Per clean class too: every class has corrupted examples here, and the overall share lies
+    // within the range of the classes' shares.
+    let per_class: Vec<f64> = last.memorized_per_class.iter().map(|v| v.expect("a class without noise")).collect();
+    assert_eq!(per_class.len(), 10);
+    let (lo, hi) = per_class.iter().fold((1.0f64, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    assert!(lo <= last.memorized && last.memorized <= hi, "{lo} <= {} <= {hi}", last.memorized);
     assert!(best_i < m.len() - 5, "eval loss bottoms out early");
     assert!(last.eval_loss > best.eval_loss + 0.1, "eval loss turns up");
     assert!(last.train_loss < m[best_i].train_loss * 0.5, "while train loss keeps falling");

@@ -19,6 +19,10 @@ pub struct EpochMetrics {
     /// Memorisation: share of corrupted examples (labels, for multi-label data) predicted as their
     /// wrong (noisy) label.
     pub memorized: f64,
+    /// Memorisation per clean class (per label, for multi-label data); `None` where the class had no
+    /// corrupted example. Absent from older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memorized_per_class: Vec<Option<f64>>,
     /// Share of clean training examples predicted correctly.
     pub clean_fit: f64,
     /// Loss on the clean test set.

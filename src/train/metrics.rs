@@ -43,22 +43,30 @@ impl Accuracy {
     }
 }
 
-/// Fit of the noisy training labels, split by whether the label was corrupted.
+/// Fit of the noisy training labels, split by whether the label was corrupted, and memorisation
+/// per group (the clean class, or the label column of multi-label data).
 #[derive(Debug, Clone, Default)]
 pub struct Memorisation {
     corrupted_hits: usize,
     corrupted: usize,
     clean_hits: usize,
     clean: usize,
+    /// Per group: (corrupted examples predicted as their noisy label, corrupted examples).
+    by_group: Vec<(usize, usize)>,
 }
 
 impl Memorisation {
-    /// `predicted` and `noisy` labels of a batch, with each example's corrupted flag.
-    pub fn add(&mut self, predicted: &[u32], noisy: &[u32], corrupted: &[bool]) {
-        for ((&p, &l), &c) in predicted.iter().zip(noisy).zip(corrupted) {
+    /// `predicted` and `noisy` labels of a batch, with each example's corrupted flag and group.
+    pub fn add(&mut self, predicted: &[u32], noisy: &[u32], corrupted: &[bool], groups: &[usize]) {
+        for (((&p, &l), &c), &g) in predicted.iter().zip(noisy).zip(corrupted).zip(groups) {
             if c {
                 self.corrupted += 1;
                 self.corrupted_hits += (p == l) as usize;
+                if self.by_group.len() <= g {
+                    self.by_group.resize(g + 1, (0, 0));
+                }
+                self.by_group[g].0 += (p == l) as usize;
+                self.by_group[g].1 += 1;
             } else {
                 self.clean += 1;
                 self.clean_hits += (p == l) as usize;
@@ -68,6 +76,10 @@ impl Memorisation {
     /// Share of corrupted examples predicted as their (wrong) training label.
     pub fn memorized(&self) -> f64 {
         ratio(self.corrupted_hits, self.corrupted)
+    }
+    /// Memorisation per group, over `groups` groups; `None` where a group had no corrupted example.
+    pub fn per_group(&self, groups: usize) -> Vec<Option<f64>> {
+        (0..groups).map(|g| self.by_group.get(g).filter(|(_, n)| *n > 0).map(|&(hits, n)| ratio(hits, n))).collect()
     }
     /// Share of clean examples predicted correctly.
     pub fn clean_fit(&self) -> f64 {
@@ -161,8 +173,10 @@ mod tests {
         assert_eq!(a.overall(), 0.75);
         assert_eq!(a.per_class(), vec![1.0, 1.0, 0.5]);
         let mut m = Memorisation::default();
-        m.add(&[3, 1, 2, 0], &[3, 1, 0, 0], &[true, false, true, false]);
+        m.add(&[3, 1, 2, 0], &[3, 1, 0, 0], &[true, false, true, false], &[2, 1, 0, 0]);
         assert_eq!(m.memorized(), 0.5);
+        // Class 2's one corrupted example is memorised, class 0's is not; class 1 had none.
+        assert_eq!(m.per_group(3), vec![Some(0.0), None, Some(1.0)]);
         assert_eq!(m.clean_fit(), 1.0);
         assert_eq!(m.noisy_acc(), 0.75);
         assert_eq!(Memorisation::default().memorized(), 0.0);

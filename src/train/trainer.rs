@@ -343,11 +343,13 @@ fn train(
                 let preds: Vec<u32> = known.iter().map(|&k| (out[k] > 0.0) as u32).collect();
                 let noisy: Vec<u32> = known.iter().map(|&k| (targets[k] > 0.5) as u32).collect();
                 let flags: Vec<bool> = known.iter().map(|&k| flags[k]).collect();
-                memo.add(&preds, &noisy, &flags);
+                let columns: Vec<usize> = known.iter().map(|&k| k % classes).collect();
+                memo.add(&preds, &noisy, &flags, &columns);
             } else {
                 let preds = argmax_rows(&out, classes);
                 let flags: Vec<bool> = chunk.iter().map(|&i| data.corrupted[i]).collect();
-                memo.add(&preds, &labels, &flags);
+                let clean: Vec<usize> = chunk.iter().map(|&i| data.train_clean_labels[i] as usize).collect();
+                memo.add(&preds, &labels, &flags, &clean);
             }
             loss_sum += loss_value * chunk.len() as f64;
             seen += chunk.len();
@@ -380,6 +382,7 @@ fn train(
             train_loss,
             train_acc: memo.noisy_acc(),
             memorized: memo.memorized(),
+            memorized_per_class: memo.per_group(classes),
             clean_fit: memo.clean_fit(),
             eval_loss,
             eval_acc,
