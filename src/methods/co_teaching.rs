@@ -121,6 +121,11 @@ pub fn selected_loss(logits: &Tensor, batch: &Batch, selection: &Selection) -> R
 }
 
 impl Method for CoTeaching {
+    /// The peer network, of the same size.
+    fn networks(&self) -> usize {
+        2
+    }
+
     fn built(&mut self, net: &ResNet, setup: &Setup) -> Result<()> {
         let peer = ResNet::new(net.spec, &setup.wiring, &setup.device, setup.seed ^ PEER_SEED);
         let optimizer = Adam::new(&peer.params.entries, setup.lr, setup.decoupled_decay)?;

@@ -12,6 +12,11 @@ pub struct Dropout {
 }
 
 impl Method for Dropout {
+    /// The masks and the masked activations.
+    fn step_copies(&self) -> Option<f64> {
+        Some(4.5)
+    }
+
     fn wire(&self, _spec: &mut NetSpec, wiring: &mut Wiring, _multi_label: bool) {
         wiring.dropout = Some((self.p, self.position));
     }

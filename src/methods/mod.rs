@@ -90,6 +90,17 @@ pub trait Method: Send + std::fmt::Debug {
         0.0
     }
 
+    /// Networks of the model's size that the method trains (for the memory estimate).
+    fn networks(&self) -> usize {
+        1
+    }
+
+    /// Convolution outputs' worth of tensors a training step keeps per image, where the method
+    /// keeps more than plain training's 4 (for the memory estimate).
+    fn step_copies(&self) -> Option<f64> {
+        None
+    }
+
     /// The training loss of a batch; `None` leaves it to [`default_loss`].
     fn loss(&mut self, _batch: &Batch, _logits: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
@@ -173,6 +184,12 @@ impl Method for Combined {
     }
     fn decoupled_decay(&self) -> f64 {
         self.0.iter().map(|m| m.decoupled_decay()).sum()
+    }
+    fn networks(&self) -> usize {
+        self.0.iter().map(|m| m.networks()).max().unwrap_or(1)
+    }
+    fn step_copies(&self) -> Option<f64> {
+        self.0.iter().filter_map(|m| m.step_copies()).reduce(f64::max)
     }
     fn loss(&mut self, batch: &Batch, logits: &Tensor) -> Result<Option<Tensor>> {
         for m in &mut self.0 {

@@ -5,7 +5,7 @@
 //! The factors are measured peaks (maximum resident set) of `qat-lab run` with a margin of about
 //! 20%; BENCHMARKS.md gives the measurements.
 
-use crate::config::{BnMode, DeviceKind, Experiment, Regularizer, Robust};
+use crate::config::{DeviceKind, Experiment};
 use crate::data::DataSize;
 use crate::model::resnet::NetSpec;
 use anyhow::{bail, Result};
@@ -48,9 +48,9 @@ impl Footprint {
         let net = spec.size();
         let per_image = net.conv_outputs_per_image as f64 * 4.0;
         let batch = exp.train.batch_size.min(size.train.max(1)) as f64;
-        // Co-teaching trains a second network of the same size beside the first.
-        let networks = if matches!(exp.robust, Robust::CoTeaching { .. }) { 2.0 } else { 1.0 };
-        let train = networks * batch * per_image * step_copies(&exp.regularizer);
+        let method = crate::methods::build(exp);
+        let networks = method.networks() as f64;
+        let train = networks * batch * per_image * method.step_copies().unwrap_or(STEP_COPIES);
         let eval =
             EVAL_BATCH.min(size.test.max(1) as u64) as f64 * net.largest_output_per_image as f64 * 4.0 * EVAL_COPIES;
         Footprint {
@@ -107,15 +107,9 @@ impl Footprint {
 }
 
 /// Convolution outputs' worth of tensors that a training step keeps per image (forward results for
-/// the backward pass, and the gradients): measured 2.5 (ResNet-20) to 3.4 (ResNet-8) in float, and
-/// 3.8 to 4.7 with folded-BN QAT, which keeps the float and the quantized copy of every layer.
-fn step_copies(regularizer: &Regularizer) -> f64 {
-    match regularizer {
-        Regularizer::Quantization { bn: BnMode::Fold, .. } => 5.5,
-        Regularizer::Dropout { .. } => 4.5,
-        _ => 4.0,
-    }
-}
+/// the backward pass, and the gradients), measured 2.5 (ResNet-20) to 3.4 (ResNet-8) in float; a
+/// method that keeps more says so ([`crate::methods::Method::step_copies`]).
+const STEP_COPIES: f64 = 4.0;
 
 /// Memory the machine can still give this process: the kernel's `MemAvailable`, lowered to what the
 /// cgroup (a container's or a Slurm job's limit) leaves. `None` where neither can be read.
@@ -159,7 +153,7 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatasetKind;
+    use crate::config::{DatasetKind, Regularizer, Robust};
 
     fn demo() -> Experiment {
         Experiment::load(&crate::config::resolve_preset("demo"), &[]).unwrap()
