@@ -47,14 +47,13 @@ pub fn read_label_sets(path: &Path) -> Result<Vec<(String, Vec<i64>)>> {
     parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The training labels that `noise.set` of `noise.labels` gives a dataset whose own (clean) labels
-/// are `clean`, in the same order; refused where the file does not belong to that data.
-pub fn noisy_labels(noise: &NoiseConfig, human: &HumanLabels, clean: &[u32], classes: usize) -> Result<Vec<u32>> {
+/// The file's clean labels and those of `noise.set`, as (clean, noisy).
+pub fn clean_and_noisy(noise: &NoiseConfig, human: &HumanLabels) -> Result<(Vec<i64>, Vec<i64>)> {
     let path = Path::new(&noise.labels);
     let sets = read_label_sets(path)?;
-    let get = |key: &str| sets.iter().find(|(k, _)| k == key).map(|(_, v)| v);
     let key = human.key(&noise.set).unwrap_or("");
-    let (Some(file_clean), Some(noisy)) = (get("clean_label"), get(key)) else {
+    let get = |k: &str| sets.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone());
+    let (Some(clean), Some(noisy)) = (get("clean_label"), get(key)) else {
         let names: Vec<&str> = sets.iter().map(|(k, _)| k.as_str()).collect();
         bail!(
             "{} has no `clean_label` or no `{key}` (data.noise.set = \"{}\"); it holds {}: is it {}?",
@@ -64,6 +63,15 @@ pub fn noisy_labels(noise: &NoiseConfig, human: &HumanLabels, clean: &[u32], cla
             human.file
         );
     };
+    Ok((clean, noisy))
+}
+
+/// The training labels that `noise.set` of `noise.labels` gives a dataset whose own (clean) labels
+/// are `clean`, in the same order; refused where the file does not belong to that data.
+pub fn noisy_labels(noise: &NoiseConfig, human: &HumanLabels, clean: &[u32], classes: usize) -> Result<Vec<u32>> {
+    let path = Path::new(&noise.labels);
+    let key = human.key(&noise.set).unwrap_or("");
+    let (file_clean, noisy) = clean_and_noisy(noise, human)?;
     if file_clean.len() != clean.len() || noisy.len() != clean.len() {
         bail!(
             "the dataset is not in the official order: {} labels {} training images but the dataset has {} (a subset or a shuffled copy, like the shared CIFAR-10 sample, cannot carry CIFAR-N's labels); use the whole official {}",

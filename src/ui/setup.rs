@@ -169,18 +169,12 @@ impl SetupForm {
             return;
         }
         let matrix = HumanLabels::of(self.experiment.data.dataset)
-            .and_then(|h| h.key(&noise.set))
-            .ok_or_else(|| format!("{} is not a label set here", noise.set))
-            .and_then(|key| {
-                let sets = crate::data::cifar_n::read_label_sets(std::path::Path::new(&noise.labels))
-                    .map_err(|e| format!("{e:#}"))?;
-                let get = |k: &str| sets.iter().find(|(name, _)| name == k).map(|(_, v)| v);
-                let (Some(clean), Some(noisy)) = (get("clean_label"), get(key)) else {
-                    return Err(format!("{} has no clean_label or {key}", noise.labels));
-                };
+            .ok_or_else(|| "no CIFAR-N labels for this dataset".to_string())
+            .and_then(|h| crate::data::cifar_n::clean_and_noisy(noise, &h).map_err(|e| format!("{e:#}")))
+            .map(|(clean, noisy)| {
                 let to_u32 = |v: &[i64]| v.iter().map(|&x| x.max(0) as u32).collect::<Vec<_>>();
                 let classes = clean.iter().max().map_or(0, |&m| m.max(0) as usize + 1);
-                Ok(crate::data::noise::transition_matrix(&to_u32(clean), &to_u32(noisy), classes))
+                crate::data::noise::transition_matrix(&to_u32(&clean), &to_u32(&noisy), classes)
             });
         self.human_matrix = Some(HumanMatrix { labels: noise.labels.clone(), set: noise.set.clone(), matrix });
     }
