@@ -33,8 +33,6 @@ pub struct Layout {
     pub test_len: usize,
     /// The official archive.
     pub remote: fn() -> fetch::Remote,
-    /// Its size, as the advice to fetch it says.
-    archive_mib: u32,
 }
 
 /// CIFAR-10 (Krizhevsky 2009).
@@ -51,7 +49,6 @@ pub const CIFAR10: Layout = Layout {
     train_len: 50_000,
     test_len: 10_000,
     remote: fetch::cifar10,
-    archive_mib: 163,
 };
 
 /// CIFAR-100, with its 100 fine classes (in the order of `fine_label_names.txt`).
@@ -68,7 +65,6 @@ pub const CIFAR100: Layout = Layout {
     train_len: 50_000,
     test_len: 10_000,
     remote: fetch::cifar100,
-    archive_mib: 161,
 };
 
 const CIFAR100_CLASSES: [&str; 100] = [
@@ -200,7 +196,7 @@ impl Layout {
                 "{title} not found at {}: run `qat-lab data fetch {name}` (downloads {archive}, {} MiB), \
                  or set data.path to a folder with the .bin files or to the .tar.gz",
                 path.display(),
-                self.archive_mib
+                (self.remote)().len.unwrap_or(0) >> 20
             );
         }
         if path.is_file() {
@@ -396,16 +392,20 @@ pub(crate) mod tests {
     }
 
     pub fn write_fake_archive(path: &Path, n_train: usize, n_test: usize) {
+        let entries = [("data_batch_1.bin", fake_batch(n_train)), ("test_batch.bin", fake_batch(n_test))];
+        write_archive(path, "cifar-10-batches-bin", &entries);
+    }
+
+    /// A `.tar.gz` holding `folder/<name>` for each entry.
+    fn write_archive(path: &Path, folder: &str, entries: &[(&str, Vec<u8>)]) {
         let f = std::fs::File::create(path).unwrap();
-        let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
-        let mut tar = tar::Builder::new(gz);
-        for (name, n) in [("data_batch_1.bin", n_train), ("test_batch.bin", n_test)] {
-            let data = fake_batch(n);
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(f, flate2::Compression::fast()));
+        for (name, data) in entries {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
             h.set_cksum();
-            tar.append_data(&mut h, format!("cifar-10-batches-bin/{name}"), &data[..]).unwrap();
+            tar.append_data(&mut h, format!("{folder}/{name}"), &data[..]).unwrap();
         }
         tar.into_inner().unwrap().finish().unwrap();
     }
@@ -447,17 +447,11 @@ pub(crate) mod tests {
     fn cifar100_reads_the_fine_labels_from_archive_and_folder() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join(CIFAR100.archive_name);
-        let f = std::fs::File::create(&archive).unwrap();
-        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(f, flate2::Compression::fast()));
-        for (name, n) in [("train.bin", 120), ("test.bin", 30)] {
-            let data = fake_cifar100(n);
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            tar.append_data(&mut h, format!("cifar-100-binary/{name}"), &data[..]).unwrap();
-        }
-        tar.into_inner().unwrap().finish().unwrap();
+        write_archive(
+            &archive,
+            "cifar-100-binary",
+            &[("train.bin", fake_cifar100(120)), ("test.bin", fake_cifar100(30))],
+        );
         let a = CIFAR100.load(&archive).unwrap();
         assert_eq!((a.train.len(), a.test.len(), a.classes.len()), (120, 30, 100));
         assert_eq!(&a.train.labels[..4], &[0, 7, 14, 21]);
