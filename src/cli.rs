@@ -32,6 +32,10 @@ pub enum Command {
     Run {
         /// Preset name (see --list) or path to a TOML file.
         preset: Option<String>,
+        /// Go on with a cut-short run (stopped, killed, preempted) from its last checkpoint, in its
+        /// own folder: `qat-lab run --resume runs/<id>`.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["preset", "set", "device", "data"])]
+        resume: Option<PathBuf>,
         /// Override any field, e.g. --set train.epochs=4 --set regularizer.kind=quantization.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -71,6 +75,11 @@ pub enum Command {
         /// Runs trained at once (they share the cores; 1 is fastest per run on 2 cores).
         #[arg(long, default_value_t = 1)]
         parallel: usize,
+        /// Train only grid point N (0-based): what each task of a --slurm job array runs.
+        #[arg(long, value_name = "N")]
+        task: Option<usize>,
+        #[command(flatten)]
+        slurm: crate::slurm::SlurmArgs,
     },
     /// Reproduce the paper's four claims (Fig. 1, 2, 3, Table 1) at a budget: trains what the out folder
     /// lacks, then writes report.md with one verdict per claim, the figures and Table 1.
@@ -94,6 +103,12 @@ pub enum Command {
         /// section of their own (not the paper's comparison).
         #[arg(long)]
         extended: bool,
+        /// Train only run N (0-based) of the budget's plan, and write no report: what each task of a
+        /// --slurm job array runs.
+        #[arg(long, value_name = "N")]
+        task: Option<usize>,
+        #[command(flatten)]
+        slurm: crate::slurm::SlurmArgs,
     },
     /// Compare finished or running runs side by side in the lab.
     Compare {
@@ -154,6 +169,13 @@ pub enum BenchDevice {
 }
 
 impl BenchDevice {
+    fn name(self) -> &'static str {
+        match self {
+            BenchDevice::Cpu => "cpu",
+            BenchDevice::Cuda => "cuda",
+        }
+    }
+
     fn kind(self) -> crate::config::DeviceKind {
         match self {
             BenchDevice::Cpu => crate::config::DeviceKind::Cpu,
@@ -218,6 +240,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_presets();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run { resume: Some(dir), plain, .. } => {
+            crate::threads::configure(false);
+            let summary = resume_headless(&dir, plain || !std::io::stderr().is_terminal())?;
+            print_summary(&summary);
+            Ok(exit_for(&summary))
+        }
         Command::Run { preset: None, .. } => {
             print_presets();
             bail!("name a preset: qat-lab run PRESET (the list is above)")
@@ -230,20 +258,50 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_summary(&summary);
             Ok(exit_for(&summary))
         }
-        Command::Sweep { preset, vary, set, out, device, data, parallel } => {
+        Command::Sweep { preset, vary, set, out, device, data, parallel, task, slurm } => {
             crate::threads::configure(false);
-            sweep(&preset, &vary, &with_shorthands(set, device, data), &out, parallel)
+            let set = with_shorthands(set, device, data);
+            let exps = sweep_plan(&preset, &vary, &set)?;
+            if slurm.slurm {
+                let mut argv = vec!["sweep".to_string(), preset.clone()];
+                argv.extend(vary.iter().flat_map(|v| ["--vary".to_string(), v.clone()]));
+                argv.extend(set.iter().flat_map(|v| ["--set".to_string(), v.clone()]));
+                return job_array(&slurm, &["sweep", &preset], argv, exps.len(), &out, |out| {
+                    format!("qat-lab report {}", out.display())
+                });
+            }
+            sweep(&exps, &out, parallel, task)
         }
-        Command::Paper { budget, out, data, device, parallel, extended } => {
+        Command::Paper { budget, out, data, device, parallel, extended, task, slurm } => {
             crate::threads::configure(false);
             let opts = crate::paper::PaperOptions {
                 budget,
-                out,
-                data,
+                out: out.clone(),
+                data: data.clone(),
                 device: device.kind(),
-                runner: crate::runner::RunnerOptions { parallel, progress: std::io::stderr().is_terminal() },
+                runner: crate::runner::RunnerOptions {
+                    parallel,
+                    progress: std::io::stderr().is_terminal(),
+                    ..Default::default()
+                },
                 extended,
             };
+            if slurm.slurm || task.is_some() {
+                let plan = crate::paper::distinct_plan(&opts)?;
+                if !slurm.slurm {
+                    return train_task(&plan, &out.join("runs"), task.unwrap_or(0));
+                }
+                let mut argv = vec!["paper".to_string(), "--budget".into(), budget.name().into()];
+                argv.extend(data.iter().flat_map(|d| ["--data".to_string(), d.clone()]));
+                argv.extend(["--device".to_string(), device.name().into()]);
+                if extended {
+                    argv.push("--extended".into());
+                }
+                let again = argv[1..].join(" ");
+                return job_array(&slurm, &["paper", budget.name()], argv, plan.len(), &out, |out| {
+                    format!("qat-lab paper {again} --out {} (it trains only what is missing)", out.display())
+                });
+            }
             let outcome = crate::paper::run(&opts)?;
             for c in &outcome.claims {
                 println!("{} {}: {} — {}", c.id, c.title, c.verdict.name(), c.numbers);
@@ -260,7 +318,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if dirs.is_empty() {
                 bail!("name run folders to compare, e.g. qat-lab compare runs/<id-a> runs/<id-b>");
             }
-            let records = dirs.iter().map(|d| runs::load(d)).collect::<Result<Vec<_>>>()?;
+            let records = compare_records(&dirs)?;
             if table {
                 print_tables(&records);
                 return Ok(ExitCode::SUCCESS);
@@ -380,7 +438,27 @@ fn print_presets() {
 
 /// Trains with a progress bar (or plain lines) on stderr; Ctrl-C stops the run cleanly and keeps its record.
 pub fn run_headless(exp: &Experiment, out: &std::path::Path, plain: bool) -> Result<Summary> {
-    let opts = RunOptions { runs_root: out.to_path_buf(), batch_events_every: if plain { 0 } else { 1 } };
+    let opts = RunOptions { runs_root: out.to_path_buf(), ..Default::default() };
+    train_headless(exp, opts, plain)
+}
+
+/// `run --resume DIR`: goes on with a cut-short run from its checkpoint, in its own folder.
+fn resume_headless(dir: &std::path::Path, plain: bool) -> Result<Summary> {
+    let record = runs::load(dir)?;
+    if record.is_result() {
+        let status = record.summary.as_ref().map(|s| s.status.name()).unwrap_or_default();
+        bail!("{} has already ended ({status}): there is nothing to resume", dir.display());
+    }
+    let opts = RunOptions {
+        runs_root: dir.parent().map(PathBuf::from).unwrap_or_default(),
+        resume: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    train_headless(&record.experiment, opts, plain)
+}
+
+fn train_headless(exp: &Experiment, mut opts: RunOptions, plain: bool) -> Result<Summary> {
+    opts.batch_events_every = if plain { 0 } else { 1 };
     let (control, mut rx, handle) = train::spawn(exp.clone(), opts);
     crate::signals::install();
     crate::signals::register(&control);
@@ -503,7 +581,8 @@ fn print_summary(s: &Summary) {
     }
 }
 
-fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path, parallel: usize) -> Result<ExitCode> {
+/// The distinct experiments of a sweep, in grid order (every combination validated).
+fn sweep_plan(preset: &str, vary: &[String], set: &[String]) -> Result<Vec<Experiment>> {
     let path = config::resolve_preset(preset);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut axes = config::sweep_axes(&text, &path.display().to_string())?;
@@ -538,19 +617,119 @@ fn sweep(preset: &str, vary: &[String], set: &[String], out: &std::path::Path, p
         o.extend(set.iter().cloned());
     }
     // Validate every combination before training any.
-    let exps = grid
-        .iter()
-        .map(|o| Experiment::from_toml(&text, &path.display().to_string(), o))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut exps: Vec<Experiment> = Vec::new();
+    for o in &grid {
+        let exp = Experiment::from_toml(&text, &path.display().to_string(), o)?;
+        if !exps.contains(&exp) {
+            exps.push(exp);
+        }
+    }
+    Ok(exps)
+}
+
+fn sweep(exps: &[Experiment], out: &std::path::Path, parallel: usize, task: Option<usize>) -> Result<ExitCode> {
+    if let Some(task) = task {
+        return train_task(exps, out, task);
+    }
     eprintln!("sweep: {} runs", exps.len());
     let progress = std::io::stderr().is_terminal();
-    let outcome = crate::runner::run(&exps, out, &crate::runner::RunnerOptions { parallel, progress })?;
+    let opts = crate::runner::RunnerOptions { parallel, progress, ..Default::default() };
+    let outcome = crate::runner::run(exps, out, &opts)?;
     let records = outcome.finished();
     if outcome.stopped {
         eprintln!("stopped: {} of {} runs finished; the same command goes on from there", records.len(), exps.len());
     }
     print_tables(&records);
     Ok(if outcome.stopped { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
+
+/// One task of a job array: trains grid point `task` of `plan` into `out` (or resumes it, or finds it
+/// finished and exits at once).
+fn train_task(plan: &[Experiment], out: &std::path::Path, task: usize) -> Result<ExitCode> {
+    crate::slurm::check_task(task, plan.len())?;
+    let opts = crate::runner::RunnerOptions { first_index: task, ..Default::default() };
+    let outcome = crate::runner::run(std::slice::from_ref(&plan[task]), out, &opts)?;
+    let exp = &plan[task];
+    match outcome.records.first().cloned().flatten() {
+        Some(r) => {
+            let s = r.summary.as_ref();
+            println!(
+                "task {task} ({} [{}]): {} in {}{}",
+                exp.name,
+                exp.method_label(),
+                s.map(|s| s.status.name()).unwrap_or_default(),
+                r.dir.display(),
+                if outcome.trained == 0 { ", already finished" } else { "" }
+            );
+            Ok(if r.finished_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        None if outcome.stopped => {
+            println!(
+                "task {task} ({} [{}]): stopped; it resumes from its checkpoint when run again",
+                exp.name,
+                exp.method_label()
+            );
+            Ok(ExitCode::from(130))
+        }
+        None => {
+            let why = outcome.summaries.first().and_then(|s| s.message.clone()).unwrap_or_default();
+            bail!("task {task} ({} [{}]) did not finish: {why}", exp.name, exp.method_label())
+        }
+    }
+}
+
+/// `--slurm`: writes the job-array script of `tasks` tasks, each running `qat-lab <argv> --out OUT
+/// --task $SLURM_ARRAY_TASK_ID`, and submits it when asked.
+fn job_array(
+    slurm: &crate::slurm::SlurmArgs,
+    name: &[&str],
+    mut argv: Vec<String>,
+    tasks: usize,
+    out: &std::path::Path,
+    afterwards: impl Fn(&std::path::Path) -> String,
+) -> Result<ExitCode> {
+    slurm.validate()?;
+    let workdir = std::env::current_dir().context("reading the current folder")?;
+    let out = workdir.join(out);
+    let exe = std::env::current_exe().context("finding the qat-lab binary")?;
+    argv.insert(0, exe.display().to_string());
+    argv.extend(["--out".to_string(), out.display().to_string()]);
+    let job =
+        crate::slurm::ArrayJob { name: crate::slurm::job_name(name), tasks, command: argv, out: out.clone(), workdir };
+    let script = slurm.write(&job)?;
+    println!("wrote {} ({tasks} array tasks, one per run; logs in {}/slurm/)", script.display(), out.display());
+    if slurm.submit {
+        let id = crate::slurm::submit(&script)?;
+        println!("submitted job {id}: follow it with `squeue -j {id}`; results land in {}", out.display());
+    } else {
+        println!("submit it with: sbatch {}", script.display());
+    }
+    println!(
+        "watch finished and running runs with `qat-lab compare {}` (r reloads); when the array is done: {}",
+        out.display(),
+        afterwards(&out)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The runs named on `compare`'s command line: run folders, or folders of them (a sweep's out folder).
+fn compare_records(dirs: &[PathBuf]) -> Result<Vec<runs::RunRecord>> {
+    let mut records = Vec::new();
+    for d in dirs {
+        if d.join(runs::EXPERIMENT_FILE).is_file() {
+            records.push(runs::load(d)?);
+            continue;
+        }
+        let scan = runs::scan(d);
+        if let Some(note) = scan.unreadable_note() {
+            eprintln!("{note}");
+        }
+        if scan.records.is_empty() {
+            bail!("{} is neither a run folder nor a folder of runs", d.display());
+        }
+        records.extend(scan.records);
+    }
+    Ok(records)
 }
 
 /// The comparison table, then accuracy vs noise rate, then (multi-label runs) the Table-1 layout.

@@ -18,6 +18,7 @@ pub mod report;
 pub mod runner;
 pub mod runs;
 pub mod signals;
+pub mod slurm;
 pub mod threads;
 pub mod train;
 pub mod ui;

@@ -1,6 +1,7 @@
 //! The one runner behind every multi-run command (`sweep`, `paper`). It
-//! - reuses grid points whose finished record is already in the out folder (a killed command goes on
-//!   where it stopped), and trains a point planned twice only once;
+//! - reuses grid points whose finished record is already in the out folder, resumes those whose run
+//!   was cut short from its checkpoint (a killed command, a preempted cluster task, goes on where it
+//!   stopped), and trains a point planned twice only once;
 //! - trains the rest a few at a time, with a progress bar of runs done, runs left and the ETA;
 //! - honours the process-wide stop ([`crate::signals`]): the current runs end as `stopped`, nothing
 //!   more starts;
@@ -21,11 +22,14 @@ pub struct RunnerOptions {
     pub parallel: usize,
     /// Draw a progress bar (else one line per finished run).
     pub progress: bool,
+    /// The grid index of the plan's first experiment: run folders are tagged `g<index>`, so that
+    /// ids stay apart across the tasks of a cluster job.
+    pub first_index: usize,
 }
 
 impl Default for RunnerOptions {
     fn default() -> Self {
-        Self { parallel: 1, progress: false }
+        Self { parallel: 1, progress: false, first_index: 0 }
     }
 }
 
@@ -58,20 +62,29 @@ pub fn find_finished<'a>(records: &'a [RunRecord], exp: &Experiment) -> Option<&
     records.iter().rev().find(|r| r.is_result() && &r.experiment == exp)
 }
 
+/// The newest record of `exp` that was cut short and can go on from its checkpoint, if any.
+pub fn find_resumable<'a>(records: &'a [RunRecord], exp: &Experiment) -> Option<&'a RunRecord> {
+    records.iter().rev().find(|r| r.resumable() && &r.experiment == exp)
+}
+
 /// Trains every experiment of `plan` that has no finished record under `out` yet.
 pub fn run(plan: &[Experiment], out: &Path, opts: &RunnerOptions) -> Result<Outcome> {
     signals::install();
     let scan = runs::scan(out);
     let mut outcome = Outcome { unreadable: scan.unreadable.clone(), ..Default::default() };
-    // The distinct experiments still to train, in plan order.
-    let mut todo: Vec<&Experiment> = Vec::new();
-    for exp in plan {
-        if find_finished(&scan.records, exp).is_some() {
+    // The distinct experiments still to train, in plan order, with their grid index and the folder
+    // of a cut-short run to resume.
+    let mut todo: Vec<Todo> = Vec::new();
+    for (i, exp) in plan.iter().enumerate() {
+        if find_finished(&scan.records, exp).is_some() || todo.iter().any(|t| t.exp == exp) {
             continue;
         }
-        if !todo.contains(&exp) {
-            todo.push(exp);
-        }
+        let resume = find_resumable(&scan.records, exp).map(|r| r.dir.clone());
+        todo.push(Todo { exp, index: opts.first_index + i, resume });
+    }
+    let resuming = todo.iter().filter(|t| t.resume.is_some()).count();
+    if resuming > 0 {
+        eprintln!("{resuming} cut-short run(s) go on from their checkpoints in {}", out.display());
     }
     let mut distinct: Vec<&Experiment> = Vec::new();
     for exp in plan {
@@ -93,6 +106,12 @@ pub fn run(plan: &[Experiment], out: &Path, opts: &RunnerOptions) -> Result<Outc
     Ok(outcome)
 }
 
+struct Todo<'a> {
+    exp: &'a Experiment,
+    index: usize,
+    resume: Option<std::path::PathBuf>,
+}
+
 struct Active {
     control: train::RunControl,
     events: tokio::sync::mpsc::UnboundedReceiver<TrainEvent>,
@@ -101,8 +120,8 @@ struct Active {
     epochs: u64,
 }
 
-fn train_all(todo: &[&Experiment], out: &Path, opts: &RunnerOptions, outcome: &mut Outcome) -> Result<()> {
-    let total_epochs: u64 = todo.iter().map(|e| e.train.epochs as u64).sum();
+fn train_all(todo: &[Todo], out: &Path, opts: &RunnerOptions, outcome: &mut Outcome) -> Result<()> {
+    let total_epochs: u64 = todo.iter().map(|t| t.exp.train.epochs as u64).sum();
     let bar = if opts.progress && !todo.is_empty() {
         indicatif::ProgressBar::new(total_epochs)
     } else {
@@ -123,9 +142,15 @@ fn train_all(todo: &[&Experiment], out: &Path, opts: &RunnerOptions, outcome: &m
     let mut finished_epochs = 0u64;
     loop {
         while active.len() < opts.parallel.max(1) && !signals::stopping() {
-            let Some(exp) = queue.next() else { break };
-            let run_opts = RunOptions { runs_root: out.to_path_buf(), batch_events_every: 0 };
-            let (control, events, handle) = train::spawn((*exp).clone(), run_opts);
+            let Some(next) = queue.next() else { break };
+            let exp = next.exp;
+            let run_opts = RunOptions {
+                runs_root: out.to_path_buf(),
+                batch_events_every: 0,
+                tag: Some(format!("g{}", next.index)),
+                resume: next.resume.clone(),
+            };
+            let (control, events, handle) = train::spawn(exp.clone(), run_opts);
             signals::register(&control);
             active.push(Active { control, events, handle, epochs_seen: 0, epochs: exp.train.epochs as u64 });
         }

@@ -279,3 +279,73 @@ fn bench_prints_throughput_qat_cost_and_the_per_op_table() {
     let o = qat_lab(&["bench", "--only", "int8", "--no-torch"], tmp.path());
     assert!(!o.status.success() && text(&o).contains("--only must be one of"), "{}", text(&o));
 }
+
+/// `sweep --slurm` writes a job-array script; its tasks, run by hand as Slurm would run them, give
+/// the same records as the sweep run here, and a task whose point is finished trains nothing.
+#[test]
+fn slurm_array_tasks_run_by_hand_give_the_same_records_as_the_sweep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let grid = [
+        "demo-sweep-digits",
+        "--vary",
+        "regularizer.kind=none,quantization",
+        "--vary",
+        "data.noise.rate=0.2,0.4",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "data.train_subset=300",
+    ];
+    let sweep_dir = tmp.path().join("here");
+    let mut args = vec!["sweep"];
+    args.extend(grid);
+    args.extend(["--out", sweep_dir.to_str().unwrap()]);
+    let o = qat_lab(&args, tmp.path());
+    assert!(o.status.success(), "{}", text(&o));
+
+    let array_dir = tmp.path().join("array");
+    let mut args = vec!["sweep"];
+    args.extend(grid);
+    args.extend(["--out", array_dir.to_str().unwrap(), "--slurm", "--max-parallel", "2", "--time", "00:30:00"]);
+    let o = qat_lab(&args, tmp.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("4 array tasks") && text(&o).contains("sbatch "), "{}", text(&o));
+    let script = std::fs::read_to_string(array_dir.join("slurm/qat-lab-sweep-demo-sweep-digits.sbatch")).unwrap();
+    assert!(script.contains("#SBATCH --array=0-3%2") && script.contains("#SBATCH --time=00:30:00"), "{script}");
+    let exec = script.lines().find(|l| l.starts_with("exec ")).unwrap();
+    assert!(exec.ends_with("--task \"$SLURM_ARRAY_TASK_ID\"") && exec.contains("--set train.epochs=2"), "{exec}");
+    assert!(qat_lab::runs::list(&array_dir).is_empty(), "--slurm trains nothing here");
+
+    let task = |i: usize| {
+        let mut args = vec!["sweep"];
+        args.extend(grid);
+        let i = i.to_string();
+        args.extend(["--out", array_dir.to_str().unwrap(), "--task", &i]);
+        qat_lab(&args, tmp.path())
+    };
+    for i in 0..4 {
+        let o = task(i);
+        assert!(o.status.success(), "task {i}: {}", text(&o));
+    }
+    let o = task(2);
+    assert!(text(&o).contains("already finished"), "{}", text(&o));
+    let o = task(4);
+    assert!(!o.status.success() && text(&o).contains("tasks run from 0 to 3"), "{}", text(&o));
+
+    let key = |r: &qat_lab::runs::RunRecord| {
+        let m: Vec<(f64, f64, f64)> = r.metrics.iter().map(|m| (m.train_loss, m.eval_loss, m.eval_acc)).collect();
+        (r.experiment.to_toml(), m)
+    };
+    let here = qat_lab::runs::list(&sweep_dir);
+    let array = qat_lab::runs::list(&array_dir);
+    assert_eq!(array.len(), 4, "one record per task, none twice");
+    for r in &here {
+        let twin = array.iter().find(|a| a.experiment == r.experiment).expect("every grid point has its task");
+        assert_eq!(key(twin), key(r), "{}", r.id());
+        assert!(twin.id().ends_with(&r.id()[r.id().rfind("-g").unwrap()..]), "ids carry the grid index");
+    }
+    let o = qat_lab(&["run", "--resume", array[0].dir.to_str().unwrap()], tmp.path());
+    assert!(!o.status.success() && text(&o).contains("nothing to resume"), "{}", text(&o));
+    let o = qat_lab(&["compare", "--table", array_dir.to_str().unwrap()], tmp.path());
+    assert!(o.status.success() && text(&o).contains("W4/A4"), "{}", text(&o));
+}

@@ -22,7 +22,7 @@ fn digits(epochs: usize, reg: Regularizer) -> Experiment {
 
 fn train(exp: &Experiment, root: &std::path::Path) -> (Summary, Vec<TrainEvent>) {
     let (tx, mut rx) = unbounded_channel();
-    let opts = RunOptions { runs_root: root.to_path_buf(), batch_events_every: 0 };
+    let opts = RunOptions { runs_root: root.to_path_buf(), batch_events_every: 0, ..Default::default() };
     let summary = run(exp, &opts, &RunControl::default(), &tx);
     drop(tx);
     let mut events = Vec::new();
@@ -255,7 +255,7 @@ fn a_nan_loss_ends_the_run_as_diverged_not_a_crash() {
         *v = f32::NAN;
     }
     let (tx, _rx) = unbounded_channel();
-    let opts = RunOptions { runs_root: root.path().to_path_buf(), batch_events_every: 0 };
+    let opts = RunOptions { runs_root: root.path().to_path_buf(), batch_events_every: 0, ..Default::default() };
     let s = run_on(&e, ds, &opts, &RunControl::default(), &tx);
     assert_eq!(s.status, Status::Diverged);
     assert!(s.message.as_deref().unwrap().contains("train.lr"), "{:?}", s.message);
@@ -267,7 +267,7 @@ fn a_nan_loss_ends_the_run_as_diverged_not_a_crash() {
 fn stopping_a_run_marks_it_stopped_and_keeps_its_record() {
     let root = tempfile::tempdir().unwrap();
     let e = digits(50, Regularizer::None);
-    let opts = RunOptions { runs_root: root.path().to_path_buf(), batch_events_every: 1 };
+    let opts = RunOptions { runs_root: root.path().to_path_buf(), batch_events_every: 1, ..Default::default() };
     let (control, mut rx, handle) = qat_lab::train::spawn(e, opts);
     while let Some(ev) = rx.blocking_recv() {
         if let TrainEvent::Epoch(m) = ev {
@@ -415,4 +415,112 @@ fn a_flipped_bit_in_the_cifar10_sample_is_refused() {
     std::fs::write(&flipped, &bytes).unwrap();
     let err = format!("{:#}", data::cifar::CIFAR10.load(&flipped).unwrap_err());
     assert!(err.contains("flipped.tar.gz") && err.contains("corrupt"), "{err}");
+}
+
+/// Every metric a run records, without the timings (which differ between any two runs).
+fn without_timings(metrics: &[qat_lab::train::EpochMetrics]) -> Vec<qat_lab::train::EpochMetrics> {
+    metrics.iter().map(|m| qat_lab::train::EpochMetrics { images_per_sec: 0.0, epoch_secs: 0.0, ..m.clone() }).collect()
+}
+
+/// Trains `e`, stopping it (as SIGTERM does) once epoch `stop_after` is recorded; returns its folder.
+fn train_and_stop(e: &Experiment, root: &std::path::Path, stop_after: usize) -> PathBuf {
+    let opts = RunOptions { runs_root: root.to_path_buf(), batch_events_every: 0, ..Default::default() };
+    let (control, mut rx, handle) = qat_lab::train::spawn(e.clone(), opts);
+    while let Some(ev) = rx.blocking_recv() {
+        if matches!(ev, TrainEvent::Epoch(ref m) if m.epoch == stop_after) {
+            control.stop();
+        }
+    }
+    let s = handle.join().unwrap();
+    assert_eq!(s.status, Status::Stopped, "{:?}", s.message);
+    root.join(&s.run_id)
+}
+
+#[test]
+fn a_stopped_run_resumed_from_its_checkpoint_ends_as_if_never_interrupted() {
+    use qat_lab::config::{BnMode, DropoutPosition, PruneCriterion};
+    let quant = Regularizer::Quantization {
+        weight_bits: 4,
+        act_bits: 4,
+        first_last_bits: 8,
+        bn: BnMode::Fold,
+        ema_momentum: 0.9,
+    };
+    let cases: Vec<(&str, Regularizer, Robust, bool)> = vec![
+        (
+            "dropout + augmentation",
+            Regularizer::Dropout { p: 0.2, position: DropoutPosition::Blocks },
+            Robust::None,
+            true,
+        ),
+        ("early stopping", Regularizer::EarlyStopping { patience: 10 }, Robust::None, false),
+        (
+            "pruned before the stop",
+            Regularizer::Pruning { ratio: 0.5, at_epoch: 1, criterion: PruneCriterion::LowestL1 },
+            Robust::None,
+            false,
+        ),
+        (
+            "pruned after the resume",
+            Regularizer::Pruning { ratio: 0.5, at_epoch: 2, criterion: PruneCriterion::LowestL1 },
+            Robust::None,
+            false,
+        ),
+        ("W4/A4 + co-teaching", quant, Robust::CoTeaching { forget_rate: 0.0, tk: 2 }, false),
+    ];
+    for (what, reg, robust, augment) in cases {
+        let root = tempfile::tempdir().unwrap();
+        let mut e = digits(4, reg);
+        e.robust = robust;
+        e.data.augment = augment;
+        e.data.train_subset = 300;
+        e.data.val_fraction = 0.15;
+        let (whole, _) = train(&e, root.path());
+        assert_eq!(whole.status, Status::Completed, "{what}: {:?}", whole.message);
+        let whole_dir = root.path().join(&whole.run_id);
+        assert!(!whole_dir.join(runs::CHECKPOINT_FILE).exists(), "{what}: a finished run keeps no checkpoint");
+
+        let cut = train_and_stop(&e, &root.path().join("cut"), 2);
+        let before = runs::load(&cut).unwrap();
+        assert!(before.resumable(), "{what}: a stopped run has a checkpoint");
+        let (tx, _rx) = unbounded_channel();
+        let opts = RunOptions { runs_root: root.path().join("cut"), resume: Some(cut.clone()), ..Default::default() };
+        let resumed = run(&e, &opts, &RunControl::default(), &tx);
+        assert_eq!(resumed.status, Status::Completed, "{what}: {:?}", resumed.message);
+        assert_eq!(resumed.run_id, before.id(), "{what}: it resumes in its own folder");
+        let after = runs::load(&cut).unwrap();
+        let epochs: Vec<usize> = after.metrics.iter().map(|m| m.epoch).collect();
+        assert_eq!(epochs, vec![1, 2, 3, 4], "{what}: every epoch once");
+        let reference = runs::load(&whole_dir).unwrap();
+        assert_eq!(without_timings(&after.metrics), without_timings(&reference.metrics), "{what}: the same metrics");
+        let (a, b) = (after.summary.unwrap(), reference.summary.unwrap());
+        assert_eq!((a.best, a.final_eval_acc, a.pruned_params), (b.best, b.final_eval_acc, b.pruned_params), "{what}");
+        assert_eq!(
+            std::fs::read(cut.join(runs::WEIGHTS_FILE)).unwrap(),
+            std::fs::read(whole_dir.join(runs::WEIGHTS_FILE)).unwrap(),
+            "{what}: bit-identical weights"
+        );
+    }
+}
+
+#[test]
+fn resuming_refuses_a_run_without_a_checkpoint_or_a_changed_one() {
+    let root = tempfile::tempdir().unwrap();
+    let e = digits(3, Regularizer::None);
+    let cut = train_and_stop(&e, root.path(), 1);
+    let (tx, _rx) = unbounded_channel();
+    let resume = |e: &Experiment| {
+        let opts = RunOptions { runs_root: root.path().into(), resume: Some(cut.clone()), ..Default::default() };
+        run(e, &opts, &RunControl::default(), &tx)
+    };
+    // Another network than the checkpoint's: refused, and the record keeps what it had.
+    let mut wider = e.clone();
+    wider.model.width = 1.0;
+    let s = resume(&wider);
+    assert_eq!(s.status, Status::Failed);
+    assert!(s.message.as_deref().unwrap_or_default().contains("does not fit this run's network"), "{:?}", s.message);
+    assert_eq!(runs::load(&cut).unwrap().metrics.len(), 1);
+    std::fs::remove_file(cut.join(runs::CHECKPOINT_FILE)).unwrap();
+    let s = resume(&e);
+    assert!(s.message.as_deref().unwrap_or_default().contains("nothing to resume"), "{:?}", s.message);
 }

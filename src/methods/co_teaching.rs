@@ -9,7 +9,7 @@
 //! metrics are those of the first network; the peer has the same layers (and quantizers).
 
 use super::{binary_log_likelihood, known_and_clean, log_likelihood, Batch, Method, Setup};
-use crate::model::ResNet;
+use crate::model::{ResNet, State};
 use crate::ops;
 use crate::threads;
 use crate::train::optim::Adam;
@@ -142,6 +142,18 @@ impl Method for CoTeaching {
         let peer_loss = selected_loss(&peer_logits, batch, &by_main)?;
         threads::compute(batch.device, || peer.optimizer.step(&peer_loss.backward()?))?;
         Ok(Some(selected_loss(logits, batch, &by_peer)?))
+    }
+
+    fn save_state(&self, state: &mut State) -> Result<()> {
+        let peer = self.peer.as_ref().ok_or_else(|| anyhow!("co-teaching's peer network was not built"))?;
+        state.scoped("peer.", |s| peer.net.save_state(s))?;
+        state.scoped("peer_adam.", |s| peer.optimizer.save_state(s))
+    }
+
+    fn restore_state(&mut self, state: &mut State) -> Result<()> {
+        let peer = self.peer.as_mut().ok_or_else(|| anyhow!("co-teaching's peer network was not built"))?;
+        state.scoped("peer.", |s| peer.net.restore_state(s))?;
+        state.scoped("peer_adam.", |s| peer.optimizer.restore_state(s))
     }
 }
 

@@ -2,7 +2,7 @@
 //! runs out, and ends the run with the best weights (whether patience ran out or the epochs did).
 
 use super::{EpochEnd, Method, Outcome};
-use crate::model::ResNet;
+use crate::model::{ResNet, State};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -71,6 +71,29 @@ impl Method for EarlyStopping {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn save_state(&self, state: &mut State) -> Result<()> {
+        // JSON has no infinity: the best score is absent until an epoch has one.
+        state.put("best", &self.best_epoch.map(|_| self.best))?;
+        state.put("best_epoch", &self.best_epoch)?;
+        state.put("since_best", &self.since_best)?;
+        for (i, t) in self.best_weights.iter().flatten().enumerate() {
+            state.put_tensor(&format!("best.{i}"), t)?;
+        }
+        state.put("best_weights", &self.best_weights.as_ref().map(|w| w.len()))
+    }
+
+    fn restore_state(&mut self, state: &mut State) -> Result<()> {
+        self.best = state.get::<Option<f64>>("best")?.unwrap_or(f64::INFINITY);
+        self.best_epoch = state.get("best_epoch")?;
+        self.since_best = state.get("since_best")?;
+        let device = candle_core::Device::Cpu;
+        self.best_weights = match state.get::<Option<usize>>("best_weights")? {
+            Some(n) => Some((0..n).map(|i| state.tensor(&format!("best.{i}"), &device)).collect::<Result<_>>()?),
+            None => None,
+        };
         Ok(())
     }
 

@@ -15,7 +15,7 @@ pub mod weight_decay;
 
 use crate::config::{Experiment, Regularizer, Robust};
 use crate::model::resnet::{NetSpec, Wiring};
-use crate::model::{Param, ResNet};
+use crate::model::{Param, ResNet, State};
 use crate::ops;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -126,6 +126,17 @@ pub trait Method: Send + std::fmt::Debug {
     fn keep_weights(&mut self, _net: &mut ResNet, _epochs_run: usize) -> Result<Option<usize>> {
         Ok(None)
     }
+
+    /// What it must carry across a restart from a checkpoint, beyond the network's own tensors
+    /// (a best epoch's weights, a peer network).
+    fn save_state(&self, _state: &mut State) -> Result<()> {
+        Ok(())
+    }
+
+    /// Restores what [`Method::save_state`] kept (called after [`Method::built`]).
+    fn restore_state(&mut self, _state: &mut State) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The methods of an experiment: its regularizer and its robust method, as one.
@@ -224,6 +235,12 @@ impl Method for Combined {
             }
         }
         Ok(None)
+    }
+    fn save_state(&self, state: &mut State) -> Result<()> {
+        self.0.iter().enumerate().try_for_each(|(i, m)| state.scoped(&format!("{i}."), |s| m.save_state(s)))
+    }
+    fn restore_state(&mut self, state: &mut State) -> Result<()> {
+        self.0.iter_mut().enumerate().try_for_each(|(i, m)| state.scoped(&format!("{i}."), |s| m.restore_state(s)))
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod layers;
 pub mod resnet;
+pub mod state;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub use resnet::ResNet;
+pub use state::State;
 
 /// What the optimiser does with a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +98,21 @@ impl Params {
 
     pub fn restore(&self, snapshot: &[Tensor]) -> Result<()> {
         for (p, t) in self.entries.iter().zip(snapshot) {
-            p.var.set(t)?;
+            p.var.set(&t.to_device(p.var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Puts every tensor into a checkpoint, by name.
+    pub fn save_state(&self, state: &mut State) -> Result<()> {
+        self.entries.iter().try_for_each(|p| state.put_tensor(&p.name, p.var.as_tensor()))
+    }
+
+    /// Sets every tensor from a checkpoint written by [`Params::save_state`].
+    pub fn restore_state(&self, state: &State) -> Result<()> {
+        for p in &self.entries {
+            let t = state.tensor(&p.name, &self.device)?;
+            p.var.set(&t).with_context(|| format!("the checkpoint's tensor `{}` has the wrong shape", p.name))?;
         }
         Ok(())
     }

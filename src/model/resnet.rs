@@ -228,6 +228,33 @@ impl ResNet {
         Ok(kept)
     }
 
+    /// Puts what training changes into a checkpoint: every tensor, the pruning masks and the dropout
+    /// generator's position.
+    pub fn save_state(&self, state: &mut super::State) -> anyhow::Result<()> {
+        self.params.save_state(state)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if let Some(keep) = &block.conv1.keep {
+                state.put_tensor(&format!("keep.{i}"), keep)?;
+            }
+        }
+        let position = self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()).get_word_pos();
+        state.put("dropout_rng", &position.to_string())
+    }
+
+    /// Restores what [`ResNet::save_state`] kept into a network built from the same spec and wiring.
+    pub fn restore_state(&mut self, state: &super::State) -> anyhow::Result<()> {
+        self.params.restore_state(state)?;
+        let device = self.params.device.clone();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let name = format!("keep.{i}");
+            block.conv1.keep = if state.has_tensor(&name) { Some(state.tensor(&name, &device)?) } else { None };
+        }
+        let position: String = state.get("dropout_rng")?;
+        let position = position.parse().map_err(|_| anyhow::anyhow!("the checkpoint's dropout_rng is not a number"))?;
+        self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()).set_word_pos(position);
+        Ok(())
+    }
+
     /// Parameters and multiply-accumulates per image that still affect the output (pruned channels
     /// and the input slices of the next layer that read them are not counted).
     pub fn cost(&self) -> Result<Cost> {

@@ -58,7 +58,8 @@ pub const PAPER_TABLE1: [(&str, [f64; 13]); 6] = [
 ];
 
 /// Trains what the budget needs and writes the report.
-pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
+/// The protocol and every run it plans (with repeats, for the claims that share runs).
+fn protocol_and_plan(opts: &PaperOptions) -> Result<(Protocol, Vec<Experiment>)> {
     if opts.data.is_none() && matches!(opts.budget, Budget::Standard | Budget::Full) {
         bail!(
             "`--budget {}` trains on CIFAR-10: pass --data PATH (a folder or the archive; `qat-lab data fetch cifar10` downloads it)",
@@ -70,15 +71,24 @@ pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
     if opts.extended {
         plan.extend(protocol.extended_plan());
     }
-    let distinct = {
-        let mut d: Vec<&Experiment> = Vec::new();
-        for e in &plan {
-            if !d.contains(&e) {
-                d.push(e);
-            }
+    Ok((protocol, plan))
+}
+
+/// Every distinct run of the budget, in plan order: the tasks of `paper --slurm`.
+pub fn distinct_plan(opts: &PaperOptions) -> Result<Vec<Experiment>> {
+    let (_, plan) = protocol_and_plan(opts)?;
+    let mut distinct: Vec<Experiment> = Vec::new();
+    for e in plan {
+        if !distinct.contains(&e) {
+            distinct.push(e);
         }
-        d.len()
-    };
+    }
+    Ok(distinct)
+}
+
+pub fn run(opts: &PaperOptions) -> Result<PaperOutcome> {
+    let (protocol, plan) = protocol_and_plan(opts)?;
+    let distinct = distinct_plan(opts)?.len();
     eprintln!("paper --budget {}: {distinct} distinct runs into {}", opts.budget.name(), opts.out.display());
     let started = Instant::now();
     let outcome = runner::run(&plan, &opts.out.join("runs"), &opts.runner)?;

@@ -15,6 +15,8 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 /// Weights the run keeps (last epoch, or best-validation under early stopping).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Where an unfinished run can be resumed from (see `train::checkpoint`); removed once it ends.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// Default folder for run records.
 pub fn default_root() -> PathBuf {
@@ -43,15 +45,19 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `root/<utc timestamp>-<name>-<regularizer>` (with a suffix if taken) and writes the experiment.
-    pub fn create(root: &Path, exp: &Experiment) -> Result<RunDir> {
+    /// Creates `root/<utc timestamp>-<name>-<regularizer>[-<tag>]` (with a suffix if taken) and writes
+    /// the experiment. A sweep's tag is the grid index, so that ids stay apart across cluster nodes.
+    pub fn create(root: &Path, exp: &Experiment, tag: Option<&str>) -> Result<RunDir> {
         std::fs::create_dir_all(root)
             .with_context(|| format!("cannot create the runs folder {}; choose another with --out", root.display()))?;
         let now = time::OffsetDateTime::now_utc();
         let stamp = now
             .format(&time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
             .unwrap_or_default();
-        let base = format!("{stamp}-{}-{}", slug(&exp.name), slug(&exp.method_label()));
+        let mut base = format!("{stamp}-{}-{}", slug(&exp.name), slug(&exp.method_label()));
+        if let Some(tag) = tag {
+            base = format!("{base}-{}", slug(tag));
+        }
         // create_dir is the test and the claim at once: two runs starting in the same second (a
         // sweep's parallel runs, another process) never share a folder.
         let mut n = 1;
@@ -66,6 +72,14 @@ impl RunDir {
         let dir = RunDir { path };
         write_atomic(&dir.path.join(EXPERIMENT_FILE), exp.to_toml().as_bytes())?;
         Ok(dir)
+    }
+
+    /// An existing run folder, to resume.
+    pub fn open(path: &Path) -> Result<RunDir> {
+        if !path.join(EXPERIMENT_FILE).is_file() {
+            anyhow::bail!("{} is not a run folder (no {EXPERIMENT_FILE}); runs live under runs/<id>/", path.display());
+        }
+        Ok(RunDir { path: path.to_path_buf() })
     }
 
     pub fn id(&self) -> String {
@@ -128,6 +142,11 @@ impl RunRecord {
     /// Whether the run ended as planned (completed, or early-stopped): only such runs enter means.
     pub fn finished_ok(&self) -> bool {
         matches!(self.summary.as_ref().map(|s| s.status), Some(Status::Completed | Status::EarlyStopped))
+    }
+
+    /// Whether the run ended early (stopped, killed, failed) with a checkpoint to go on from.
+    pub fn resumable(&self) -> bool {
+        !self.is_result() && self.dir.join(CHECKPOINT_FILE).is_file()
     }
 
     /// Whether the run has ended for good (including by diverging): a multi-run command reuses it
@@ -221,8 +240,9 @@ mod tests {
     fn records_round_trip_and_names_are_unique() {
         let root = tempfile::tempdir().unwrap();
         let exp = Experiment { name: "Fig 1: baseline".into(), ..Default::default() };
-        let a = RunDir::create(root.path(), &exp).unwrap();
-        let b = RunDir::create(root.path(), &exp).unwrap();
+        let a = RunDir::create(root.path(), &exp, None).unwrap();
+        let b = RunDir::create(root.path(), &exp, Some("g7")).unwrap();
+        assert!(b.id().ends_with("-g7"), "{}", b.id());
         assert_ne!(a.path, b.path);
         assert!(a.id().contains("fig-1-baseline-baseline"), "{}", a.id());
         let m = EpochMetrics { epoch: 1, eval_acc: 0.5, ..Default::default() };

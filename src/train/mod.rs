@@ -1,5 +1,6 @@
 //! Training: a worker thread per run that streams [`events::TrainEvent`]s and writes the run record.
 
+pub mod checkpoint;
 pub mod events;
 pub mod footprint;
 pub mod metrics;

@@ -92,6 +92,45 @@ impl Adam {
         }
         Ok(())
     }
+
+    /// Puts the step count and both moments of every parameter into a checkpoint.
+    pub fn save_state(&self, state: &mut crate::model::State) -> anyhow::Result<()> {
+        state.put("step", &self.step)?;
+        for (i, moments) in self.moments.iter().enumerate() {
+            match moments {
+                Moments::Apart { m, v } => {
+                    state.put_tensor(&format!("{i}.m"), m)?;
+                    state.put_tensor(&format!("{i}.v"), v)?;
+                }
+                #[cfg(feature = "cuda")]
+                Moments::Packed(packed) => state.put_tensor(&format!("{i}.mv"), packed)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores what [`Adam::save_state`] kept, into an optimiser over the same parameters.
+    pub fn restore_state(&mut self, state: &crate::model::State) -> anyhow::Result<()> {
+        self.step = state.get("step")?;
+        for (i, (moments, p)) in self.moments.iter_mut().zip(&self.params).enumerate() {
+            let device = p.var.device();
+            let check = |t: Tensor, like: &Tensor| -> anyhow::Result<Tensor> {
+                if t.shape() != like.shape() {
+                    anyhow::bail!("the checkpoint's Adam moments of `{}` have the wrong shape", p.name);
+                }
+                Ok(t)
+            };
+            match moments {
+                Moments::Apart { m, v } => {
+                    *m = check(state.tensor(&format!("{i}.m"), device)?, m)?;
+                    *v = check(state.tensor(&format!("{i}.v"), device)?, v)?;
+                }
+                #[cfg(feature = "cuda")]
+                Moments::Packed(packed) => *packed = check(state.tensor(&format!("{i}.mv"), device)?, packed)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The training loop: one worker thread per run, cancellable and pausable, streaming events and
 //! writing the run record as it goes.
 
+use super::checkpoint;
 use super::events::{BatchProgress, Best, EpochMetrics, RunInfo, Status, Summary, TrainEvent};
 use super::footprint::{self, Footprint};
 use super::metrics::{argmax_rows, f1_per_label, tune_thresholds, Accuracy, Memorisation};
@@ -30,11 +31,15 @@ pub struct RunOptions {
     pub runs_root: PathBuf,
     /// Emit a `Batch` event every this many batches (0 = never).
     pub batch_events_every: usize,
+    /// Added to the run's folder name (a sweep's grid index).
+    pub tag: Option<String>,
+    /// Go on from the checkpoint in this run folder instead of starting a new run.
+    pub resume: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { runs_root: crate::runs::default_root(), batch_events_every: 1 }
+        Self { runs_root: crate::runs::default_root(), batch_events_every: 1, tag: None, resume: None }
     }
 }
 
@@ -137,10 +142,15 @@ fn run_with(
             summary.message = Some(format!("internal error: {text}"));
         }
     }
-    summary.wall_secs = started.elapsed().as_secs_f64();
+    // A resumed run's summary already holds the time of the attempts before.
+    summary.wall_secs += started.elapsed().as_secs_f64();
     if let Some(dir) = &dir {
         if let Err(e) = dir.write_summary(&summary) {
             let _ = tx.send(TrainEvent::Log(format!("could not write summary.json: {e:#}")));
+        }
+        if matches!(summary.status, Status::Completed | Status::EarlyStopped | Status::Diverged) {
+            // Ended for good: nothing will resume from it.
+            let _ = std::fs::remove_file(dir.path.join(crate::runs::CHECKPOINT_FILE));
         }
     }
     let _ = tx.send(TrainEvent::Finished(Box::new(summary.clone())));
@@ -192,6 +202,18 @@ fn train(
     let log = |msg: String| {
         let _ = tx.send(TrainEvent::Log(msg));
     };
+    let attempt = Instant::now();
+    // A resumed run writes into its own folder, and any failure from here on keeps its summary.
+    let resumed = match &opts.resume {
+        Some(path) => {
+            let dir = RunDir::open(path)?;
+            let saved = checkpoint::Saved::read(&dir)?;
+            *summary = saved.summary.clone();
+            *dir_out = Some(dir);
+            Some(saved)
+        }
+        None => None,
+    };
     let device = device_for(exp.train.device)?;
     let mut method = methods::build(exp);
     let available = footprint::available();
@@ -210,7 +232,10 @@ fn train(
     };
     let memory = Footprint::estimate(exp, &loaded);
     memory.check(exp, available)?;
-    let dir = RunDir::create(&opts.runs_root, exp)?;
+    let dir = match dir_out.clone() {
+        Some(dir) => dir,
+        None => RunDir::create(&opts.runs_root, exp, opts.tag.as_deref())?,
+    };
     *dir_out = Some(dir.clone());
     summary.run_id = dir.id();
     summary.measured_noise_rate = data.measured_noise_rate;
@@ -276,8 +301,23 @@ fn train(
     let image_len = data.image_len();
     let classes = data.num_classes();
     let mut order: Vec<usize> = (0..data.train.len()).collect();
+    let mut first_epoch = 1;
+    if let Some(saved) = resumed {
+        let progress = saved.apply(&mut rng, &mut net, &mut optimizer, method.as_mut())?;
+        if progress.order.len() != order.len() {
+            bail!(
+                "the checkpoint holds {} training images but the data has {}: the data changed since the run started",
+                progress.order.len(),
+                order.len()
+            );
+        }
+        (history, order, first_epoch) = (progress.history, progress.order, progress.epoch + 1);
+        summary.status = Status::Running;
+        summary.message = None;
+        log(format!("resumed from the checkpoint of epoch {} (of {})", progress.epoch, exp.train.epochs));
+    }
 
-    for epoch in 1..=exp.train.epochs {
+    for epoch in first_epoch..=exp.train.epochs {
         let mut outcome = Outcome::default();
         method.before_epoch(epoch, &mut net, &mut outcome)?;
         outcome.log.drain(..).for_each(log);
@@ -424,6 +464,12 @@ fn train(
         if outcome.stop {
             summary.status = Status::EarlyStopped;
             break;
+        }
+        if epoch < exp.train.epochs {
+            let mut at = summary.clone();
+            at.wall_secs += attempt.elapsed().as_secs_f64();
+            let progress = checkpoint::Progress { epoch, history: history.clone(), summary: at, order: order.clone() };
+            checkpoint::save(&dir, &progress, &rng, &net, &optimizer, method.as_ref())?;
         }
     }
 

@@ -193,7 +193,7 @@ fn schedule(
         let Some(run) = app.runs.iter_mut().find(|r| r.state == RunState::Queued) else {
             break;
         };
-        let opts = RunOptions { runs_root: runs_root.to_path_buf(), batch_events_every: 1 };
+        let opts = RunOptions { runs_root: runs_root.to_path_buf(), batch_events_every: 1, ..Default::default() };
         let (control, mut rx, handle) = train::spawn(run.record.experiment.clone(), opts);
         run.control = Some(control);
         run.state = RunState::Running;
