@@ -324,10 +324,54 @@ fn print_reference(ours: &[BenchResult], refs: &[BenchResult]) {
     }
 }
 
+/// The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere).
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The CPU's model, the vector extensions the kernels can use and its cache sizes, so that every
+/// figure says where it came from.
+pub fn cpu_description() -> String {
+    let mut isa: Vec<&str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let detected = [
+            ("avx2", std::is_x86_feature_detected!("avx2")),
+            ("fma", std::is_x86_feature_detected!("fma")),
+            ("avx512f", std::is_x86_feature_detected!("avx512f")),
+            ("avx512bw", std::is_x86_feature_detected!("avx512bw")),
+            ("avx512vnni", std::is_x86_feature_detected!("avx512vnni")),
+            ("avx512bf16", std::is_x86_feature_detected!("avx512bf16")),
+            ("avx512fp16", std::is_x86_feature_detected!("avx512fp16")),
+        ];
+        isa.extend(detected.iter().filter(|(_, on)| *on).map(|(name, _)| *name));
+    }
+    let caches: Vec<String> = (0..8)
+        .filter_map(|i| {
+            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok().map(|v| v.trim().to_string());
+            let (level, kind, size) = (read("level")?, read("type")?, read("size")?);
+            let kind = match kind.as_str() {
+                "Data" => "d",
+                "Instruction" => return None,
+                _ => "",
+            };
+            Some(format!("L{level}{kind} {size}"))
+        })
+        .collect();
+    let isa = if isa.is_empty() { "baseline".to_string() } else { isa.join(" ") };
+    let caches = if caches.is_empty() { "cache sizes unknown".to_string() } else { caches.join(", ") };
+    format!("{}; {isa}; {caches}", cpu_model())
+}
+
 /// The `bench` command: prints a table of figures and ratios.
 pub fn run(opts: &BenchOptions) -> Result<()> {
     let device = crate::train::trainer::device_for(opts.device)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "?".into());
+    println!("CPU: {}", cpu_description());
     println!(
         "ResNet-{} on 3x32x32, batch {}, median of {} interleaved rounds of {} timed steps after {} warm-up, \
          device {:?}, {} threads",

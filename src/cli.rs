@@ -154,11 +154,45 @@ pub enum Command {
         #[arg(long)]
         ops: bool,
     },
+    /// Export a finished run's network: `int`, the packed integer model (weights at their bit width,
+    /// batch norm folded, the activation scales), whose file size is the model's real size.
+    Export {
+        /// The run folder (`runs/<id>`).
+        run: PathBuf,
+        /// int (the packed integer model).
+        #[arg(long, value_enum, default_value = "int")]
+        format: ExportFormat,
+        /// Where to write it [default: runs/<id>/model.int.safetensors].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Evaluate a finished run on its test set; with --int, in integers on its packed model, beside
+    /// the fake-quant network (accuracy of both, top-1 agreement, images/s).
+    Eval {
+        /// The run folder (`runs/<id>`).
+        run: PathBuf,
+        /// Run the packed integer model (integer inputs and weights, i32 accumulators, fixed-point
+        /// requantization) and compare it with the fake-quant evaluation.
+        #[arg(long)]
+        int: bool,
+        /// The dataset copy to read, when it is not where the run read it (shorthand for data.path).
+        #[arg(long)]
+        data: Option<String>,
+        /// Images per batch.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
     /// Datasets that need a download.
     Data {
         #[command(subcommand)]
         action: DataAction,
     },
+}
+
+/// What `export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ExportFormat {
+    Int,
 }
 
 /// Device for `bench` and `paper`.
@@ -314,6 +348,27 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(if outcome.stopped { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }
+        Command::Export { run, format: ExportFormat::Int, out } => {
+            let trained = crate::export::Trained::load(&run)?;
+            let model = trained.int_model()?;
+            let path = out.unwrap_or_else(|| run.join(crate::export::INT_MODEL_FILE));
+            let bytes = model.write(&path)?;
+            let float = trained.float_bytes()?;
+            println!(
+                "{}: {} layers, {} weights, {:.1} KiB (float weights {:.1} KiB: {:.1}x smaller)",
+                path.display(),
+                model.layers().count(),
+                model.weight_count(),
+                kib(bytes),
+                kib(float),
+                float as f64 / bytes as f64
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { run, int, data, batch } => {
+            crate::threads::configure(false);
+            eval_run(&run, int, data, batch)
+        }
         Command::Compare { runs: dirs, table } => {
             if dirs.is_empty() {
                 bail!("name run folders to compare, e.g. qat-lab compare runs/<id-a> runs/<id-b>");
@@ -393,6 +448,82 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `--device X` and `--data DIR` as the `--set` overrides they stand for (applied last).
+fn kib(bytes: usize) -> f64 {
+    bytes as f64 / 1024.0
+}
+
+/// `qat-lab eval`: the run's test accuracy, and with `int` its integer model's beside it.
+fn eval_run(run: &std::path::Path, int: bool, data: Option<String>, batch: usize) -> Result<ExitCode> {
+    if batch == 0 {
+        bail!("--batch 0 evaluates nothing; give at least 1 (default 256)");
+    }
+    let trained = crate::export::Trained::load(run)?;
+    let mut exp = trained.record.experiment.clone();
+    if exp.data.dataset.is_multi_label() {
+        bail!(
+            "{} is a multi-label run: eval compares top-1 classes, which multi-label outputs do not have",
+            trained.record.id()
+        );
+    }
+    if let Some(path) = data {
+        exp.data.path = path;
+    }
+    let dataset =
+        crate::data::load(&exp.data).context("loading the run's test set (pass --data PATH where it moved)")?;
+    let test = &dataset.test;
+    if test.labels.is_empty() {
+        bail!("the run's test set is empty");
+    }
+    let model = if int {
+        // Through the packed bytes, so that what runs is what `export` writes.
+        let bytes = trained.int_model()?.to_bytes()?;
+        Some((crate::export::int_model::IntModel::from_bytes(&bytes, "the packed model")?, bytes.len()))
+    } else {
+        None
+    };
+    let Some((model, bytes)) = model else {
+        let eval = crate::train::trainer::evaluate(&trained.net, test, &dataset, &candle_core::Device::Cpu, None)?;
+        println!(
+            "{}: test accuracy {:.2}% on {} images (loss {:.4})",
+            trained.record.id(),
+            eval.acc * 100.0,
+            test.labels.len(),
+            eval.loss
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let a = crate::export::compare(&trained.net, &model, &test.images, &test.labels, dataset.shape, batch)?;
+    let float = trained.float_bytes()?;
+    println!(
+        "{} on {} test images (CPU: {}; integer kernel: {})",
+        trained.record.id(),
+        a.images,
+        crate::bench::cpu_model(),
+        crate::export::infer::kernel_name()
+    );
+    println!("  fake-quant accuracy  {:.2}%   {:.0} images/s", a.fake_quant_acc * 100.0, a.fake_quant_images_per_sec);
+    println!("  integer accuracy     {:.2}%   {:.0} images/s", a.int_acc * 100.0, a.int_images_per_sec);
+    println!(
+        "  same top-1 on {:.2}% of images; accuracy differs by {:+.2} points; largest logit difference {:.4} (logits up to {:.2})",
+        a.same_top1 * 100.0,
+        (a.int_acc - a.fake_quant_acc) * 100.0,
+        a.max_logit_diff,
+        a.max_logit
+    );
+    println!(
+        "  size: integer {:.1} KiB, float {:.1} KiB ({:.1}x smaller)",
+        kib(bytes),
+        kib(float),
+        float as f64 / bytes as f64
+    );
+    if a.meets_bar() {
+        println!("  agreement: meets the bar (same top-1 on at least 99.5%, accuracy within 0.3 points)");
+    } else {
+        println!("  agreement: BELOW the bar (same top-1 on at least 99.5%, accuracy within 0.3 points)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn with_shorthands(mut set: Vec<String>, device: Option<String>, data: Option<String>) -> Vec<String> {
     if let Some(d) = device {
         set.push(format!("train.device={d}"));

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod memory;
 pub mod methods;
 pub mod model;

@@ -185,7 +185,7 @@ impl ConvBn {
     }
 
     /// Eval-mode batch norm as a per-channel affine: (γ/σ, β − μ·γ/σ) with the running statistics.
-    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
         let (gamma, beta) = (self.gamma.as_tensor(), self.beta.as_tensor());
         ops::bn_eval_affine(gamma, beta, self.running_mean.as_tensor(), self.running_var.as_tensor(), BN_EPS)
     }

@@ -117,17 +117,17 @@ impl Params {
         Ok(())
     }
 
-    /// Writes every tensor to a safetensors file, atomically (temp file, then rename).
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Every tensor by name, as f32.
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         let map = self
             .entries
             .iter()
             .map(|p| Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<HashMap<String, Tensor>>>()?;
-        save_tensors(&map, path)
+        Ok(map)
     }
 
-    /// Loads tensors saved by [`Params::save`]; names and shapes must match.
+    /// Loads tensors saved from [`Params::tensors`]; names and shapes must match.
     pub fn load(&self, path: &Path) -> Result<()> {
         let map = candle_core::safetensors::load(path, &self.device)
             .with_context(|| format!("reading weights from {}", path.display()))?;

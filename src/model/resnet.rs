@@ -228,6 +228,30 @@ impl ResNet {
         Ok(kept)
     }
 
+    /// Writes the weights, with the pruning masks as `keep.{i}` (block i), to a safetensors file,
+    /// atomically: what `export` and `eval` rebuild the network from.
+    pub fn save_weights(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let mut map = self.params.tensors()?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if let Some(keep) = &block.conv1.keep {
+                map.insert(format!("keep.{i}"), keep.clone());
+            }
+        }
+        super::save_tensors(&map, path)
+    }
+
+    /// Loads what [`ResNet::save_weights`] wrote into a network built from the same spec and wiring.
+    pub fn load_weights(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        self.params.load(path)?;
+        let map = candle_core::safetensors::load(path, &self.params.device)
+            .with_context(|| format!("reading weights from {}", path.display()))?;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.conv1.keep = map.get(&format!("keep.{i}")).cloned();
+        }
+        Ok(())
+    }
+
     /// Puts what training changes into a checkpoint: every tensor, the pruning masks and the dropout
     /// generator's position.
     pub fn save_state(&self, state: &mut super::State) -> anyhow::Result<()> {

@@ -69,7 +69,19 @@ impl Grid {
     /// The grid point nearest to `v` clamped to ±λ (halves away from zero, like `f32::round`).
     #[inline]
     pub fn apply(&self, v: f32) -> f32 {
-        round_half_away(v.clamp(-self.lambda, self.lambda) * self.inv_step) * self.step
+        self.index(v) * self.step
+    }
+
+    /// The signed index of [`Self::apply`]'s grid point (an integer in −L..=L): what an integer model
+    /// stores, computed with the same float operations so that it agrees with fake-quantization.
+    #[inline]
+    pub fn index(&self, v: f32) -> f32 {
+        round_half_away(v.clamp(-self.lambda, self.lambda) * self.inv_step)
+    }
+
+    /// The real value of one grid step, λ/L.
+    pub fn step(&self) -> f32 {
+        self.step
     }
 }
 

@@ -487,7 +487,7 @@ fn train(
         ));
     }
     if summary.epochs_run > 0 {
-        net.params.save(&dir.weights_path())?;
+        net.save_weights(&dir.weights_path())?;
     }
     if summary.status == Status::Running {
         summary.status = Status::Completed;

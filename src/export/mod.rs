@@ -1,0 +1,242 @@
+//! The compression half of the paper: a finished QAT run as a packed integer model
+//! ([`int_model`]) run in integers ([`infer`]).
+
+pub mod fixed;
+pub mod infer;
+pub mod int_model;
+pub mod pack;
+
+use crate::model::resnet::{NetSpec, Wiring};
+use crate::model::ResNet;
+use crate::runs::{self, RunRecord, Status};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use int_model::IntModel;
+use std::path::Path;
+use std::time::Instant;
+
+/// File name of the packed integer model inside a run folder.
+pub const INT_MODEL_FILE: &str = "model.int.safetensors";
+
+/// A finished run with its network rebuilt from the kept weights (on the CPU, in eval mode).
+pub struct Trained {
+    pub record: RunRecord,
+    pub net: ResNet,
+}
+
+impl Trained {
+    /// Reads `dir`, refusing runs that did not finish or kept no weights.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let record = runs::load(dir)?;
+        let id = record.id();
+        let Some(summary) = &record.summary else {
+            bail!("{id} has no summary.json: it never started training, so it has no weights to export")
+        };
+        match summary.status {
+            Status::Completed | Status::EarlyStopped => {}
+            Status::Running | Status::Stopped => bail!(
+                "{id} did not finish ({}): go on with `qat-lab run --resume {}`, then export it",
+                summary.status.name(),
+                dir.display()
+            ),
+            Status::Diverged | Status::Failed => {
+                bail!("{id} {}: its weights are not a trained network; train it again", summary.status.name())
+            }
+        }
+        let weights = dir.join(runs::WEIGHTS_FILE);
+        if !weights.is_file() {
+            bail!("{id} has no {}: the run kept no weights", runs::WEIGHTS_FILE);
+        }
+        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+            .with_context(|| format!("cannot read {}: the file is damaged", weights.display()))?;
+        let dims = |name: &str| tensors.get(name).map(|t| t.dims().to_vec());
+        let exp = &record.experiment;
+        let in_ch = match dims("stem.weight").as_deref() {
+            Some([_, c, _, _]) => *c,
+            _ => bail!("{} has no 4-d `stem.weight`: not a qat-lab ResNet", weights.display()),
+        };
+        let (outputs, per_label_heads) = match (dims("fc.weight").as_deref(), dims("heads.weight").as_deref()) {
+            (Some([o, _]), _) => (*o, false),
+            (_, Some([l, _])) => (*l, true),
+            _ => bail!("{} has no classifier (`fc.weight` or `heads.weight`)", weights.display()),
+        };
+        if summary.pruned_params.is_some() && !tensors.keys().any(|k| k.starts_with("keep.")) {
+            bail!("{id} was pruned, but its weights file holds no pruning masks (it was written by an older qat-lab); train it again to export it");
+        }
+        // The image side only matters for MAC counts, which export does not use.
+        let mut spec = NetSpec {
+            arch: exp.model.arch,
+            width: exp.model.width,
+            input: [in_ch, 32, 32],
+            outputs,
+            per_label_heads: false,
+        };
+        let mut wiring = Wiring::default();
+        crate::methods::build(exp).wire(&mut spec, &mut wiring, exp.data.dataset.is_multi_label());
+        if spec.per_label_heads != per_label_heads {
+            bail!(
+                "{} does not match its experiment.toml (classifier heads differ): was experiment.toml edited?",
+                weights.display()
+            );
+        }
+        let mut net = ResNet::new(spec, &wiring, &Device::Cpu, exp.train.seed);
+        net.load_weights(&weights)
+            .with_context(|| format!("{} does not fit the network of its experiment.toml", weights.display()))?;
+        Ok(Self { record, net })
+    }
+
+    /// The packed integer model of this run.
+    pub fn int_model(&self) -> Result<IntModel> {
+        IntModel::from_network(&self.net, &format!("{:?}", self.record.experiment.model.arch).to_lowercase())
+            .with_context(|| format!("{} has no integer model", self.record.id()))
+    }
+
+    /// Bytes of the float weights (4 a parameter, after pruning).
+    pub fn float_bytes(&self) -> Result<usize> {
+        Ok(4 * self.net.cost()?.params)
+    }
+}
+
+/// How the integer model compares with the fake-quant network on the test set.
+#[derive(Debug, Clone)]
+pub struct Agreement {
+    pub images: usize,
+    pub fake_quant_acc: f64,
+    pub int_acc: f64,
+    /// Share of images on which both give the same top-1 class.
+    pub same_top1: f64,
+    /// Largest |logit difference| in real units, and the largest |fake-quant logit| for scale.
+    pub max_logit_diff: f64,
+    pub max_logit: f64,
+    pub fake_quant_images_per_sec: f64,
+    pub int_images_per_sec: f64,
+}
+
+impl Agreement {
+    /// The bar of the issue: the same top-1 on 99.5% of images and accuracy within 0.3 points.
+    pub fn meets_bar(&self) -> bool {
+        self.same_top1 >= 0.995 && (self.int_acc - self.fake_quant_acc).abs() <= 0.003
+    }
+}
+
+/// Evaluates the fake-quant network and `model` on the same images (NCHW, `shape` each) and
+/// labels, `batch` at a time.
+pub fn compare(
+    net: &ResNet,
+    model: &IntModel,
+    images: &[f32],
+    labels: &[u32],
+    shape: [usize; 3],
+    batch: usize,
+) -> Result<Agreement> {
+    let n = labels.len();
+    let len: usize = shape.iter().product();
+    let classes = model.classes();
+    let network = infer::IntNetwork::new(model);
+    let (mut same, mut right_fq, mut right_int) = (0usize, 0usize, 0usize);
+    let (mut max_diff, mut max_logit) = (0f64, 0f64);
+    let (mut fq_secs, mut int_secs) = (0f64, 0f64);
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch).min(n);
+        let x = &images[start * len..end * len];
+        let t = Instant::now();
+        let input = Tensor::from_slice(x, (end - start, shape[0], shape[1], shape[2]), &Device::Cpu)?;
+        let float_logits =
+            crate::threads::compute(&Device::Cpu, || net.forward(&input, false))?.flatten_all()?.to_vec1::<f32>()?;
+        fq_secs += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let int_logits = network.forward(x, end - start, (shape[0], shape[1], shape[2]));
+        int_secs += t.elapsed().as_secs_f64();
+        let fq = infer::argmax_rows(&float_logits, classes);
+        let int = infer::argmax_rows(&int_logits, classes);
+        for (i, (&a, &b)) in fq.iter().zip(&int).enumerate() {
+            same += usize::from(a == b);
+            right_fq += usize::from(a == labels[start + i] as usize);
+            right_int += usize::from(b == labels[start + i] as usize);
+        }
+        for (&f, &q) in float_logits.iter().zip(&int_logits) {
+            max_diff = max_diff.max((f as f64 - q as f64 * network.logit_step()).abs());
+            max_logit = max_logit.max(f.abs() as f64);
+        }
+    }
+    let share = |k: usize| k as f64 / n.max(1) as f64;
+    Ok(Agreement {
+        images: n,
+        fake_quant_acc: share(right_fq),
+        int_acc: share(right_int),
+        same_top1: share(same),
+        max_logit_diff: max_diff,
+        max_logit,
+        fake_quant_images_per_sec: n as f64 / fq_secs.max(1e-9),
+        int_images_per_sec: n as f64 / int_secs.max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Arch, BnMode, PruneCriterion, Regularizer};
+
+    /// A quantized ResNet-8 whose batch-norm statistics and input scales have seen a few training
+    /// batches (no weight update), and test images.
+    fn warmed(bn: BnMode, prune: bool, input: [usize; 3]) -> (ResNet, Vec<f32>) {
+        let reg = Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.5 };
+        let mut spec = NetSpec { arch: Arch::Resnet8, width: 0.5, input, outputs: 5, per_label_heads: false };
+        let wiring = crate::methods::wiring(&reg, &mut spec);
+        let mut net = ResNet::new(spec, &wiring, &Device::Cpu, 3);
+        if prune {
+            net.prune(0.5, PruneCriterion::LowestL1).unwrap();
+        }
+        let shape = (16, input[0], input[1], input[2]);
+        for seed in 0..4 {
+            let x = Tensor::randn(0.1 * seed as f32, 1.0, shape, &Device::Cpu).unwrap();
+            net.forward(&x, true).unwrap();
+        }
+        let x = Tensor::randn(0f32, 1.0, (64, input[0], input[1], input[2]), &Device::Cpu).unwrap();
+        (net, x.flatten_all().unwrap().to_vec1().unwrap())
+    }
+
+    /// NCHW to NHWC.
+    fn channels_last(t: &Tensor) -> Vec<f32> {
+        t.permute((0, 2, 3, 1)).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn the_integer_stream_follows_the_float_network_layer_by_layer() {
+        for (bn, prune, input) in
+            [(BnMode::Fold, false, [3, 8, 8]), (BnMode::Keep, false, [1, 9, 7]), (BnMode::Fold, true, [3, 8, 8])]
+        {
+            let (net, images) = warmed(bn, prune, input);
+            let model = IntModel::from_network(&net, "resnet8").unwrap();
+            let network = infer::IntNetwork::new(&model);
+            let x = Tensor::from_slice(&images, (64, input[0], input[1], input[2]), &Device::Cpu).unwrap();
+            let mut floats = vec![net.stem.forward(&x, false, true).unwrap()];
+            for b in &net.blocks {
+                let next = b.forward(floats.last().unwrap(), false).unwrap();
+                floats.push(next);
+            }
+            let mut traced = Vec::new();
+            let logits = network.forward_traced(&images, 64, (input[0], input[1], input[2]), &mut |s, step| {
+                traced.push(s.iter().map(|&v| v as f64 * step).collect::<Vec<_>>())
+            });
+            assert_eq!(traced.len(), floats.len());
+            for (layer, (f, q)) in floats.iter().zip(&traced).enumerate() {
+                let f = channels_last(f);
+                let scale = f.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let worst = f.iter().zip(q).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+                let off = f.iter().zip(q).filter(|(a, b)| (**a as f64 - **b).abs() > scale * 0.02).count();
+                assert!(
+                    off * 100 <= f.len(),
+                    "{bn:?} prune {prune}: layer {layer}: {off} of {} values off by >2% (worst {worst}, scale {scale})",
+                    f.len()
+                );
+            }
+            let float_logits = net.forward(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let same = infer::argmax_rows(&float_logits, 5) == infer::argmax_rows(&logits, 5);
+            let top = |v: &[f32]| infer::argmax_rows(v, 5);
+            let agree =
+                top(&float_logits).iter().zip(infer::argmax_rows(&logits, 5)).filter(|(a, b)| **a == *b).count();
+            assert!(agree >= 60, "{bn:?} prune {prune}: same top-1 on {agree} of 64 ({same})");
+        }
+    }
+}
