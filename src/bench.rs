@@ -324,6 +324,57 @@ fn print_reference(ours: &[BenchResult], refs: &[BenchResult]) {
     }
 }
 
+/// Integer inference of the W4/A4 and W8/A8 networks (BN folded, first/last layers 8-bit) beside the
+/// fake-quant float eval of the same network, at batch 1 and `opts.batch`: images per second, median
+/// of the rounds. The networks are untrained (their input scales set by the warm-up batches): speed
+/// does not depend on the weights' values.
+fn integer_inference(opts: &BenchOptions) -> Result<()> {
+    use crate::export::{infer::IntNetwork, int_model::IntModel};
+    let device = Device::Cpu;
+    println!(
+        "\ninteger inference (kernel: {}), images/s, median of {} rounds",
+        crate::export::infer::kernel_name(),
+        opts.rounds.max(1)
+    );
+    println!("{:<12} {:>8} {:>16} {:>16} {:>8}", "network", "batch", "fake-quant eval", "integer", "ratio");
+    for (name, bits) in [("w4a4", 4), ("w8a8", 8)] {
+        let reg = Regularizer::Quantization {
+            weight_bits: bits,
+            act_bits: bits,
+            first_last_bits: 8,
+            bn: crate::config::BnMode::Fold,
+            ema_momentum: 0.9,
+        };
+        let one = BenchOptions { batch: opts.batch.min(64), ..opts.clone() };
+        let subject = Subject::new(name, &reg, &one, &device)?;
+        let model = IntModel::from_network(&subject.net, "bench")?;
+        let network = IntNetwork::new(&model);
+        for batch in [1, opts.batch] {
+            let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &device)?;
+            let images = x.flatten_all()?.to_vec1::<f32>()?;
+            // About as many images per round as the training figures use, and at least 8 batches.
+            let batches = (opts.steps * opts.batch / batch).clamp(8, 2000);
+            let (mut float, mut int) = (Vec::new(), Vec::new());
+            for _ in 0..opts.rounds.max(1) {
+                let t = Instant::now();
+                for _ in 0..batches {
+                    threads::compute(&device, || subject.net.forward(&x, false))?;
+                }
+                float.push((batches * batch) as f64 / t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                for _ in 0..batches {
+                    std::hint::black_box(network.forward(&images, batch, (3, 32, 32)));
+                }
+                int.push((batches * batch) as f64 / t.elapsed().as_secs_f64());
+            }
+            let (float, int) = (median(float), median(int));
+            println!("{name:<12} {batch:>8} {float:>16.0} {int:>16.0} {:>7.2}x", int / float);
+        }
+    }
+    println!("onnxruntime: not measured (qat-lab exports no ONNX yet)");
+    Ok(())
+}
+
 /// The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere).
 pub fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -435,6 +486,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         } else {
             print_conv_breakdown(opts, &ours[0].name, 1e3 * opts.batch as f64 / ours[0].train_images_per_sec);
         }
+    }
+    if opts.device == DeviceKind::Cpu && opts.arch == Arch::Resnet20 && opts.only.is_none() {
+        integer_inference(opts)?;
     }
     if opts.torch {
         let names: Vec<&str> = ours.iter().map(|r| r.name.as_str()).collect();

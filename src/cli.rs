@@ -181,6 +181,10 @@ pub enum Command {
         /// Images per batch.
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// With --int, also evaluate the quantized network in f64 (exact arithmetic, slower), to
+        /// tell the integer model's departures from the f32 fake-quant evaluation's own rounding.
+        #[arg(long)]
+        exact: bool,
     },
     /// Datasets that need a download.
     Data {
@@ -365,9 +369,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { run, int, data, batch } => {
+        Command::Eval { run, int, data, batch, exact } => {
             crate::threads::configure(false);
-            eval_run(&run, int, data, batch)
+            eval_run(&run, int, exact, data, batch)
         }
         Command::Compare { runs: dirs, table } => {
             if dirs.is_empty() {
@@ -453,7 +457,10 @@ fn kib(bytes: usize) -> f64 {
 }
 
 /// `qat-lab eval`: the run's test accuracy, and with `int` its integer model's beside it.
-fn eval_run(run: &std::path::Path, int: bool, data: Option<String>, batch: usize) -> Result<ExitCode> {
+fn eval_run(run: &std::path::Path, int: bool, exact: bool, data: Option<String>, batch: usize) -> Result<ExitCode> {
+    if exact && !int {
+        bail!("--exact compares the integer model with an f64 evaluation: add --int");
+    }
     if batch == 0 {
         bail!("--batch 0 evaluates nothing; give at least 1 (default 256)");
     }
@@ -492,7 +499,7 @@ fn eval_run(run: &std::path::Path, int: bool, data: Option<String>, batch: usize
         );
         return Ok(ExitCode::SUCCESS);
     };
-    let a = crate::export::compare(&trained.net, &model, &test.images, &test.labels, dataset.shape, batch)?;
+    let a = crate::export::compare(&trained.net, &model, &test.images, &test.labels, dataset.shape, batch, exact)?;
     let float = trained.float_bytes()?;
     println!(
         "{} on {} test images (CPU: {}; integer kernel: {})",
@@ -510,6 +517,14 @@ fn eval_run(run: &std::path::Path, int: bool, data: Option<String>, batch: usize
         a.max_logit_diff,
         a.max_logit
     );
+    if let Some(e) = a.exact {
+        println!(
+            "  f64 evaluation       {:.2}%   same top-1 as the integer model on {:.2}%, as the fake-quant one on {:.2}%",
+            e.acc * 100.0,
+            e.int_same_top1 * 100.0,
+            e.fake_quant_same_top1 * 100.0
+        );
+    }
     println!(
         "  size: integer {:.1} KiB, float {:.1} KiB ({:.1}x smaller)",
         kib(bytes),
@@ -707,6 +722,9 @@ fn print_summary(s: &Summary) {
             _ => String::new(),
         }
     );
+    if let Some(size) = &s.size {
+        println!("   size: {}", size.describe());
+    }
     if !s.run_id.is_empty() {
         println!("   record: {}", s.run_id);
     }

@@ -58,6 +58,7 @@ fn metrics(epochs: usize, overfits: bool) -> Vec<EpochMetrics> {
 
 fn run(reg: Regularizer, epochs: usize, done: usize, overfits: bool, finished: bool) -> RunView {
     let mut e = presets().into_iter().find(|(n, _)| n == "demo-digits").unwrap().1;
+    let quantized = matches!(reg, Regularizer::Quantization { .. });
     e.regularizer = reg;
     e.train.epochs = epochs;
     let mut v = RunView::queued(e);
@@ -85,6 +86,11 @@ fn run(reg: Regularizer, epochs: usize, done: usize, overfits: bool, finished: b
             macs: 1_000_000,
             wall_secs: 8.0,
             device: "cpu".into(),
+            size: Some(qat_lab::runs::ModelSize {
+                float_bytes: 4 * 75002,
+                pruned_float_bytes: None,
+                int_bytes: quantized.then_some(44_130),
+            }),
             ..Summary::started("demo-digits", &v.label(), 0.4)
         });
     } else {

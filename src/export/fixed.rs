@@ -28,21 +28,30 @@ impl FixedMul {
             mantissa >>= 1;
             shift -= 1;
         }
-        // Multipliers of 2^31 and more (never needed here) saturate; tiny ones keep fewer bits.
+        // Multipliers of 2^31 and more are whole numbers up to 2^40 (saturating beyond); tiny ones
+        // keep fewer bits.
         let (mantissa, shift) = match shift {
-            s if s < 0 => ((1 << MANTISSA_BITS) - 1, 0),
+            s if s < 0 => ((m.round() as i64).min(1 << 40), 0),
             s if s > 62 => (mantissa >> (s - 62), 62),
             s => (mantissa, s),
         };
         Self { mantissa, shift: shift as u32 }
     }
 
-    /// round(x · M), halves away from zero (as the float model rounds). `x` up to 2^32 in magnitude.
+    /// round(x · M), halves away from zero (as the float model rounds).
     #[inline]
     pub fn apply(&self, x: i64) -> i64 {
-        let p = x.unsigned_abs() as i128 * self.mantissa as i128;
-        let r = if self.shift == 0 { p } else { (p + (1i128 << (self.shift - 1))) >> self.shift };
-        let r = r as i64;
+        let magnitude = x.unsigned_abs() as u128;
+        // In 64 bits where the product fits (the common case), else in 128.
+        let r = match (magnitude as u64).checked_mul(self.mantissa as u64) {
+            Some(p) if self.shift == 0 => p as i64,
+            Some(p) if p < u64::MAX / 2 => ((p + (1u64 << (self.shift - 1))) >> self.shift) as i64,
+            _ => {
+                let p = magnitude * self.mantissa as u128;
+                let half = if self.shift == 0 { 0 } else { 1u128 << (self.shift - 1) };
+                ((p + half) >> self.shift) as i64
+            }
+        };
         if x < 0 {
             -r
         } else {
@@ -53,6 +62,63 @@ impl FixedMul {
     /// The multiplier this stands for.
     pub fn value(&self) -> f64 {
         self.mantissa as f64 / 2f64.powi(self.shift as i32)
+    }
+}
+
+/// The affine requantization of one output channel, round((acc + b) · M) for an i32 accumulator
+/// `acc` and a bias b given in 2^−`bias_bits` accumulator units: the bias is moved into the
+/// multiplier's fixed point once, so that each value costs one 64-bit multiply-add and a rounding
+/// shift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requant {
+    mantissa: i64,
+    shift: u32,
+    offset: i128,
+}
+
+impl Requant {
+    pub fn new(m: f64, bias: i64, bias_bits: u32) -> Self {
+        let FixedMul { mantissa, shift } = FixedMul::new(m);
+        // b · m0 · 2^−bias_bits, rounded, in the product's units.
+        let scaled = bias as i128 * mantissa as i128;
+        let offset = if bias_bits == 0 {
+            scaled
+        } else {
+            let half = 1i128 << (bias_bits - 1);
+            if scaled >= 0 {
+                (scaled + half) >> bias_bits
+            } else {
+                -((-scaled + half) >> bias_bits)
+            }
+        };
+        Self { mantissa, shift, offset }
+    }
+
+    /// round((acc + b) · M), halves away from zero.
+    #[inline]
+    pub fn apply(&self, acc: i32) -> i64 {
+        // In 64 bits where the offset and the product fit (the common case), else in i128.
+        if let Ok(offset) = i64::try_from(self.offset) {
+            if let Some(p) = (acc as i64).checked_mul(self.mantissa).and_then(|p| p.checked_add(offset)) {
+                if self.shift == 0 {
+                    return p;
+                }
+                if let Some(up) = p.unsigned_abs().checked_add(1u64 << (self.shift - 1)) {
+                    let r = (up >> self.shift) as i64;
+                    return if p < 0 { -r } else { r };
+                }
+            }
+        }
+        let p = acc as i128 * self.mantissa as i128 + self.offset;
+        if self.shift == 0 {
+            return p as i64;
+        }
+        let r = ((p.unsigned_abs() + (1u128 << (self.shift - 1))) >> self.shift) as i64;
+        if p < 0 {
+            -r
+        } else {
+            r
+        }
     }
 }
 
@@ -81,6 +147,21 @@ mod tests {
         fn the_mantissa_keeps_31_bits(m in 1e-9f64..1e4) {
             let f = FixedMul::new(m);
             prop_assert!((f.value() - m).abs() <= m * 2f64.powi(-30));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn affine_requantization_matches_the_f64_reference(
+            m in 1e-9f64..1e9,
+            acc in -(1i32 << 24)..(1i32 << 24),
+            bias in any::<i32>(),
+            bits in 0u32..=32,
+        ) {
+            let r = Requant::new(m, bias as i64, bits);
+            let exact = (acc as f64 + bias as f64 / 2f64.powi(bits as i32)) * m;
+            let got = r.apply(acc) as f64;
+            prop_assert!((got - exact).abs() <= 0.5 + exact.abs() * 2f64.powi(-29) + 1e-6, "{} vs {}", got, exact);
         }
     }
 

@@ -1,5 +1,5 @@
 //! The integer model of a QAT network: integer weights at their bit width with per-channel steps,
-//! batch norm folded into those steps and into i32 biases, and the moving-average scales of every
+//! batch norm folded into those steps and into fixed-point biases, and the moving-average scales of every
 //! layer's input. Written as one safetensors file whose size is the model's real compressed size.
 
 use super::pack::{pack, packed_len, unpack};
@@ -65,7 +65,7 @@ pub struct IntLayer {
     /// The real value of one weight step per output channel, batch norm's scale γ/σ included.
     pub weight_step: Vec<f32>,
     /// Per output channel, in accumulator units (input step × weight step) / 2^`bias_bits`.
-    pub bias: Vec<i32>,
+    pub bias: Vec<i64>,
 }
 
 impl IntLayer {
@@ -139,7 +139,7 @@ impl IntModel {
         self.layers().map(|l| l.weights.len()).sum()
     }
 
-    /// The file's bytes: packed weights, per-channel steps (f32) and biases (i32), and the layout.
+    /// The file's bytes: packed weights, per-channel steps (f32) and biases (i64), and the layout.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, Vec<u8>, Dtype, usize)> = Vec::new();
         for l in self.layers() {
@@ -150,7 +150,7 @@ impl IntModel {
             let steps: Vec<u8> = l.weight_step.iter().flat_map(|v| v.to_le_bytes()).collect();
             tensors.push((format!("{name}.weight_step"), steps, Dtype::F32, l.weight_step.len()));
             let bias: Vec<u8> = l.bias.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((format!("{name}.bias"), bias, Dtype::I32, l.bias.len()));
+            tensors.push((format!("{name}.bias"), bias, Dtype::I64, l.bias.len()));
         }
         let layout = Layout {
             format: FORMAT,
@@ -202,16 +202,21 @@ impl IntModel {
                     packed_len(n, shape.weight_bits)
                 )
             })?;
-            let words = |name: &str, dtype| -> Result<Vec<[u8; 4]>> {
+            let words = |name: &str, dtype, width: usize| -> Result<Vec<&[u8]>> {
                 let data = tensor(name, dtype)?;
-                if data.len() != 4 * shape.out_ch {
-                    bail!("{what}: `{name}` holds {} values, expected {}", data.len() / 4, shape.out_ch);
+                if data.len() != width * shape.out_ch {
+                    bail!("{what}: `{name}` holds {} values, expected {}", data.len() / width, shape.out_ch);
                 }
-                Ok(data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect())
+                Ok(data.chunks_exact(width).collect())
             };
-            let weight_step =
-                words(&format!("{name}.weight_step"), Dtype::F32)?.into_iter().map(f32::from_le_bytes).collect();
-            let bias = words(&format!("{name}.bias"), Dtype::I32)?.into_iter().map(i32::from_le_bytes).collect();
+            let weight_step = words(&format!("{name}.weight_step"), Dtype::F32, 4)?
+                .into_iter()
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            let bias = words(&format!("{name}.bias"), Dtype::I64, 8)?
+                .into_iter()
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect();
             layers.push(IntLayer { shape, weights, weight_step, bias });
         }
         if layers.len() < 2 || (layers.len() - 2) % 2 != 0 {
@@ -350,21 +355,19 @@ fn linear_layer(fc: &Linear) -> Result<IntLayer> {
     Ok(with_bias(shape, weights, weight_step, &fc.bias.as_tensor().to_vec1::<f32>()?))
 }
 
-/// Most fraction bits a bias keeps.
-const MAX_BIAS_BITS: u32 = 16;
+/// Most fraction bits a bias keeps: enough that its rounding (2^−33 accumulator units) stays far
+/// below the float model's own rounding error.
+const MAX_BIAS_BITS: u32 = 32;
 
 /// The layer with its real biases in accumulator units / 2^bias_bits, with as many fraction bits
-/// (up to 16) as the i32 range allows (saturating where even whole units do not fit).
+/// (up to 32) as the i64 range allows.
 fn with_bias(shape: LayerShape, weights: Vec<i8>, weight_step: Vec<f32>, bias: &[f32]) -> IntLayer {
     let mut layer = IntLayer { shape, weights, weight_step, bias: Vec::new() };
     let units: Vec<f64> = bias.iter().enumerate().map(|(c, &b)| b as f64 / layer.acc_step(c)).collect();
     let largest = units.iter().fold(0f64, |m, u| m.max(u.abs()));
-    let bits = (0..=MAX_BIAS_BITS).rev().find(|&b| largest * 2f64.powi(b as i32) < i32::MAX as f64).unwrap_or(0);
+    let bits = (0..=MAX_BIAS_BITS).rev().find(|&b| largest * 2f64.powi(b as i32) < 2f64.powi(62)).unwrap_or(0);
     layer.shape.bias_bits = bits;
-    layer.bias = units
-        .iter()
-        .map(|u| (u * 2f64.powi(bits as i32)).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32)
-        .collect();
+    layer.bias = units.iter().map(|u| (u * 2f64.powi(bits as i32)).round() as i64).collect();
     layer
 }
 

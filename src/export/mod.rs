@@ -4,7 +4,9 @@
 pub mod fixed;
 pub mod infer;
 pub mod int_model;
+pub mod kernel;
 pub mod pack;
+pub mod reference;
 
 use crate::model::resnet::{NetSpec, Wiring};
 use crate::model::ResNet;
@@ -110,6 +112,17 @@ pub struct Agreement {
     pub max_logit: f64,
     pub fake_quant_images_per_sec: f64,
     pub int_images_per_sec: f64,
+    /// The f64 evaluation ([`reference`]), when asked for: its accuracy and its top-1 agreement
+    /// with the integer and with the fake-quant network.
+    pub exact: Option<ExactAgreement>,
+}
+
+/// How the integer and the fake-quant network agree with the f64 evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactAgreement {
+    pub acc: f64,
+    pub int_same_top1: f64,
+    pub fake_quant_same_top1: f64,
 }
 
 impl Agreement {
@@ -120,7 +133,7 @@ impl Agreement {
 }
 
 /// Evaluates the fake-quant network and `model` on the same images (NCHW, `shape` each) and
-/// labels, `batch` at a time.
+/// labels, `batch` at a time; with `exact`, the f64 evaluation too.
 pub fn compare(
     net: &ResNet,
     model: &IntModel,
@@ -128,12 +141,14 @@ pub fn compare(
     labels: &[u32],
     shape: [usize; 3],
     batch: usize,
+    exact: bool,
 ) -> Result<Agreement> {
     let n = labels.len();
     let len: usize = shape.iter().product();
     let classes = model.classes();
     let network = infer::IntNetwork::new(model);
     let (mut same, mut right_fq, mut right_int) = (0usize, 0usize, 0usize);
+    let (mut right_exact, mut int_exact, mut fq_exact) = (0usize, 0usize, 0usize);
     let (mut max_diff, mut max_logit) = (0f64, 0f64);
     let (mut fq_secs, mut int_secs) = (0f64, 0f64);
     for start in (0..n).step_by(batch.max(1)) {
@@ -154,6 +169,17 @@ pub fn compare(
             right_fq += usize::from(a == labels[start + i] as usize);
             right_int += usize::from(b == labels[start + i] as usize);
         }
+        if exact {
+            let reference = crate::threads::compute(&Device::Cpu, || {
+                reference::logits(model, x, end - start, (shape[0], shape[1], shape[2]))
+            })?;
+            let top = infer::argmax_rows(&reference, classes);
+            for (i, &e) in top.iter().enumerate() {
+                right_exact += usize::from(e == labels[start + i] as usize);
+                int_exact += usize::from(e == int[i]);
+                fq_exact += usize::from(e == fq[i]);
+            }
+        }
         for (&f, &q) in float_logits.iter().zip(&int_logits) {
             max_diff = max_diff.max((f as f64 - q as f64 * network.logit_step()).abs());
             max_logit = max_logit.max(f.abs() as f64);
@@ -169,6 +195,11 @@ pub fn compare(
         max_logit,
         fake_quant_images_per_sec: n as f64 / fq_secs.max(1e-9),
         int_images_per_sec: n as f64 / int_secs.max(1e-9),
+        exact: exact.then(|| ExactAgreement {
+            acc: share(right_exact),
+            int_same_top1: share(int_exact),
+            fake_quant_same_top1: share(fq_exact),
+        }),
     })
 }
 
@@ -176,6 +207,8 @@ pub fn compare(
 mod tests {
     use super::*;
     use crate::config::{Arch, BnMode, PruneCriterion, Regularizer};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// A quantized ResNet-8 whose batch-norm statistics and input scales have seen a few training
     /// batches (no weight update), and test images.
@@ -187,13 +220,23 @@ mod tests {
         if prune {
             net.prune(0.5, PruneCriterion::LowestL1).unwrap();
         }
-        let shape = (16, input[0], input[1], input[2]);
-        for seed in 0..4 {
-            let x = Tensor::randn(0.1 * seed as f32, 1.0, shape, &Device::Cpu).unwrap();
-            net.forward(&x, true).unwrap();
+        let len: usize = input.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Standard normal draws (Box-Muller), seeded so that the test is the same every time.
+        let mut images = |n: usize, mean: f32| -> Vec<f32> {
+            (0..n * len)
+                .map(|_| {
+                    let (u, t): (f32, f32) =
+                        (rng.random_range(1e-7..1.0), rng.random_range(0.0..std::f32::consts::TAU));
+                    mean + (-2.0 * u.ln()).sqrt() * t.cos()
+                })
+                .collect()
+        };
+        for batch in 0..4 {
+            let x = Tensor::from_vec(images(16, 0.1 * batch as f32), (16, input[0], input[1], input[2]), &Device::Cpu);
+            net.forward(&x.unwrap(), true).unwrap();
         }
-        let x = Tensor::randn(0f32, 1.0, (64, input[0], input[1], input[2]), &Device::Cpu).unwrap();
-        (net, x.flatten_all().unwrap().to_vec1().unwrap())
+        (net, images(64, 0.0))
     }
 
     /// NCHW to NHWC.
@@ -231,6 +274,12 @@ mod tests {
                     f.len()
                 );
             }
+            // The integer model is the f64 evaluation, to the stream's and biases' fixed point.
+            let exact = reference::logits(&model, &images, 64, (input[0], input[1], input[2])).unwrap();
+            assert_eq!(infer::argmax_rows(&exact, 5), infer::argmax_rows(&logits, 5), "{bn:?} prune {prune}");
+            let step = network.logit_step();
+            let worst = exact.iter().zip(&logits).map(|(e, &q)| (e - q as f64 * step).abs()).fold(0f64, f64::max);
+            assert!(worst <= step, "{bn:?} prune {prune}: logits differ by {worst} (one unit is {step})");
             let float_logits = net.forward(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let same = infer::argmax_rows(&float_logits, 5) == infer::argmax_rows(&logits, 5);
             let top = |v: &[f32]| infer::argmax_rows(v, 5);

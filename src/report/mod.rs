@@ -74,7 +74,7 @@ fn pct(v: Option<f64>) -> String {
 /// One row per run: final and best accuracy, gain over the baseline on the same data, losses, memorisation.
 pub fn comparison_table(records: &[RunRecord]) -> String {
     let mut out = String::from(
-        "| run | method | data | noise | status | epochs | final acc % | best acc % (epoch) | gain vs baseline | eval loss | gap | memorised % |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| run | method | data | noise | status | epochs | final acc % | best acc % (epoch) | gain vs baseline | eval loss | gap | memorised % | size KiB (smaller) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in records {
         let s = r.summary.as_ref();
@@ -82,7 +82,7 @@ pub fn comparison_table(records: &[RunRecord]) -> String {
         let best = s.and_then(|s| s.best.as_ref());
         let gain = gain_vs_baseline(records, r).map(|g| format!("{g:+.2}")).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0}% {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.0}% {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.id(),
             r.experiment.method_label(),
             r.experiment.data.dataset.name(),
@@ -96,9 +96,27 @@ pub fn comparison_table(records: &[RunRecord]) -> String {
             last.map(|m| format!("{:.4}", m.eval_loss)).unwrap_or_else(|| "-".into()),
             last.map(|m| format!("{:+.3}", m.gap)).unwrap_or_else(|| "-".into()),
             pct(last.map(|m| m.memorized)),
+            size_cell(r),
         ));
     }
     out
+}
+
+/// The run's deployed size in KiB and how many times smaller than the float network it is
+/// ("145.6 (7.2x)"), or "-" for records without a size.
+pub fn size_cell(r: &RunRecord) -> String {
+    match r.summary.as_ref().and_then(|s| s.size) {
+        Some(size) => format!("{:.1} ({:.1}x)", size.deployed_bytes() as f64 / 1024.0, size.shrink()),
+        None => "-".into(),
+    }
+}
+
+/// [`size_cell`] in at most 10 characters, for narrow tables ("146 7.2x").
+pub fn size_cell_short(r: &RunRecord) -> String {
+    match r.summary.as_ref().and_then(|s| s.size) {
+        Some(size) => format!("{:.0} {:.1}x", size.deployed_bytes() as f64 / 1024.0, size.shrink()),
+        None => "-".into(),
+    }
 }
 
 /// Accuracy (mean ± std over seeds) per method and noise rate, as in the paper's Fig. 2.

@@ -130,6 +130,48 @@ pub struct Summary {
     /// clean class i labelled j); empty for multi-label data and older records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub transition: Vec<Vec<f64>>,
+    /// What the kept network weighs (absent from older records and from runs that kept no weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ModelSize>,
+}
+
+/// A network's size on disk: its float weights (4 bytes a parameter), before and after pruning, and
+/// the file of its packed integer model (QAT runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSize {
+    pub float_bytes: usize,
+    pub pruned_float_bytes: Option<usize>,
+    pub int_bytes: Option<usize>,
+}
+
+impl ModelSize {
+    /// The smallest form the run can be shipped in: the integer model, else the pruned floats.
+    pub fn deployed_bytes(&self) -> usize {
+        self.int_bytes.or(self.pruned_float_bytes).unwrap_or(self.float_bytes)
+    }
+
+    /// How many times smaller than the float network of the same architecture (the baseline's).
+    pub fn shrink(&self) -> f64 {
+        self.float_bytes as f64 / self.deployed_bytes().max(1) as f64
+    }
+
+    /// "1053.6 KiB float, 145.6 KiB int (7.2x smaller)".
+    pub fn describe(&self) -> String {
+        let kib = |b: usize| format!("{:.1} KiB", b as f64 / 1024.0);
+        let mut parts = vec![format!("{} float", kib(self.float_bytes))];
+        if let Some(p) = self.pruned_float_bytes {
+            parts.push(format!("{} after pruning", kib(p)));
+        }
+        if let Some(i) = self.int_bytes {
+            parts.push(format!("{} int", kib(i)));
+        }
+        let shrink = if self.deployed_bytes() < self.float_bytes {
+            format!(" ({:.1}x smaller)", self.shrink())
+        } else {
+            String::new()
+        };
+        format!("{}{shrink}", parts.join(", "))
+    }
 }
 
 impl Summary {
@@ -158,6 +200,7 @@ impl Summary {
             device: String::new(),
             classes: Vec::new(),
             transition: Vec::new(),
+            size: None,
         }
     }
 }

@@ -488,11 +488,26 @@ fn train(
     }
     if summary.epochs_run > 0 {
         net.save_weights(&dir.weights_path())?;
+        summary.size = Some(model_size(&net, exp, summary.pruned_params)?);
     }
     if summary.status == Status::Running {
         summary.status = Status::Completed;
     }
     Ok(())
+}
+
+/// What the kept network weighs: its float weights, and for a QAT run the packed integer model that
+/// `qat-lab export` writes (None where the exporter does not support the network).
+fn model_size(net: &ResNet, exp: &Experiment, pruned_params: Option<usize>) -> Result<crate::runs::ModelSize> {
+    // A float layer (every layer of a float run) makes the exporter refuse: no integer model.
+    let arch = format!("{:?}", exp.model.arch).to_lowercase();
+    let int_model = crate::export::int_model::IntModel::from_network(net, &arch).ok();
+    let int_bytes = int_model.map(|m| m.to_bytes()).transpose()?.map(|b| b.len());
+    Ok(crate::runs::ModelSize {
+        float_bytes: 4 * net.params.trainable_count(),
+        pruned_float_bytes: pruned_params.map(|p| 4 * p),
+        int_bytes,
+    })
 }
 
 /// What one pass over a split in eval mode measured.

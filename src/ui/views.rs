@@ -633,7 +633,7 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
         draw_table1(f, &checked, table_area);
         return;
     }
-    let rows: Vec<Row> = app
+    let rows: Vec<(Vec<String>, Style)> = app
         .runs
         .iter()
         .enumerate()
@@ -656,7 +656,7 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
             } else {
                 Style::default().fg(run_color(i))
             };
-            Row::new(vec![
+            let cells = vec![
                 if r.checked { "[x]" } else { "[ ]" }.to_string(),
                 r.label(),
                 format!("{:.0}%", rec.experiment.data.noise.rate * 100.0),
@@ -666,12 +666,12 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
                 gain,
                 last.map(|m| format!("{:.3}", m.eval_loss)).unwrap_or_else(|| "-".into()),
                 last.map(|m| format!("{:.0}", m.memorized * 100.0)).unwrap_or_else(|| "-".into()),
-            ])
-            .style(style)
+                report::size_cell_short(rec),
+            ];
+            (cells, style)
         })
         .collect();
-    let header = Row::new(vec!["", "method", "noise", "state", "final%", "best%@ep", "gain", "eval loss", "memo%"])
-        .style(Style::default().add_modifier(Modifier::BOLD));
+    let header_cells = ["", "method", "noise", "state", "final%", "best%@ep", "gain", "eval loss", "memo%", "KiB"];
     let widths = [
         Constraint::Length(3),
         Constraint::Min(10),
@@ -682,12 +682,27 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
         Constraint::Length(6),
         Constraint::Length(9),
         Constraint::Length(5),
+        Constraint::Length(10),
     ];
+    // The size column where the screen has room for it (it is in `report` and `compare --table`).
+    let columns = if table_area.width >= 100 { widths.len() } else { widths.len() - 1 };
+    let widths = &widths[..columns];
+    let header = Row::new(header_cells[..columns].to_vec()).style(Style::default().add_modifier(Modifier::BOLD));
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .map(|(mut cells, style)| {
+            Row::new({
+                cells.truncate(columns);
+                cells
+            })
+            .style(style)
+        })
+        .collect();
     let visible = table_area.height.saturating_sub(3) as usize;
     let skip = (app.selected + 1).saturating_sub(visible.max(1));
     let rows: Vec<Row> = rows.into_iter().skip(skip).collect();
     f.render_widget(
-        Table::new(rows, widths)
+        Table::new(rows, widths.to_vec())
             .header(header)
             .block(block(" Final and best test accuracy; gain = final − baseline on the same noise ")),
         table_area,

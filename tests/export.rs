@@ -1,0 +1,109 @@
+//! The compression half: a trained W4/A4 run exported as a packed integer model, evaluated in
+//! integers beside the fake-quant network, its size in the record, and the refusals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn qat_lab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qat-lab"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qat-lab")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Trains `preset` with `sets` into `out` and returns its run folder.
+fn train(out: &Path, preset: &str, sets: &[&str]) -> PathBuf {
+    let mut args = vec!["run", preset, "--plain", "--out", out.to_str().unwrap()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let o = qat_lab(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let records = qat_lab::runs::list(out);
+    assert_eq!(records.len(), 1);
+    records[0].dir.clone()
+}
+
+/// The number after `label` in `out` (as in "same top-1 on 99.72% of images").
+fn number_after(out: &str, label: &str) -> f64 {
+    let at = out.find(label).unwrap_or_else(|| panic!("no `{label}` in:\n{out}")) + label.len();
+    let digits: String = out[at..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-' || *c == '+')
+        .collect();
+    digits.parse().unwrap_or_else(|_| panic!("no number after `{label}` in:\n{out}"))
+}
+
+#[test]
+fn a_trained_w4a4_run_exports_and_runs_in_integers_like_its_fake_quant_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = train(tmp.path(), "demo-digits-w4a4", &["train.epochs=4"]);
+    // The record knows its sizes.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let float = summary["size"]["float_bytes"].as_u64().unwrap();
+    let int = summary["size"]["int_bytes"].as_u64().expect("a W4/A4 run has an integer size");
+    assert!(int * 5 < float, "int {int} B vs float {float} B");
+
+    let o = qat_lab(&["export", run.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let file = run.join("model.int.safetensors");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), int, "the record's size is the file's");
+    assert!(out.contains("x smaller"), "{out}");
+    // The file reads back as the same model.
+    let model = qat_lab::export::int_model::IntModel::read(&file).unwrap();
+    assert_eq!(model.classes(), 10);
+
+    let o = qat_lab(&["eval", run.to_str().unwrap(), "--int", "--exact"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(number_after(&out, "same top-1 on") >= 99.5, "{out}");
+    assert!(number_after(&out, "accuracy differs by").abs() <= 0.3, "{out}");
+    assert_eq!(number_after(&out, "same top-1 as the integer model on"), 100.0, "{out}");
+    assert!(out.contains("meets the bar"), "{out}");
+    let fq = number_after(&out, "fake-quant accuracy");
+    let acc = summary["final_eval_acc"].as_f64().unwrap() * 100.0;
+    assert!((fq - acc).abs() < 0.01, "eval's fake-quant accuracy {fq} is the run's {acc}:\n{out}");
+}
+
+#[test]
+fn export_refuses_what_has_no_integer_model_naming_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let float = train(&tmp.path().join("float"), "demo-digits", &["train.epochs=1"]);
+    let o = qat_lab(&["export", float.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is float: only quantization-aware runs"), "{}", text(&o));
+
+    let quant = train(&tmp.path().join("quant"), "demo-digits-w4a4", &["train.epochs=1"]);
+    let summary = quant.join("summary.json");
+    let finished = std::fs::read_to_string(&summary).unwrap();
+    std::fs::write(&summary, finished.replace("\"completed\"", "\"stopped\"")).unwrap();
+    let o = qat_lab(&["export", quant.to_str().unwrap()]);
+    assert!(text(&o).contains("did not finish (stopped): go on with `qat-lab run --resume"), "{}", text(&o));
+    std::fs::write(&summary, finished.replace("\"completed\"", "\"diverged\"")).unwrap();
+    let o = qat_lab(&["eval", quant.to_str().unwrap(), "--int"]);
+    assert!(text(&o).contains("diverged: its weights are not a trained network"), "{}", text(&o));
+
+    std::fs::write(&summary, &finished).unwrap();
+    std::fs::remove_file(quant.join("model.safetensors")).unwrap();
+    let o = qat_lab(&["export", quant.to_str().unwrap()]);
+    assert!(text(&o).contains("has no model.safetensors"), "{}", text(&o));
+    std::fs::write(quant.join("model.safetensors"), b"not a safetensors file").unwrap();
+    let o = qat_lab(&["export", quant.to_str().unwrap()]);
+    assert!(text(&o).contains("the file is damaged"), "{}", text(&o));
+
+    let o = qat_lab(&["export", tmp.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not a run folder"), "{}", text(&o));
+    let o = qat_lab(&["eval", float.to_str().unwrap(), "--exact"]);
+    assert!(text(&o).contains("add --int"), "{}", text(&o));
+}
