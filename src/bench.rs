@@ -336,7 +336,12 @@ fn integer_inference(opts: &BenchOptions) -> Result<()> {
         crate::export::infer::kernel_name(),
         opts.rounds.max(1)
     );
-    println!("{:<12} {:>8} {:>16} {:>16} {:>8}", "network", "batch", "fake-quant eval", "integer", "ratio");
+    println!(
+        "{:<12} {:>8} {:>16} {:>16} {:>8} {:>16}",
+        "network", "batch", "fake-quant eval", "integer", "ratio", "onnxruntime"
+    );
+    let onnx_dir = tempfile::tempdir()?;
+    let mut ort_note = None;
     for (name, bits) in [("w4a4", 4), ("w8a8", 8)] {
         let reg = Regularizer::Quantization {
             weight_bits: bits,
@@ -349,6 +354,8 @@ fn integer_inference(opts: &BenchOptions) -> Result<()> {
         let subject = Subject::new(name, &reg, &one, &device)?;
         let model = IntModel::from_network(&subject.net, "bench")?;
         let network = IntNetwork::new(&model);
+        let onnx_path = onnx_dir.path().join(format!("{name}.onnx"));
+        std::fs::write(&onnx_path, crate::export::onnx::to_bytes(&subject.net, Some(&model), (3, 32, 32), name)?)?;
         for batch in [1, opts.batch] {
             let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &device)?;
             let images = x.flatten_all()?.to_vec1::<f32>()?;
@@ -368,10 +375,28 @@ fn integer_inference(opts: &BenchOptions) -> Result<()> {
                 int.push((batches * batch) as f64 / t.elapsed().as_secs_f64());
             }
             let (float, int) = (median(float), median(int));
-            println!("{name:<12} {batch:>8} {float:>16.0} {int:>16.0} {:>7.2}x", int / float);
+            // onnxruntime (optimized graph, as deployed) on the exported file, over as many images.
+            let all: Vec<f32> = images.iter().copied().cycle().take(images.len() * batches.min(64)).collect();
+            let ort = match crate::export::onnx::run_onnxruntime(
+                &onnx_path,
+                &all,
+                batch * batches.min(64),
+                (3, 32, 32),
+                batch,
+                true,
+            ) {
+                Ok(run) => format!("{:.0}", run.images_per_sec),
+                Err(e) => {
+                    ort_note.get_or_insert_with(|| format!("onnxruntime: skipped ({e:#})"));
+                    "-".into()
+                }
+            };
+            println!("{name:<12} {batch:>8} {float:>16.0} {int:>16.0} {:>7.2}x {ort:>16}", int / float);
         }
     }
-    println!("onnxruntime: not measured (qat-lab exports no ONNX yet)");
+    if let Some(note) = ort_note {
+        println!("{note}");
+    }
     Ok(())
 }
 

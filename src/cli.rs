@@ -155,14 +155,15 @@ pub enum Command {
         ops: bool,
     },
     /// Export a finished run's network: `int`, the packed integer model (weights at their bit width,
-    /// batch norm folded, the activation scales), whose file size is the model's real size.
+    /// batch norm folded, the activation scales), whose file size is the model's real size; `onnx`, a
+    /// standard ONNX file (QDQ with clipped int8 ranges for QAT runs, float for the others).
     Export {
         /// The run folder (`runs/<id>`).
         run: PathBuf,
-        /// int (the packed integer model).
+        /// int (the packed integer model) or onnx.
         #[arg(long, value_enum, default_value = "int")]
         format: ExportFormat,
-        /// Where to write it [default: runs/<id>/model.int.safetensors].
+        /// Where to write it [default: runs/<id>/model.int.safetensors or runs/<id>/model.onnx].
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -185,6 +186,9 @@ pub enum Command {
         /// tell the integer model's departures from the f32 fake-quant evaluation's own rounding.
         #[arg(long)]
         exact: bool,
+        /// Also run the run's ONNX export in onnxruntime (through python3) and compare it.
+        #[arg(long)]
+        onnx: bool,
     },
     /// Datasets that need a download.
     Data {
@@ -197,6 +201,7 @@ pub enum Command {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum ExportFormat {
     Int,
+    Onnx,
 }
 
 /// Device for `bench` and `paper`.
@@ -352,6 +357,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(if outcome.stopped { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }
+        Command::Export { run, format: ExportFormat::Onnx, out } => {
+            let trained = crate::export::Trained::load(&run)?;
+            let bytes = trained.onnx()?;
+            let path = out.unwrap_or_else(|| run.join(crate::export::ONNX_FILE));
+            runs::write_atomic(&path, &bytes)?;
+            println!(
+                "{}: ONNX (opset 13, {}), {:.1} KiB",
+                path.display(),
+                if trained.net.stem.quant.is_some() { "QDQ, int8 weights with clipped ranges" } else { "float" },
+                kib(bytes.len())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Export { run, format: ExportFormat::Int, out } => {
             let trained = crate::export::Trained::load(&run)?;
             let model = trained.int_model()?;
@@ -369,9 +387,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { run, int, data, batch, exact } => {
+        Command::Eval { run, int, data, batch, exact, onnx } => {
             crate::threads::configure(false);
-            eval_run(&run, int, exact, data, batch)
+            eval_run(&run, EvalWith { int, exact, onnx }, data, batch)
         }
         Command::Compare { runs: dirs, table } => {
             if dirs.is_empty() {
@@ -457,7 +475,15 @@ fn kib(bytes: usize) -> f64 {
 }
 
 /// `qat-lab eval`: the run's test accuracy, and with `int` its integer model's beside it.
-fn eval_run(run: &std::path::Path, int: bool, exact: bool, data: Option<String>, batch: usize) -> Result<ExitCode> {
+/// What `eval` runs beside the lab's own evaluation.
+struct EvalWith {
+    int: bool,
+    exact: bool,
+    onnx: bool,
+}
+
+fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: usize) -> Result<ExitCode> {
+    let EvalWith { int, exact, onnx } = with;
     if exact && !int {
         bail!("--exact compares the integer model with an f64 evaluation: add --int");
     }
@@ -488,6 +514,21 @@ fn eval_run(run: &std::path::Path, int: bool, exact: bool, data: Option<String>,
     } else {
         None
     };
+    let onnx =
+        if onnx { Some(crate::export::onnx_agreement(&trained, &test.images, &test.labels, batch)?) } else { None };
+    let print_onnx = |o: &crate::export::OnnxAgreement| {
+        for (how, f) in [("as written", &o.as_written), ("optimized", &o.optimized)] {
+            println!(
+                "  onnxruntime {} ({how}) {:.2}%   {:.0} images/s; same top-1 as qat-lab's evaluation on {:.2}%, largest logit difference {:.4}",
+                o.version,
+                f.acc * 100.0,
+                f.images_per_sec,
+                f.same_top1 * 100.0,
+                f.max_logit_diff
+            );
+        }
+        println!("  model.onnx: {:.1} KiB", kib(o.bytes));
+    };
     let Some((model, bytes)) = model else {
         let eval = crate::train::trainer::evaluate(&trained.net, test, &dataset, &candle_core::Device::Cpu, None)?;
         println!(
@@ -497,6 +538,7 @@ fn eval_run(run: &std::path::Path, int: bool, exact: bool, data: Option<String>,
             test.labels.len(),
             eval.loss
         );
+        onnx.iter().for_each(print_onnx);
         return Ok(ExitCode::SUCCESS);
     };
     let a = crate::export::compare(&trained.net, &model, &test.images, &test.labels, dataset.shape, batch, exact)?;
@@ -525,6 +567,7 @@ fn eval_run(run: &std::path::Path, int: bool, exact: bool, data: Option<String>,
             e.fake_quant_same_top1 * 100.0
         );
     }
+    onnx.iter().for_each(print_onnx);
     println!(
         "  size: integer {:.1} KiB, float {:.1} KiB ({:.1}x smaller)",
         kib(bytes),

@@ -107,3 +107,41 @@ fn export_refuses_what_has_no_integer_model_naming_why() {
     let o = qat_lab(&["eval", float.to_str().unwrap(), "--exact"]);
     assert!(text(&o).contains("add --int"), "{}", text(&o));
 }
+
+#[test]
+fn the_onnx_export_runs_in_onnxruntime_and_gives_qat_labs_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (preset, what) in [("demo-digits-w4a4", "QDQ"), ("demo-digits", "float")] {
+        let run = train(&tmp.path().join(preset), preset, &["train.epochs=2"]);
+        let o = qat_lab(&["export", run.to_str().unwrap(), "--format", "onnx"]);
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        assert!(out.contains(what), "{out}");
+        let trained = qat_lab::export::Trained::load(&run).unwrap();
+        let shape = trained.image_shape();
+        let n = 50;
+        let images: Vec<f32> =
+            (0..n * shape.0 * shape.1 * shape.2).map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0).collect();
+        let ort = match qat_lab::export::onnx::run_onnxruntime(&run.join("model.onnx"), &images, n, shape, 16, false) {
+            Ok(ort) => ort,
+            Err(e) => {
+                eprintln!("skipped: onnxruntime cannot run here ({e:#})");
+                return;
+            }
+        };
+        let x = candle_core::Tensor::from_slice(&images, (n, shape.0, shape.1, shape.2), &candle_core::Device::Cpu)
+            .unwrap();
+        let ours = trained.net.forward(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ours.len(), ort.logits.len());
+        let scale = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = ours.iter().zip(&ort.logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // The graph as written is qat-lab's evaluation, up to float summation order (which can move
+        // a value across a 4-bit rounding point: a few logits may differ by a step).
+        let close = ours.iter().zip(&ort.logits).filter(|(a, b)| (**a - **b).abs() <= 1e-3 * scale.max(1.0)).count();
+        assert!(
+            close * 100 >= 98 * ours.len(),
+            "{preset}: {close} of {} logits within 1e-3 (worst {worst})",
+            ours.len()
+        );
+    }
+}

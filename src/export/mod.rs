@@ -1,10 +1,11 @@
 //! The compression half of the paper: a finished QAT run as a packed integer model
-//! ([`int_model`]) run in integers ([`infer`]).
+//! ([`int_model`]) run in integers ([`infer`]), and any finished run as an ONNX file ([`onnx`]).
 
 pub mod fixed;
 pub mod infer;
 pub mod int_model;
 pub mod kernel;
+pub mod onnx;
 pub mod pack;
 pub mod reference;
 
@@ -19,6 +20,8 @@ use std::time::Instant;
 
 /// File name of the packed integer model inside a run folder.
 pub const INT_MODEL_FILE: &str = "model.int.safetensors";
+/// File name of the ONNX export inside a run folder.
+pub const ONNX_FILE: &str = "model.onnx";
 
 /// A finished run with its network rebuilt from the kept weights (on the CPU, in eval mode).
 pub struct Trained {
@@ -65,11 +68,11 @@ impl Trained {
         if summary.pruned_params.is_some() && !tensors.keys().any(|k| k.starts_with("keep.")) {
             bail!("{id} was pruned, but its weights file holds no pruning masks (it was written by an older qat-lab); train it again to export it");
         }
-        // The image side only matters for MAC counts, which export does not use.
+        let [_, h, w] = image_shape(&exp.data);
         let mut spec = NetSpec {
             arch: exp.model.arch,
             width: exp.model.width,
-            input: [in_ch, 32, 32],
+            input: [in_ch, h, w],
             outputs,
             per_label_heads: false,
         };
@@ -93,10 +96,85 @@ impl Trained {
             .with_context(|| format!("{} has no integer model", self.record.id()))
     }
 
+    /// The run's images, (channels, height, width).
+    pub fn image_shape(&self) -> (usize, usize, usize) {
+        let [c, h, w] = self.net.spec.input;
+        (c, h, w)
+    }
+
+    /// The run's ONNX file: QCDQ for a QAT run, the float graph for a float one.
+    pub fn onnx(&self) -> Result<Vec<u8>> {
+        let quantized = self.net.stem.quant.is_some();
+        let model = if quantized { Some(self.int_model()?) } else { None };
+        onnx::to_bytes(&self.net, model.as_ref(), self.image_shape(), &self.record.id())
+            .with_context(|| format!("{} cannot be exported as ONNX", self.record.id()))
+    }
+
     /// Bytes of the float weights (4 a parameter, after pruning).
     pub fn float_bytes(&self) -> Result<usize> {
         Ok(4 * self.net.cost()?.params)
     }
+}
+
+/// How onnxruntime, running the run's ONNX file, compares with the fake-quant (or float) network:
+/// as written, and with onnxruntime's graph optimizations.
+#[derive(Debug, Clone)]
+pub struct OnnxAgreement {
+    pub as_written: OrtFigures,
+    pub optimized: OrtFigures,
+    pub version: String,
+    pub bytes: usize,
+}
+
+/// One onnxruntime evaluation against qat-lab's.
+#[derive(Debug, Clone, Copy)]
+pub struct OrtFigures {
+    pub acc: f64,
+    pub same_top1: f64,
+    pub max_logit_diff: f64,
+    pub images_per_sec: f64,
+}
+
+/// Runs the run's ONNX export in onnxruntime on `images` (`batch` a call) beside its own network.
+pub fn onnx_agreement(trained: &Trained, images: &[f32], labels: &[u32], batch: usize) -> Result<OnnxAgreement> {
+    let bytes = trained.onnx()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(ONNX_FILE);
+    std::fs::write(&path, &bytes)?;
+    let n = labels.len();
+    let shape = trained.image_shape();
+    let len = shape.0 * shape.1 * shape.2;
+    let mut ours = Vec::with_capacity(n * trained.net.spec.outputs);
+    for chunk in images.chunks(batch.max(1) * len) {
+        let x = Tensor::from_slice(chunk, (chunk.len() / len, shape.0, shape.1, shape.2), &Device::Cpu)?;
+        let logits = crate::threads::compute(&Device::Cpu, || trained.net.forward(&x, false))?;
+        ours.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let classes = ours.len() / n.max(1);
+    let mine = infer::argmax_rows(&ours, classes);
+    let share = |k: usize| k as f64 / n.max(1) as f64;
+    let figures = |ort: &onnx::OrtRun| {
+        let theirs = infer::argmax_rows(&ort.logits, classes);
+        OrtFigures {
+            acc: share(theirs.iter().zip(labels).filter(|(p, l)| **p == **l as usize).count()),
+            same_top1: share(theirs.iter().zip(&mine).filter(|(a, b)| a == b).count()),
+            max_logit_diff: ort.logits.iter().zip(&ours).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max),
+            images_per_sec: ort.images_per_sec,
+        }
+    };
+    let as_written = onnx::run_onnxruntime(&path, images, n, shape, batch, false)?;
+    let optimized = onnx::run_onnxruntime(&path, images, n, shape, batch, true)?;
+    Ok(OnnxAgreement {
+        as_written: figures(&as_written),
+        optimized: figures(&optimized),
+        version: optimized.version,
+        bytes: bytes.len(),
+    })
+}
+
+/// The images a run's data config loads, (channels, height, width).
+fn image_shape(cfg: &crate::config::DataConfig) -> [usize; 3] {
+    crate::data::DataSize::expected(cfg).map(|d| d.shape).unwrap_or([3, cfg.image_size, cfg.image_size])
 }
 
 /// How the integer model compares with the fake-quant network on the test set.
