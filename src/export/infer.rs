@@ -16,7 +16,7 @@
 //!
 //! Activations are kept channels-last (NHWC), so that a convolution reads contiguous channels.
 
-use super::fixed::{FixedMul, Requant};
+use super::fixed::{requant_row, FixedMul, NarrowRequant, Requant};
 use super::int_model::{IntLayer, IntModel};
 use super::kernel::{Kernel, PackedConv, OFFSET};
 use rayon::prelude::*;
@@ -35,6 +35,8 @@ struct Compiled {
     weights: PackedConv,
     /// Accumulator plus bias to the output's unit, per channel.
     requant: Vec<Requant>,
+    /// The same in 64 bits, where every channel's bound allows it.
+    narrow: Option<Vec<NarrowRequant>>,
     /// The input grid's levels (its clamp).
     levels: i32,
 }
@@ -49,9 +51,13 @@ struct Target {
 impl Compiled {
     fn new(layer: &IntLayer, target: Target) -> Self {
         let s = &layer.shape;
-        let requant =
+        let requant: Vec<Requant> =
             (0..s.out_ch).map(|c| Requant::new(layer.acc_step(c) / target.step, layer.bias[c], s.bias_bits)).collect();
+        // |acc| ≤ taps · 128 · 127: inputs are at most 128 from zero, weights at most 127.
+        let max_acc = (s.in_ch * s.kernel * s.kernel) as i64 * 128 * 127;
+        let narrow = requant.iter().map(|q| q.narrow(max_acc)).collect::<Option<Vec<_>>>();
         Self {
+            narrow,
             in_ch: s.in_ch,
             out_ch: s.out_ch,
             kernel: s.kernel,
@@ -108,8 +114,13 @@ impl Compiled {
             self.weights.run(kernel, &input, &bases, &tap_offsets, &mut acc);
             let mut scaled = vec![0i64; self.out_ch];
             for (r, (acc, out)) in acc.chunks_exact(row_len).zip(out.chunks_exact_mut(self.out_ch)).enumerate() {
-                for ((v, &a), q) in scaled.iter_mut().zip(acc).zip(&self.requant) {
-                    *v = q.apply(a);
+                match &self.narrow {
+                    Some(narrow) => requant_row(&acc[..self.out_ch], narrow, &mut scaled),
+                    None => {
+                        for ((v, &a), q) in scaled.iter_mut().zip(acc).zip(&self.requant) {
+                            *v = q.apply(a);
+                        }
+                    }
                 }
                 finish(first + r, &scaled, out);
             }
