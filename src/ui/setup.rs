@@ -106,9 +106,11 @@ impl SetupForm {
             presets,
             preset: start,
             cursor: 0,
-            // Runs share the compute threads; two at once keeps a side-by-side comparison in step.
-            parallel: 2.min(cores.max(1)),
-            max_parallel: cores.clamp(1, 8),
+            // Runs share the compute threads. On 2 cores, 4 at once finish 5-10% more runs an hour
+            // than 2 and 10-25% more than 1 (BENCHMARKS.md, "Runs at once"): small models leave
+            // threads idle between ops that another run fills.
+            parallel: (2 * cores.max(1)).min(4),
+            max_parallel: (2 * cores).clamp(1, 8),
             cuda_available,
             editing: None,
             human_labels: Vec::new(),
