@@ -334,6 +334,12 @@ pub fn write(
         FACES_NOISE * 100.0,
         p.t1_seeds,
     ));
+    let sizes = report::size_table(records);
+    if !sizes.is_empty() {
+        md.push_str(&format!(
+            "\n## Model size\n\nThe paper's second half: quantization also compresses. Sizes of the kept networks (`qat-lab export runs/<id>` writes the integer model; `qat-lab eval runs/<id> --int` runs it):\n\n{sizes}"
+        ));
+    }
     if extended {
         md.push_str(&extended_section(p, records, dir)?);
     }

@@ -111,6 +111,39 @@ pub fn size_cell(r: &RunRecord) -> String {
     }
 }
 
+/// One row per method and architecture: what its network weighs (float, after pruning, packed integer
+/// model) and how many times smaller than the float network it ships; empty when no record has a size.
+pub fn size_table(records: &[RunRecord]) -> String {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for r in records {
+        let Some(size) = r.summary.as_ref().and_then(|s| s.size) else { continue };
+        let arch = format!("{:?}", r.experiment.model.arch).to_lowercase();
+        let method = format!("{} | {arch} x{}", r.experiment.method_label(), r.experiment.model.width);
+        if rows.iter().any(|(m, _)| *m == method) {
+            continue;
+        }
+        let kib = |b: Option<usize>| b.map(|b| format!("{:.1}", b as f64 / 1024.0)).unwrap_or_else(|| "-".into());
+        rows.push((
+            method.clone(),
+            format!(
+                "| {method} | {} | {} | {} | {:.1}x |\n",
+                kib(Some(size.float_bytes)),
+                kib(size.pruned_float_bytes),
+                kib(size.int_bytes),
+                size.shrink()
+            ),
+        ));
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "| method | model | float KiB | after pruning KiB | integer KiB | smaller |\n|---|---|---|---|---|---|\n",
+    );
+    rows.iter().for_each(|(_, row)| out.push_str(row));
+    out
+}
+
 /// [`size_cell`] in at most 10 characters, for narrow tables ("146 7.2x").
 pub fn size_cell_short(r: &RunRecord) -> String {
     match r.summary.as_ref().and_then(|s| s.size) {
@@ -303,6 +336,32 @@ mod tests {
             ..Summary::started("n", &exp.method_label(), rate)
         };
         RunRecord { dir: "runs/x".into(), experiment: exp, metrics: vec![m], summary: Some(summary) }
+    }
+
+    #[test]
+    fn the_size_table_has_one_row_per_method_with_the_shrink() {
+        use crate::runs::ModelSize;
+        let sized = |reg, size| {
+            let mut r = record(reg, 0.4, 0.5);
+            r.summary.as_mut().unwrap().size = Some(size);
+            r
+        };
+        let float = ModelSize { float_bytes: 1_078_888, pruned_float_bytes: None, int_bytes: None };
+        let int = ModelSize { int_bytes: Some(151_962), ..float };
+        let pruned = ModelSize { pruned_float_bytes: Some(511_000), ..float };
+        let records = [
+            sized(Regularizer::None, float),
+            sized(Regularizer::None, float),
+            sized(Regularizer::default_for("quantization").unwrap(), int),
+            sized(Regularizer::default_for("pruning").unwrap(), pruned),
+            record(Regularizer::None, 0.2, 0.5),
+        ];
+        let t = size_table(&records);
+        assert_eq!(t.lines().count(), 2 + 3, "{t}");
+        assert!(t.contains("| baseline | resnet20 x1 | 1053.6 | - | - | 1.0x |"), "{t}");
+        assert!(t.contains("| W4/A4 | resnet20 x1 | 1053.6 | - | 148.4 | 7.1x |"), "{t}");
+        assert!(t.contains("| 1053.6 | 499.0 | - | 2.1x |"), "{t}");
+        assert_eq!(size_table(&records[4..]), "");
     }
 
     #[test]
