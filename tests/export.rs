@@ -101,6 +101,24 @@ fn export_refuses_what_has_no_integer_model_naming_why() {
     let o = qat_lab(&["export", quant.to_str().unwrap()]);
     assert!(text(&o).contains("the file is damaged"), "{}", text(&o));
 
+    // Multi-label QAT with batch norm kept has one head per AU: not an architecture the exporter has.
+    let heads = train(
+        &tmp.path().join("heads"),
+        "demo-faces",
+        &[
+            "train.epochs=1",
+            "data.train_subset=200",
+            "data.test_subset=50",
+            "regularizer.kind=quantization",
+            "regularizer.bn=keep",
+        ],
+    );
+    let o = qat_lab(&["export", heads.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("one classifier head per label"), "{}", text(&o));
+    let o = qat_lab(&["eval", heads.to_str().unwrap(), "--int"]);
+    assert!(text(&o).contains("multi-label run"), "{}", text(&o));
+
     let o = qat_lab(&["export", tmp.path().to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("not a run folder"), "{}", text(&o));
