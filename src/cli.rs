@@ -492,12 +492,6 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
     }
     let trained = crate::export::Trained::load(run)?;
     let mut exp = trained.record.experiment.clone();
-    if exp.data.dataset.is_multi_label() {
-        bail!(
-            "{} is a multi-label run: eval compares top-1 classes, which multi-label outputs do not have",
-            trained.record.id()
-        );
-    }
     if let Some(path) = data {
         exp.data.path = path;
     }
@@ -514,6 +508,9 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
     } else {
         None
     };
+    if onnx && dataset.is_multi_label() {
+        bail!("--onnx compares top-1 classes; {} is a multi-label run (its integer model: --int)", trained.record.id());
+    }
     let onnx =
         if onnx { Some(crate::export::onnx_agreement(&trained, &test.images, &test.labels, batch)?) } else { None };
     let print_onnx = |o: &crate::export::OnnxAgreement| {
@@ -532,8 +529,9 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
     let Some((model, bytes)) = model else {
         let eval = crate::train::trainer::evaluate(&trained.net, test, &dataset, &candle_core::Device::Cpu, None)?;
         println!(
-            "{}: test accuracy {:.2}% on {} images (loss {:.4})",
+            "{}: test {} {:.2}% on {} images (loss {:.4})",
             trained.record.id(),
+            if dataset.is_multi_label() { "average F1" } else { "accuracy" },
             eval.acc * 100.0,
             test.labels.len(),
             eval.loss
@@ -541,7 +539,11 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
         onnx.iter().for_each(print_onnx);
         return Ok(ExitCode::SUCCESS);
     };
-    let a = crate::export::compare(&trained.net, &model, &test.images, &test.labels, dataset.shape, batch, exact)?;
+    let multi = dataset.is_multi_label();
+    let truth =
+        if multi { crate::export::Truth::Labels(&test.targets) } else { crate::export::Truth::Classes(&test.labels) };
+    let a = crate::export::compare(&trained.net, &model, &test.images, truth, dataset.shape, batch, exact)?;
+    let (metric, prediction) = if multi { ("average F1", "decision (image, AU)") } else { ("accuracy", "top-1") };
     let float = trained.float_bytes()?;
     println!(
         "{} on {} test images (CPU: {}; integer kernel: {})",
@@ -550,10 +552,10 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
         crate::bench::cpu_model(),
         crate::export::infer::kernel_name()
     );
-    println!("  fake-quant accuracy  {:.2}%   {:.0} images/s", a.fake_quant_acc * 100.0, a.fake_quant_images_per_sec);
-    println!("  integer accuracy     {:.2}%   {:.0} images/s", a.int_acc * 100.0, a.int_images_per_sec);
+    println!("  fake-quant {metric}  {:.2}%   {:.0} images/s", a.fake_quant_acc * 100.0, a.fake_quant_images_per_sec);
+    println!("  integer {metric}     {:.2}%   {:.0} images/s", a.int_acc * 100.0, a.int_images_per_sec);
     println!(
-        "  same top-1 on {:.2}% of images; accuracy differs by {:+.2} points; largest logit difference {:.4} (logits up to {:.2})",
+        "  same {prediction} on {:.2}%; {metric} differs by {:+.2} points; largest logit difference {:.4} (logits up to {:.2})",
         a.same_top1 * 100.0,
         (a.int_acc - a.fake_quant_acc) * 100.0,
         a.max_logit_diff,
@@ -561,7 +563,7 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
     );
     if let Some(e) = a.exact {
         println!(
-            "  f64 evaluation       {:.2}%   same top-1 as the integer model on {:.2}%, as the fake-quant one on {:.2}%",
+            "  f64 evaluation       {:.2}%   same {prediction} as the integer model on {:.2}%, as the fake-quant one on {:.2}%",
             e.acc * 100.0,
             e.int_same_top1 * 100.0,
             e.fake_quant_same_top1 * 100.0
@@ -575,9 +577,9 @@ fn eval_run(run: &std::path::Path, with: EvalWith, data: Option<String>, batch: 
         float as f64 / bytes as f64
     );
     if a.meets_bar() {
-        println!("  agreement: meets the bar (same top-1 on at least 99.5%, accuracy within 0.3 points)");
+        println!("  agreement: meets the bar (same {prediction} on at least 99.5%, {metric} within 0.3 points)");
     } else {
-        println!("  agreement: BELOW the bar (same top-1 on at least 99.5%, accuracy within 0.3 points)");
+        println!("  agreement: BELOW the bar (same {prediction} on at least 99.5%, {metric} within 0.3 points)");
     }
     Ok(ExitCode::SUCCESS)
 }

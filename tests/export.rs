@@ -117,7 +117,20 @@ fn export_refuses_what_has_no_integer_model_naming_why() {
     assert!(!o.status.success());
     assert!(text(&o).contains("one classifier head per label"), "{}", text(&o));
     let o = qat_lab(&["eval", heads.to_str().unwrap(), "--int"]);
+    assert!(text(&o).contains("one classifier head per label"), "{}", text(&o));
+    let o = qat_lab(&["eval", heads.to_str().unwrap(), "--onnx"]);
     assert!(text(&o).contains("multi-label run"), "{}", text(&o));
+    // With batch norm folded the AU network has one classifier: it runs in integers, compared
+    // decision by decision.
+    let folded = train(
+        &tmp.path().join("folded"),
+        "demo-faces",
+        &["train.epochs=1", "data.train_subset=200", "data.test_subset=50", "regularizer.kind=quantization"],
+    );
+    let o = qat_lab(&["eval", folded.to_str().unwrap(), "--int", "--exact"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(number_after(&out, "same decision (image, AU) as the integer model on") == 100.0, "{out}");
 
     let o = qat_lab(&["export", tmp.path().to_str().unwrap()]);
     assert!(!o.status.success());

@@ -183,7 +183,8 @@ pub struct Agreement {
     pub images: usize,
     pub fake_quant_acc: f64,
     pub int_acc: f64,
-    /// Share of images on which both give the same top-1 class.
+    /// Share of images on which both give the same top-1 class (multi-label: of (image, label)
+    /// pairs with the same decision).
     pub same_top1: f64,
     /// Largest |logit difference| in real units, and the largest |fake-quant logit| for scale.
     pub max_logit_diff: f64,
@@ -210,73 +211,104 @@ impl Agreement {
     }
 }
 
-/// Evaluates the fake-quant network and `model` on the same images (NCHW, `shape` each) and
-/// labels, `batch` at a time; with `exact`, the f64 evaluation too.
+/// What a test set says the outputs should be.
+#[derive(Debug, Clone, Copy)]
+pub enum Truth<'a> {
+    /// One class per image.
+    Classes(&'a [u32]),
+    /// Multi-label: (N, L) targets (1, 0, or negative for unknown).
+    Labels(&'a [f32]),
+}
+
+impl Truth<'_> {
+    fn images(&self, outputs: usize) -> usize {
+        match self {
+            Truth::Classes(labels) => labels.len(),
+            Truth::Labels(targets) => targets.len() / outputs.max(1),
+        }
+    }
+
+    /// The predictions to compare: the top-1 class of each image, or each (image, label) decision
+    /// (logit > 0, probability > 0.5).
+    fn predictions<T: PartialOrd + Copy + Default>(&self, logits: &[T], outputs: usize) -> Vec<usize> {
+        match self {
+            Truth::Classes(_) => infer::argmax_rows(logits, outputs),
+            Truth::Labels(_) => logits.iter().map(|&z| usize::from(z > T::default())).collect(),
+        }
+    }
+
+    /// Accuracy (classes) or average F1 at threshold 0.5 (labels) of real-valued logits.
+    fn score(&self, logits: &[f64], outputs: usize) -> f64 {
+        match self {
+            Truth::Classes(labels) => {
+                let top = infer::argmax_rows(logits, outputs);
+                top.iter().zip(*labels).filter(|(p, l)| **p == **l as usize).count() as f64 / labels.len().max(1) as f64
+            }
+            Truth::Labels(targets) => {
+                let probs: Vec<f32> = logits.iter().map(|&z| (1.0 / (1.0 + (-z).exp())) as f32).collect();
+                let f1 = crate::train::metrics::f1_per_label(&probs, targets, &vec![0.5; outputs]);
+                f1.iter().sum::<f64>() / outputs.max(1) as f64
+            }
+        }
+    }
+}
+
+/// The share of equal predictions.
+fn same(a: &[usize], b: &[usize]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len().max(1) as f64
+}
+
+/// Evaluates the fake-quant network and `model` on the same images (NCHW, `shape` each), `batch` at
+/// a time, against `truth`; with `exact`, the f64 evaluation too.
 pub fn compare(
     net: &ResNet,
     model: &IntModel,
     images: &[f32],
-    labels: &[u32],
+    truth: Truth,
     shape: [usize; 3],
     batch: usize,
     exact: bool,
 ) -> Result<Agreement> {
-    let n = labels.len();
+    let outputs = model.classes();
+    let n = truth.images(outputs);
     let len: usize = shape.iter().product();
-    let classes = model.classes();
+    let dims = (shape[0], shape[1], shape[2]);
     let network = infer::IntNetwork::new(model);
-    let (mut same, mut right_fq, mut right_int) = (0usize, 0usize, 0usize);
-    let (mut right_exact, mut int_exact, mut fq_exact) = (0usize, 0usize, 0usize);
-    let (mut max_diff, mut max_logit) = (0f64, 0f64);
+    let (mut fake_quant, mut int, mut reference) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fq_secs, mut int_secs) = (0f64, 0f64);
     for start in (0..n).step_by(batch.max(1)) {
         let end = (start + batch).min(n);
         let x = &images[start * len..end * len];
         let t = Instant::now();
         let input = Tensor::from_slice(x, (end - start, shape[0], shape[1], shape[2]), &Device::Cpu)?;
-        let float_logits =
-            crate::threads::compute(&Device::Cpu, || net.forward(&input, false))?.flatten_all()?.to_vec1::<f32>()?;
+        let logits = crate::threads::compute(&Device::Cpu, || net.forward(&input, false))?;
+        fake_quant.extend(logits.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from));
         fq_secs += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let int_logits = network.forward(x, end - start, (shape[0], shape[1], shape[2]));
+        int.extend(network.forward(x, end - start, dims).into_iter().map(|q| q as f64 * network.logit_step()));
         int_secs += t.elapsed().as_secs_f64();
-        let fq = infer::argmax_rows(&float_logits, classes);
-        let int = infer::argmax_rows(&int_logits, classes);
-        for (i, (&a, &b)) in fq.iter().zip(&int).enumerate() {
-            same += usize::from(a == b);
-            right_fq += usize::from(a == labels[start + i] as usize);
-            right_int += usize::from(b == labels[start + i] as usize);
-        }
         if exact {
-            let reference = crate::threads::compute(&Device::Cpu, || {
-                reference::logits(model, x, end - start, (shape[0], shape[1], shape[2]))
-            })?;
-            let top = infer::argmax_rows(&reference, classes);
-            for (i, &e) in top.iter().enumerate() {
-                right_exact += usize::from(e == labels[start + i] as usize);
-                int_exact += usize::from(e == int[i]);
-                fq_exact += usize::from(e == fq[i]);
-            }
-        }
-        for (&f, &q) in float_logits.iter().zip(&int_logits) {
-            max_diff = max_diff.max((f as f64 - q as f64 * network.logit_step()).abs());
-            max_logit = max_logit.max(f.abs() as f64);
+            reference.extend(crate::threads::compute(&Device::Cpu, || reference::logits(model, x, end - start, dims))?);
         }
     }
-    let share = |k: usize| k as f64 / n.max(1) as f64;
+    let (fq_pred, int_pred) = (truth.predictions(&fake_quant, outputs), truth.predictions(&int, outputs));
+    let max_logit_diff = fake_quant.iter().zip(&int).map(|(f, q)| (f - q).abs()).fold(0f64, f64::max);
     Ok(Agreement {
         images: n,
-        fake_quant_acc: share(right_fq),
-        int_acc: share(right_int),
-        same_top1: share(same),
-        max_logit_diff: max_diff,
-        max_logit,
+        fake_quant_acc: truth.score(&fake_quant, outputs),
+        int_acc: truth.score(&int, outputs),
+        same_top1: same(&fq_pred, &int_pred),
+        max_logit_diff,
+        max_logit: fake_quant.iter().fold(0f64, |m, f| m.max(f.abs())),
         fake_quant_images_per_sec: n as f64 / fq_secs.max(1e-9),
         int_images_per_sec: n as f64 / int_secs.max(1e-9),
-        exact: exact.then(|| ExactAgreement {
-            acc: share(right_exact),
-            int_same_top1: share(int_exact),
-            fake_quant_same_top1: share(fq_exact),
+        exact: exact.then(|| {
+            let pred = truth.predictions(&reference, outputs);
+            ExactAgreement {
+                acc: truth.score(&reference, outputs),
+                int_same_top1: same(&pred, &int_pred),
+                fake_quant_same_top1: same(&pred, &fq_pred),
+            }
         }),
     })
 }
