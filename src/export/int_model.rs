@@ -103,10 +103,7 @@ impl IntModel {
         let stem = conv_layer(&net.stem, None)?;
         let mut blocks = Vec::new();
         for block in &net.blocks {
-            let keep = match &block.conv1.keep {
-                Some(mask) => Some(mask.to_vec1::<f32>()?.iter().map(|&k| k > 0.5).collect::<Vec<_>>()),
-                None => None,
-            };
+            let keep = block.conv1.kept_mask()?;
             let mut first = conv_layer(&block.conv1, None)?;
             let second = conv_layer(&block.conv2, keep.as_deref())?;
             if let Some(keep) = &keep {

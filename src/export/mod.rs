@@ -85,7 +85,7 @@ impl Trained {
             );
         }
         let mut net = ResNet::new(spec, &wiring, &Device::Cpu, exp.train.seed);
-        net.load_weights(&weights)
+        net.set_weights(&tensors, &weights.display().to_string())
             .with_context(|| format!("{} does not fit the network of its experiment.toml", weights.display()))?;
         Ok(Self { record, net })
     }

@@ -223,10 +223,7 @@ fn from_float(net: &ResNet) -> Result<Layers> {
     };
     let mut blocks = Vec::new();
     for b in &net.blocks {
-        let keep = match &b.conv1.keep {
-            Some(mask) => Some(mask.to_vec1::<f32>()?.iter().map(|&k| k > 0.5).collect::<Vec<_>>()),
-            None => None,
-        };
+        let keep = b.conv1.kept_mask()?;
         blocks.push([conv(&b.conv1, keep.as_deref(), None)?, conv(&b.conv2, None, keep.as_deref())?]);
     }
     let classifier = GraphLayer {

@@ -195,6 +195,14 @@ impl ConvBn {
         self.weight.as_tensor().abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()
     }
 
+    /// Which output channels structured pruning kept, where it pruned this layer.
+    pub fn kept_mask(&self) -> Result<Option<Vec<bool>>> {
+        match &self.keep {
+            Some(mask) => Ok(Some(mask.to_vec1::<f32>()?.iter().map(|&k| k > 0.5).collect())),
+            None => Ok(None),
+        }
+    }
+
     /// Number of kept output channels.
     pub fn kept_channels(&self) -> Result<usize> {
         Ok(match &self.keep {

@@ -127,13 +127,14 @@ impl Params {
         Ok(map)
     }
 
-    /// Loads tensors saved from [`Params::tensors`]; names and shapes must match.
-    pub fn load(&self, path: &Path) -> Result<()> {
-        let map = candle_core::safetensors::load(path, &self.device)
-            .with_context(|| format!("reading weights from {}", path.display()))?;
+    /// Sets every tensor from `map` (saved from [`Params::tensors`], read from `what`); names and
+    /// shapes must match.
+    pub fn set(&self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
         for p in &self.entries {
-            let t = map.get(&p.name).with_context(|| format!("{} has no tensor `{}`", path.display(), p.name))?;
-            p.var.set(t).with_context(|| format!("tensor `{}` in {} has the wrong shape", p.name, path.display()))?;
+            let t = map.get(&p.name).with_context(|| format!("{what} has no tensor `{}`", p.name))?;
+            p.var
+                .set(&t.to_device(&self.device)?)
+                .with_context(|| format!("tensor `{}` in {what} has the wrong shape", p.name))?;
         }
         Ok(())
     }

@@ -240,14 +240,13 @@ impl ResNet {
         super::save_tensors(&map, path)
     }
 
-    /// Loads what [`ResNet::save_weights`] wrote into a network built from the same spec and wiring.
-    pub fn load_weights(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
-        use anyhow::Context;
-        self.params.load(path)?;
-        let map = candle_core::safetensors::load(path, &self.params.device)
-            .with_context(|| format!("reading weights from {}", path.display()))?;
+    /// Sets what [`ResNet::save_weights`] wrote (read back as `map`, from `what`) into a network built
+    /// from the same spec and wiring.
+    pub fn set_weights(&mut self, map: &std::collections::HashMap<String, Tensor>, what: &str) -> anyhow::Result<()> {
+        self.params.set(map, what)?;
+        let device = self.params.device.clone();
         for (i, block) in self.blocks.iter_mut().enumerate() {
-            block.conv1.keep = map.get(&format!("keep.{i}")).cloned();
+            block.conv1.keep = map.get(&format!("keep.{i}")).map(|k| k.to_device(&device)).transpose()?;
         }
         Ok(())
     }
