@@ -73,6 +73,27 @@ fn a_trained_w4a4_run_exports_and_runs_in_integers_like_its_fake_quant_network()
     let fq = number_after(&out, "fake-quant accuracy");
     let acc = summary["final_eval_acc"].as_f64().unwrap() * 100.0;
     assert!((fq - acc).abs() < 0.01, "eval's fake-quant accuracy {fq} is the run's {acc}:\n{out}");
+
+    // Another batch size gives the same figures; batch 0 is refused; --out puts the file elsewhere.
+    let o = qat_lab(&["eval", run.to_str().unwrap(), "--int", "--batch", "7"]);
+    assert_eq!(number_after(&text(&o), "integer accuracy"), number_after(&out, "integer accuracy"), "{}", text(&o));
+    let o = qat_lab(&["eval", run.to_str().unwrap(), "--int", "--batch", "0"]);
+    assert!(!o.status.success() && text(&o).contains("--batch 0"), "{}", text(&o));
+    let elsewhere = tmp.path().join("shipped.safetensors");
+    let o = qat_lab(&["export", run.to_str().unwrap(), "--out", elsewhere.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), std::fs::read(&file).unwrap(), "the same model, byte for byte");
+
+    // eval --onnx: onnxruntime runs the graph as written and agrees; skipped, saying why, without it.
+    let o = qat_lab(&["eval", run.to_str().unwrap(), "--onnx"]);
+    let out = text(&o);
+    if out.contains("onnxruntime is not installed") || out.contains("python3 is not installed") {
+        eprintln!("skipped eval --onnx: {out}");
+        return;
+    }
+    assert!(o.status.success(), "{out}");
+    let as_written = out.lines().find(|l| l.contains("(as written)")).unwrap_or_else(|| panic!("{out}"));
+    assert!(number_after(as_written, "same top-1 as qat-lab's evaluation on") >= 99.5, "{out}");
 }
 
 #[test]
@@ -175,4 +196,37 @@ fn the_onnx_export_runs_in_onnxruntime_and_gives_qat_labs_logits() {
             ours.len()
         );
     }
+}
+
+#[test]
+fn a_resnet20_on_the_cifar_sample_evaluates_in_integers_from_a_moved_data_copy() {
+    let sample = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/datasets/cifar10-sample/cifar-10-sample-binary.tar.gz");
+    if !sample.is_file() {
+        eprintln!(
+            "SKIPPED: the CIFAR-10 sample is not at {} (only present beside the project's checkout)",
+            sample.display()
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Train from a copy, then delete it: eval must be told where the data is now.
+    let copy = tmp.path().join("copy.tar.gz");
+    std::fs::copy(&sample, &copy).unwrap();
+    let sets = [
+        "train.epochs=1".to_string(),
+        "data.train_subset=300".into(),
+        "data.test_subset=100".into(),
+        format!("data.path={}", copy.display()),
+    ];
+    let run = train(tmp.path(), "fig1-w4a4", &sets.iter().map(String::as_str).collect::<Vec<_>>());
+    std::fs::remove_file(&copy).unwrap();
+    let o = qat_lab(&["eval", run.to_str().unwrap(), "--int"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("pass --data PATH where it moved"), "{}", text(&o));
+    let o = qat_lab(&["eval", run.to_str().unwrap(), "--int", "--exact", "--data", sample.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("on 100 test images"), "{out}");
+    assert_eq!(number_after(&out, "same top-1 as the integer model on"), 100.0, "{out}");
 }
