@@ -324,7 +324,7 @@ fn print_reference(ours: &[BenchResult], refs: &[BenchResult]) {
     }
 }
 
-/// Integer inference of the W4/A4 and W8/A8 networks (BN folded, first/last layers 8-bit) beside the
+/// Integer inference of the W4/A4 and W8/A8 networks (`--arch`, BN folded, first/last layers 8-bit) beside the
 /// fake-quant float eval of the same network, at batch 1 and 256: images per second, median
 /// of the rounds. The networks are untrained (their input scales set by the warm-up batches): speed
 /// does not depend on the weights' values.
@@ -513,7 +513,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             print_conv_breakdown(opts, &ours[0].name, 1e3 * opts.batch as f64 / ours[0].train_images_per_sec);
         }
     }
-    if opts.device == DeviceKind::Cpu && opts.arch == Arch::Resnet20 && opts.only.is_none() {
+    if opts.device == DeviceKind::Cpu && opts.only.is_none() {
         integer_inference(opts)?;
     }
     if opts.torch {

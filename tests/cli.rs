@@ -276,6 +276,14 @@ fn bench_prints_throughput_qat_cost_and_the_per_op_table() {
         assert!(out.contains(shape), "{shape} missing:\n{out}");
     }
     assert!(out.contains("float training step"), "{out}");
+    // Integer inference beside the fake-quant eval, at batch 1 and 256, for both bit widths.
+    assert!(out.contains("integer inference (kernel: "), "{out}");
+    for (net, batch) in [("w4a4", 1), ("w4a4", 256), ("w8a8", 1), ("w8a8", 256)] {
+        let row = out.lines().find(|l| l.split_whitespace().take(2).eq([net, &batch.to_string()]));
+        let row = row.unwrap_or_else(|| panic!("no {net} batch {batch} row:\n{out}"));
+        let rate: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert!(rate > 0.0, "{row}");
+    }
     let o = qat_lab(&["bench", "--only", "int8", "--no-torch"], tmp.path());
     assert!(!o.status.success() && text(&o).contains("--only must be one of"), "{}", text(&o));
 }
