@@ -1,7 +1,7 @@
 //! Command line: the lab (default), headless runs and sweeps, data fetching, reports.
 
 use crate::config::{self, Experiment};
-use crate::runs;
+use crate::runs::{self, kib};
 use crate::train::{self, RunOptions, Status, Summary, TrainEvent};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -470,10 +470,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `--device X` and `--data DIR` as the `--set` overrides they stand for (applied last).
-fn kib(bytes: usize) -> f64 {
-    bytes as f64 / 1024.0
-}
-
 /// `qat-lab eval`: the run's test accuracy, and with `int` its integer model's beside it.
 /// What `eval` runs beside the lab's own evaluation.
 struct EvalWith {

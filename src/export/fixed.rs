@@ -68,7 +68,8 @@ impl FixedMul {
     }
 
     /// The multiplier this stands for.
-    pub fn value(&self) -> f64 {
+    #[cfg(test)]
+    fn value(&self) -> f64 {
         self.mantissa as f64 / 2f64.powi(self.shift as i32)
     }
 }

@@ -1,9 +1,10 @@
 //! Integer-only inference of an [`IntModel`]. The one float step is the images' entry onto the stem's
 //! input grid; from there on every value is an integer:
 //!
-//! - a layer multiplies its i8 inputs by its i8 weights into i32 accumulators (plus the i32 bias);
-//! - a block's first layer requantizes to the second's input grid (ReLU = clamp at 0) by a
-//!   fixed-point multiplier per channel;
+//! - a layer multiplies its i8 inputs by its i8 weights into i32 accumulators;
+//! - each output channel is requantized in one fixed-point multiply-add that also adds its bias
+//!   (kept to 32 fraction bits); a block's first layer lands on the second's input grid (ReLU =
+//!   clamp at 0);
 //! - the residual stream between blocks is i64 at 2^−[`STREAM_BITS`] of the next layer's input step,
 //!   so that the next layer reads it with a rounding shift, and the shortcut joins it after its own
 //!   fixed-point rescale;

@@ -4,7 +4,7 @@
 pub mod figures;
 pub mod noise_matrix;
 
-use crate::runs::RunRecord;
+use crate::runs::{self, RunRecord};
 use std::collections::BTreeMap;
 
 /// Final test accuracy a record reports (kept weights), falling back to its last epoch.
@@ -96,17 +96,18 @@ pub fn comparison_table(records: &[RunRecord]) -> String {
             last.map(|m| format!("{:.4}", m.eval_loss)).unwrap_or_else(|| "-".into()),
             last.map(|m| format!("{:+.3}", m.gap)).unwrap_or_else(|| "-".into()),
             pct(last.map(|m| m.memorized)),
-            size_cell(r),
+            size_cell(r, false),
         ));
     }
     out
 }
 
 /// The run's deployed size in KiB and how many times smaller than the float network it is
-/// ("145.6 (7.2x)"), or "-" for records without a size.
-pub fn size_cell(r: &RunRecord) -> String {
+/// ("145.6 (7.2x)"; `narrow`: at most 10 characters, "146 7.2x"), or "-" for records without a size.
+pub fn size_cell(r: &RunRecord, narrow: bool) -> String {
     match r.summary.as_ref().and_then(|s| s.size) {
-        Some(size) => format!("{:.1} ({:.1}x)", size.deployed_bytes() as f64 / 1024.0, size.shrink()),
+        Some(size) if narrow => format!("{:.0} {:.1}x", runs::kib(size.deployed_bytes()), size.shrink()),
+        Some(size) => format!("{:.1} ({:.1}x)", runs::kib(size.deployed_bytes()), size.shrink()),
         None => "-".into(),
     }
 }
@@ -122,7 +123,7 @@ pub fn size_table(records: &[RunRecord]) -> String {
         if rows.iter().any(|(m, _)| *m == method) {
             continue;
         }
-        let kib = |b: Option<usize>| b.map(|b| format!("{:.1}", b as f64 / 1024.0)).unwrap_or_else(|| "-".into());
+        let kib = |b: Option<usize>| b.map(|b| format!("{:.1}", runs::kib(b))).unwrap_or_else(|| "-".into());
         rows.push((
             method.clone(),
             format!(
@@ -142,14 +143,6 @@ pub fn size_table(records: &[RunRecord]) -> String {
     );
     rows.iter().for_each(|(_, row)| out.push_str(row));
     out
-}
-
-/// [`size_cell`] in at most 10 characters, for narrow tables ("146 7.2x").
-pub fn size_cell_short(r: &RunRecord) -> String {
-    match r.summary.as_ref().and_then(|s| s.size) {
-        Some(size) => format!("{:.0} {:.1}x", size.deployed_bytes() as f64 / 1024.0, size.shrink()),
-        None => "-".into(),
-    }
 }
 
 /// Accuracy (mean ± std over seeds) per method and noise rate, as in the paper's Fig. 2.

@@ -6,7 +6,7 @@ use crate::config::Experiment;
 pub mod record;
 
 use anyhow::{Context, Result};
-pub use record::{EpochMetrics, ModelSize, Status, Summary};
+pub use record::{kib, EpochMetrics, ModelSize, Status, Summary};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

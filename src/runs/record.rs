@@ -144,6 +144,11 @@ pub struct ModelSize {
     pub int_bytes: Option<usize>,
 }
 
+/// Bytes in KiB, for the sizes every screen and table prints.
+pub fn kib(bytes: usize) -> f64 {
+    bytes as f64 / 1024.0
+}
+
 impl ModelSize {
     /// The smallest form the run can be shipped in: the integer model, else the pruned floats.
     pub fn deployed_bytes(&self) -> usize {
@@ -157,7 +162,7 @@ impl ModelSize {
 
     /// "1053.6 KiB float, 145.6 KiB int (7.2x smaller)".
     pub fn describe(&self) -> String {
-        let kib = |b: usize| format!("{:.1} KiB", b as f64 / 1024.0);
+        let kib = |b: usize| format!("{:.1} KiB", kib(b));
         let mut parts = vec![format!("{} float", kib(self.float_bytes))];
         if let Some(p) = self.pruned_float_bytes {
             parts.push(format!("{} after pruning", kib(p)));

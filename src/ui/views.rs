@@ -666,7 +666,7 @@ fn draw_compare(f: &mut Frame, app: &App, area: Rect) {
                 gain,
                 last.map(|m| format!("{:.3}", m.eval_loss)).unwrap_or_else(|| "-".into()),
                 last.map(|m| format!("{:.0}", m.memorized * 100.0)).unwrap_or_else(|| "-".into()),
-                report::size_cell_short(rec),
+                report::size_cell(rec, true),
             ];
             (cells, style)
         })
