@@ -3,6 +3,7 @@
 //! Every field has a default, so a preset only states what differs from the paper's setting. Unknown keys
 //! and out-of-range values are rejected with the file, the key and what is allowed.
 
+pub use crate::methods::{Robust, ROBUST_KINDS};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -405,85 +406,12 @@ impl Regularizer {
     }
 }
 
-/// A method made for noisy labels (`none`: plain cross-entropy), in `[robust]`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Robust {
-    #[default]
-    None,
-    /// Generalized cross-entropy (Zhang & Sabuncu 2018): (1 - p_y^q) / q.
-    Gce {
-        #[serde(default = "default_gce_q")]
-        q: f64,
-    },
-    /// Symmetric cross-entropy (Wang et al. 2019): alpha·CE + beta·RCE, log 0 clamped at -4.
-    Sce {
-        #[serde(default = "default_sce_alpha")]
-        alpha: f64,
-        #[serde(default = "default_one")]
-        beta: f64,
-    },
-    /// Co-teaching (Han et al. 2018): two networks, each trained on the small-loss samples of its peer.
-    CoTeaching {
-        /// Share of each batch dropped once ramped up; 0 (the default) means the preset's noise rate.
-        #[serde(default)]
-        forget_rate: f64,
-        /// Epochs over which the forget rate ramps up from 0.
-        #[serde(default = "default_tk")]
-        tk: usize,
-    },
-}
-
-fn default_gce_q() -> f64 {
-    0.7
-}
-fn default_sce_alpha() -> f64 {
-    0.1
-}
-fn default_one() -> f64 {
-    1.0
-}
-fn default_tk() -> usize {
-    10
-}
-
 /// A kinded section (`{ kind = "..." }`) with every other field at its default.
-fn default_of_kind<T: serde::de::DeserializeOwned>(kind: &str, what: &str, allowed: &[&str]) -> Result<T, String> {
+pub(crate) fn default_of_kind<T: serde::de::DeserializeOwned>(kind: &str, what: &str, allowed: &[&str]) -> Result<T, String> {
     let mut t = toml::Table::new();
     t.insert("kind".into(), toml::Value::String(kind.into()));
     T::deserialize(toml::Value::Table(t))
         .map_err(|_| format!("unknown {what} `{kind}`; allowed: {}", allowed.join(", ")))
-}
-
-/// Kinds accepted in `robust.kind`.
-pub const ROBUST_KINDS: [&str; 4] = ["none", "gce", "sce", "co_teaching"];
-
-impl Robust {
-    /// The method `kind` with its papers' defaults.
-    pub fn default_for(kind: &str) -> Result<Robust, String> {
-        default_of_kind(kind, "robust method", &ROBUST_KINDS)
-    }
-
-    /// The `kind` tag as written in presets.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Gce { .. } => "gce",
-            Self::Sce { .. } => "sce",
-            Self::CoTeaching { .. } => "co_teaching",
-        }
-    }
-
-    /// Short human label, e.g. `GCE q=0.7`.
-    pub fn label(&self) -> String {
-        match self {
-            Self::None => "CE".into(),
-            Self::Gce { q } => format!("GCE q={q}"),
-            Self::Sce { alpha, beta } => format!("SCE a={alpha} b={beta}"),
-            Self::CoTeaching { forget_rate, .. } if *forget_rate > 0.0 => format!("co-teaching f={forget_rate}"),
-            Self::CoTeaching { .. } => "co-teaching".into(),
-        }
-    }
 }
 
 impl Experiment {
@@ -772,33 +700,11 @@ impl Experiment {
         self.validate_robust()
     }
 
-    /// The robust method's ranges, and the combinations that make sense: it replaces the loss, so
-    /// label smoothing cannot join it; co-teaching's peer network is not pruned, so pruning cannot.
+    /// The robust method's own checks (its ranges, its combinations), and the one rule for all: it
+    /// replaces the loss, so label smoothing cannot join it.
     fn validate_robust(&self) -> Result<(), String> {
-        match &self.robust {
-            Robust::None => return Ok(()),
-            Robust::Gce { q } => {
-                if !(*q > 0.0 && *q <= 1.0) {
-                    return Err(format!("robust.q = {q} is out of range; allowed: (0, 1]"));
-                }
-            }
-            Robust::Sce { alpha, beta } => {
-                check_range("robust.alpha", *alpha, 0.0, 100.0)?;
-                check_range("robust.beta", *beta, 0.0, 100.0)?;
-                if *alpha + *beta <= 0.0 {
-                    return Err("robust.alpha and robust.beta are both 0: nothing would be trained".into());
-                }
-            }
-            Robust::CoTeaching { forget_rate, tk } => {
-                check_range("robust.forget_rate", *forget_rate, 0.0, 0.95)?;
-                if *tk == 0 {
-                    return Err("robust.tk must be at least 1 (epochs over which the forget rate ramps up)".into());
-                }
-                if matches!(self.regularizer, Regularizer::Pruning { .. }) {
-                    return Err("co-teaching does not combine with pruning (its peer network is not pruned); use robust.kind = \"none\" or another regularizer".into());
-                }
-            }
-        }
+        let Some(robust) = self.robust.settings() else { return Ok(()) };
+        robust.validate(self)?;
         if matches!(self.regularizer, Regularizer::LabelSmoothing { .. }) {
             return Err(format!(
                 "label smoothing and robust.kind = \"{}\" both replace the loss; combine {} with another regularizer",
@@ -810,7 +716,7 @@ impl Experiment {
     }
 }
 
-fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
+pub(crate) fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
     if v.is_finite() && v >= lo && v <= hi {
         Ok(())
     } else {
@@ -1058,7 +964,7 @@ mod tests {
     #[test]
     fn a_robust_method_parses_combines_and_names_the_run() {
         let e = Experiment::from_toml("[robust]\nkind = \"gce\"\nq = 0.5\n", "t.toml", &[]).unwrap();
-        assert_eq!((e.robust.clone(), e.method_label()), (Robust::Gce { q: 0.5 }, "GCE q=0.5".to_string()));
+        assert_eq!((e.robust.clone(), e.method_label()), (Robust::Gce(crate::methods::gce::Gce { q: 0.5 }), "GCE q=0.5".to_string()));
         assert!(!e.is_baseline());
         // Whatever the order, the kind comes first and its keys apply; a new kind drops the old keys.
         let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -1068,10 +974,10 @@ mod tests {
             &o(&["robust.beta=0.5", "robust.kind=sce", "regularizer.kind=quantization"]),
         )
         .unwrap();
-        assert_eq!(e.robust, Robust::Sce { alpha: 0.1, beta: 0.5 });
+        assert_eq!(e.robust, Robust::Sce(crate::methods::sce::Sce { alpha: 0.1, beta: 0.5 }));
         assert_eq!(e.method_label(), "W4/A4 + SCE a=0.1 b=0.5");
         let e = Experiment::from_toml("", "t.toml", &o(&["robust.kind=co_teaching"])).unwrap();
-        assert_eq!(e.robust, Robust::CoTeaching { forget_rate: 0.0, tk: 10 });
+        assert_eq!(e.robust, Robust::CoTeaching(crate::methods::co_teaching::CoTeaching { forget_rate: 0.0, tk: 10 }));
         let refused = |text: &str, sets: &[&str]| Experiment::from_toml(text, "t.toml", &o(sets)).unwrap_err().message;
         assert!(refused("", &["robust.kind=gce", "robust.q=0"]).contains("robust.q = 0 is out of range"));
         assert!(refused("", &["robust.kind=gce", "robust.alpha=1"]).contains("robust kind `gce` has no key `alpha`"));

@@ -2,6 +2,7 @@
 
 use qat_lab::config::{Arch, DatasetKind, Experiment, Regularizer, Robust};
 use qat_lab::data;
+use qat_lab::methods::co_teaching::CoTeaching;
 use qat_lab::runs;
 use qat_lab::train::trainer::{run, run_on};
 use qat_lab::train::{RunControl, RunOptions, Status, Summary, TrainEvent};
@@ -200,7 +201,7 @@ fn co_teaching_trains_two_networks_so_it_differs_from_the_baseline_from_the_firs
     let mut base = digits(3, Regularizer::None);
     base.data.train_subset = 300;
     let mut co = base.clone();
-    co.robust = Robust::CoTeaching { forget_rate: 0.4, tk: 2 };
+    co.robust = Robust::CoTeaching(CoTeaching { forget_rate: 0.4, tk: 2 });
     let (a, _) = train(&base, root.path());
     let (b, _) = train(&co, root.path());
     let (ra, rb) =
@@ -466,7 +467,7 @@ fn a_stopped_run_resumed_from_its_checkpoint_ends_as_if_never_interrupted() {
             Robust::None,
             false,
         ),
-        ("W4/A4 + co-teaching", quant, Robust::CoTeaching { forget_rate: 0.0, tk: 2 }, false),
+        ("W4/A4 + co-teaching", quant, Robust::CoTeaching(CoTeaching { forget_rate: 0.0, tk: 2 }), false),
     ];
     for (what, reg, robust, augment) in cases {
         let root = tempfile::tempdir().unwrap();

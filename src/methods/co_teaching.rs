@@ -8,20 +8,64 @@
 //! ones (noise is per label there, so one noisy AU does not discard an image's other AUs). The run's
 //! metrics are those of the first network; the peer has the same layers (and quantizers).
 
-use super::{binary_log_likelihood, known_and_clean, log_likelihood, Batch, Method, Setup};
+use super::{binary_log_likelihood, known_and_clean, log_likelihood, Batch, Method, Settings, Setup};
+use crate::config::{check_range, Experiment, Regularizer};
 use crate::model::{ResNet, State};
 use crate::ops;
 use crate::threads;
 use crate::train::optim::Adam;
 use anyhow::{anyhow, Result};
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 /// Seed offset of the peer network, so that the two start apart.
 const PEER_SEED: u64 = 0x0c07_eac4;
 
-/// Co-teaching with its forget rate and ramp.
-#[derive(Debug)]
+/// Co-teaching's settings: `[robust] kind = "co_teaching"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CoTeaching {
+    /// Share of each batch dropped once ramped up; 0 (the default) means the preset's noise rate.
+    #[serde(default)]
+    pub forget_rate: f64,
+    /// Epochs over which the forget rate ramps up from 0.
+    #[serde(default = "default_tk")]
+    pub tk: usize,
+}
+
+fn default_tk() -> usize {
+    10
+}
+
+impl Settings for CoTeaching {
+    fn label(&self) -> String {
+        match self.forget_rate {
+            f if f > 0.0 => format!("co-teaching f={f}"),
+            _ => "co-teaching".into(),
+        }
+    }
+    fn help(&self) -> &'static str {
+        "Co-teaching: two networks; each trains on the small-loss samples its peer keeps, dropping up to the noise rate (2x the time)."
+    }
+    fn validate(&self, exp: &Experiment) -> Result<(), String> {
+        check_range("robust.forget_rate", self.forget_rate, 0.0, 0.95)?;
+        if self.tk == 0 {
+            return Err("robust.tk must be at least 1 (epochs over which the forget rate ramps up)".into());
+        }
+        if matches!(exp.regularizer, Regularizer::Pruning { .. }) {
+            return Err("co-teaching does not combine with pruning (its peer network is not pruned); use robust.kind = \"none\" or another regularizer".into());
+        }
+        Ok(())
+    }
+    fn method(&self, exp: &Experiment) -> Box<dyn Method> {
+        let rate = if self.forget_rate > 0.0 { self.forget_rate } else { exp.data.noise.rate };
+        Box::new(CoTeachingRun::new(rate, self.tk))
+    }
+}
+
+/// Co-teaching while a run trains: its forget rate (resolved), ramp and peer network.
+#[derive(Debug)]
+pub struct CoTeachingRun {
     pub forget_rate: f64,
     pub tk: usize,
     peer: Option<Peer>,
@@ -38,7 +82,7 @@ impl std::fmt::Debug for Peer {
     }
 }
 
-impl CoTeaching {
+impl CoTeachingRun {
     pub fn new(forget_rate: f64, tk: usize) -> Self {
         Self { forget_rate, tk, peer: None }
     }
@@ -120,7 +164,7 @@ pub fn selected_loss(logits: &Tensor, batch: &Batch, selection: &Selection) -> R
     }
 }
 
-impl Method for CoTeaching {
+impl Method for CoTeachingRun {
     /// The peer network, of the same size.
     fn networks(&self) -> usize {
         2
@@ -165,12 +209,12 @@ mod tests {
 
     #[test]
     fn the_forget_rate_ramps_linearly_over_tk_epochs() {
-        let c = CoTeaching::new(0.4, 5);
+        let c = CoTeachingRun::new(0.4, 5);
         let rates: Vec<f64> = (1..=7).map(|e| c.forget_at(e)).collect();
         let want = [0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4];
         assert!(rates.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{rates:?}");
-        assert_eq!(CoTeaching::new(0.3, 1).forget_at(1), 0.0);
-        assert_eq!(CoTeaching::new(0.3, 1).forget_at(2), 0.3);
+        assert_eq!(CoTeachingRun::new(0.3, 1).forget_at(1), 0.0);
+        assert_eq!(CoTeachingRun::new(0.3, 1).forget_at(2), 0.3);
     }
 
     #[test]

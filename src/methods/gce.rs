@@ -2,14 +2,40 @@
 //! cross-entropy (q -> 0) and the noise-robust mean absolute error (q = 1). Multi-label data: the same
 //! per label, with p the probability given to the label's (noisy) value, over the known labels.
 
-use super::{mean_of_log_likelihood, Batch, Method};
+use super::{mean_of_log_likelihood, Batch, Method, Settings};
+use crate::config::Experiment;
 use anyhow::Result;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
-/// GCE with exponent `q` (the paper's default 0.7).
-#[derive(Debug, Clone, Copy)]
+/// GCE with exponent `q` (the paper's default 0.7): `[robust] kind = "gce"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Gce {
+    #[serde(default = "default_q")]
     pub q: f64,
+}
+
+fn default_q() -> f64 {
+    0.7
+}
+
+impl Settings for Gce {
+    fn label(&self) -> String {
+        format!("GCE q={}", self.q)
+    }
+    fn help(&self) -> &'static str {
+        "GCE: (1 - p^q)/q, between cross-entropy and the noise-robust MAE (q = 0.7)."
+    }
+    fn validate(&self, _exp: &Experiment) -> Result<(), String> {
+        match self.q {
+            q if q > 0.0 && q <= 1.0 => Ok(()),
+            q => Err(format!("robust.q = {q} is out of range; allowed: (0, 1]")),
+        }
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(*self)
+    }
 }
 
 impl Gce {

@@ -1,19 +1,18 @@
 //! Methods: every regularizer and every method made for noisy labels is one file behind one trait,
 //! [`Method`], whose small hooks the trainer calls without knowing any method by name. [`build`] is
 //! the one place that maps a preset's `[regularizer]` and `[robust]` to methods, and combines them.
+//! A method made for noisy labels is one file with its [`Settings`] and one line of
+//! [`robust_methods!`]; the config, the lab's Setup, `a`, sweeps and labels read it from there.
 
 pub mod baseline;
-pub mod co_teaching;
 pub mod dropout;
 pub mod early_stopping;
-pub mod gce;
 pub mod label_smoothing;
 pub mod pruning;
 pub mod quantization;
-pub mod sce;
 pub mod weight_decay;
 
-use crate::config::{Experiment, Regularizer, Robust};
+use crate::config::{default_of_kind, Experiment, Regularizer};
 use crate::model::resnet::{NetSpec, Wiring};
 use crate::model::{Param, ResNet, State};
 use crate::ops;
@@ -139,19 +138,83 @@ pub trait Method: Send + std::fmt::Debug {
     }
 }
 
+/// A method's section as a preset writes it: its fields (serde, with its paper's defaults), its
+/// label and help, its checks, and the method a run of it trains with.
+pub trait Settings {
+    /// Short human label, e.g. `GCE q=0.7`.
+    fn label(&self) -> String;
+    /// One line for the lab's Setup: what the method does.
+    fn help(&self) -> &'static str;
+    /// Refuses out-of-range values (naming the key) and combinations that make no sense.
+    fn validate(&self, exp: &Experiment) -> Result<(), String>;
+    /// The method a run of `exp` trains with.
+    fn method(&self, exp: &Experiment) -> Box<dyn Method>;
+}
+
+/// The registry of methods made for noisy labels, one line each: `module::Settings`. The module's
+/// name is the `robust.kind` presets write (the variant's name in snake case, which serde reads:
+/// a unit test checks the two agree).
+macro_rules! robust_methods {
+    ($($module:ident::$settings:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// A method made for noisy labels (`none`: plain cross-entropy), in `[robust]`.
+        #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+        #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+        pub enum Robust {
+            #[default]
+            None,
+            $($settings($module::$settings),)*
+        }
+
+        /// Kinds accepted in `robust.kind`.
+        pub const ROBUST_KINDS: &[&str] = &["none", $(stringify!($module)),*];
+
+        impl Robust {
+            /// The `kind` tag as written in presets.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    Self::None => "none",
+                    $(Self::$settings(_) => stringify!($module),)*
+                }
+            }
+
+            /// The method's settings; `None` for plain cross-entropy.
+            pub fn settings(&self) -> Option<&dyn Settings> {
+                match self {
+                    Self::None => None,
+                    $(Self::$settings(s) => Some(s),)*
+                }
+            }
+        }
+    };
+}
+
+robust_methods! {
+    gce::Gce,
+    sce::Sce,
+    co_teaching::CoTeaching,
+}
+
+impl Robust {
+    /// The method `kind` with its papers' defaults.
+    pub fn default_for(kind: &str) -> Result<Robust, String> {
+        default_of_kind(kind, "robust method", ROBUST_KINDS)
+    }
+
+    /// Short human label, e.g. `GCE q=0.7` (`CE` for none).
+    pub fn label(&self) -> String {
+        self.settings().map_or_else(|| "CE".into(), |s| s.label())
+    }
+}
+
 /// The methods of an experiment: its regularizer and its robust method, as one.
 pub fn build(exp: &Experiment) -> Box<dyn Method> {
     let regularizer = regularizer(&exp.regularizer);
-    let robust: Box<dyn Method> = match exp.robust {
-        Robust::None => return regularizer,
-        Robust::Gce { q } => Box::new(gce::Gce { q }),
-        Robust::Sce { alpha, beta } => Box::new(sce::Sce { alpha, beta }),
-        Robust::CoTeaching { forget_rate, tk } => {
-            let rate = if forget_rate > 0.0 { forget_rate } else { exp.data.noise.rate };
-            Box::new(co_teaching::CoTeaching::new(rate, tk))
-        }
-    };
-    Box::new(Combined(vec![regularizer, robust]))
+    match exp.robust.settings() {
+        None => regularizer,
+        Some(robust) => Box::new(Combined(vec![regularizer, robust.method(exp)])),
+    }
 }
 
 /// The method of a `[regularizer]`: the registry of regularizers.
@@ -316,6 +379,22 @@ pub fn binary_loss(batch: &Batch, logits: &Tensor, alpha: f64) -> Result<Tensor>
 pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The registry's kinds are the tags serde reads and writes, and each has its paper's defaults.
+    #[test]
+    fn registry_kinds_round_trip_through_presets() {
+        for kind in ROBUST_KINDS {
+            let robust = Robust::default_for(kind).unwrap();
+            assert_eq!(robust.kind(), *kind);
+            let json = serde_json::to_value(&robust).unwrap();
+            assert_eq!(json["kind"], *kind, "{json}");
+            assert_eq!(serde_json::from_value::<Robust>(json).unwrap(), robust);
+            assert_eq!(robust.settings().is_none(), *kind == "none");
+        }
+        assert!(Robust::default_for("mae").unwrap_err().contains("allowed: none, gce, sce, co_teaching"));
+        let unknown = serde_json::from_str::<Robust>(r#"{"kind": "gce", "alpha": 1}"#).unwrap_err();
+        assert!(unknown.to_string().contains("alpha"), "{unknown}");
+    }
 
     /// A batch over `logits` (which also stand in for the images).
     pub fn batch<'a>(

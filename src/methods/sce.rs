@@ -2,18 +2,50 @@
 //! cross-entropy -Σ_k p_k log y_k takes log 0 = A = -4 (the paper's clamp), so RCE = -A·(1 - p_y).
 //! Multi-label data: the same per label (C = 2), over the known labels.
 
-use super::{mean_of_log_likelihood, Batch, Method};
+use super::{mean_of_log_likelihood, Batch, Method, Settings};
+use crate::config::{check_range, Experiment};
 use anyhow::Result;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 /// log 0 in the reverse cross-entropy.
 pub const LOG_ZERO: f64 = -4.0;
 
-/// SCE with the paper's CIFAR-10 defaults alpha = 0.1, beta = 1.0.
-#[derive(Debug, Clone, Copy)]
+/// SCE with the paper's CIFAR-10 defaults alpha = 0.1, beta = 1.0: `[robust] kind = "sce"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Sce {
+    #[serde(default = "default_alpha")]
     pub alpha: f64,
+    #[serde(default = "default_beta")]
     pub beta: f64,
+}
+
+fn default_alpha() -> f64 {
+    0.1
+}
+fn default_beta() -> f64 {
+    1.0
+}
+
+impl Settings for Sce {
+    fn label(&self) -> String {
+        format!("SCE a={} b={}", self.alpha, self.beta)
+    }
+    fn help(&self) -> &'static str {
+        "SCE: 0.1·CE + 1.0·reverse CE; the reverse term is bounded, so wrong labels pull less."
+    }
+    fn validate(&self, _exp: &Experiment) -> Result<(), String> {
+        check_range("robust.alpha", self.alpha, 0.0, 100.0)?;
+        check_range("robust.beta", self.beta, 0.0, 100.0)?;
+        if self.alpha + self.beta <= 0.0 {
+            return Err("robust.alpha and robust.beta are both 0: nothing would be trained".into());
+        }
+        Ok(())
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(*self)
+    }
 }
 
 impl Sce {

@@ -171,7 +171,7 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
         text.extend(noise_heatmap(&form.noise_matrix()));
     } else {
         text.extend([Line::from(regularizer_help(e.regularizer.kind())), Line::from("")]);
-        if let Some(help) = robust_help(e.robust.kind()) {
+        if let Some(help) = e.robust.settings().map(|s| s.help()) {
             text.extend([Line::from(help), Line::from("")]);
         }
     }
@@ -247,17 +247,6 @@ fn memory_line(e: &crate::config::Experiment, available: Option<u64>) -> Line<'s
         )),
         Some(free) => Line::from(format!("{text} of {} free", bytes(free))),
         None => Line::from(text),
-    }
-}
-
-fn robust_help(kind: &str) -> Option<&'static str> {
-    match kind {
-        "gce" => Some("GCE: (1 - p^q)/q, between cross-entropy and the noise-robust MAE (q = 0.7)."),
-        "sce" => Some("SCE: 0.1·CE + 1.0·reverse CE; the reverse term is bounded, so wrong labels pull less."),
-        "co_teaching" => {
-            Some("Co-teaching: two networks; each trains on the small-loss samples its peer keeps, dropping up to the noise rate (2x the time).")
-        }
-        _ => None,
     }
 }
 
