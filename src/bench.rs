@@ -2,10 +2,10 @@
 //! given batch size, peak memory, and — when PyTorch is installed — the same configurations in PyTorch
 //! (float and the W4/A4 networks), measured in the same invocation, with the ratios.
 
-use crate::config::{Arch, DeviceKind, Regularizer};
+use crate::config::{Arch, DeviceKind, Quantization, Regularizer};
 use crate::model::resnet::NetSpec;
 use crate::model::ResNet;
-use crate::ops::conv::{self, Geometry};
+use crate::ops::cpu::conv::{self, Geometry};
 use crate::threads;
 use crate::train::optim::Adam;
 use anyhow::Result;
@@ -343,13 +343,13 @@ fn integer_inference(opts: &BenchOptions) -> Result<()> {
     let onnx_dir = tempfile::tempdir()?;
     let mut ort_note = None;
     for (name, bits) in [("w4a4", 4), ("w8a8", 8)] {
-        let reg = Regularizer::Quantization {
+        let reg = Regularizer::Quantization(Quantization {
             weight_bits: bits,
             act_bits: bits,
             first_last_bits: 8,
             bn: crate::config::BnMode::Fold,
             ema_momentum: 0.9,
-        };
+        });
         let one = BenchOptions { batch: opts.batch.min(64), ..opts.clone() };
         let subject = Subject::new(name, &reg, &one, &device)?;
         let model = IntModel::from_network(&subject.net, "bench")?;
@@ -460,20 +460,20 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         opts.device,
         threads
     );
-    let q = Regularizer::Quantization {
+    let q = Regularizer::Quantization(Quantization {
         weight_bits: 4,
         act_bits: 4,
         first_last_bits: 8,
         bn: crate::config::BnMode::Fold,
         ema_momentum: 0.9,
-    };
-    let q_keep = Regularizer::Quantization {
+    });
+    let q_keep = Regularizer::Quantization(Quantization {
         weight_bits: 4,
         act_bits: 4,
         first_last_bits: 8,
         bn: crate::config::BnMode::Keep,
         ema_momentum: 0.9,
-    };
+    });
     let configs: Vec<(&str, Regularizer)> = [("float", Regularizer::None), ("w4a4-fold", q), ("w4a4-keep", q_keep)]
         .into_iter()
         .filter(|(name, _)| opts.only.as_deref().is_none_or(|o| o == *name))

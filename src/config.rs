@@ -3,7 +3,13 @@
 //! Every field has a default, so a preset only states what differs from the paper's setting. Unknown keys
 //! and out-of-range values are rejected with the file, the key and what is allowed.
 
-pub use crate::methods::{Robust, ROBUST_KINDS};
+pub use crate::methods::dropout::{Dropout, DropoutPosition};
+pub use crate::methods::early_stopping::EarlyStopping;
+pub use crate::methods::label_smoothing::LabelSmoothing;
+pub use crate::methods::pruning::{PruneCriterion, Pruning};
+pub use crate::methods::quantization::{BnMode, Quantization};
+pub use crate::methods::weight_decay::WeightDecay;
+pub use crate::methods::{Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -273,141 +279,12 @@ impl Arch {
     }
 }
 
-/// The one regularizer a run uses (`none` is the paper's baseline).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Regularizer {
-    None,
-    EarlyStopping {
-        /// Epochs without a better validation loss before training stops.
-        #[serde(default = "default_patience")]
-        patience: usize,
-    },
-    WeightDecay {
-        #[serde(default = "default_weight_decay")]
-        value: f64,
-        /// AdamW-style decoupled decay (paper); `false` adds an L2 penalty to the loss instead.
-        #[serde(default = "default_true")]
-        decoupled: bool,
-    },
-    Dropout {
-        #[serde(default = "default_dropout")]
-        p: f64,
-        #[serde(default)]
-        position: DropoutPosition,
-    },
-    LabelSmoothing {
-        #[serde(default = "default_alpha")]
-        alpha: f64,
-    },
-    Pruning {
-        /// Fraction of output channels removed in every prunable layer.
-        #[serde(default = "default_prune_ratio")]
-        ratio: f64,
-        /// Train dense for this many epochs ("F is pre-trained"), then prune and keep training.
-        #[serde(default = "default_prune_epoch")]
-        at_epoch: usize,
-        #[serde(default)]
-        criterion: PruneCriterion,
-    },
-    Quantization {
-        #[serde(default = "default_bits")]
-        weight_bits: u32,
-        #[serde(default = "default_bits")]
-        act_bits: u32,
-        /// Bits of the first and last layers (weights and activations).
-        #[serde(default = "default_first_last_bits")]
-        first_last_bits: u32,
-        #[serde(default)]
-        bn: BnMode,
-        /// Momentum of the moving average of activation scales used in eval.
-        #[serde(default = "default_ema")]
-        ema_momentum: f64,
-    },
-}
-
-fn default_patience() -> usize {
-    10
-}
-fn default_weight_decay() -> f64 {
-    0.01
-}
-fn default_true() -> bool {
-    true
-}
-fn default_dropout() -> f64 {
-    0.1
-}
-fn default_alpha() -> f64 {
-    0.1
-}
-fn default_prune_ratio() -> f64 {
-    0.75
-}
-fn default_prune_epoch() -> usize {
-    5
-}
-fn default_bits() -> u32 {
-    4
-}
-fn default_first_last_bits() -> u32 {
-    8
-}
-fn default_ema() -> f64 {
-    0.9
-}
-
-impl Regularizer {
-    /// Every kind with its default parameters, in the order the paper lists them.
-    pub fn all_defaults() -> Vec<Regularizer> {
-        ["none", "early_stopping", "weight_decay", "dropout", "label_smoothing", "pruning", "quantization"]
-            .iter()
-            .map(|k| Self::default_for(k).expect("known kind"))
-            .collect()
-    }
-
-    /// The regularizer `kind` with its default parameters.
-    pub fn default_for(kind: &str) -> Result<Regularizer, String> {
-        default_of_kind(kind, "regularizer", &REGULARIZER_KINDS)
-    }
-
-    /// The `kind` tag as written in presets.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::EarlyStopping { .. } => "early_stopping",
-            Self::WeightDecay { .. } => "weight_decay",
-            Self::Dropout { .. } => "dropout",
-            Self::LabelSmoothing { .. } => "label_smoothing",
-            Self::Pruning { .. } => "pruning",
-            Self::Quantization { .. } => "quantization",
-        }
-    }
-
-    /// Short human label, e.g. `W4/A4 fold`, `dropout p=0.1`.
-    pub fn label(&self) -> String {
-        match self {
-            Self::None => "baseline".into(),
-            Self::EarlyStopping { patience } => format!("early stop p={patience}"),
-            Self::WeightDecay { value, decoupled } => {
-                format!("wd {value}{}", if *decoupled { "" } else { " (L2)" })
-            }
-            Self::Dropout { p, .. } => format!("dropout p={p}"),
-            Self::LabelSmoothing { alpha } => format!("smooth a={alpha}"),
-            Self::Pruning { ratio, .. } => format!("prune {:.0}%", ratio * 100.0),
-            Self::Quantization { weight_bits, act_bits, .. } => {
-                if *act_bits >= 32 {
-                    format!("W{weight_bits}/Afloat")
-                } else {
-                    format!("W{weight_bits}/A{act_bits}")
-                }
-            }
-        }
-    }
-}
-
 /// A kinded section (`{ kind = "..." }`) with every other field at its default.
-pub(crate) fn default_of_kind<T: serde::de::DeserializeOwned>(kind: &str, what: &str, allowed: &[&str]) -> Result<T, String> {
+pub(crate) fn default_of_kind<T: serde::de::DeserializeOwned>(
+    kind: &str,
+    what: &str,
+    allowed: &[&str],
+) -> Result<T, String> {
     let mut t = toml::Table::new();
     t.insert("kind".into(), toml::Value::String(kind.into()));
     T::deserialize(toml::Value::Table(t))
@@ -429,43 +306,6 @@ impl Experiment {
     pub fn is_baseline(&self) -> bool {
         self.regularizer == Regularizer::None && self.robust == Robust::None
     }
-}
-
-/// Regularizer kinds accepted in `regularizer.kind`.
-pub const REGULARIZER_KINDS: [&str; 7] =
-    ["none", "early_stopping", "weight_decay", "dropout", "label_smoothing", "pruning", "quantization"];
-
-/// Where dropout is applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropoutPosition {
-    /// On the pooled features, before the classifier (default).
-    #[default]
-    Classifier,
-    /// After every residual block.
-    Blocks,
-}
-
-/// Which channels structured pruning removes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PruneCriterion {
-    /// Remove the channels with the lowest L1 norm (the paper's reasoning; default).
-    #[default]
-    LowestL1,
-    /// Remove the channels with the highest L1 norm (the paper's literal text).
-    HighestL1,
-}
-
-/// Batch-norm handling under quantization-aware training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BnMode {
-    /// BN folded into the conv weights before they are quantized (Jacob et al. 2018; the paper's CIFAR setting).
-    #[default]
-    Fold,
-    /// BN kept after the quantized convolution (the paper's AU setting).
-    Keep,
 }
 
 /// Optimisation schedule.
@@ -656,46 +496,8 @@ impl Experiment {
         if !(t.lr > 0.0 && t.lr < 10.0) {
             return Err(format!("train.lr = {} is out of range; allowed: (0, 10)", t.lr));
         }
-        match &self.regularizer {
-            Regularizer::EarlyStopping { patience } => {
-                if *patience == 0 {
-                    return Err("regularizer.patience must be at least 1".into());
-                }
-                if d.val_fraction <= 0.0 {
-                    return Err("early stopping needs a validation split: set data.val_fraction (e.g. 0.1)".into());
-                }
-            }
-            Regularizer::WeightDecay { value, .. } => check_range("regularizer.value", *value, 0.0, 1.0)?,
-            Regularizer::Dropout { p, .. } => {
-                if !(0.0..1.0).contains(p) {
-                    return Err(format!("regularizer.p = {p} is out of range; allowed: [0, 1)"));
-                }
-            }
-            Regularizer::LabelSmoothing { alpha } => check_range("regularizer.alpha", *alpha, 0.0, 1.0)?,
-            Regularizer::Pruning { ratio, at_epoch, .. } => {
-                if !(0.0..1.0).contains(ratio) {
-                    return Err(format!("regularizer.ratio = {ratio} is out of range; allowed: [0, 1)"));
-                }
-                if *at_epoch >= t.epochs {
-                    return Err(format!(
-                        "regularizer.at_epoch = {at_epoch} must be below train.epochs = {} (pruning happens during training)",
-                        t.epochs
-                    ));
-                }
-            }
-            Regularizer::Quantization { weight_bits, act_bits, first_last_bits, ema_momentum, .. } => {
-                for (key, bits) in [
-                    ("regularizer.weight_bits", weight_bits),
-                    ("regularizer.act_bits", act_bits),
-                    ("regularizer.first_last_bits", first_last_bits),
-                ] {
-                    if !(2..=16).contains(bits) && *bits != 32 {
-                        return Err(format!("{key} = {bits} is out of range; allowed: 2..=16, or 32 for float"));
-                    }
-                }
-                check_range("regularizer.ema_momentum", *ema_momentum, 0.0, 0.9999)?;
-            }
-            Regularizer::None => {}
+        if let Some(regularizer) = self.regularizer.settings() {
+            regularizer.validate(self)?;
         }
         self.validate_robust()
     }
@@ -705,7 +507,7 @@ impl Experiment {
     fn validate_robust(&self) -> Result<(), String> {
         let Some(robust) = self.robust.settings() else { return Ok(()) };
         robust.validate(self)?;
-        if matches!(self.regularizer, Regularizer::LabelSmoothing { .. }) {
+        if matches!(self.regularizer, Regularizer::LabelSmoothing(_)) {
             return Err(format!(
                 "label smoothing and robust.kind = \"{}\" both replace the loss; combine {} with another regularizer",
                 self.robust.kind(),
@@ -714,6 +516,20 @@ impl Experiment {
         }
         Ok(())
     }
+}
+
+/// The value after `cur` (`dir` = +1) or before it (-1) among `values`, wrapping around; the first
+/// when `cur` is not one of them.
+pub fn step_choice<T: PartialEq + Copy>(values: &[T], cur: &T, dir: isize) -> T {
+    let i = values.iter().position(|v| v == cur).unwrap_or(0) as isize;
+    values[(i + dir).rem_euclid(values.len() as isize) as usize]
+}
+
+/// [`step_choice`] from the value of `values` nearest to `cur`.
+pub fn step_nearest(values: &[f64], cur: f64, dir: isize) -> f64 {
+    let nearest = values.iter().enumerate().min_by(|a, b| (a.1 - cur).abs().total_cmp(&(b.1 - cur).abs()));
+    let i = nearest.map_or(0, |(i, _)| i) as isize;
+    values[(i + dir).rem_euclid(values.len() as isize) as usize]
 }
 
 pub(crate) fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
@@ -964,7 +780,10 @@ mod tests {
     #[test]
     fn a_robust_method_parses_combines_and_names_the_run() {
         let e = Experiment::from_toml("[robust]\nkind = \"gce\"\nq = 0.5\n", "t.toml", &[]).unwrap();
-        assert_eq!((e.robust.clone(), e.method_label()), (Robust::Gce(crate::methods::gce::Gce { q: 0.5 }), "GCE q=0.5".to_string()));
+        assert_eq!(
+            (e.robust.clone(), e.method_label()),
+            (Robust::Gce(crate::methods::gce::Gce { q: 0.5 }), "GCE q=0.5".to_string())
+        );
         assert!(!e.is_baseline());
         // Whatever the order, the kind comes first and its keys apply; a new kind drops the old keys.
         let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -1007,7 +826,7 @@ mod tests {
         assert_eq!(e.data.noise.rate, 0.4);
         assert_eq!(e.data.dataset, DatasetKind::Shapes);
         match e.regularizer {
-            Regularizer::Quantization { weight_bits, act_bits, first_last_bits, .. } => {
+            Regularizer::Quantization(Quantization { weight_bits, act_bits, first_last_bits, .. }) => {
                 assert_eq!((weight_bits, act_bits, first_last_bits), (2, 4, 8));
             }
             other => panic!("{other:?}"),
@@ -1058,7 +877,11 @@ mod tests {
             &["regularizer.weight_bits=2".into(), "regularizer.kind=quantization".into()],
         )
         .unwrap();
-        assert!(matches!(e.regularizer, Regularizer::Quantization { weight_bits: 2, .. }), "{:?}", e.regularizer);
+        assert!(
+            matches!(e.regularizer, Regularizer::Quantization(Quantization { weight_bits: 2, .. })),
+            "{:?}",
+            e.regularizer
+        );
     }
 
     #[test]
@@ -1095,7 +918,11 @@ mod tests {
         let axes = sweep_axes(text, "t.toml").unwrap();
         assert_eq!(axes.len(), 2);
         let e = Experiment::from_toml(text, "t.toml", &[format!("regularizer={}", axes[0].1[1])]).unwrap();
-        assert!(matches!(e.regularizer, Regularizer::Quantization { bn: BnMode::Keep, .. }), "{:?}", e.regularizer);
+        assert!(
+            matches!(e.regularizer, Regularizer::Quantization(Quantization { bn: BnMode::Keep, .. })),
+            "{:?}",
+            e.regularizer
+        );
     }
 
     #[test]

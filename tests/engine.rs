@@ -1,6 +1,9 @@
 //! The training engine end to end: real data, every regularizer, run records, and the failure paths.
 
-use qat_lab::config::{Arch, DatasetKind, Experiment, Regularizer, Robust};
+use qat_lab::config::{
+    Arch, DatasetKind, Dropout, EarlyStopping, Experiment, LabelSmoothing, Pruning, Quantization, Regularizer, Robust,
+    WeightDecay,
+};
 use qat_lab::data;
 use qat_lab::methods::co_teaching::CoTeaching;
 use qat_lab::runs;
@@ -110,20 +113,20 @@ fn baseline_memorises_noisy_labels_and_its_eval_loss_turns_up() {
 fn every_regularizer_trains_and_writes_a_complete_record() {
     let root = tempfile::tempdir().unwrap();
     let mut regs = Regularizer::all_defaults();
-    regs.push(Regularizer::WeightDecay { value: 0.01, decoupled: false });
-    regs.push(Regularizer::Dropout { p: 0.2, position: qat_lab::config::DropoutPosition::Blocks });
-    regs.push(Regularizer::Quantization {
+    regs.push(Regularizer::WeightDecay(WeightDecay { value: 0.01, decoupled: false }));
+    regs.push(Regularizer::Dropout(Dropout { p: 0.2, position: qat_lab::config::DropoutPosition::Blocks }));
+    regs.push(Regularizer::Quantization(Quantization {
         weight_bits: 2,
         act_bits: 8,
         first_last_bits: 8,
         bn: qat_lab::config::BnMode::Keep,
         ema_momentum: 0.9,
-    });
+    }));
     for reg in regs {
         let mut e = digits(2, reg.clone());
         e.data.train_subset = 400;
         e.data.val_fraction = 0.1;
-        if let Regularizer::Pruning { at_epoch, .. } = &mut e.regularizer {
+        if let Regularizer::Pruning(Pruning { at_epoch, .. }) = &mut e.regularizer {
             *at_epoch = 1;
         }
         let (s, events) = train(&e, root.path());
@@ -215,7 +218,7 @@ fn pruning_removes_real_parameters_and_macs() {
     let root = tempfile::tempdir().unwrap();
     let mut e = digits(2, Regularizer::default_for("pruning").unwrap());
     e.data.train_subset = 300;
-    if let Regularizer::Pruning { at_epoch, .. } = &mut e.regularizer {
+    if let Regularizer::Pruning(Pruning { at_epoch, .. }) = &mut e.regularizer {
         *at_epoch = 1;
     }
     let (s, events) = train(&e, root.path());
@@ -228,7 +231,7 @@ fn pruning_removes_real_parameters_and_macs() {
 #[test]
 fn early_stopping_keeps_the_best_validation_weights() {
     let root = tempfile::tempdir().unwrap();
-    let mut e = digits(25, Regularizer::EarlyStopping { patience: 3 });
+    let mut e = digits(25, Regularizer::EarlyStopping(EarlyStopping { patience: 3 }));
     e.model.width = 1.0;
     e.data.val_fraction = 0.2;
     let (s, _) = train(&e, root.path());
@@ -319,18 +322,18 @@ fn multi_label_faces_train_with_per_au_f1() {
     base.data.noise.kind = qat_lab::config::NoiseKind::Ambiguous;
     base.data.noise.rate = 0.2;
     base.train.tune_threshold = true;
-    let quant_keep = Regularizer::Quantization {
+    let quant_keep = Regularizer::Quantization(Quantization {
         weight_bits: 4,
         act_bits: 4,
         first_last_bits: 8,
         bn: qat_lab::config::BnMode::Keep,
         ema_momentum: 0.9,
-    };
+    });
     for reg in [
         Regularizer::None,
-        Regularizer::LabelSmoothing { alpha: 0.1 },
+        Regularizer::LabelSmoothing(LabelSmoothing { alpha: 0.1 }),
         quant_keep,
-        Regularizer::EarlyStopping { patience: 2 },
+        Regularizer::EarlyStopping(EarlyStopping { patience: 2 }),
     ] {
         let mut e = base.clone();
         e.regularizer = reg.clone();
@@ -349,7 +352,7 @@ fn multi_label_faces_train_with_per_au_f1() {
         assert!(last.f1.iter().all(|f| (0.0..=1.0).contains(f)));
         assert!((last.eval_acc - last.f1.iter().sum::<f64>() / 12.0).abs() < 1e-9, "eval_acc is the average F1");
         assert!(last.val_f1.is_some());
-        if matches!(reg, Regularizer::Quantization { .. }) {
+        if matches!(reg, Regularizer::Quantization(_)) {
             // 12 heads with their own batch norm (2 x 12 x features more parameters than one linear layer).
             let plain = runs::load(&root.path().join(runs::list(root.path())[0].id())).unwrap();
             assert!(s.params > plain.summary.unwrap().params, "per-AU BN heads add parameters");
@@ -440,30 +443,30 @@ fn train_and_stop(e: &Experiment, root: &std::path::Path, stop_after: usize) -> 
 #[test]
 fn a_stopped_run_resumed_from_its_checkpoint_ends_as_if_never_interrupted() {
     use qat_lab::config::{BnMode, DropoutPosition, PruneCriterion};
-    let quant = Regularizer::Quantization {
+    let quant = Regularizer::Quantization(Quantization {
         weight_bits: 4,
         act_bits: 4,
         first_last_bits: 8,
         bn: BnMode::Fold,
         ema_momentum: 0.9,
-    };
+    });
     let cases: Vec<(&str, Regularizer, Robust, bool)> = vec![
         (
             "dropout + augmentation",
-            Regularizer::Dropout { p: 0.2, position: DropoutPosition::Blocks },
+            Regularizer::Dropout(Dropout { p: 0.2, position: DropoutPosition::Blocks }),
             Robust::None,
             true,
         ),
-        ("early stopping", Regularizer::EarlyStopping { patience: 10 }, Robust::None, false),
+        ("early stopping", Regularizer::EarlyStopping(EarlyStopping { patience: 10 }), Robust::None, false),
         (
             "pruned before the stop",
-            Regularizer::Pruning { ratio: 0.5, at_epoch: 1, criterion: PruneCriterion::LowestL1 },
+            Regularizer::Pruning(Pruning { ratio: 0.5, at_epoch: 1, criterion: PruneCriterion::LowestL1 }),
             Robust::None,
             false,
         ),
         (
             "pruned after the resume",
-            Regularizer::Pruning { ratio: 0.5, at_epoch: 2, criterion: PruneCriterion::LowestL1 },
+            Regularizer::Pruning(Pruning { ratio: 0.5, at_epoch: 2, criterion: PruneCriterion::LowestL1 }),
             Robust::None,
             false,
         ),

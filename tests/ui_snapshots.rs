@@ -58,7 +58,7 @@ fn metrics(epochs: usize, overfits: bool) -> Vec<EpochMetrics> {
 
 fn run(reg: Regularizer, epochs: usize, done: usize, overfits: bool, finished: bool) -> RunView {
     let mut e = presets().into_iter().find(|(n, _)| n == "demo-digits").unwrap().1;
-    let quantized = matches!(reg, Regularizer::Quantization { .. });
+    let quantized = matches!(reg, Regularizer::Quantization(_));
     e.regularizer = reg;
     e.train.epochs = epochs;
     let mut v = RunView::queued(e);

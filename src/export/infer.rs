@@ -138,7 +138,7 @@ pub fn kernel_name() -> &'static str {
 /// An integer model compiled for inference.
 pub struct IntNetwork {
     stem: Compiled,
-    stem_grid: crate::ops::quant::Grid,
+    stem_grid: crate::ops::cpu::quant::Grid,
     blocks: Vec<CompiledBlock>,
     classifier: Compiled,
     classifier_levels: i32,

@@ -7,7 +7,7 @@ use crate::config::BnMode;
 use crate::model::layers::{ConvBn, LayerQuant, Linear};
 use crate::model::resnet::Head;
 use crate::model::ResNet;
-use crate::ops::quant::Grid;
+use crate::ops::cpu::quant::Grid;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
@@ -288,7 +288,7 @@ fn quantize_per_channel(w: &[f32], out: usize, bits: u32) -> (Vec<i8>, Vec<f32>)
     let mut q = Vec::with_capacity(w.len());
     let mut steps = Vec::with_capacity(out);
     for row in w.chunks_exact(per) {
-        let grid = Grid::new(crate::ops::quant::max_abs_slice(row), levels);
+        let grid = Grid::new(crate::ops::cpu::quant::max_abs_slice(row), levels);
         q.extend(row.iter().map(|&v| grid.index(v) as i8));
         steps.push(grid.step());
     }

@@ -316,14 +316,20 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Arch, BnMode, PruneCriterion, Regularizer};
+    use crate::config::{Arch, BnMode, PruneCriterion, Quantization, Regularizer};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     /// A quantized ResNet-8 whose batch-norm statistics and input scales have seen a few training
     /// batches (no weight update), and test images.
     fn warmed(bn: BnMode, prune: bool, input: [usize; 3]) -> (ResNet, Vec<f32>) {
-        let reg = Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.5 };
+        let reg = Regularizer::Quantization(Quantization {
+            weight_bits: 4,
+            act_bits: 4,
+            first_last_bits: 8,
+            bn,
+            ema_momentum: 0.5,
+        });
         let mut spec = NetSpec { arch: Arch::Resnet8, width: 0.5, input, outputs: 5, per_label_heads: false };
         let wiring = crate::methods::wiring(&reg, &mut spec);
         let mut net = ResNet::new(spec, &wiring, &Device::Cpu, 3);

@@ -52,7 +52,7 @@ impl Settings for CoTeaching {
         if self.tk == 0 {
             return Err("robust.tk must be at least 1 (epochs over which the forget rate ramps up)".into());
         }
-        if matches!(exp.regularizer, Regularizer::Pruning { .. }) {
+        if matches!(exp.regularizer, Regularizer::Pruning(_)) {
             return Err("co-teaching does not combine with pruning (its peer network is not pruned); use robust.kind = \"none\" or another regularizer".into());
         }
         Ok(())

@@ -1,14 +1,58 @@
 //! Early stopping: watches a validation score, keeps the best epoch's weights, stops when patience
 //! runs out, and ends the run with the best weights (whether patience ran out or the epochs did).
 
-use super::{EpochEnd, Method, Outcome};
+use super::{EpochEnd, Method, Outcome, Settings, SetupParam};
+use crate::config::{step_choice, Experiment};
 use crate::model::{ResNet, State};
 use anyhow::Result;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// Early stopping's settings: `[regularizer] kind = "early_stopping"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// Epochs without a better validation loss before training stops.
+    #[serde(default = "default_patience")]
+    pub patience: usize,
+}
+
+fn default_patience() -> usize {
+    10
+}
+
+impl Settings for EarlyStopping {
+    fn label(&self) -> String {
+        format!("early stop p={}", self.patience)
+    }
+    fn help(&self) -> &'static str {
+        "Early stopping: watches the loss on a validation split and keeps the best epoch's weights."
+    }
+    fn validate(&self, exp: &Experiment) -> Result<(), String> {
+        if self.patience == 0 {
+            return Err("regularizer.patience must be at least 1".into());
+        }
+        if exp.data.val_fraction <= 0.0 {
+            return Err("early stopping needs a validation split: set data.val_fraction (e.g. 0.1)".into());
+        }
+        Ok(())
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(EarlyStoppingRun::new(self.patience))
+    }
+    fn setup_params(&self) -> Vec<SetupParam> {
+        vec![SetupParam::new("patience", format!("{} epochs", self.patience))]
+    }
+    fn step_param(&mut self, which: usize, dir: isize) {
+        if which == 0 {
+            self.patience = step_choice(&[2, 3, 5, 10, 20], &self.patience, dir);
+        }
+    }
+}
 
 /// Tracks the best validation score (lower is better), its weights, and when patience has run out.
 #[derive(Debug, Clone)]
-pub struct EarlyStopping {
+pub struct EarlyStoppingRun {
     pub patience: usize,
     pub best: f64,
     pub best_epoch: Option<usize>,
@@ -27,7 +71,7 @@ pub enum Verdict {
     Stop,
 }
 
-impl EarlyStopping {
+impl EarlyStoppingRun {
     pub fn new(patience: usize) -> Self {
         Self { patience, best: f64::INFINITY, best_epoch: None, since_best: 0, best_weights: None }
     }
@@ -50,7 +94,7 @@ impl EarlyStopping {
     }
 }
 
-impl Method for EarlyStopping {
+impl Method for EarlyStoppingRun {
     fn needs_validation(&self) -> bool {
         true
     }
@@ -114,7 +158,7 @@ mod tests {
 
     #[test]
     fn stops_after_patience_epochs_without_improvement() {
-        let mut es = EarlyStopping::new(2);
+        let mut es = EarlyStoppingRun::new(2);
         let scores = [1.0, 0.8, 0.9, 0.7, 0.75, 0.71, 0.6];
         let verdicts: Vec<Verdict> = scores[..6].iter().enumerate().map(|(e, &s)| es.observe(e, s)).collect();
         use Verdict::*;
@@ -125,7 +169,7 @@ mod tests {
 
     #[test]
     fn nan_never_counts_as_better() {
-        let mut es = EarlyStopping::new(1);
+        let mut es = EarlyStoppingRun::new(1);
         assert_eq!(es.observe(0, 1.0), Verdict::Improved);
         assert_eq!(es.observe(1, f64::NAN), Verdict::Stop);
     }

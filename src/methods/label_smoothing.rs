@@ -1,14 +1,46 @@
 //! Label smoothing (paper eq. 1): y' = (1 - α)·y + α/C; label-wise (C = 2) on multi-label data.
 
-use super::{binary_loss, Batch, Method};
+use super::{binary_loss, Batch, Method, Settings, SetupParam};
+use crate::config::{check_range, step_nearest, Experiment};
 use crate::ops;
 use anyhow::Result;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 /// Training on smoothed targets with factor `alpha`.
-#[derive(Debug, Clone, Copy)]
+/// `[regularizer] kind = "label_smoothing"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LabelSmoothing {
+    #[serde(default = "default_alpha")]
     pub alpha: f64,
+}
+
+fn default_alpha() -> f64 {
+    0.1
+}
+
+impl Settings for LabelSmoothing {
+    fn label(&self) -> String {
+        format!("smooth a={}", self.alpha)
+    }
+    fn help(&self) -> &'static str {
+        "Label smoothing: trains on (1-a)·y + a/C instead of one-hot labels."
+    }
+    fn validate(&self, _exp: &Experiment) -> Result<(), String> {
+        check_range("regularizer.alpha", self.alpha, 0.0, 1.0)
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(*self)
+    }
+    fn setup_params(&self) -> Vec<SetupParam> {
+        vec![SetupParam::new("alpha", format!("{}", self.alpha))]
+    }
+    fn step_param(&mut self, which: usize, dir: isize) {
+        if which == 0 {
+            self.alpha = step_nearest(&[0.05, 0.1, 0.2, 0.3, 0.5], self.alpha, dir);
+        }
+    }
 }
 
 impl Method for LabelSmoothing {

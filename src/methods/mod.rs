@@ -5,14 +5,8 @@
 //! [`robust_methods!`]; the config, the lab's Setup, `a`, sweeps and labels read it from there.
 
 pub mod baseline;
-pub mod dropout;
-pub mod early_stopping;
-pub mod label_smoothing;
-pub mod pruning;
-pub mod quantization;
-pub mod weight_decay;
 
-use crate::config::{default_of_kind, Experiment, Regularizer};
+use crate::config::{default_of_kind, Experiment};
 use crate::model::resnet::{NetSpec, Wiring};
 use crate::model::{Param, ResNet, State};
 use crate::ops;
@@ -149,28 +143,48 @@ pub trait Settings {
     fn validate(&self, exp: &Experiment) -> Result<(), String>;
     /// The method a run of `exp` trains with.
     fn method(&self, exp: &Experiment) -> Box<dyn Method>;
+    /// The parameters (at most two) the lab's Setup shows and steps with ←/→.
+    fn setup_params(&self) -> Vec<SetupParam> {
+        Vec::new()
+    }
+    /// Steps Setup parameter `which` (0 or 1) by `dir` through the values the lab offers.
+    fn step_param(&mut self, _which: usize, _dir: isize) {}
 }
 
-/// The registry of methods made for noisy labels, one line each: `module::Settings`. The module's
-/// name is the `robust.kind` presets write (the variant's name in snake case, which serde reads:
-/// a unit test checks the two agree).
-macro_rules! robust_methods {
-    ($($module:ident::$settings:ident),* $(,)?) => {
+/// A parameter as the lab's Setup shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetupParam {
+    pub name: &'static str,
+    pub value: String,
+}
+
+impl SetupParam {
+    pub fn new(name: &'static str, value: String) -> Self {
+        Self { name, value }
+    }
+}
+
+/// A registry of methods, one line each: `module::Settings`. It declares the modules and generates
+/// the section's enum (`None`, then one variant per method holding its settings), its kinds and their
+/// dispatch. The module's name is the `kind` presets write; serde reads the variant's name in snake
+/// case, and a unit test checks that the two agree.
+macro_rules! registry {
+    ($(#[$doc:meta])* $section:ident, $kinds:ident, $what:literal: $($module:ident::$settings:ident),* $(,)?) => {
         $(pub mod $module;)*
 
-        /// A method made for noisy labels (`none`: plain cross-entropy), in `[robust]`.
+        $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
         #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-        pub enum Robust {
+        pub enum $section {
             #[default]
             None,
             $($settings($module::$settings),)*
         }
 
-        /// Kinds accepted in `robust.kind`.
-        pub const ROBUST_KINDS: &[&str] = &["none", $(stringify!($module)),*];
+        #[doc = concat!("Kinds accepted in `", $what, "`, in the order the lab lists them.")]
+        pub const $kinds: &[&str] = &["none", $(stringify!($module)),*];
 
-        impl Robust {
+        impl $section {
             /// The `kind` tag as written in presets.
             pub fn kind(&self) -> &'static str {
                 match self {
@@ -179,29 +193,71 @@ macro_rules! robust_methods {
                 }
             }
 
-            /// The method's settings; `None` for plain cross-entropy.
+            /// The method's settings; `None` for `kind = "none"`.
             pub fn settings(&self) -> Option<&dyn Settings> {
                 match self {
                     Self::None => None,
                     $(Self::$settings(s) => Some(s),)*
                 }
             }
+
+            /// The method's settings, to change; `None` for `kind = "none"`.
+            pub fn settings_mut(&mut self) -> Option<&mut dyn Settings> {
+                match self {
+                    Self::None => None,
+                    $(Self::$settings(s) => Some(s),)*
+                }
+            }
+
+            /// The method `kind` with its paper's defaults.
+            pub fn default_for(kind: &str) -> Result<Self, String> {
+                default_of_kind(kind, $what, $kinds)
+            }
+
+            /// Every kind with its defaults, in registry order.
+            pub fn all_defaults() -> Vec<Self> {
+                $kinds.iter().map(|k| Self::default_for(k).expect("a registered kind")).collect()
+            }
         }
     };
 }
 
-robust_methods! {
+registry! {
+    /// The one regularizer a run uses (`none` is the paper's baseline), in `[regularizer]`, in the
+    /// order the paper lists them.
+    Regularizer, REGULARIZER_KINDS, "regularizer.kind":
+    early_stopping::EarlyStopping,
+    weight_decay::WeightDecay,
+    dropout::Dropout,
+    label_smoothing::LabelSmoothing,
+    pruning::Pruning,
+    quantization::Quantization,
+}
+
+registry! {
+    /// A method made for noisy labels (`none`: plain cross-entropy), in `[robust]`.
+    Robust, ROBUST_KINDS, "robust.kind":
     gce::Gce,
     sce::Sce,
     co_teaching::CoTeaching,
 }
 
-impl Robust {
-    /// The method `kind` with its papers' defaults.
-    pub fn default_for(kind: &str) -> Result<Robust, String> {
-        default_of_kind(kind, "robust method", ROBUST_KINDS)
+impl Regularizer {
+    /// Short human label, e.g. `W4/A4`, `dropout p=0.1` (`baseline` for none).
+    pub fn label(&self) -> String {
+        self.settings().map_or_else(|| "baseline".into(), |s| s.label())
     }
 
+    /// What it does, in one line for the lab's Setup.
+    pub fn help(&self) -> &'static str {
+        self.settings().map_or(
+            "Baseline: no regularization. With noisy labels it memorises the wrong ones and its eval loss turns up.",
+            |s| s.help(),
+        )
+    }
+}
+
+impl Robust {
     /// Short human label, e.g. `GCE q=0.7` (`CE` for none).
     pub fn label(&self) -> String {
         self.settings().map_or_else(|| "CE".into(), |s| s.label())
@@ -210,34 +266,20 @@ impl Robust {
 
 /// The methods of an experiment: its regularizer and its robust method, as one.
 pub fn build(exp: &Experiment) -> Box<dyn Method> {
-    let regularizer = regularizer(&exp.regularizer);
+    let regularizer =
+        exp.regularizer.settings().map_or_else(|| Box::new(baseline::Baseline) as Box<dyn Method>, |r| r.method(exp));
     match exp.robust.settings() {
         None => regularizer,
         Some(robust) => Box::new(Combined(vec![regularizer, robust.method(exp)])),
     }
 }
 
-/// The method of a `[regularizer]`: the registry of regularizers.
-fn regularizer(regularizer: &Regularizer) -> Box<dyn Method> {
-    match *regularizer {
-        Regularizer::None => Box::new(baseline::Baseline),
-        Regularizer::EarlyStopping { patience } => Box::new(early_stopping::EarlyStopping::new(patience)),
-        Regularizer::WeightDecay { value, decoupled } => Box::new(weight_decay::WeightDecay { value, decoupled }),
-        Regularizer::Dropout { p, position } => Box::new(dropout::Dropout { p, position }),
-        Regularizer::LabelSmoothing { alpha } => Box::new(label_smoothing::LabelSmoothing { alpha }),
-        Regularizer::Pruning { ratio, at_epoch, criterion } => {
-            Box::new(pruning::Pruning { ratio, at_epoch, criterion })
-        }
-        Regularizer::Quantization { weight_bits, act_bits, first_last_bits, bn, ema_momentum } => {
-            Box::new(quantization::Quantization { weight_bits, act_bits, first_last_bits, bn, ema_momentum })
-        }
-    }
-}
-
-/// The layers `regularizer` wires into a network for single-label data.
-pub fn wiring(regularizer_config: &Regularizer, spec: &mut NetSpec) -> Wiring {
+/// The layers `regularizer` wires into a network for single-label data (no other part of an
+/// experiment changes them).
+pub fn wiring(regularizer: &Regularizer, spec: &mut NetSpec) -> Wiring {
+    let exp = Experiment { regularizer: regularizer.clone(), ..Default::default() };
     let mut wiring = Wiring::default();
-    regularizer(regularizer_config).wire(spec, &mut wiring, false);
+    build(&exp).wire(spec, &mut wiring, false);
     wiring
 }
 
@@ -380,20 +422,31 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
 
-    /// The registry's kinds are the tags serde reads and writes, and each has its paper's defaults.
+    /// The registries' kinds are the tags serde reads and writes, and each has its paper's defaults.
     #[test]
     fn registry_kinds_round_trip_through_presets() {
-        for kind in ROBUST_KINDS {
-            let robust = Robust::default_for(kind).unwrap();
-            assert_eq!(robust.kind(), *kind);
-            let json = serde_json::to_value(&robust).unwrap();
-            assert_eq!(json["kind"], *kind, "{json}");
-            assert_eq!(serde_json::from_value::<Robust>(json).unwrap(), robust);
-            assert_eq!(robust.settings().is_none(), *kind == "none");
+        fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+            kinds: &[&str],
+            of: impl Fn(&str) -> T,
+            kind: impl Fn(&T) -> &'static str,
+        ) {
+            for k in kinds {
+                let value = of(k);
+                assert_eq!(kind(&value), *k);
+                let json = serde_json::to_value(&value).unwrap();
+                assert_eq!(json["kind"], *k, "{json}");
+                assert_eq!(serde_json::from_value::<T>(json).unwrap(), value);
+            }
         }
+        round_trip(REGULARIZER_KINDS, |k| Regularizer::default_for(k).unwrap(), Regularizer::kind);
+        round_trip(ROBUST_KINDS, |k| Robust::default_for(k).unwrap(), Robust::kind);
+        assert_eq!(Regularizer::all_defaults().len(), REGULARIZER_KINDS.len());
+        assert_eq!(REGULARIZER_KINDS[6], "quantization");
         assert!(Robust::default_for("mae").unwrap_err().contains("allowed: none, gce, sce, co_teaching"));
         let unknown = serde_json::from_str::<Robust>(r#"{"kind": "gce", "alpha": 1}"#).unwrap_err();
         assert!(unknown.to_string().contains("alpha"), "{unknown}");
+        let unknown = serde_json::from_str::<Regularizer>(r#"{"kind": "dropout", "q": 1}"#).unwrap_err();
+        assert!(unknown.to_string().contains("`q`"), "{unknown}");
     }
 
     /// A batch over `logits` (which also stand in for the images).

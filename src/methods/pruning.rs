@@ -1,17 +1,86 @@
 //! Structured magnitude pruning: the network trains dense for `at_epoch` epochs, then every block's
 //! inner convolution loses a fraction of its output channels, chosen by L1 norm, and training goes on.
 
-use super::{Method, Outcome};
-use crate::config::PruneCriterion;
+use super::{Method, Outcome, Settings, SetupParam};
+use crate::config::{step_choice, step_nearest, Experiment};
+use serde::{Deserialize, Serialize};
 use crate::model::ResNet;
 use anyhow::Result;
 
 /// Prunes `ratio` of the inner channels once, before epoch `at_epoch + 1`.
-#[derive(Debug, Clone, Copy)]
+/// `[regularizer] kind = "pruning"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pruning {
+    /// Fraction of output channels removed in every prunable layer.
+    #[serde(default = "default_ratio")]
     pub ratio: f64,
+    /// Train dense for this many epochs ("F is pre-trained"), then prune and keep training.
+    #[serde(default = "default_at_epoch")]
     pub at_epoch: usize,
+    #[serde(default)]
     pub criterion: PruneCriterion,
+}
+
+fn default_ratio() -> f64 {
+    0.75
+}
+fn default_at_epoch() -> usize {
+    5
+}
+
+/// Which channels structured pruning removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneCriterion {
+    /// Remove the channels with the lowest L1 norm (the paper's reasoning; default).
+    #[default]
+    LowestL1,
+    /// Remove the channels with the highest L1 norm (the paper's literal text).
+    HighestL1,
+}
+
+impl Settings for Pruning {
+    fn label(&self) -> String {
+        format!("prune {:.0}%", self.ratio * 100.0)
+    }
+    fn help(&self) -> &'static str {
+        "Structured pruning: trains dense, then removes the lowest-L1 channels of every block and keeps training."
+    }
+    fn validate(&self, exp: &Experiment) -> Result<(), String> {
+        let (ratio, at_epoch, epochs) = (self.ratio, self.at_epoch, exp.train.epochs);
+        if !(0.0..1.0).contains(&ratio) {
+            return Err(format!("regularizer.ratio = {ratio} is out of range; allowed: [0, 1)"));
+        }
+        if at_epoch >= epochs {
+            return Err(format!(
+                "regularizer.at_epoch = {at_epoch} must be below train.epochs = {epochs} (pruning happens during training)"
+            ));
+        }
+        Ok(())
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(*self)
+    }
+    fn setup_params(&self) -> Vec<SetupParam> {
+        let remove = match self.criterion {
+            PruneCriterion::LowestL1 => "lowest L1",
+            PruneCriterion::HighestL1 => "highest L1",
+        };
+        vec![
+            SetupParam::new("ratio", format!("{:.0}% at epoch {}", self.ratio * 100.0, self.at_epoch)),
+            SetupParam::new("remove", remove.into()),
+        ]
+    }
+    fn step_param(&mut self, which: usize, dir: isize) {
+        match which {
+            0 => self.ratio = step_nearest(&[0.25, 0.5, 0.75, 0.9], self.ratio, dir),
+            _ => {
+                let criteria = [PruneCriterion::LowestL1, PruneCriterion::HighestL1];
+                self.criterion = step_choice(&criteria, &self.criterion, dir)
+            }
+        }
+    }
 }
 
 impl Method for Pruning {

@@ -4,8 +4,9 @@
 //! inputs) use one scale per tensor, λ = max|X| of the batch in training, and an exponential moving
 //! average of it in eval.
 
-use super::Method;
-use crate::config::BnMode;
+use super::{Method, Settings, SetupParam};
+use crate::config::{check_range, step_choice, Experiment};
+use serde::{Deserialize, Serialize};
 use crate::model::layers::QuantSpec;
 use crate::model::resnet::{NetSpec, Wiring};
 use crate::ops;
@@ -13,13 +14,100 @@ use candle_core::{Result, Tensor, Var};
 
 /// QAT at W`weight_bits`/A`act_bits` in the inner layers and `first_last_bits` in the first and last,
 /// with batch norm folded into the weights or kept.
-#[derive(Debug, Clone, Copy)]
+/// `[regularizer] kind = "quantization"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Quantization {
+    #[serde(default = "default_bits")]
     pub weight_bits: u32,
+    #[serde(default = "default_bits")]
     pub act_bits: u32,
+    /// Bits of the first and last layers (weights and activations).
+    #[serde(default = "default_first_last_bits")]
     pub first_last_bits: u32,
+    #[serde(default)]
     pub bn: BnMode,
+    /// Momentum of the moving average of activation scales used in eval.
+    #[serde(default = "default_ema")]
     pub ema_momentum: f64,
+}
+
+fn default_bits() -> u32 {
+    4
+}
+fn default_first_last_bits() -> u32 {
+    8
+}
+fn default_ema() -> f64 {
+    0.9
+}
+
+/// Batch-norm handling under quantization-aware training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BnMode {
+    /// BN folded into the conv weights before they are quantized (Jacob et al. 2018; the paper's CIFAR setting).
+    #[default]
+    Fold,
+    /// BN kept after the quantized convolution (the paper's AU setting).
+    Keep,
+}
+
+impl Settings for Quantization {
+    fn label(&self) -> String {
+        match (self.weight_bits, self.act_bits) {
+            (w, a) if a >= 32 => format!("W{w}/Afloat"),
+            (w, a) => format!("W{w}/A{a}"),
+        }
+    }
+    fn help(&self) -> &'static str {
+        "Quantization-aware training: weights (per channel) and layer inputs rounded to b bits with a straight-through gradient; first/last layers 8 bits."
+    }
+    fn validate(&self, _exp: &Experiment) -> std::result::Result<(), String> {
+        for (key, bits) in [
+            ("regularizer.weight_bits", self.weight_bits),
+            ("regularizer.act_bits", self.act_bits),
+            ("regularizer.first_last_bits", self.first_last_bits),
+        ] {
+            if !(2..=16).contains(&bits) && bits != 32 {
+                return Err(format!("{key} = {bits} is out of range; allowed: 2..=16, or 32 for float"));
+            }
+        }
+        check_range("regularizer.ema_momentum", self.ema_momentum, 0.0, 0.9999)
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(*self)
+    }
+    fn setup_params(&self) -> Vec<SetupParam> {
+        let act = if self.act_bits >= 32 { "float".into() } else { format!("A{}", self.act_bits) };
+        let bn = match self.bn {
+            BnMode::Fold => "fold",
+            BnMode::Keep => "keep",
+        };
+        vec![
+            SetupParam::new("weight bits", format!("W{}", self.weight_bits)),
+            SetupParam::new("act bits / BN", format!("{act} / {bn}")),
+        ]
+    }
+    fn step_param(&mut self, which: usize, dir: isize) {
+        match which {
+            0 => self.weight_bits = step_choice(&[2, 3, 4, 6, 8], &self.weight_bits, dir),
+            _ => {
+                // Cycle A bits, and the BN mode once every A-bit value has been shown.
+                let order = [
+                    (2, BnMode::Fold),
+                    (4, BnMode::Fold),
+                    (8, BnMode::Fold),
+                    (32, BnMode::Fold),
+                    (2, BnMode::Keep),
+                    (4, BnMode::Keep),
+                    (8, BnMode::Keep),
+                    (32, BnMode::Keep),
+                ];
+                (self.act_bits, self.bn) = step_choice(&order, &(self.act_bits, self.bn), dir);
+            }
+        }
+    }
 }
 
 impl Method for Quantization {

@@ -1,16 +1,55 @@
 //! Weight decay on the weights only (the paper penalises weights, not biases or batch norm):
 //! decoupled (AdamW) or as a coupled L2 penalty in the loss.
 
-use super::Method;
+use super::{Method, Settings, SetupParam};
+use crate::config::{check_range, step_nearest, Experiment};
 use crate::model::{Param, Role};
 use anyhow::Result;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 /// Decay of `value` per step (decoupled) or penalty `value`·Σ‖W‖² (coupled).
-#[derive(Debug, Clone, Copy)]
+/// `[regularizer] kind = "weight_decay"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WeightDecay {
+    #[serde(default = "default_value")]
     pub value: f64,
+    /// AdamW-style decoupled decay (paper); `false` adds an L2 penalty to the loss instead.
+    #[serde(default = "default_decoupled")]
     pub decoupled: bool,
+}
+
+fn default_value() -> f64 {
+    0.01
+}
+fn default_decoupled() -> bool {
+    true
+}
+
+impl Settings for WeightDecay {
+    fn label(&self) -> String {
+        format!("wd {}{}", self.value, if self.decoupled { "" } else { " (L2)" })
+    }
+    fn help(&self) -> &'static str {
+        "Weight decay: shrinks weights every step (AdamW), or an L2 penalty in the loss."
+    }
+    fn validate(&self, _exp: &Experiment) -> Result<(), String> {
+        check_range("regularizer.value", self.value, 0.0, 1.0)
+    }
+    fn method(&self, _exp: &Experiment) -> Box<dyn Method> {
+        Box::new(*self)
+    }
+    fn setup_params(&self) -> Vec<SetupParam> {
+        let style = if self.decoupled { "decoupled (AdamW)" } else { "L2 in the loss" };
+        vec![SetupParam::new("decay", format!("{}", self.value)), SetupParam::new("style", style.into())]
+    }
+    fn step_param(&mut self, which: usize, dir: isize) {
+        match which {
+            0 => self.value = step_nearest(&[1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1], self.value, dir),
+            _ => self.decoupled = !self.decoupled,
+        }
+    }
 }
 
 impl Method for WeightDecay {

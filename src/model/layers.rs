@@ -241,10 +241,10 @@ pub fn fused_blocks_train(blocks: &[(&ConvBn, &ConvBn)], x: &Tensor) -> Result<O
     };
     let weights: Vec<(Tensor, Tensor)> =
         blocks.iter().map(|(first, second)| Ok((weight(first)?, weight(second)?))).collect::<Result<_>>()?;
-    let params: Vec<ops::block::BlockParams> = blocks
+    let params: Vec<ops::cpu::block::BlockParams> = blocks
         .iter()
         .zip(&weights)
-        .map(|((first, second), (w1, w2))| ops::block::BlockParams {
+        .map(|((first, second), (w1, w2))| ops::cpu::block::BlockParams {
             first: (w1, first.gamma.as_tensor(), first.beta.as_tensor()),
             second: (w2, second.gamma.as_tensor(), second.beta.as_tensor()),
             stride: first.stride,

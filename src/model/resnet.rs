@@ -322,7 +322,7 @@ fn shortcut(x: &Tensor, stride: usize, out_ch: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Regularizer;
+    use crate::config::{Quantization, Regularizer};
 
     fn spec(arch: Arch, width: f64) -> NetSpec {
         NetSpec { arch, width, input: [3, 32, 32], outputs: 10, per_label_heads: false }
@@ -355,13 +355,13 @@ mod tests {
         // Odd sides round up at each stride, as the convolutions do; per-label heads add their norms.
         let odd = NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 9, 7], outputs: 4, per_label_heads: true };
         assert_eq!(odd.size().conv_outputs_per_image, 3 * 8 * 63 + 2 * 16 * 5 * 4 + 2 * 32 * 3 * 2);
-        let reg = Regularizer::Quantization {
+        let reg = Regularizer::Quantization(Quantization {
             weight_bits: 4,
             act_bits: 4,
             first_last_bits: 8,
             bn: BnMode::Keep,
             ema_momentum: 0.9,
-        };
+        });
         for (mut s, reg) in [(odd, reg), (spec(Arch::Resnet14, 1.5), Regularizer::None)] {
             let wiring = crate::methods::wiring(&reg, &mut s);
             let net = ResNet::new(s, &wiring, &Device::Cpu, 0);
@@ -404,8 +404,13 @@ mod tests {
     #[test]
     fn quantized_fold_and_keep_run_forward_and_backward() {
         for bn in [BnMode::Fold, BnMode::Keep] {
-            let reg =
-                Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.9 };
+            let reg = Regularizer::Quantization(Quantization {
+                weight_bits: 4,
+                act_bits: 4,
+                first_last_bits: 8,
+                bn,
+                ema_momentum: 0.9,
+            });
             let mut spec =
                 NetSpec { arch: Arch::Resnet8, width: 0.5, input: [3, 8, 8], outputs: 10, per_label_heads: false };
             let wiring = crate::methods::wiring(&reg, &mut spec);

@@ -172,7 +172,10 @@ fn extended_section(p: &Protocol, records: &[RunRecord], dir: &Path) -> Result<S
          W4/A4 rows are the same runs as above.\n",
     );
     let w4a4 = |e: &Experiment| {
-        matches!(e.regularizer, crate::config::Regularizer::Quantization { weight_bits: 4, act_bits: 4, .. })
+        matches!(
+            e.regularizer,
+            crate::config::Regularizer::Quantization(crate::config::Quantization { weight_bits: 4, act_bits: 4, .. })
+        )
     };
     let paper_rows = |e: &Experiment| e.robust == crate::config::Robust::None && (e.is_baseline() || w4a4(e));
     let f2: Vec<RunRecord> = of_grid(records, &f2_grid(p))

@@ -3,7 +3,10 @@
 //! hyper-parameters. Only data size, epochs and model width follow the budget (and, for time, how many
 //! noise rates, settings and seeds the grids hold).
 
-use crate::config::{Arch, BnMode, DatasetKind, DeviceKind, Experiment, NoiseKind, Regularizer, Robust};
+use crate::config::{
+    Arch, BnMode, DatasetKind, DeviceKind, Dropout, EarlyStopping, Experiment, LabelSmoothing, NoiseKind, Pruning,
+    Quantization, Regularizer, Robust, WeightDecay,
+};
 
 /// How much compute a reproduction may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -198,9 +201,9 @@ impl Protocol {
         let mut m = vec![
             Regularizer::None,
             self.early_stopping(&self.classes),
-            Regularizer::WeightDecay { value: 0.01, decoupled: true },
-            Regularizer::Dropout { p: 0.1, position: Default::default() },
-            Regularizer::LabelSmoothing { alpha: 0.1 },
+            Regularizer::WeightDecay(WeightDecay { value: 0.01, decoupled: true }),
+            Regularizer::Dropout(Dropout { p: 0.1, position: Default::default() }),
+            Regularizer::LabelSmoothing(LabelSmoothing { alpha: 0.1 }),
             self.pruning(&self.classes, 0.75),
         ];
         m.push(quantization(4, 4, BnMode::Fold));
@@ -212,9 +215,9 @@ impl Protocol {
     pub fn table1_methods(&self) -> Vec<Regularizer> {
         vec![
             Regularizer::None,
-            Regularizer::WeightDecay { value: 0.01, decoupled: true },
-            Regularizer::Dropout { p: 0.1, position: Default::default() },
-            Regularizer::LabelSmoothing { alpha: 0.1 },
+            Regularizer::WeightDecay(WeightDecay { value: 0.01, decoupled: true }),
+            Regularizer::Dropout(Dropout { p: 0.1, position: Default::default() }),
+            Regularizer::LabelSmoothing(LabelSmoothing { alpha: 0.1 }),
             self.pruning(&self.faces, 0.75),
             quantization(4, 4, BnMode::Keep),
         ]
@@ -227,20 +230,27 @@ impl Protocol {
             ("pruning", self.prune_ratio.iter().map(|&r| self.pruning(&self.classes, r)).collect()),
             (
                 "dropout",
-                self.dropout_p.iter().map(|&p| Regularizer::Dropout { p, position: Default::default() }).collect(),
+                self.dropout_p
+                    .iter()
+                    .map(|&p| Regularizer::Dropout(Dropout { p, position: Default::default() }))
+                    .collect(),
             ),
         ]
     }
 
     /// Structured pruning of `ratio` after a dense quarter of the schedule ("F is pre-trained").
     pub fn pruning(&self, family: &Experiment, ratio: f64) -> Regularizer {
-        Regularizer::Pruning { ratio, at_epoch: (family.train.epochs / 4).max(1), criterion: Default::default() }
+        Regularizer::Pruning(Pruning {
+            ratio,
+            at_epoch: (family.train.epochs / 4).max(1),
+            criterion: Default::default(),
+        })
     }
 
     /// Early stopping with a patience of a quarter of the schedule (at least 3 epochs); it keeps the
     /// best-validation weights whether or not patience runs out.
     pub fn early_stopping(&self, family: &Experiment) -> Regularizer {
-        Regularizer::EarlyStopping { patience: (family.train.epochs / 4).max(3) }
+        Regularizer::EarlyStopping(EarlyStopping { patience: (family.train.epochs / 4).max(3) })
     }
 
     /// `--extended`: the methods made for noisy labels, each alone and co-teaching also with W4/A4, as
@@ -349,7 +359,7 @@ fn faces(name: &str, train: usize, test: usize, width: f64, epochs: usize) -> Ex
 
 /// QAT with the paper's choices: first and last layers at W8/A8, EMA momentum 0.9.
 pub fn quantization(weight_bits: u32, act_bits: u32, bn: BnMode) -> Regularizer {
-    Regularizer::Quantization { weight_bits, act_bits, first_last_bits: 8, bn, ema_momentum: 0.9 }
+    Regularizer::Quantization(Quantization { weight_bits, act_bits, first_last_bits: 8, bn, ema_momentum: 0.9 })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! Only completed and early-stopped runs enter the means.
 
 use super::final_acc;
-use crate::config::Regularizer;
+use crate::config::{Dropout, Pruning, Quantization, Regularizer};
 use crate::runs::RunRecord;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
@@ -95,7 +95,7 @@ fn usable(records: &[RunRecord]) -> Vec<&RunRecord> {
 /// shortest run), at the noise rate nearest 40% where both exist.
 pub fn fig1(records: &[RunRecord]) -> Option<Figure> {
     let ok = usable(records);
-    let is_quant = |r: &&RunRecord| matches!(r.experiment.regularizer, Regularizer::Quantization { .. });
+    let is_quant = |r: &&RunRecord| matches!(r.experiment.regularizer, Regularizer::Quantization(_));
     let is_base = |r: &&RunRecord| r.experiment.regularizer == Regularizer::None;
     let both: Vec<u64> = rates(&ok)
         .into_iter()
@@ -227,9 +227,9 @@ pub fn fig3(records: &[RunRecord]) -> Option<Figure> {
 /// The parameter Fig. 3 varies: weight bits, pruning ratio (%) or dropout probability.
 fn parameter(r: &Regularizer) -> Option<f64> {
     match r {
-        Regularizer::Quantization { weight_bits, .. } => Some(*weight_bits as f64),
-        Regularizer::Pruning { ratio, .. } => Some(ratio * 100.0),
-        Regularizer::Dropout { p, .. } => Some(*p),
+        Regularizer::Quantization(Quantization { weight_bits, .. }) => Some(*weight_bits as f64),
+        Regularizer::Pruning(Pruning { ratio, .. }) => Some(ratio * 100.0),
+        Regularizer::Dropout(Dropout { p, .. }) => Some(*p),
         _ => None,
     }
 }

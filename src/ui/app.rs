@@ -498,7 +498,7 @@ mod tests {
         for kind in ["gce", "sce", "co_teaching"] {
             assert!(a.runs.iter().any(|r| r.record.experiment.robust.kind() == kind), "{kind} is part of `a`");
         }
-        assert!(a.runs.iter().any(|r| matches!(r.record.experiment.regularizer, Regularizer::EarlyStopping { .. })));
+        assert!(a.runs.iter().any(|r| matches!(r.record.experiment.regularizer, Regularizer::EarlyStopping(_))));
         assert!(a.runs.iter().all(|r| r.record.experiment.data.val_fraction == 0.1), "the same split for all");
         assert!(a.status.as_ref().unwrap().text.contains("10% validation split"));
     }

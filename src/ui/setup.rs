@@ -1,9 +1,10 @@
 //! The setup form: every choice of an experiment as a row whose value cycles with ←/→.
 
 use crate::config::{
-    Arch, BnMode, DatasetKind, DeviceKind, DropoutPosition, Experiment, HumanLabels, NoiseKind, PruneCriterion,
-    Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS,
+    step_choice as step, step_nearest as step_f, Arch, DatasetKind, DeviceKind, Experiment, HumanLabels, NoiseKind,
+    Pruning, Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS,
 };
+use crate::methods::SetupParam;
 
 /// One editable row of the form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,52 +259,10 @@ impl SetupForm {
     }
 
     fn param_labels(&self) -> ((String, String), (String, String)) {
-        let none = || ("  -".to_string(), String::new());
-        match &self.experiment.regularizer {
-            Regularizer::None => (none(), none()),
-            Regularizer::EarlyStopping { patience } => (("  patience".into(), format!("{patience} epochs")), none()),
-            Regularizer::WeightDecay { value, decoupled } => (
-                ("  decay".into(), format!("{value}")),
-                ("  style".into(), if *decoupled { "decoupled (AdamW)" } else { "L2 in the loss" }.into()),
-            ),
-            Regularizer::Dropout { p, position } => (
-                ("  p".into(), format!("{p}")),
-                (
-                    "  position".into(),
-                    match position {
-                        DropoutPosition::Classifier => "before classifier",
-                        DropoutPosition::Blocks => "after every block",
-                    }
-                    .into(),
-                ),
-            ),
-            Regularizer::LabelSmoothing { alpha } => (("  alpha".into(), format!("{alpha}")), none()),
-            Regularizer::Pruning { ratio, at_epoch, criterion } => (
-                ("  ratio".into(), format!("{:.0}% at epoch {at_epoch}", ratio * 100.0)),
-                (
-                    "  remove".into(),
-                    match criterion {
-                        PruneCriterion::LowestL1 => "lowest L1",
-                        PruneCriterion::HighestL1 => "highest L1",
-                    }
-                    .into(),
-                ),
-            ),
-            Regularizer::Quantization { weight_bits, act_bits, bn, .. } => (
-                ("  weight bits".into(), format!("W{weight_bits}")),
-                (
-                    "  act bits / BN".into(),
-                    format!(
-                        "{} / {}",
-                        if *act_bits >= 32 { "float".into() } else { format!("A{act_bits}") },
-                        match bn {
-                            BnMode::Fold => "fold",
-                            BnMode::Keep => "keep",
-                        }
-                    ),
-                ),
-            ),
-        }
+        let mut params = self.experiment.regularizer.settings().map(|s| s.setup_params()).unwrap_or_default();
+        params.resize(2, SetupParam::new("-", String::new()));
+        let label = |p: &SetupParam| (format!("  {}", p.name), p.value.clone());
+        (label(&params[0]), label(&params[1]))
     }
 
     /// Steps the value of the current row by `dir` (+1 or -1).
@@ -348,16 +307,18 @@ impl SetupForm {
             }
             Field::Validation => e.data.val_fraction = step_f(&VALIDATION, e.data.val_fraction, dir),
             Field::Regularizer => {
-                let kinds: Vec<&str> = REGULARIZER_KINDS.to_vec();
-                let next = step(&kinds, &e.regularizer.kind(), dir);
+                let next = step(REGULARIZER_KINDS, &e.regularizer.kind(), dir);
                 e.regularizer = Regularizer::default_for(next).expect("known kind");
             }
             Field::Robust => {
-                let next = step(&ROBUST_KINDS, &e.robust.kind(), dir);
+                let next = step(ROBUST_KINDS, &e.robust.kind(), dir);
                 e.robust = Robust::default_for(next).expect("known kind");
             }
-            Field::Param1 => cycle_param(&mut e.regularizer, 0, dir),
-            Field::Param2 => cycle_param(&mut e.regularizer, 1, dir),
+            Field::Param1 | Field::Param2 => {
+                if let Some(settings) = e.regularizer.settings_mut() {
+                    settings.step_param(usize::from(field == Field::Param2), dir);
+                }
+            }
             Field::Arch => e.model.arch = step(&Arch::ALL, &e.model.arch, dir),
             Field::Width => e.model.width = step_f(&WIDTHS, e.model.width, dir),
             Field::Epochs => e.train.epochs = step(&EPOCHS, &e.train.epochs, dir),
@@ -418,10 +379,10 @@ impl SetupForm {
                 let mut e = base.clone();
                 e.regularizer = r.clone();
                 e.robust = robust.clone();
-                if matches!(r, Regularizer::EarlyStopping { .. }) && e.data.val_fraction == 0.0 {
+                if matches!(r, Regularizer::EarlyStopping(_)) && e.data.val_fraction == 0.0 {
                     return Err("early stopping needs a validation split: set `Validation split` to 10%".into());
                 }
-                if let Regularizer::Pruning { at_epoch, .. } = &mut e.regularizer {
+                if let Regularizer::Pruning(Pruning { at_epoch, .. }) = &mut e.regularizer {
                     *at_epoch = (*at_epoch).min(e.train.epochs.saturating_sub(1) / 2);
                 }
                 e.validate()?;
@@ -439,58 +400,6 @@ fn default_demo() -> Experiment {
     e.train.batch_size = 64;
     e.train.lr = 0.003;
     e
-}
-
-fn step<T: PartialEq + Copy>(values: &[T], cur: &T, dir: isize) -> T {
-    let i = values.iter().position(|v| v == cur).unwrap_or(0) as isize;
-    values[(i + dir).rem_euclid(values.len() as isize) as usize]
-}
-
-fn step_f(values: &[f64], cur: f64, dir: isize) -> f64 {
-    let i = values
-        .iter()
-        .enumerate()
-        .min_by(|a, b| (a.1 - cur).abs().partial_cmp(&(b.1 - cur).abs()).unwrap())
-        .map(|(i, _)| i)
-        .unwrap_or(0) as isize;
-    values[(i + dir).rem_euclid(values.len() as isize) as usize]
-}
-
-fn cycle_param(r: &mut Regularizer, which: usize, dir: isize) {
-    match (r, which) {
-        (Regularizer::EarlyStopping { patience }, 0) => *patience = step(&[2, 3, 5, 10, 20], patience, dir),
-        (Regularizer::WeightDecay { value, .. }, 0) => {
-            *value = step_f(&[1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1], *value, dir)
-        }
-        (Regularizer::WeightDecay { decoupled, .. }, 1) => *decoupled = !*decoupled,
-        (Regularizer::Dropout { p, .. }, 0) => *p = step_f(&[0.05, 0.1, 0.2, 0.3, 0.5], *p, dir),
-        (Regularizer::Dropout { position, .. }, 1) => {
-            *position = step(&[DropoutPosition::Classifier, DropoutPosition::Blocks], position, dir)
-        }
-        (Regularizer::LabelSmoothing { alpha }, 0) => *alpha = step_f(&[0.05, 0.1, 0.2, 0.3, 0.5], *alpha, dir),
-        (Regularizer::Pruning { ratio, .. }, 0) => *ratio = step_f(&[0.25, 0.5, 0.75, 0.9], *ratio, dir),
-        (Regularizer::Pruning { criterion, .. }, 1) => {
-            *criterion = step(&[PruneCriterion::LowestL1, PruneCriterion::HighestL1], criterion, dir)
-        }
-        (Regularizer::Quantization { weight_bits, .. }, 0) => *weight_bits = step(&[2, 3, 4, 6, 8], weight_bits, dir),
-        (Regularizer::Quantization { act_bits, bn, .. }, 1) => {
-            // Cycle A bits, and the BN mode once every A-bit value has been shown.
-            let order = [
-                (2, BnMode::Fold),
-                (4, BnMode::Fold),
-                (8, BnMode::Fold),
-                (32, BnMode::Fold),
-                (2, BnMode::Keep),
-                (4, BnMode::Keep),
-                (8, BnMode::Keep),
-                (32, BnMode::Keep),
-            ];
-            let next = step(&order, &(*act_bits, *bn), dir);
-            *act_bits = next.0;
-            *bn = next.1;
-        }
-        _ => {}
-    }
 }
 
 #[cfg(test)]

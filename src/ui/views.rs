@@ -170,7 +170,7 @@ fn draw_setup(f: &mut Frame, app: &App, area: Rect) {
         // can be told apart.
         text.extend(noise_heatmap(&form.noise_matrix()));
     } else {
-        text.extend([Line::from(regularizer_help(e.regularizer.kind())), Line::from("")]);
+        text.extend([Line::from(e.regularizer.help()), Line::from("")]);
         if let Some(help) = e.robust.settings().map(|s| s.help()) {
             text.extend([Line::from(help), Line::from("")]);
         }
@@ -247,18 +247,6 @@ fn memory_line(e: &crate::config::Experiment, available: Option<u64>) -> Line<'s
         )),
         Some(free) => Line::from(format!("{text} of {} free", bytes(free))),
         None => Line::from(text),
-    }
-}
-
-fn regularizer_help(kind: &str) -> &'static str {
-    match kind {
-        "none" => "Baseline: no regularization. With noisy labels it memorises the wrong ones and its eval loss turns up.",
-        "early_stopping" => "Early stopping: watches the loss on a validation split and keeps the best epoch's weights.",
-        "weight_decay" => "Weight decay: shrinks weights every step (AdamW), or an L2 penalty in the loss.",
-        "dropout" => "Dropout: zeroes activations at random in training (p), at the chosen position.",
-        "label_smoothing" => "Label smoothing: trains on (1-a)·y + a/C instead of one-hot labels.",
-        "pruning" => "Structured pruning: trains dense, then removes the lowest-L1 channels of every block and keeps training.",
-        _ => "Quantization-aware training: weights (per channel) and layer inputs rounded to b bits with a straight-through gradient; first/last layers 8 bits.",
     }
 }
 

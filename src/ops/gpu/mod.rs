@@ -13,6 +13,7 @@
 //! The GEMMs use TF32 tensor cores, as PyTorch's cuDNN convolutions do by default
 //! (`torch.backends.cudnn.allow_tf32`); `QAT_LAB_TF32=0` asks for full f32.
 
+use super::Geometry;
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
 use candle_core::cuda_backend::cudarc::driver::sys as driver;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
@@ -293,44 +294,8 @@ impl<T: GpuOp<3>> CustomOp3 for Gpu<T> {
     }
 }
 
-/// Convolution geometry of an NCHW input and an OIHW weight.
-#[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-}
-
+/// The GPU's use of a convolution's shape.
 impl Geometry {
-    /// The geometry of an NCHW input and an OIHW weight (their channel counts must agree).
-    fn of(x: &Layout, w: &Layout, stride: usize, pad: usize) -> Result<Self> {
-        let (n, c, h, wd) = x.shape().dims4()?;
-        let (o, ci, k, _) = w.shape().dims4()?;
-        if ci != c {
-            candle_core::bail!("conv: input has {c} channels, weight expects {ci}");
-        }
-        Ok(Geometry { n, c, h, w: wd, o, k, stride, pad })
-    }
-
-    fn oh(&self) -> usize {
-        (self.h + 2 * self.pad - self.k) / self.stride + 1
-    }
-    fn ow(&self) -> usize {
-        (self.w + 2 * self.pad - self.k) / self.stride + 1
-    }
-    /// Pixels per output plane, and rows of the im2col matrix (C·k·k).
-    fn p(&self) -> usize {
-        self.oh() * self.ow()
-    }
-    fn rows(&self) -> usize {
-        self.c * self.k * self.k
-    }
-
     /// The im2col matrix of `x`, (C·k·k) × (N·P), quantized on the way when `quant` =
     /// Some((scale, levels)).
     fn im2col(
@@ -339,11 +304,11 @@ impl Geometry {
         x: &CudaView<'_, f32>,
         quant: Option<(&CudaView<'_, f32>, f32)>,
     ) -> Result<CudaSlice<f32>> {
-        let mut col = alloc(dev, self.n * self.rows() * self.p())?;
+        let mut col = alloc(dev, self.n * self.kdim() * self.pixels())?;
         let qscale = optional_ptr(quant.map(|q| q.0), dev);
         let levels = quant.map(|q| q.1).unwrap_or(0.0);
         let d = [self.c, self.h, self.w, self.k, self.stride, self.pad, self.oh(), self.ow()].map(|v| v as i32);
-        let cfg = planes(self.p(), self.rows(), self.n)?;
+        let cfg = planes(self.pixels(), self.kdim(), self.n)?;
         launch!(dev, "im2col", cfg, x, &mut col, ..d, &qscale, &levels);
         Ok(col)
     }
@@ -380,12 +345,12 @@ impl Conv {
         w: (&CudaStorage, &Layout),
         scale: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)> {
-        let g = Geometry::of(x.1, w.1, self.stride, self.pad)?;
+        let g = Geometry::of(x.1.shape(), w.1.shape(), self.stride, self.pad)?;
         let dev = &x.0.device;
         let (xv, wv) = (view(x.0, x.1, "conv input")?, view(w.0, w.1, "conv weight")?);
         let sv = scale.map(|(s, l)| view(s, l, "input scale")).transpose()?;
         let col = g.im2col(dev, &xv, sv.as_ref().map(|s| (s, self.levels)))?;
-        let (p, rows) = (g.p(), g.rows());
+        let (p, rows) = (g.pixels(), g.kdim());
         let mut y = alloc(dev, g.n * g.o * p)?;
         // Per image, row-major Y (O×P) = W (O×K) · col_n (K×P, row stride N·P); column-major:
         // Yᵀ = col_nᵀ · Wᵀ.
@@ -458,7 +423,7 @@ impl GpuOp<2> for ConvInputGrad {
         }
         let dev = &dy.device;
         let (dyv, wv) = (view(dy, ldy, "conv grad")?, view(w, lw, "conv weight")?);
-        let (p, rows) = (g.p(), g.rows());
+        let (p, rows) = (g.pixels(), g.kdim());
         let mut col = alloc(dev, n * rows * p)?;
         // Per image, row-major col (K×P) = Wᵀ (K×O) · dY (O×P); column-major: colᵀ = dYᵀ · W.
         gemm(dev, (false, true), (p, rows, o), (&dyv, p, o * p), (&wv, rows, 0), (&mut col, p, rows * p), n)?;
@@ -496,10 +461,10 @@ impl ConvWeightGrad {
         let sv = scale.map(|(s, l)| view(s, l, "input scale")).transpose()?;
         let kept = saved(&self.col)?.take();
         let col = match kept {
-            Some(col) if col.len() == n * g.rows() * g.p() => col,
+            Some(col) if col.len() == n * g.kdim() * g.pixels() => col,
             _ => g.im2col(dev, &xv, sv.as_ref().map(|s| (s, self.levels)))?,
         };
-        let (p, rows) = (g.p(), g.rows());
+        let (p, rows) = (g.pixels(), g.kdim());
         // dY as (O) × (N·P), then one GEMM over the whole batch: row-major dW (O×K) = dY (O×NP) ·
         // colᵀ (NP×K); column-major: dWᵀ = col · dYᵀ.
         let mut dy_t = alloc(dev, n * o * p)?;
@@ -587,7 +552,7 @@ impl ConvEval {
 impl GpuOp<2> for ConvEval {
     const NAME: &'static str = "qat-gpu-conv-eval";
     fn forward(&self, [(x, lx), (w, lw)]: [(&CudaStorage, &Layout); 2]) -> Result<(CudaStorage, Shape)> {
-        let g = Geometry::of(lx, lw, self.stride, self.pad)?;
+        let g = Geometry::of(lx.shape(), lw.shape(), self.stride, self.pad)?;
         let Geometry { n, c, h, w: wd, o, k, .. } = g;
         let (oh, ow) = (g.oh(), g.ow());
         let (tw, th, shared) = self.tile(k, (oh, ow));
@@ -645,7 +610,7 @@ pub fn conv2d_eval(
         relu,
         residual: residual.map(|r| r.detach().contiguous()).transpose()?,
     };
-    let g = Geometry::of(x.layout(), w.layout(), stride, padding)?;
+    let g = Geometry::of(x.shape(), w.shape(), stride, padding)?;
     if op.tile(g.k, (g.oh(), g.ow())).2 <= SHARED_LIMIT {
         return x.apply_op2_no_bwd(&w, &Gpu(op));
     }
@@ -1469,12 +1434,19 @@ mod tests {
     /// rounding amplifies that.)
     #[test]
     fn resnet_training_matches_the_cpu() {
-        use crate::config::{Arch, BnMode, Regularizer};
+        use crate::config::{Arch, BnMode, Quantization, Regularizer};
         use crate::model::resnet::NetSpec;
         use crate::model::ResNet;
         let Some(dev) = gpu() else { return };
-        let quant =
-            |bn| Regularizer::Quantization { weight_bits: 4, act_bits: 4, first_last_bits: 8, bn, ema_momentum: 0.9 };
+        let quant = |bn| {
+            Regularizer::Quantization(Quantization {
+                weight_bits: 4,
+                act_bits: 4,
+                first_last_bits: 8,
+                bn,
+                ema_momentum: 0.9,
+            })
+        };
         for reg in [Regularizer::None, quant(BnMode::Keep), quant(BnMode::Fold)] {
             let mut spec =
                 NetSpec { arch: Arch::Resnet20, width: 0.5, input: [3, 16, 16], outputs: 10, per_label_heads: false };

@@ -333,7 +333,7 @@ fn run<L: FusedLayer + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::conv_bn::conv_bn_train_cpu;
+    use crate::ops::cpu::conv_bn::conv_bn_train_cpu;
     use crate::ops::testing::{gradient_gaps, max_diff, rand};
     use crate::ops::{max_abs, subsample};
     use candle_core::Var;
@@ -422,7 +422,7 @@ mod tests {
     /// with the join (each quantizing its weight, on grids of different steps).
     #[test]
     fn folded_matches_two_folded_layer_ops() {
-        use crate::ops::fold_bn::fold_conv_bn_train_cpu;
+        use crate::ops::cpu::fold_bn::fold_conv_bn_train_cpu;
         for (n, c, h, w, o, stride) in [(2, 8, 6, 7, 8, 1), (2, 4, 7, 6, 8, 2)] {
             let var = |t: Tensor| Var::from_tensor(&t).unwrap();
             let x = var(rand(&[n, c, h, w], 1));

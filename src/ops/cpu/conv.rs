@@ -39,38 +39,13 @@ use super::kernels;
 use super::quant::{quantize_into, quantize_rows, Grid};
 use super::winograd;
 use super::{slice, with_slices, written};
+pub use crate::ops::Geometry;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Shape of one convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub o: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
-
+/// The CPU kernels' views of a convolution's shape.
 impl Geometry {
-    pub fn oh(&self) -> usize {
-        (self.h + 2 * self.pad - self.k) / self.stride + 1
-    }
-    pub fn ow(&self) -> usize {
-        (self.w + 2 * self.pad - self.k) / self.stride + 1
-    }
-    /// Rows of the im2col matrix.
-    fn kdim(&self) -> usize {
-        self.c * self.k * self.k
-    }
-    /// Columns of the im2col matrix (output pixels of one image).
-    fn pixels(&self) -> usize {
-        self.oh() * self.ow()
-    }
     /// The output columns `lo..hi` whose tap `kx` falls inside the image: 0 <= ox·stride + kx − pad < w.
     fn valid_columns(&self, kx: usize) -> (usize, usize) {
         let ow = self.ow();
@@ -1300,12 +1275,7 @@ fn taps_first(w: &[f32], g: &Geometry, c_major: bool) -> Vec<f32> {
 
 /// The geometry of NCHW `x` convolved with OIHW `w` (square kernel).
 pub(crate) fn geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometry> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, ci, k, k2) = w.dims4()?;
-    if ci != c || k != k2 {
-        candle_core::bail!("conv2d: input has {c} channels, weight expects {ci} (kernel {k}x{k2})");
-    }
-    Ok(Geometry { n, c, h, w: wd, o, k, stride, pad })
+    Geometry::of(x.shape(), w.shape(), stride, pad)
 }
 
 /// Convolution of contiguous f32 NCHW `x` (fake-quantized onto `grid` first, with a straight-through
