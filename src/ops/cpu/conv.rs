@@ -863,58 +863,14 @@ pub(crate) fn backward(
         return (dx, dw);
     }
     let sh = Shifted::new(g, grid);
-    // The weight gradient's view (the same spatial layout, gw's output channels).
-    let shw = Shifted::wide(gw, grid);
-    let (size, taps) = (g.c * g.h * g.w, g.k * g.k);
-    // dX as a forward convolution of dY (the direct kernel), or by shifted GEMMs with w as (tap, C, O).
-    let dx_path = match (want_dx, sh.transposed()) {
-        (false, _) => InputGrad::Skip,
-        (true, Some(t)) => {
-            let w = t.forward_weight(&flipped(w, &g));
-            InputGrad::Transposed(t, w)
-        }
-        (true, None) => match PhaseGrad::new(g, w) {
-            Some(phases) => InputGrad::Phases(phases),
-            None => InputGrad::Gemm(taps_first(w, &g, true)),
-        },
-    };
-    let dx_buffers = match &dx_path {
-        InputGrad::Skip => (0, 0),
-        InputGrad::Transposed(t, _) => (t.batch() * t.padded_len(), t.batch() * t.output_len()),
-        InputGrad::Phases(p) => p.buffers(),
-        InputGrad::Gemm(_) => (g.o * sh.q, sh.padded_len()),
-    };
-    let dw_path = if winograd::weight_grad_channels_last(&gw) {
-        WeightGradPath::ChannelsLast
-    } else if winograd::weight_grad_in_lanes(&gw) && kernels::weight_grad_fits(gw.o, g.c) {
-        WeightGradPath::Winograd
-    } else if shw.direct_weight_grad() {
-        WeightGradPath::Direct
-    } else {
-        WeightGradPath::Gemm
-    };
-    let shifts: Vec<usize> = (0..taps).map(|t| shw.shift(t)).collect();
-    // For Winograd: dY padded like the input (its tiles are transformed like the input's), and
-    // the distance between the matrices (one per transformed value ξ) of an image's D (O rows) and
-    // V (C rows).
-    let shdy = Shifted::wide(Geometry { c: gw.o, ..g }, None);
-    let (tiles, values) = (winograd::tiles(g.h, g.w), winograd::VALUES);
-    let (d_stride, v_stride) = (winograd::matrix_stride(gw.o, tiles), winograd::matrix_stride(g.c, tiles));
-    // Rows of a group's partial dW: (tap, C), or (ξ, C) for Winograd's products.
-    let winograd = matches!(dw_path, WeightGradPath::Winograd | WeightGradPath::ChannelsLast);
-    let acc_rows = if winograd { values * g.c } else { taps * g.c };
-    // One group of images: its partial dW (acc_rows, O), and its dX written into `dx` when given.
+    let size = g.c * g.h * g.w;
+    let dx_path = InputGrad::new(&sh, w, want_dx);
+    let dw_plan = WeightGradPlan::new(g, gw, grid);
+    // One group of images: its partial dW, and its dX written into `dx` when given.
     let group = |grp: usize, mut dx: Option<&mut [MaybeUninit<f32>]>| {
-        let mut acc = vec![0f32; acc_rows * gw.o];
-        // The padded input and dY (transposed for the gemm path, padded for Winograd's).
-        let (mut xpad, mut dyt) = match dw_path {
-            WeightGradPath::Winograd => (vec![0f32; shw.padded_len()], vec![0f32; shdy.padded_len()]),
-            // Channels-last: the input padded by one pixel, dY unpadded.
-            WeightGradPath::ChannelsLast => (vec![0f32; (g.h + 2) * (g.w + 2) * g.c], vec![0f32; out_w]),
-            WeightGradPath::Direct => (Vec::new(), Vec::new()),
-            WeightGradPath::Gemm => (vec![0f32; shw.padded_len()], vec![0f32; shw.q * gw.o]),
-        };
-        let (mut dx_in, mut dx_out) = (vec![0f32; dx_buffers.0], vec![0f32; dx_buffers.1]);
+        let mut acc = vec![0f32; dw_plan.acc_len()];
+        let mut dw_path = dw_plan.path.with_buffers(&dw_plan);
+        let mut dx_buffers = dx_path.buffers(&sh);
         let mut dy_image = match dy {
             OutputGrad::Given(_) => Vec::new(),
             OutputGrad::PerImage(_) => vec![0f32; out],
@@ -923,21 +879,6 @@ pub(crate) fn backward(
             WeightGrad::Given => Vec::new(),
             WeightGrad::StackedHalves => vec![0f32; out_w],
         };
-        // The images of one call of kernels::weight_grad: each one's dY and input, on the output grid
-        // and padded (direct), or transformed, D and V (Winograd).
-        let (per_call, slot_lens) = match dw_path {
-            // Enough tiles per call (~256) to make the kernel's final sums cheap.
-            WeightGradPath::Winograd => ((256 / tiles).clamp(1, GROUP), (values * d_stride, values * v_stride)),
-            // One call per group: every image's D and V, side by side.
-            WeightGradPath::ChannelsLast => (
-                1,
-                (values * winograd::cl_stride(GROUP * tiles, gw.o), values * winograd::cl_stride(GROUP * tiles, g.c)),
-            ),
-            WeightGradPath::Direct => (shw.images_per_call(), (gw.o * shw.grid16(), shw.padded_len())),
-            WeightGradPath::Gemm => (0, (0, 0)),
-        };
-        let mut slots: Vec<(Vec<f32>, Vec<f32>)> =
-            (0..per_call).map(|_| (vec![0f32; slot_lens.0], vec![0f32; slot_lens.1])).collect();
         let last = ((grp + 1) * GROUP).min(g.n) - 1;
         for (i, n) in (grp * GROUP..=last).enumerate() {
             // This image's input is read after its dX is computed, and the next image's given dY
@@ -954,29 +895,8 @@ pub(crate) fn backward(
                 }
             };
             if let Some(dx) = dx.as_deref_mut() {
-                match &dx_path {
-                    // A batch of images' dY padded one by one, their dX computed together.
-                    InputGrad::Transposed(t, w_dx) => {
-                        let (batch, padded_len) = (t.batch(), t.padded_len());
-                        let slot = i % batch;
-                        t.pad(dyn_, &mut dx_in[slot * padded_len..(slot + 1) * padded_len]);
-                        if slot + 1 == batch || n == last {
-                            t.products(w_dx, &dx_in, &mut dx_out);
-                            let first = i - slot;
-                            let images = dx[first * size..(i + 1) * size].chunks_exact_mut(size);
-                            for (dx, grid) in images.zip(dx_out.chunks_exact(t.output_len())) {
-                                t.finish(grid, dx, None);
-                            }
-                        }
-                    }
-                    InputGrad::Phases(p) => p.run(dyn_, &mut dx_in, &mut dx_out, &mut dx[i * size..(i + 1) * size]),
-                    InputGrad::Gemm(w_dx) => {
-                        sh.input_grad(dyn_, w_dx, &mut dx_in, &mut dx_out, &mut dx[i * size..(i + 1) * size])
-                    }
-                    InputGrad::Skip => unreachable!("no dX buffer is given when dX is not wanted"),
-                }
+                dx_path.image(&sh, dyn_, (i, n == last), &mut dx_buffers, dx);
             }
-            let x_n = &x[n * size..(n + 1) * size];
             let dy_w = match of {
                 WeightGrad::Given => dyn_,
                 WeightGrad::StackedHalves => {
@@ -984,52 +904,7 @@ pub(crate) fn backward(
                     &dy_summed
                 }
             };
-            let slot = i % per_call.max(1);
-            let call_ends = slot + 1 == per_call || n == last;
-            match dw_path {
-                WeightGradPath::Gemm => shw.weight_grad(x_n, dy_w, &mut xpad, &mut dyt, &mut acc),
-                WeightGradPath::Direct => {
-                    let (dyext, xpad) = &mut slots[slot];
-                    shw.spread(dy_w, dyext);
-                    shw.pad(x_n, xpad);
-                    if call_ends {
-                        let images: Vec<(&[f32], &[f32])> =
-                            slots[..=slot].iter().map(|(d, x)| (&d[..], &x[..])).collect();
-                        let grid = (shw.plane, shw.grid16());
-                        // SAFETY: `direct` (part of direct_weight_grad) is set only where
-                        // kernels::available() found AVX-512F.
-                        unsafe { kernels::weight_grad(&images, (gw.o, g.c), grid, &shifts, &mut acc) };
-                    }
-                }
-                WeightGradPath::ChannelsLast => {
-                    winograd::channels_last(x_n, (g.c, g.h, g.w), 1, &mut xpad);
-                    winograd::channels_last(dy_w, (gw.o, g.h, g.w), 0, &mut dyt);
-                    let (d, v) = &mut slots[0];
-                    let calls = (i * tiles, GROUP * tiles);
-                    winograd::weight_grad_transforms_cl((&xpad, &dyt), (g.c, gw.o, g.h, g.w), calls, (v, d));
-                    if n == last {
-                        winograd::weight_grad_products_cl((v, d), (g.c, gw.o), GROUP * tiles, &mut acc);
-                    }
-                }
-                WeightGradPath::Winograd => {
-                    shw.pad(x_n, &mut xpad);
-                    shdy.pad(dy_w, &mut dyt);
-                    let (d, v) = &mut slots[slot];
-                    let padded = (&xpad[..], &dyt[..], shw.plane, shw.wp);
-                    winograd::weight_grad_transforms(padded, (g.c, gw.o, g.h, g.w), (v, d));
-                    if call_ends {
-                        for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
-                            let images: Vec<(&[f32], &[f32])> = slots[..=slot]
-                                .iter()
-                                .map(|(d, v)| (&d[xi * d_stride..], &v[xi * v_stride..]))
-                                .collect();
-                            // SAFETY: the Winograd path is chosen only where winograd::applies, which needs
-                            // kernels::available() (AVX-512F).
-                            unsafe { kernels::weight_grad(&images, (gw.o, g.c), (tiles, tiles), &[0], acc) };
-                        }
-                    }
-                }
-            }
+            dw_path.image(&dw_plan, &x[n * size..(n + 1) * size], dy_w, (i, n == last), &mut acc);
         }
         acc
     };
@@ -1043,30 +918,231 @@ pub(crate) fn backward(
     if !want_dx {
         partials = (0..groups).into_par_iter().map(|grp| group(grp, None)).collect();
     }
-    let dw = match dw_path {
-        // Rows (ξ, C) -> (C, ξ), then each transformed product to its 3x3 kernel.
-        WeightGradPath::Winograd | WeightGradPath::ChannelsLast => {
-            winograd::weight_from_products(&sum_partials(&partials, gw.o, |r| (r % g.c) * values + r / g.c))
-        }
-        // Rows (tap, C) -> OIHW's (C, tap).
-        WeightGradPath::Direct | WeightGradPath::Gemm => sum_partials(&partials, gw.o, |r| (r % g.c) * taps + r / g.c),
-    };
-    (dx, dw)
+    (dx, dw_plan.weight_grad(&partials))
 }
 
-/// How a shifted convolution's backward computes dW.
-#[derive(Clone, Copy, PartialEq, Eq)]
+impl InputGrad {
+    /// The path for a shifted convolution's dX (`Skip` when it is not wanted): a forward convolution
+    /// of dY on the direct kernel, phase by phase for stride 2, or shifted GEMMs with w as (tap, C, O).
+    fn new(sh: &Shifted, w: &[f32], want_dx: bool) -> Self {
+        let g = sh.g;
+        match (want_dx, sh.transposed()) {
+            (false, _) => InputGrad::Skip,
+            (true, Some(t)) => {
+                let w = t.forward_weight(&flipped(w, &g));
+                InputGrad::Transposed(t, w)
+            }
+            (true, None) => match PhaseGrad::new(g, w) {
+                Some(phases) => InputGrad::Phases(phases),
+                None => InputGrad::Gemm(taps_first(w, &g, true)),
+            },
+        }
+    }
+
+    /// One group's scratch: (the padded dY, the computed dX before it is cropped).
+    fn buffers(&self, sh: &Shifted) -> (Vec<f32>, Vec<f32>) {
+        let (padded, computed) = match self {
+            InputGrad::Skip => (0, 0),
+            InputGrad::Transposed(t, _) => (t.batch() * t.padded_len(), t.batch() * t.output_len()),
+            InputGrad::Phases(p) => p.buffers(),
+            InputGrad::Gemm(_) => (sh.g.o * sh.q, sh.padded_len()),
+        };
+        (vec![0f32; padded], vec![0f32; computed])
+    }
+
+    /// dX of image `i` of its group from its dY, into the group's `dx` (`last`: the group's last image,
+    /// which ends a batch of the transposed path).
+    fn image(
+        &self,
+        sh: &Shifted,
+        dy: &[f32],
+        (i, last): (usize, bool),
+        (padded, computed): &mut (Vec<f32>, Vec<f32>),
+        dx: &mut [MaybeUninit<f32>],
+    ) {
+        let size = sh.g.c * sh.g.h * sh.g.w;
+        match self {
+            // A batch of images' dY padded one by one, their dX computed together.
+            InputGrad::Transposed(t, w_dx) => {
+                let (batch, padded_len) = (t.batch(), t.padded_len());
+                let slot = i % batch;
+                t.pad(dy, &mut padded[slot * padded_len..(slot + 1) * padded_len]);
+                if slot + 1 == batch || last {
+                    t.products(w_dx, padded, computed);
+                    let images = dx[(i - slot) * size..(i + 1) * size].chunks_exact_mut(size);
+                    for (dx, grid) in images.zip(computed.chunks_exact(t.output_len())) {
+                        t.finish(grid, dx, None);
+                    }
+                }
+            }
+            InputGrad::Phases(p) => p.run(dy, padded, computed, &mut dx[i * size..(i + 1) * size]),
+            InputGrad::Gemm(w_dx) => sh.input_grad(dy, w_dx, padded, computed, &mut dx[i * size..(i + 1) * size]),
+            InputGrad::Skip => unreachable!("no dX buffer is given when dX is not wanted"),
+        }
+    }
+}
+
+/// What every group of a shifted backward shares for dW: the shapes, the layouts and the path.
+struct WeightGradPlan {
+    /// The batch's convolution.
+    g: Geometry,
+    /// The weight gradient's: `g` with dW's output channels (half of them for a stacked weight).
+    gw: Geometry,
+    /// The input's padded layout for `gw`.
+    shw: Shifted,
+    /// dY padded like the input (Winograd transforms its tiles like the input's).
+    shdy: Shifted,
+    /// The direct kernel's tap shifts in the padded input.
+    shifts: Vec<usize>,
+    /// Winograd's tiles per image, and the distances between the matrices (one per transformed value
+    /// ξ) of an image's D (O rows) and V (C rows).
+    tiles: usize,
+    strides: (usize, usize),
+    /// The path, without buffers (each group gets its own: [`WeightGradPath::with_buffers`]).
+    path: WeightGradPath,
+}
+
+impl WeightGradPlan {
+    fn new(g: Geometry, gw: Geometry, grid: Option<Grid>) -> Self {
+        let shw = Shifted::wide(gw, grid);
+        let tiles = winograd::tiles(g.h, g.w);
+        let path = if winograd::weight_grad_channels_last(&gw) {
+            WeightGradPath::ChannelsLast { xpad: Vec::new(), dy: Vec::new(), d: Vec::new(), v: Vec::new() }
+        } else if winograd::weight_grad_in_lanes(&gw) && kernels::weight_grad_fits(gw.o, g.c) {
+            WeightGradPath::Winograd { xpad: Vec::new(), dypad: Vec::new(), slots: Vec::new() }
+        } else if shw.direct_weight_grad() {
+            WeightGradPath::Direct { slots: Vec::new() }
+        } else {
+            WeightGradPath::Gemm { xpad: Vec::new(), dyt: Vec::new() }
+        };
+        Self {
+            g,
+            gw,
+            shifts: (0..g.k * g.k).map(|t| shw.shift(t)).collect(),
+            shdy: Shifted::wide(Geometry { c: gw.o, ..g }, None),
+            shw,
+            tiles,
+            strides: (winograd::matrix_stride(gw.o, tiles), winograd::matrix_stride(g.c, tiles)),
+            path,
+        }
+    }
+
+    /// Whether the partial sums are Winograd products (rows (ξ, C)) rather than taps (rows (tap, C)).
+    fn transformed(&self) -> bool {
+        matches!(self.path, WeightGradPath::Winograd { .. } | WeightGradPath::ChannelsLast { .. })
+    }
+
+    /// Length of a group's partial dW: (ξ or tap, C) rows of O values.
+    fn acc_len(&self) -> usize {
+        let rows = if self.transformed() { winograd::VALUES } else { self.g.k * self.g.k };
+        rows * self.g.c * self.gw.o
+    }
+
+    /// dW (OIHW) from the groups' partial sums.
+    fn weight_grad(&self, partials: &[Vec<f32>]) -> Vec<f32> {
+        let c = self.g.c;
+        if self.transformed() {
+            // Rows (ξ, C) -> (C, ξ), then each transformed product to its 3x3 kernel.
+            let values = winograd::VALUES;
+            winograd::weight_from_products(&sum_partials(partials, self.gw.o, |r| (r % c) * values + r / c))
+        } else {
+            // Rows (tap, C) -> OIHW's (C, tap).
+            let taps = self.g.k * self.g.k;
+            sum_partials(partials, self.gw.o, |r| (r % c) * taps + r / c)
+        }
+    }
+}
+
+/// How a shifted convolution's backward computes dW, with one group's buffers.
 enum WeightGradPath {
     /// Winograd's transforms of the input and dY, tiles in the lanes, their products on
-    /// [`kernels::weight_grad`] (the 32x32 maps; see [`winograd::weight_grad_in_lanes`]).
-    Winograd,
+    /// [`kernels::weight_grad`] (the 32x32 maps; see [`winograd::weight_grad_in_lanes`]): the padded
+    /// input and dY, and (D, V) of each image of one call.
+    Winograd { xpad: Vec<f32>, dypad: Vec<f32>, slots: Vec<(Vec<f32>, Vec<f32>)> },
     /// Winograd's transforms channels-last, their products on the direct kernel (maps up to 16x16;
-    /// see [`winograd::weight_grad_channels_last`]).
-    ChannelsLast,
-    /// [`kernels::weight_grad`] on dY and the padded input in place ([`Shifted::direct_weight_grad`]).
-    Direct,
-    /// k·k GEMMs on dY transposed ([`Shifted::weight_grad`]).
-    Gemm,
+    /// see [`winograd::weight_grad_channels_last`]): the input padded by one pixel and dY, both
+    /// channels-last, and every image's D and V side by side (one call per group).
+    ChannelsLast { xpad: Vec<f32>, dy: Vec<f32>, d: Vec<f32>, v: Vec<f32> },
+    /// [`kernels::weight_grad`] on dY and the padded input in place ([`Shifted::direct_weight_grad`]):
+    /// (dY on the output grid, padded input) of each image of one call.
+    Direct { slots: Vec<(Vec<f32>, Vec<f32>)> },
+    /// k·k GEMMs on dY transposed ([`Shifted::weight_grad`]): the padded input and dY transposed.
+    Gemm { xpad: Vec<f32>, dyt: Vec<f32> },
+}
+
+impl WeightGradPath {
+    /// The same path with a group's buffers.
+    fn with_buffers(&self, p: &WeightGradPlan) -> Self {
+        let (g, gw, values) = (&p.g, &p.gw, winograd::VALUES);
+        let slots = |n: usize, (a, b): (usize, usize)| (0..n).map(|_| (vec![0f32; a], vec![0f32; b])).collect();
+        match self {
+            // Enough tiles per call (~256) to make the kernel's final sums cheap.
+            Self::Winograd { .. } => Self::Winograd {
+                xpad: vec![0f32; p.shw.padded_len()],
+                dypad: vec![0f32; p.shdy.padded_len()],
+                slots: slots((256 / p.tiles).clamp(1, GROUP), (values * p.strides.0, values * p.strides.1)),
+            },
+            Self::ChannelsLast { .. } => Self::ChannelsLast {
+                xpad: vec![0f32; (g.h + 2) * (g.w + 2) * g.c],
+                dy: vec![0f32; gw.o * g.pixels()],
+                d: vec![0f32; values * winograd::cl_stride(GROUP * p.tiles, gw.o)],
+                v: vec![0f32; values * winograd::cl_stride(GROUP * p.tiles, g.c)],
+            },
+            Self::Direct { .. } => {
+                Self::Direct { slots: slots(p.shw.images_per_call(), (gw.o * p.shw.grid16(), p.shw.padded_len())) }
+            }
+            Self::Gemm { .. } => Self::Gemm { xpad: vec![0f32; p.shw.padded_len()], dyt: vec![0f32; p.shw.q * gw.o] },
+        }
+    }
+
+    /// Adds image `i` of its group (`last`: the group's last, which ends every call) to the group's
+    /// partial dW `acc`, from its input `x` and output gradient `dy`.
+    fn image(&mut self, p: &WeightGradPlan, x: &[f32], dy: &[f32], (i, last): (usize, bool), acc: &mut [f32]) {
+        let (g, gw) = (&p.g, &p.gw);
+        match self {
+            Self::Gemm { xpad, dyt } => p.shw.weight_grad(x, dy, xpad, dyt, acc),
+            Self::Direct { slots } => {
+                let slot = i % slots.len();
+                let (dyext, xpad) = &mut slots[slot];
+                p.shw.spread(dy, dyext);
+                p.shw.pad(x, xpad);
+                if slot + 1 == slots.len() || last {
+                    let images: Vec<(&[f32], &[f32])> = slots[..=slot].iter().map(|(d, x)| (&d[..], &x[..])).collect();
+                    let grid = (p.shw.plane, p.shw.grid16());
+                    // SAFETY: `direct` (part of direct_weight_grad) is set only where
+                    // kernels::available() found AVX-512F.
+                    unsafe { kernels::weight_grad(&images, (gw.o, g.c), grid, &p.shifts, acc) };
+                }
+            }
+            Self::ChannelsLast { xpad, dy: dy_cl, d, v } => {
+                winograd::channels_last(x, (g.c, g.h, g.w), 1, xpad);
+                winograd::channels_last(dy, (gw.o, g.h, g.w), 0, dy_cl);
+                let calls = (i * p.tiles, GROUP * p.tiles);
+                winograd::weight_grad_transforms_cl((xpad, dy_cl), (g.c, gw.o, g.h, g.w), calls, (v, d));
+                if last {
+                    winograd::weight_grad_products_cl((v, d), (g.c, gw.o), GROUP * p.tiles, acc);
+                }
+            }
+            Self::Winograd { xpad, dypad, slots } => {
+                let slot = i % slots.len();
+                p.shw.pad(x, xpad);
+                p.shdy.pad(dy, dypad);
+                let (d, v) = &mut slots[slot];
+                let padded = (&xpad[..], &dypad[..], p.shw.plane, p.shw.wp);
+                winograd::weight_grad_transforms(padded, (g.c, gw.o, g.h, g.w), (v, d));
+                if slot + 1 == slots.len() || last {
+                    let (d_stride, v_stride) = p.strides;
+                    for (xi, acc) in acc.chunks_exact_mut(g.c * gw.o).enumerate() {
+                        let images: Vec<(&[f32], &[f32])> =
+                            slots[..=slot].iter().map(|(d, v)| (&d[xi * d_stride..], &v[xi * v_stride..])).collect();
+                        // SAFETY: the Winograd path is chosen only where winograd::applies, which needs
+                        // kernels::available() (AVX-512F).
+                        unsafe { kernels::weight_grad(&images, (gw.o, g.c), (p.tiles, p.tiles), &[0], acc) };
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The sum of the groups' partial weight gradients, each laid out (K, O) (row r of O values), as
