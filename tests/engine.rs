@@ -149,7 +149,7 @@ fn every_noisy_label_method_trains_alone_and_with_quantization_on_classes_and_la
     let root = tempfile::tempdir().unwrap();
     let w4a4 = Regularizer::default_for("quantization").unwrap();
     for dataset in [DatasetKind::Digits, DatasetKind::Faces] {
-        for kind in ["gce", "sce", "co_teaching"] {
+        for kind in &qat_lab::config::ROBUST_KINDS[1..] {
             for reg in [Regularizer::None, w4a4.clone()] {
                 let mut e = digits(2, reg.clone());
                 e.robust = Robust::default_for(kind).unwrap();

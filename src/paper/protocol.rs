@@ -253,17 +253,13 @@ impl Protocol {
         Regularizer::EarlyStopping(EarlyStopping { patience: (family.train.epochs / 4).max(3) })
     }
 
-    /// `--extended`: the methods made for noisy labels, each alone and co-teaching also with W4/A4, as
-    /// (regularizer, robust method) pairs; the paper compared none of them.
+    /// `--extended`: every registered method made for noisy labels alone, then co-teaching with
+    /// W4/A4, as (regularizer, robust method) pairs; the paper compared none of them.
     pub fn extended_methods(&self, family: &Experiment) -> Vec<(Regularizer, Robust)> {
         let w4a4 = quantization(4, 4, if family.data.dataset.is_multi_label() { BnMode::Keep } else { BnMode::Fold });
-        let robust = |k: &str| Robust::default_for(k).expect("known kind");
-        vec![
-            (Regularizer::None, robust("gce")),
-            (Regularizer::None, robust("sce")),
-            (Regularizer::None, robust("co_teaching")),
-            (w4a4, robust("co_teaching")),
-        ]
+        let alone = Robust::all_defaults().into_iter().skip(1).map(|r| (Regularizer::None, r));
+        let co_teaching = Robust::default_for("co_teaching").expect("a registered kind");
+        alone.chain([(w4a4, co_teaching)]).collect()
     }
 
     /// `--extended`'s runs: its methods on F2's grid and on T1's seeds.

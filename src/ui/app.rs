@@ -2,7 +2,7 @@
 //! [`super::run_lab`] feeds events in and carries out the returned [`Command`]s, and the views only read.
 
 use super::setup::SetupForm;
-use crate::config::{Experiment, Regularizer, Robust, ROBUST_KINDS};
+use crate::config::{Experiment, Regularizer, Robust};
 use crate::runs::RunRecord;
 use crate::train::events::BatchProgress;
 use crate::train::{EpochMetrics, RunControl, RunInfo, Status, Summary, TrainEvent};
@@ -124,7 +124,7 @@ impl RunView {
 /// What `a` compares: the paper's seven regularizers, then each noisy-label loss alone.
 fn every_method() -> Vec<(Regularizer, Robust)> {
     let regularizers = Regularizer::all_defaults().into_iter().map(|r| (r, Robust::None));
-    let robust = ROBUST_KINDS[1..].iter().map(|k| (Regularizer::None, Robust::default_for(k).expect("known kind")));
+    let robust = Robust::all_defaults().into_iter().skip(1).map(|r| (Regularizer::None, r));
     regularizers.chain(robust).collect()
 }
 
@@ -494,9 +494,9 @@ mod tests {
         assert_eq!(a.setup.experiment.data.val_fraction, 0.0);
         let cmds = a.on_key(key(KeyCode::Char('a')));
         assert_eq!(cmds, vec![Command::Schedule]);
-        assert_eq!(a.runs.len(), Regularizer::all_defaults().len() + 3);
-        for kind in ["gce", "sce", "co_teaching"] {
-            assert!(a.runs.iter().any(|r| r.record.experiment.robust.kind() == kind), "{kind} is part of `a`");
+        assert_eq!(a.runs.len(), Regularizer::all_defaults().len() + crate::config::ROBUST_KINDS.len() - 1);
+        for kind in &crate::config::ROBUST_KINDS[1..] {
+            assert!(a.runs.iter().any(|r| r.record.experiment.robust.kind() == *kind), "{kind} is part of `a`");
         }
         assert!(a.runs.iter().any(|r| matches!(r.record.experiment.regularizer, Regularizer::EarlyStopping(_))));
         assert!(a.runs.iter().all(|r| r.record.experiment.data.val_fraction == 0.1), "the same split for all");
