@@ -216,22 +216,7 @@ fn train(
     };
     let device = device_for(exp.train.device)?;
     let mut method = methods::build(exp);
-    let available = footprint::available();
-    // Checked before loading where the sizes are known, so that a run too big fails before it allocates.
-    if let Some(size) = DataSize::expected(&exp.data).filter(|s| s.exact) {
-        Footprint::estimate(exp, &size).check(exp, available)?;
-    }
-    let data = load()?;
-    check_validation_size(exp, method.as_ref(), data.val.len())?;
-    let loaded = DataSize {
-        shape: data.shape,
-        train: data.train.len() + data.val.len(),
-        test: data.test.len(),
-        outputs: data.num_classes(),
-        exact: true,
-    };
-    let memory = Footprint::estimate(exp, &loaded);
-    memory.check(exp, available)?;
+    let (data, memory) = load_within_memory(exp, method.as_ref(), load)?;
     let dir = match dir_out.clone() {
         Some(dir) => dir,
         None => RunDir::create(&opts.runs_root, exp, opts.tag.as_deref())?,
@@ -244,41 +229,11 @@ fn train(
     summary.transition = data.transition.clone();
     dir.write_summary(summary)?;
 
-    let multi = data.is_multi_label();
-    let mut spec = NetSpec {
-        arch: exp.model.arch,
-        width: exp.model.width,
-        input: data.shape,
-        outputs: data.num_classes(),
-        per_label_heads: false,
-    };
-    let mut wiring = Wiring::default();
-    method.wire(&mut spec, &mut wiring, multi);
-    let mut net = ResNet::new(spec, &wiring, &device, exp.train.seed);
+    let (mut net, wiring) = build_network(exp, &data, method.as_ref(), &device);
     let cost = net.cost()?;
-    summary.params = cost.params;
-    summary.macs = cost.macs;
-    let bs = exp.train.batch_size.min(data.train.len());
-    let batches = data.train.len().div_ceil(bs);
-    let _ = tx.send(TrainEvent::Started(RunInfo {
-        run_id: dir.id(),
-        dir: dir.path.clone(),
-        name: exp.name.clone(),
-        label: exp.method_label(),
-        dataset: data.name.clone(),
-        classes: data.classes.clone(),
-        multi_label: multi,
-        train_size: data.train.len(),
-        val_size: data.val.len(),
-        test_size: data.test.len(),
-        noise_rate: exp.data.noise.rate,
-        measured_noise_rate: data.measured_noise_rate,
-        params: cost.params,
-        macs: cost.macs,
-        epochs: exp.train.epochs,
-        batches_per_epoch: batches,
-        device: summary.device.clone(),
-    }));
+    (summary.params, summary.macs) = (cost.params, cost.macs);
+    let pass = Pass::new(exp, opts, control, tx, &data, &device);
+    let _ = tx.send(TrainEvent::Started(run_info(exp, &data, &dir, summary, pass.batches)));
     log(format!(
         "{}: {} train / {} val / {} test images, {:.1}% of training labels corrupted, {} parameters, memory {}",
         data.name,
@@ -298,8 +253,6 @@ fn train(
     let mut optimizer = Adam::new(&net.params.entries, exp.train.lr, decoupled)?;
     let mut rng = ChaCha8Rng::seed_from_u64(exp.train.seed.wrapping_add(0x7a11));
     let mut history: Vec<EpochMetrics> = Vec::new();
-    let image_len = data.image_len();
-    let classes = data.num_classes();
     let mut order: Vec<usize> = (0..data.train.len()).collect();
     let mut first_epoch = 1;
     if let Some(saved) = resumed {
@@ -323,139 +276,38 @@ fn train(
         outcome.log.drain(..).for_each(log);
         if outcome.reshaped {
             let after = net.cost()?;
-            summary.pruned_params = Some(after.params);
-            summary.pruned_macs = Some(after.macs);
+            (summary.pruned_params, summary.pruned_macs) = (Some(after.params), Some(after.macs));
             // Fresh optimiser state: moments of removed parameters must not carry over.
             optimizer = Adam::new(&net.params.entries, exp.train.lr, decoupled)?;
         }
 
         let epoch_start = Instant::now();
         order.shuffle(&mut rng);
-        let mut loss_sum = 0.0;
-        let mut seen = 0usize;
-        let mut memo = Memorisation::default();
-        let mut stopped = false;
-        for (b, chunk) in order.chunks(bs).enumerate() {
-            if control.checkpoint() {
-                stopped = true;
+        let trained = match pass.run(epoch, &order, &mut rng, &mut net, method.as_mut(), &mut optimizer)? {
+            EpochEnding::Trained(trained) => trained,
+            EpochEnding::Stopped => {
+                summary.status = Status::Stopped;
                 break;
             }
-            let mut images = data::rows(&data.train.images, chunk, image_len);
-            if exp.data.augment {
-                augment::crop_flip(&mut images, data.shape, &mut rng);
-            }
-            let labels: Vec<u32> = chunk.iter().map(|&i| data.train.labels[i]).collect();
-            let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), &device)?;
-            let logits = threads::compute(&device, || net.forward(&x, true))?;
-            let targets = if multi { data::rows(&data.train.targets, chunk, classes) } else { Vec::new() };
-            let batch = Batch {
-                epoch,
-                images: &x,
-                labels: &labels,
-                targets: &targets,
-                classes,
-                multi_label: multi,
-                device: &device,
-            };
-            let mut loss = match method.loss(&batch, &logits)? {
-                Some(loss) => loss,
-                None => methods::default_loss(&batch, &logits)?,
-            };
-            if let Some(penalty) = method.penalty(&net.params.entries)? {
-                loss = (loss + penalty)?;
-            }
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                summary.status = Status::Diverged;
-                summary.message = Some(format!(
-                    "the training loss became {loss_value} at epoch {epoch}, batch {}: lower train.lr or change the regularizer",
-                    b + 1
-                ));
-                summary.epochs_run = history.len();
-                return Ok(());
-            }
-            threads::compute(&device, || optimizer.step(&loss.backward()?))?;
-            let out = logits.detach().to_vec2::<f32>()?.concat();
-            if multi {
-                // Per known (image, label): predicted present (logit > 0) against the noisy target.
-                let flags = data::rows(&data.corrupted, chunk, classes);
-                let known: Vec<usize> = (0..targets.len()).filter(|&k| targets[k] >= 0.0).collect();
-                let preds: Vec<u32> = known.iter().map(|&k| (out[k] > 0.0) as u32).collect();
-                let noisy: Vec<u32> = known.iter().map(|&k| (targets[k] > 0.5) as u32).collect();
-                let flags: Vec<bool> = known.iter().map(|&k| flags[k]).collect();
-                let columns: Vec<usize> = known.iter().map(|&k| k % classes).collect();
-                memo.add(&preds, &noisy, &flags, &columns);
-            } else {
-                let preds = argmax_rows(&out, classes);
-                let flags: Vec<bool> = chunk.iter().map(|&i| data.corrupted[i]).collect();
-                let clean: Vec<usize> = chunk.iter().map(|&i| data.train_clean_labels[i] as usize).collect();
-                memo.add(&preds, &labels, &flags, &clean);
-            }
-            loss_sum += loss_value * chunk.len() as f64;
-            seen += chunk.len();
-            if opts.batch_events_every > 0 && (b + 1) % opts.batch_events_every == 0 {
-                let _ = tx.send(TrainEvent::Batch(BatchProgress {
-                    epoch,
-                    batch: b + 1,
-                    batches,
-                    loss: loss_value,
-                    images_per_sec: seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
-                }));
-            }
-        }
-        if stopped {
-            summary.status = Status::Stopped;
-            break;
-        }
-        let train_secs = epoch_start.elapsed().as_secs_f64();
-        let val = if data.val.is_empty() { None } else { Some(evaluate(&net, &data.val, &data, &device, None)?) };
-        let thresholds = match (&val, exp.train.tune_threshold) {
-            (Some(v), true) => tune_thresholds(&v.probs, &data.val.targets, classes),
-            _ => Vec::new(),
+            EpochEnding::Diverged(message) => return diverged(summary, &history, message),
         };
-        let test =
-            evaluate(&net, &data.test, &data, &device, (!thresholds.is_empty()).then_some(thresholds.as_slice()))?;
-        let (eval_loss, eval_acc) = (test.loss, test.acc);
-        let train_loss = loss_sum / seen.max(1) as f64;
-        let m = EpochMetrics {
-            epoch,
-            train_loss,
-            train_acc: memo.noisy_acc(),
-            memorized: memo.memorized(),
-            memorized_per_class: memo.per_group(classes),
-            clean_fit: memo.clean_fit(),
-            eval_loss,
-            eval_acc,
-            per_class_acc: test.per_class,
-            f1: test.f1,
-            label_loss: test.label_loss,
-            thresholds: thresholds.clone(),
-            val_f1: val.as_ref().filter(|_| multi).map(|v| v.acc),
-            val_loss: val.as_ref().map(|v| v.loss),
-            val_acc: val.as_ref().map(|v| v.acc),
-            gap: eval_loss - train_loss,
-            images_per_sec: seen as f64 / train_secs.max(1e-9),
-            epoch_secs: epoch_start.elapsed().as_secs_f64(),
-        };
+        let m = pass.evaluate(epoch, &net, trained, epoch_start)?;
         if let Some(name) = net.params.first_non_finite()? {
-            summary.status = Status::Diverged;
-            summary.message = Some(format!(
+            let message = format!(
                 "parameter `{name}` became NaN or infinite at epoch {epoch}: lower train.lr or change the regularizer"
-            ));
-            summary.epochs_run = history.len();
-            return Ok(());
+            );
+            return diverged(summary, &history, message);
         }
         // Only a recorded epoch can be the best one: a diverged epoch above never reaches here.
-        if summary.best.as_ref().is_none_or(|b| eval_acc > b.eval_acc) {
-            summary.best = Some(Best { epoch, eval_acc, eval_loss });
+        if summary.best.as_ref().is_none_or(|b| m.eval_acc > b.eval_acc) {
+            summary.best = Some(Best { epoch, eval_acc: m.eval_acc, eval_loss: m.eval_loss });
         }
         history.push(m.clone());
         summary.epochs_run = epoch;
         summary.last = Some(m.clone());
-        summary.final_eval_acc = Some(eval_acc);
-        summary.final_eval_loss = Some(eval_loss);
+        (summary.final_eval_acc, summary.final_eval_loss) = (Some(m.eval_acc), Some(m.eval_loss));
         dir.write_metrics(&history)?;
-        let end = EpochEnd { epoch, multi_label: multi, val_loss: m.val_loss, val_f1: m.val_f1 };
+        let end = EpochEnd { epoch, multi_label: data.is_multi_label(), val_loss: m.val_loss, val_f1: m.val_f1 };
         let _ = tx.send(TrainEvent::Epoch(m));
 
         let mut outcome = Outcome::default();
@@ -475,14 +327,12 @@ fn train(
 
     // A method may end the run with an earlier epoch's weights (early stopping's best).
     if let Some(kept) = method.keep_weights(&mut net, summary.epochs_run)? {
-        let thresholds = history[kept - 1].thresholds.clone();
-        let t = evaluate(&net, &data.test, &data, &device, (!thresholds.is_empty()).then_some(thresholds.as_slice()))?;
-        summary.final_eval_acc = Some(t.acc);
-        summary.final_eval_loss = Some(t.loss);
+        let t = pass.test(&net, &history[kept - 1].thresholds)?;
+        (summary.final_eval_acc, summary.final_eval_loss) = (Some(t.acc), Some(t.loss));
         summary.restored_epoch = Some(kept);
         log(format!(
             "restored the weights of epoch {kept} (test {} {:.1}%)",
-            if multi { "average F1" } else { "accuracy" },
+            if data.is_multi_label() { "average F1" } else { "accuracy" },
             t.acc * 100.0
         ));
     }
@@ -494,6 +344,242 @@ fn train(
         summary.status = Status::Completed;
     }
     Ok(())
+}
+
+/// Marks the run diverged with `message` (a recorded outcome, not an error); its record keeps the
+/// epochs before.
+fn diverged(summary: &mut Summary, history: &[EpochMetrics], message: String) -> Result<()> {
+    summary.status = Status::Diverged;
+    summary.message = Some(message);
+    summary.epochs_run = history.len();
+    Ok(())
+}
+
+/// The run's data, loaded only when the memory it will need is there: checked before loading where
+/// the sizes are known (so that a run too big fails before it allocates), and again on the loaded
+/// sizes. Returns the estimate too, for the run's log.
+fn load_within_memory(
+    exp: &Experiment,
+    method: &dyn Method,
+    load: impl FnOnce() -> Result<Dataset>,
+) -> Result<(Dataset, Footprint)> {
+    let available = footprint::available();
+    if let Some(size) = DataSize::expected(&exp.data).filter(|s| s.exact) {
+        Footprint::estimate(exp, &size).check(exp, available)?;
+    }
+    let data = load()?;
+    check_validation_size(exp, method, data.val.len())?;
+    let loaded = DataSize {
+        shape: data.shape,
+        train: data.train.len() + data.val.len(),
+        test: data.test.len(),
+        outputs: data.num_classes(),
+        exact: true,
+    };
+    let memory = Footprint::estimate(exp, &loaded);
+    memory.check(exp, available)?;
+    Ok((data, memory))
+}
+
+/// The network for `data`, with the layers the methods wire in (the wiring also builds any peer).
+fn build_network(exp: &Experiment, data: &Dataset, method: &dyn Method, device: &Device) -> (ResNet, Wiring) {
+    let mut spec = NetSpec {
+        arch: exp.model.arch,
+        width: exp.model.width,
+        input: data.shape,
+        outputs: data.num_classes(),
+        per_label_heads: false,
+    };
+    let mut wiring = Wiring::default();
+    method.wire(&mut spec, &mut wiring, data.is_multi_label());
+    (ResNet::new(spec, &wiring, device, exp.train.seed), wiring)
+}
+
+/// The `Started` event: what the lab shows of a run before its first epoch.
+fn run_info(exp: &Experiment, data: &Dataset, dir: &RunDir, summary: &Summary, batches: usize) -> RunInfo {
+    RunInfo {
+        run_id: dir.id(),
+        dir: dir.path.clone(),
+        name: exp.name.clone(),
+        label: exp.method_label(),
+        dataset: data.name.clone(),
+        classes: data.classes.clone(),
+        multi_label: data.is_multi_label(),
+        train_size: data.train.len(),
+        val_size: data.val.len(),
+        test_size: data.test.len(),
+        noise_rate: exp.data.noise.rate,
+        measured_noise_rate: data.measured_noise_rate,
+        params: summary.params,
+        macs: summary.macs,
+        epochs: exp.train.epochs,
+        batches_per_epoch: batches,
+        device: summary.device.clone(),
+    }
+}
+
+/// How an epoch's pass over the training batches ended.
+enum EpochEnding {
+    Trained(Trained),
+    /// A stop was asked for: the run ends with the epochs before.
+    Stopped,
+    /// The loss was not finite; the message says where.
+    Diverged(String),
+}
+
+/// What an epoch's training batches add up to.
+struct Trained {
+    loss_sum: f64,
+    seen: usize,
+    memo: Memorisation,
+    secs: f64,
+}
+
+/// What every epoch of a run reads: one pass over the shuffled training set, then the evaluation.
+struct Pass<'a> {
+    exp: &'a Experiment,
+    opts: &'a RunOptions,
+    control: &'a RunControl,
+    tx: &'a UnboundedSender<TrainEvent>,
+    data: &'a Dataset,
+    device: &'a Device,
+    batch_size: usize,
+    batches: usize,
+}
+
+impl<'a> Pass<'a> {
+    fn new(
+        exp: &'a Experiment,
+        opts: &'a RunOptions,
+        control: &'a RunControl,
+        tx: &'a UnboundedSender<TrainEvent>,
+        data: &'a Dataset,
+        device: &'a Device,
+    ) -> Self {
+        let batch_size = exp.train.batch_size.min(data.train.len());
+        Self { exp, opts, control, tx, data, device, batch_size, batches: data.train.len().div_ceil(batch_size) }
+    }
+
+    /// One epoch's steps over the training images in `order`: forward, the methods' loss, one
+    /// optimiser step, and the tally of what the network fits.
+    fn run(
+        &self,
+        epoch: usize,
+        order: &[usize],
+        rng: &mut ChaCha8Rng,
+        net: &mut ResNet,
+        method: &mut dyn Method,
+        optimizer: &mut Adam,
+    ) -> Result<EpochEnding> {
+        let (data, device) = (self.data, self.device);
+        let start = Instant::now();
+        let classes = data.num_classes();
+        let mut trained = Trained { loss_sum: 0.0, seen: 0, memo: Memorisation::default(), secs: 0.0 };
+        for (b, chunk) in order.chunks(self.batch_size).enumerate() {
+            if self.control.checkpoint() {
+                return Ok(EpochEnding::Stopped);
+            }
+            let mut images = data::rows(&data.train.images, chunk, data.image_len());
+            if self.exp.data.augment {
+                augment::crop_flip(&mut images, data.shape, rng);
+            }
+            let labels: Vec<u32> = chunk.iter().map(|&i| data.train.labels[i]).collect();
+            let x = Tensor::from_vec(images, (chunk.len(), data.shape[0], data.shape[1], data.shape[2]), device)?;
+            let logits = threads::compute(device, || net.forward(&x, true))?;
+            let multi_label = data.is_multi_label();
+            let targets = if multi_label { data::rows(&data.train.targets, chunk, classes) } else { Vec::new() };
+            let batch = Batch { epoch, images: &x, labels: &labels, targets: &targets, classes, multi_label, device };
+            let mut loss = match method.loss(&batch, &logits)? {
+                Some(loss) => loss,
+                None => methods::default_loss(&batch, &logits)?,
+            };
+            if let Some(penalty) = method.penalty(&net.params.entries)? {
+                loss = (loss + penalty)?;
+            }
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            if !loss_value.is_finite() {
+                return Ok(EpochEnding::Diverged(format!(
+                    "the training loss became {loss_value} at epoch {epoch}, batch {}: lower train.lr or change the regularizer",
+                    b + 1
+                )));
+            }
+            threads::compute(device, || optimizer.step(&loss.backward()?))?;
+            self.tally(&mut trained.memo, chunk, &batch, &logits.detach().to_vec2::<f32>()?.concat());
+            trained.loss_sum += loss_value * chunk.len() as f64;
+            trained.seen += chunk.len();
+            if self.opts.batch_events_every > 0 && (b + 1) % self.opts.batch_events_every == 0 {
+                let _ = self.tx.send(TrainEvent::Batch(BatchProgress {
+                    epoch,
+                    batch: b + 1,
+                    batches: self.batches,
+                    loss: loss_value,
+                    images_per_sec: trained.seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
+                }));
+            }
+        }
+        trained.secs = start.elapsed().as_secs_f64();
+        Ok(EpochEnding::Trained(trained))
+    }
+
+    /// Adds a batch's predictions `out` to the tally of fitted labels: per image (classes), or per
+    /// known (image, label), predicted present (logit > 0) against the noisy target.
+    fn tally(&self, memo: &mut Memorisation, chunk: &[usize], batch: &Batch, out: &[f32]) {
+        let (data, classes) = (self.data, batch.classes);
+        if batch.multi_label {
+            let (targets, flags) = (batch.targets, data::rows(&data.corrupted, chunk, classes));
+            let known: Vec<usize> = (0..targets.len()).filter(|&k| targets[k] >= 0.0).collect();
+            let preds: Vec<u32> = known.iter().map(|&k| (out[k] > 0.0) as u32).collect();
+            let noisy: Vec<u32> = known.iter().map(|&k| (targets[k] > 0.5) as u32).collect();
+            let flags: Vec<bool> = known.iter().map(|&k| flags[k]).collect();
+            let columns: Vec<usize> = known.iter().map(|&k| k % classes).collect();
+            memo.add(&preds, &noisy, &flags, &columns);
+        } else {
+            let preds = argmax_rows(out, classes);
+            let flags: Vec<bool> = chunk.iter().map(|&i| data.corrupted[i]).collect();
+            let clean: Vec<usize> = chunk.iter().map(|&i| data.train_clean_labels[i] as usize).collect();
+            memo.add(&preds, batch.labels, &flags, &clean);
+        }
+    }
+
+    /// The epoch's record: the training tally, then validation (tuning the labels' thresholds where
+    /// asked) and test.
+    fn evaluate(&self, epoch: usize, net: &ResNet, trained: Trained, start: Instant) -> Result<EpochMetrics> {
+        let (data, classes) = (self.data, self.data.num_classes());
+        let val = if data.val.is_empty() { None } else { Some(evaluate(net, &data.val, data, self.device, None)?) };
+        let thresholds = match (&val, self.exp.train.tune_threshold) {
+            (Some(v), true) => tune_thresholds(&v.probs, &data.val.targets, classes),
+            _ => Vec::new(),
+        };
+        let test = self.test(net, &thresholds)?;
+        let train_loss = trained.loss_sum / trained.seen.max(1) as f64;
+        let memo = &trained.memo;
+        Ok(EpochMetrics {
+            epoch,
+            train_loss,
+            train_acc: memo.noisy_acc(),
+            memorized: memo.memorized(),
+            memorized_per_class: memo.per_group(classes),
+            clean_fit: memo.clean_fit(),
+            eval_loss: test.loss,
+            eval_acc: test.acc,
+            per_class_acc: test.per_class,
+            f1: test.f1,
+            label_loss: test.label_loss,
+            thresholds,
+            val_f1: val.as_ref().filter(|_| data.is_multi_label()).map(|v| v.acc),
+            val_loss: val.as_ref().map(|v| v.loss),
+            val_acc: val.as_ref().map(|v| v.acc),
+            gap: test.loss - train_loss,
+            images_per_sec: trained.seen as f64 / trained.secs.max(1e-9),
+            epoch_secs: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The test split under `net`, with the labels' tuned thresholds when there are any.
+    fn test(&self, net: &ResNet, thresholds: &[f64]) -> Result<Evaluation> {
+        let tuned = (!thresholds.is_empty()).then_some(thresholds);
+        evaluate(net, &self.data.test, self.data, self.device, tuned)
+    }
 }
 
 /// What the kept network weighs: its float weights, and for a QAT run the packed integer model that
