@@ -81,8 +81,9 @@ pub enum Command {
         #[command(flatten)]
         slurm: crate::slurm::SlurmArgs,
     },
-    /// Reproduce the paper's four claims (Fig. 1, 2, 3, Table 1) at a budget: trains what the out folder
-    /// lacks, then writes report.md with one verdict per claim, the figures and Table 1.
+    /// Reproduce the paper's four claims (Fig. 1, 2, 3, Table 1) at a budget, and Fig. 2 on human noise
+    /// (CIFAR-10N, from `standard` on): trains what the out folder lacks, then writes report.md with one
+    /// verdict per claim, the figures and Table 1.
     Paper {
         /// quick: <= 15 min on 2 cores (embedded data, plus CIFAR-10 for Fig. 1 with --data);
         /// standard: <= 2 h on 2 cores (CIFAR-10 subsets, needs --data); full: the paper's protocol.
@@ -94,6 +95,9 @@ pub enum Command {
         /// CIFAR-10 folder or archive (see `qat-lab data fetch cifar10`).
         #[arg(long)]
         data: Option<String>,
+        /// CIFAR-10N's label file for F2H at `standard` and `full` (see `qat-lab data fetch cifar10n`).
+        #[arg(long, value_name = "PATH", default_value = crate::paper::protocol::HUMAN_LABELS)]
+        human_labels: String,
         #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
         device: BenchDevice,
         /// Runs trained at once.
@@ -315,12 +319,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             sweep(&exps, &out, parallel, task)
         }
-        Command::Paper { budget, out, data, device, parallel, extended, task, slurm } => {
+        Command::Paper { budget, out, data, human_labels, device, parallel, extended, task, slurm } => {
             crate::threads::configure(false);
             let opts = crate::paper::PaperOptions {
                 budget,
                 out: out.clone(),
                 data: data.clone(),
+                human_labels: human_labels.clone(),
                 device: device.kind(),
                 runner: crate::runner::RunnerOptions {
                     parallel,

@@ -11,7 +11,7 @@ use qat_lab::train::{EpochMetrics, Status, Summary};
 use std::process::{Command, Stdio};
 
 fn smoke() -> Protocol {
-    Protocol::new(Budget::Smoke, None, qat_lab::config::DeviceKind::Cpu)
+    Protocol::new(Budget::Smoke, None, qat_lab::config::DeviceKind::Cpu, qat_lab::paper::protocol::HUMAN_LABELS)
 }
 
 /// A completed record of `exp` with the given eval losses per epoch and final accuracy.
@@ -265,4 +265,66 @@ fn a_second_paper_call_reuses_the_finished_runs() {
         assert!(section.contains(method), "{method} missing from the extended section:\n{section}");
     }
     assert!(out.join("fig2-extended.svg").is_file());
+}
+
+/// F2H's grid at `standard` with accuracies from `acc(method kind, set, seed)`, each record carrying
+/// its label set's measured noise rate.
+fn human_records(p: &Protocol, acc: impl Fn(&str, &str, u64) -> f64) -> Vec<RunRecord> {
+    let family = p.human.as_ref().expect("standard runs F2H");
+    let rates = [("aggre", 0.0901), ("rand1", 0.1723), ("worst", 0.4021)];
+    let mut out = Vec::new();
+    for reg in p.fig2_methods() {
+        for (set, rate) in rates {
+            for &seed in &p.seeds {
+                let exp = Protocol::human_experiment(family, &reg, set, seed);
+                let mut r = record(exp, &[1.0, 0.9], acc(reg.kind(), set, seed));
+                r.summary.as_mut().unwrap().measured_noise_rate = rate;
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fig2_on_human_noise_splits_the_label_sets_by_their_measured_rate() {
+    use qat_lab::paper::protocol::{HUMAN_LABELS, HUMAN_SETS};
+    let p = Protocol::new(Budget::Standard, Some("cifar"), qat_lab::config::DeviceKind::Cpu, HUMAN_LABELS);
+    let plan = p.human_plan();
+    assert_eq!(plan.len(), p.fig2_methods().len() * HUMAN_SETS.len() * p.seeds.len());
+    assert!(plan.iter().all(|e| e.data.noise.kind == qat_lab::config::NoiseKind::Human && e.validate().is_ok()));
+    assert!(plan.iter().all(|e| p.plan().contains(e)), "the budget trains F2H's runs");
+    // W4/A4 best on aggre and rand1 (below 40%), dropout best on worst (above): held.
+    let noise = |seed: u64| seed as f64 * 0.002;
+    let held = human_records(&p, |kind, set, seed| {
+        noise(seed)
+            + match (kind, set) {
+                ("quantization", "worst") => 0.50,
+                ("quantization", _) => 0.80,
+                ("dropout", "worst") => 0.55,
+                _ => 0.70,
+            }
+    });
+    let c = claims::fig2_human(&p, &held);
+    assert_eq!(c.verdict, Verdict::Held, "{}", c.numbers);
+    assert!(c.numbers.contains("below 40% (aggre 9.0%, rand1 17.2%)"), "{}", c.numbers);
+    assert!(c.numbers.contains("above 40% (worst 40.2%)"), "{}", c.numbers);
+    // W4/A4 behind weight decay below 40%: not held.
+    let not = human_records(&p, |kind, set, seed| {
+        noise(seed)
+            + match (kind, set) {
+                ("weight_decay", "aggre" | "rand1") => 0.85,
+                ("dropout", "worst") => 0.55,
+                _ => 0.70,
+            }
+    });
+    assert_eq!(claims::fig2_human(&p, &not).verdict, Verdict::NotHeld);
+    // No runs: inconclusive, every missing point named.
+    let c = claims::fig2_human(&p, &[]);
+    assert_eq!(c.verdict, Verdict::Inconclusive);
+    assert!(c.details.iter().any(|d| d.contains("label sets with no finished run")), "{:?}", c.details);
+    // `quick` does not run it, and says why.
+    let c = claims::fig2_human(&smoke(), &[]);
+    assert_eq!(c.verdict, Verdict::NotRun);
+    assert!(c.numbers.contains("--budget standard"), "{}", c.numbers);
 }

@@ -1,4 +1,5 @@
-//! `qat-lab paper`: the paper's four claims (Fig. 1, Fig. 2, Fig. 3, Table 1) trained at a budget
+//! `qat-lab paper`: the paper's four claims (Fig. 1, Fig. 2, Fig. 3, Table 1), and Fig. 2 on human
+//! label noise (F2H, from `standard` on), trained at a budget
 //! and judged from the records, with the figures and Table 1 written beside a `report.md`.
 //!
 //! The flow is one way: [`protocol`] says what to train, [`crate::runner`] trains what the out folder
@@ -27,6 +28,8 @@ pub struct PaperOptions {
     pub out: PathBuf,
     /// A CIFAR-10 folder or archive.
     pub data: Option<String>,
+    /// CIFAR-10N's label file (F2H, at `standard` and `full`).
+    pub human_labels: String,
     pub device: DeviceKind,
     pub runner: RunnerOptions,
     /// Also train the methods made for noisy labels ([`Protocol::extended_plan`]) and report them in a
@@ -66,7 +69,14 @@ fn protocol_and_plan(opts: &PaperOptions) -> Result<(Protocol, Vec<Experiment>)>
             opts.budget.name()
         );
     }
-    let protocol = Protocol::new(opts.budget, opts.data.as_deref(), opts.device);
+    let mut protocol = Protocol::new(opts.budget, opts.data.as_deref(), opts.device, &opts.human_labels);
+    // Without the label file F2H is reported as not run, and the other claims still train.
+    if protocol.human.is_ok() && !Path::new(&opts.human_labels).is_file() {
+        protocol.human = Err(format!(
+            "not run: CIFAR-10N's label file `{}` is absent; `qat-lab data fetch cifar10n` downloads it (or pass --human-labels PATH)",
+            opts.human_labels
+        ));
+    }
     let mut plan = protocol.plan();
     if opts.extended {
         plan.extend(protocol.extended_plan());
@@ -248,7 +258,7 @@ pub fn write(
     std::fs::create_dir_all(dir)?;
     let mut md = format!(
         "# The paper, reproduced by qat-lab — budget `{}`\n\n\"Fighting over-fitting with quantization for learning deep neural networks on noisy labels\": \
-         its four claims, trained by `qat-lab paper --budget {}` and judged from the run records in `runs/`.\n\n",
+         its four claims (and F2H, Fig. 2 on human noise), trained by `qat-lab paper --budget {}` and judged from the run records in `runs/`.\n\n",
         p.budget.name(),
         p.budget.name()
     );
@@ -316,12 +326,18 @@ pub fn write(
         if c.id == "T1" {
             md.push_str(&format!("\n{}", write_table1(p, records, dir)?));
         }
+        if c.id == "F2H" {
+            md.push_str(&human_table(p, records));
+        }
     }
     md.push_str("\n## What was trained\n\nEvery method of a family trains on the same data, model and schedule; only the regularizer, the noise rate and the seed differ.\n\n");
     md.push_str("| family | dataset | train images | test images | model | epochs | batch | lr | augment | noise |\n|---|---|---|---|---|---|---|---|---|---|\n");
     md.push_str(&format!("{}\n", family_line("F1", &p.fig1)));
     md.push_str(&format!("{}\n", family_line("F2, F3", &p.classes)));
     md.push_str(&format!("{}\n", family_line("T1", &p.faces)));
+    if let Ok(human) = &p.human {
+        md.push_str(&format!("{}\n", family_line("F2H", human)));
+    }
     let labels = |v: Vec<crate::config::Regularizer>| v.iter().map(|r| r.label()).collect::<Vec<_>>().join(", ");
     md.push_str(&format!(
         "\n- Validation: {:.0}% of the training images held out for every run (early stopping reads it).\n- F1: seeds {:?} at s = {:.0}%.\n- F2: {} at s = {}, seeds {:?}.\n- F3: {}; at s = {}.\n- T1: {} at {:.0}% annotation noise on ambiguous activations, seeds {:?}.\n",
@@ -351,6 +367,33 @@ pub fn write(
     Ok(path)
 }
 
+/// F2H's final test accuracy (%) per method and CIFAR-10N label set, mean ± std over seeds (empty
+/// where the budget does not run it).
+fn human_table(p: &Protocol, records: &[RunRecord]) -> String {
+    let Ok(family) = &p.human else { return String::new() };
+    let mut md = format!(
+        "\nFinal test accuracy (%), mean ± std over seeds:\n\n| method | {} |\n|---{}|\n",
+        protocol::HUMAN_SETS.join(" | "),
+        "|---".repeat(protocol::HUMAN_SETS.len())
+    );
+    for reg in p.fig2_methods() {
+        let cells: Vec<String> = protocol::HUMAN_SETS
+            .iter()
+            .map(|set| {
+                let accs: Vec<f64> = p
+                    .seeds
+                    .iter()
+                    .filter_map(|&seed| claims::find(records, &Protocol::human_experiment(family, &reg, set, seed)))
+                    .filter_map(report::final_acc)
+                    .collect();
+                report::mean_std_cell(&accs)
+            })
+            .collect();
+        md.push_str(&format!("| {} | {} |\n", reg.label(), cells.join(" | ")));
+    }
+    md
+}
+
 /// Writes `table1.{md,csv,tex}` (ours, read at the best-validation epoch) and returns the Markdown
 /// for the report, with the paper's table beneath.
 fn write_table1(p: &Protocol, records: &[RunRecord], dir: &Path) -> Result<String> {
@@ -376,4 +419,33 @@ fn write_table1(p: &Protocol, records: &[RunRecord], dir: &Path) -> Result<Strin
         "Ours (procedural faces, {:.0}% annotation noise; test F1 at the best-validation epoch, mean of the seeds; Avg. ± std over seeds):\n\n{ours}\nThe paper's (BP4D):\n\n{paper}",
         FACES_NOISE * 100.0
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NoiseKind;
+
+    /// Without CIFAR-10N's label file F2H trains nothing and says how to get the file; with it, its runs
+    /// join the plan.
+    #[test]
+    fn f2_on_human_noise_needs_the_label_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = |labels: &Path| PaperOptions {
+            budget: Budget::Standard,
+            out: dir.path().into(),
+            data: Some("cifar".into()),
+            human_labels: labels.display().to_string(),
+            device: DeviceKind::Cpu,
+            runner: RunnerOptions::default(),
+            extended: false,
+        };
+        let absent = dir.path().join("CIFAR-10_human.pt");
+        let (protocol, plan) = protocol_and_plan(&opts(&absent)).unwrap();
+        assert!(protocol.human.unwrap_err().contains("qat-lab data fetch cifar10n"));
+        assert!(plan.iter().all(|e| e.data.noise.kind != NoiseKind::Human));
+        std::fs::write(&absent, b"labels").unwrap();
+        let (_, plan) = protocol_and_plan(&opts(&absent)).unwrap();
+        assert!(plan.iter().any(|e| e.data.noise.kind == NoiseKind::Human));
+    }
 }

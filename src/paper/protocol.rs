@@ -53,6 +53,9 @@ pub struct Protocol {
     pub fig1: Experiment,
     /// T1: multi-label AU detection on faces.
     pub faces: Experiment,
+    /// F2H: the F2 family on CIFAR-10N's human label sets ([`HUMAN_SETS`]); `Err` says why this
+    /// budget does not run it (it needs the whole official CIFAR-10 and the label file).
+    pub human: Result<Experiment, String>,
     /// F2's noise rates.
     pub rates: Vec<f64>,
     /// F3's noise rates.
@@ -94,10 +97,18 @@ fn base(
     e
 }
 
+/// The CIFAR-10N label sets F2H trains on: the aggregate (9% noisy), one annotator (17%) and the
+/// worst of three (40%).
+pub const HUMAN_SETS: [&str; 3] = ["aggre", "rand1", "worst"];
+
+/// Where `qat-lab data fetch cifar10n` puts the CIFAR-10N labels, and where F2H reads them by default.
+pub const HUMAN_LABELS: &str = "data/cifar-n/CIFAR-10_human.pt";
+
 impl Protocol {
     /// The protocol of `budget`; `data` is a CIFAR-10 folder or archive (required from `standard` on,
-    /// optional at `quick`, where it adds F1 on CIFAR-10).
-    pub fn new(budget: Budget, data: Option<&str>, device: DeviceKind) -> Protocol {
+    /// optional at `quick`, where it adds F1 on CIFAR-10). F2H reads CIFAR-10N's labels from
+    /// `human_labels` at `standard` and `full`.
+    pub fn new(budget: Budget, data: Option<&str>, device: DeviceKind, human_labels: &str) -> Protocol {
         let cifar = |name: &str, train: usize, epochs: usize| {
             let mut e = base(name, DatasetKind::Cifar10, train, 0, Arch::Resnet20, 1.0, epochs);
             e.data.path = data.unwrap_or_default().to_string();
@@ -126,6 +137,7 @@ impl Protocol {
                     classes,
                     fig1,
                     faces: faces("paper-quick-faces", 600, 400, 0.5, 12),
+                    human: Err(NOT_AT_THIS_BUDGET.into()),
                     // One rate each side of the paper's 40% boundary keeps the grid inside 15 minutes.
                     rates: vec![0.2, 0.6],
                     f3_rates: vec![0.6],
@@ -143,6 +155,7 @@ impl Protocol {
                 Protocol {
                     budget,
                     fig1: cifar("paper-standard-fig1", 5000, 30),
+                    human: Ok(human(&classes, human_labels)),
                     classes,
                     faces: faces("paper-standard-faces", 1500, 1000, 0.5, 30),
                     rates: vec![0.1, 0.2, 0.3, 0.5, 0.6],
@@ -163,6 +176,7 @@ impl Protocol {
                     fig1: classes.clone(),
                     classes,
                     faces: faces("paper-smoke-faces", 100, 60, 0.25, 3),
+                    human: Err(NOT_AT_THIS_BUDGET.into()),
                     rates: vec![0.2, 0.6],
                     f3_rates: vec![0.6],
                     seeds: vec![0, 1],
@@ -178,6 +192,7 @@ impl Protocol {
                 Protocol {
                     budget,
                     fig1: classes.clone(),
+                    human: Ok(human(&classes, human_labels)),
                     classes,
                     faces: faces("paper-full-faces", 4000, 1000, 1.0, 60),
                     rates: vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
@@ -190,10 +205,35 @@ impl Protocol {
                 }
             }
         };
-        for e in [&mut p.classes, &mut p.fig1, &mut p.faces] {
+        let human = p.human.as_mut().ok();
+        for e in [&mut p.classes, &mut p.fig1, &mut p.faces].into_iter().chain(human) {
             e.train.device = device;
         }
         p
+    }
+
+    /// F2H's experiment of a method on a label set, for one seed.
+    pub fn human_experiment(family: &Experiment, regularizer: &Regularizer, set: &str, seed: u64) -> Experiment {
+        let mut e = family.clone();
+        e.regularizer = regularizer.clone();
+        e.data.noise.set = set.into();
+        e.train.seed = seed;
+        e
+    }
+
+    /// F2H's runs: F2's seven methods on every label set of [`HUMAN_SETS`], per seed (none where the
+    /// budget does not run it).
+    pub fn human_plan(&self) -> Vec<Experiment> {
+        let Ok(family) = &self.human else { return Vec::new() };
+        let mut plan = Vec::new();
+        for reg in self.fig2_methods() {
+            for set in HUMAN_SETS {
+                for &seed in &self.seeds {
+                    plan.push(Self::human_experiment(family, &reg, set, seed));
+                }
+            }
+        }
+        plan
     }
 
     /// The paper's seven methods of Fig. 2 (`none` is the baseline), with its hyper-parameters.
@@ -336,8 +376,26 @@ impl Protocol {
                 plan.push(Self::experiment(&self.faces, &Point { regularizer: reg.clone(), rate: FACES_NOISE, seed }));
             }
         }
+        plan.extend(self.human_plan());
         plan
     }
+}
+
+/// Why `quick` does not run F2H.
+pub const NOT_AT_THIS_BUDGET: &str = "not run at this budget: CIFAR-10N's labels need the whole official CIFAR-10 in its order; run `--budget standard` or `full` with --data";
+
+/// F2H's family: F2's data, model and schedule (the whole training set at `full`, a subset at
+/// `standard`), its labels replaced by a CIFAR-10N set instead of synthetic noise.
+fn human(classes: &Experiment, labels: &str) -> Experiment {
+    let mut e = classes.clone();
+    e.name = classes.name.replace("cifar10", "cifar10n");
+    e.data.noise = crate::config::NoiseConfig {
+        kind: NoiseKind::Human,
+        labels: labels.into(),
+        set: HUMAN_SETS[0].into(),
+        ..Default::default()
+    };
+    e
 }
 
 /// Annotation noise of the faces family: 20% of each AU's labels flipped, concentrated on weak
@@ -365,14 +423,15 @@ mod tests {
     #[test]
     fn every_planned_experiment_is_valid_and_methods_share_their_data() {
         for budget in [Budget::Quick, Budget::Standard, Budget::Full, Budget::Smoke] {
-            let p = Protocol::new(budget, Some("data/cifar10"), DeviceKind::Cpu);
+            let p = Protocol::new(budget, Some("data/cifar10"), DeviceKind::Cpu, HUMAN_LABELS);
             let plan = p.plan();
             for e in &plan {
                 e.validate().unwrap_or_else(|m| panic!("{budget:?}: {m}: {e:?}"));
             }
             // Fair by construction: per family, only the regularizer, noise rate and seed differ.
             for e in &plan {
-                let family = [&p.classes, &p.fig1, &p.faces].into_iter().find(|f| f.name == e.name).unwrap();
+                let families = [&p.classes, &p.fig1, &p.faces].into_iter().chain(p.human.as_ref().ok());
+                let family = families.into_iter().find(|f| f.name == e.name).unwrap();
                 assert_eq!(e.model, family.model);
                 assert_eq!(e.train.epochs, family.train.epochs);
                 assert_eq!(e.data.train_subset, family.data.train_subset);

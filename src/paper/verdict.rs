@@ -15,6 +15,8 @@ pub enum Verdict {
     Held,
     NotHeld,
     Inconclusive,
+    /// The budget does not train the claim's runs (the report says why).
+    NotRun,
 }
 
 impl Verdict {
@@ -23,6 +25,7 @@ impl Verdict {
             Verdict::Held => "held",
             Verdict::NotHeld => "not held",
             Verdict::Inconclusive => "inconclusive",
+            Verdict::NotRun => "not run",
         }
     }
 

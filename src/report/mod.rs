@@ -145,6 +145,16 @@ pub fn size_table(records: &[RunRecord]) -> String {
     out
 }
 
+/// Accuracies (fractions) as a table cell in percent: `mean ± std` over several, the value of one,
+/// `-` for none.
+pub fn mean_std_cell(v: &[f64]) -> String {
+    match v {
+        [] => "-".into(),
+        [one] => format!("{:.2}", one * 100.0),
+        _ => format!("{:.2} ± {:.2}", mean(v).unwrap_or(0.0) * 100.0, std_dev(v) * 100.0),
+    }
+}
+
 /// Accuracy (mean ± std over seeds) per method and noise rate, as in the paper's Fig. 2.
 pub fn noise_sweep_table(records: &[RunRecord]) -> String {
     let mut rates: Vec<u64> = records.iter().map(|r| data_key(r).2).collect();
@@ -171,13 +181,8 @@ pub fn noise_sweep_table(records: &[RunRecord]) -> String {
     for m in methods {
         out.push_str(&format!("| {m} |"));
         for r in &rates {
-            match cells.get(&(m.clone(), *r)) {
-                Some(v) if v.len() > 1 => {
-                    out.push_str(&format!(" {:.2} ± {:.2} |", mean(v).unwrap_or(0.0) * 100.0, std_dev(v) * 100.0))
-                }
-                Some(v) => out.push_str(&format!(" {:.2} |", v[0] * 100.0)),
-                None => out.push_str(" - |"),
-            }
+            let cell = cells.get(&(m.clone(), *r)).map_or_else(|| "-".to_string(), |v| mean_std_cell(v));
+            out.push_str(&format!(" {cell} |"));
         }
         out.push('\n');
     }
