@@ -157,7 +157,7 @@ impl Protocol {
                     fig1: cifar("paper-standard-fig1", 5000, 30),
                     human: Ok(human(&classes, human_labels)),
                     classes,
-                    faces: faces("paper-standard-faces", 1500, 1000, 0.5, 30),
+                    faces: faces("paper-standard-faces", 1500, 1000, 1.0, 40),
                     rates: vec![0.1, 0.2, 0.3, 0.5, 0.6],
                     f3_rates: vec![0.2, 0.6],
                     seeds: vec![0, 1],
