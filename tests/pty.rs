@@ -107,11 +107,11 @@ fn start_a_run_watch_it_and_quit_cleanly() {
 
     screen
         .wait_for("the setup screen", Duration::from_secs(20), |t| t.contains("Experiment") && t.contains("◀ demo ▶"));
-    // Epochs: 16 -> 10 (one step left in the list), then start.
+    // Epochs: 20 -> 16 -> 10 (two steps left in the list), then start.
     let epochs_row = qat_lab::ui::setup::FIELDS.iter().position(|f| *f == qat_lab::ui::setup::Field::Epochs).unwrap();
     let down_to_epochs = "\x1b[B".repeat(epochs_row);
     writer.write_all(down_to_epochs.as_bytes()).unwrap();
-    writer.write_all(b"\x1b[D").unwrap();
+    writer.write_all(b"\x1b[D\x1b[D").unwrap();
     screen.wait_for("epochs = 10", Duration::from_secs(5), |t| t.contains("◀ 10 ▶"));
     writer.write_all(b"\r").unwrap();
     let live = screen.wait_for("the chart to fill in", Duration::from_secs(60), |t| {
