@@ -167,7 +167,7 @@ pub enum Command {
         /// int (the packed integer model) or onnx.
         #[arg(long, value_enum, default_value = "int")]
         format: ExportFormat,
-        /// Where to write it [default: runs/<id>/model.int.safetensors or runs/<id>/model.onnx].
+        /// Where to write it (default: `runs/<id>/model.int.safetensors` or `runs/<id>/model.onnx`).
         #[arg(long)]
         out: Option<PathBuf>,
     },

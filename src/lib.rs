@@ -1,9 +1,10 @@
 //! qat-lab: watch, live, whether a regularizer stops a network from memorising noisy labels.
 //!
-//! Data flows one way: [`config`] (presets) -> [`data`] (datasets + label noise) -> [`model`] (layers,
-//! calling [`ops`], with [`regularize`]rs) -> [`train`] (worker thread, events) -> `ui` or headless ->
-//! [`runs`] (records on disk) -> [`report`]. Multi-run commands go through [`runner`]; [`paper`]
-//! reproduces the paper's claims on top of it.
+//! Data flows one way: [`config`] (presets) -> [`data`] (datasets + label noise) -> [`model`] and
+//! [`methods`] (layers; the regularizers and noise-robust losses, one file each) -> [`ops`] (`cpu/` or
+//! `gpu/` kernels) -> [`train`] (worker thread, events) -> [`runs`] (records on disk) -> [`ui`] or
+//! [`cli`] -> [`report`]. Multi-run commands go through [`runner`]; [`paper`] reproduces the paper's
+//! claims on top of it; [`export`] ships a finished run's integer network.
 
 pub mod bench;
 pub mod cli;

@@ -46,7 +46,7 @@ impl Kernel {
     }
 }
 
-/// A layer's weights packed as [block of 16 outputs][tap][quad of inputs][16][4].
+/// A layer's weights packed as `[block of 16 outputs][tap][quad of inputs][16][4]`.
 #[derive(Debug, Clone)]
 pub struct PackedConv {
     /// Input channels, padded to a multiple of 4.

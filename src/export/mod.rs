@@ -191,7 +191,7 @@ pub struct Agreement {
     pub max_logit: f64,
     pub fake_quant_images_per_sec: f64,
     pub int_images_per_sec: f64,
-    /// The f64 evaluation ([`reference`]), when asked for: its accuracy and its top-1 agreement
+    /// The f64 evaluation ([`crate::export::reference`]), when asked for: its accuracy and its top-1 agreement
     /// with the integer and with the fake-quant network.
     pub exact: Option<ExactAgreement>,
 }

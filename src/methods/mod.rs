@@ -1,8 +1,8 @@
 //! Methods: every regularizer and every method made for noisy labels is one file behind one trait,
 //! [`Method`], whose small hooks the trainer calls without knowing any method by name. [`build`] is
 //! the one place that maps a preset's `[regularizer]` and `[robust]` to methods, and combines them.
-//! A method made for noisy labels is one file with its [`Settings`] and one line of
-//! [`robust_methods!`]; the config, the lab's Setup, `a`, sweeps and labels read it from there.
+//! A method is one file (its [`Settings`] and its [`Method`]) and one line of a `registry!` below;
+//! the config, the lab's Setup, `a`, sweeps, `paper --extended` and the labels read it from there.
 
 pub mod baseline;
 
