@@ -149,6 +149,9 @@ pub trait Settings {
     }
     /// Steps Setup parameter `which` (0 or 1) by `dir` through the values the lab offers.
     fn step_param(&mut self, _which: usize, _dir: isize) {}
+    /// Fits its epoch numbers to a schedule of `epochs` (the lab's comparisons keep the form's
+    /// schedule, which may be shorter than the preset's).
+    fn fit_schedule(&mut self, _epochs: usize) {}
 }
 
 /// A parameter as the lab's Setup shows it.

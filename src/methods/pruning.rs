@@ -72,6 +72,10 @@ impl Settings for Pruning {
             SetupParam::new("remove", remove.into()),
         ]
     }
+    /// Prunes by the middle of a shorter schedule at the latest, so that it happens during training.
+    fn fit_schedule(&mut self, epochs: usize) {
+        self.at_epoch = self.at_epoch.min(epochs.saturating_sub(1) / 2);
+    }
     fn step_param(&mut self, which: usize, dir: isize) {
         match which {
             0 => self.ratio = step_nearest(&[0.25, 0.5, 0.75, 0.9], self.ratio, dir),

@@ -2,7 +2,7 @@
 
 use crate::config::{
     step_choice as step, step_nearest as step_f, Arch, DatasetKind, DeviceKind, Experiment, HumanLabels, NoiseKind,
-    Pruning, Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS,
+    Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS,
 };
 use crate::methods::SetupParam;
 
@@ -379,11 +379,15 @@ impl SetupForm {
                 let mut e = base.clone();
                 e.regularizer = r.clone();
                 e.robust = robust.clone();
-                if matches!(r, Regularizer::EarlyStopping(_)) && e.data.val_fraction == 0.0 {
-                    return Err("early stopping needs a validation split: set `Validation split` to 10%".into());
+                if e.data.val_fraction == 0.0 && crate::methods::build(&e).needs_validation() {
+                    return Err(format!(
+                        "{} needs a validation split: set `Validation split` to 10%",
+                        e.method_label()
+                    ));
                 }
-                if let Regularizer::Pruning(Pruning { at_epoch, .. }) = &mut e.regularizer {
-                    *at_epoch = (*at_epoch).min(e.train.epochs.saturating_sub(1) / 2);
+                let epochs = e.train.epochs;
+                if let Some(settings) = e.regularizer.settings_mut() {
+                    settings.fit_schedule(epochs);
                 }
                 e.validate()?;
                 Ok(e)
@@ -405,6 +409,22 @@ fn default_demo() -> Experiment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A comparison asks each method what it needs (a validation split) and fits it to the form's
+    /// schedule (pruning's epoch), naming no method.
+    #[test]
+    fn variants_check_validation_and_fit_the_schedule() {
+        let mut f = SetupForm::new(Vec::new(), 2, false);
+        f.experiment.data.val_fraction = 0.0;
+        f.experiment.train.epochs = 6;
+        let early = (Regularizer::default_for("early_stopping").unwrap(), Robust::None);
+        let err = f.variants(&[early]).unwrap_err();
+        assert!(err.contains("early stop p=10 needs a validation split"), "{err}");
+        let pruning = (Regularizer::default_for("pruning").unwrap(), Robust::None);
+        let e = f.variants(&[pruning]).unwrap().remove(0);
+        let Regularizer::Pruning(p) = e.regularizer else { panic!("{:?}", e.regularizer) };
+        assert_eq!(p.at_epoch, 2, "by the middle of 6 epochs, not the preset's 5");
+    }
 
     #[test]
     fn cycling_changes_values_and_invalid_choices_are_explained() {
