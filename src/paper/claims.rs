@@ -192,7 +192,10 @@ fn ranking<C: Copy>(
         methods.iter().filter(|m| m.kind() != "quantization" && m.kind() != "none").cloned().collect();
     let part = |columns: &[C], names: &str, candidates: &[Regularizer], quant_first: bool, what: &str| {
         if columns.is_empty() {
-            return (Verdict::Inconclusive, format!("{what}: no noise rate in this range at this budget"));
+            return (
+                Verdict::Inconclusive,
+                format!("{what}: nothing on this side of 40% at this budget (no noise rate there, or no finished run)"),
+            );
         }
         let q = seed_means(seeds, acc, &quant, columns);
         let Some((label, best)) = best_of(seeds, acc, candidates, columns) else {
