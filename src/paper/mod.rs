@@ -73,7 +73,7 @@ fn protocol_and_plan(opts: &PaperOptions) -> Result<(Protocol, Vec<Experiment>)>
     // Without the label file F2H is reported as not run, and the other claims still train.
     if protocol.human.is_ok() && !Path::new(&opts.human_labels).is_file() {
         protocol.human = Err(format!(
-            "not run: CIFAR-10N's label file `{}` is absent; `qat-lab data fetch cifar10n` downloads it (or pass --human-labels PATH)",
+            "CIFAR-10N's label file `{}` is absent; `qat-lab data fetch cifar10n` downloads it (or pass --human-labels PATH)",
             opts.human_labels
         ));
     }

@@ -382,7 +382,8 @@ impl Protocol {
 }
 
 /// Why `quick` does not run F2H.
-pub const NOT_AT_THIS_BUDGET: &str = "not run at this budget: CIFAR-10N's labels need the whole official CIFAR-10 in its order; run `--budget standard` or `full` with --data";
+pub const NOT_AT_THIS_BUDGET: &str =
+    "CIFAR-10N's labels need the whole official CIFAR-10 in its order; run `--budget standard` or `full` with --data";
 
 /// F2H's family: F2's data, model and schedule (the whole training set at `full`, a subset at
 /// `standard`), its labels replaced by a CIFAR-10N set instead of synthetic noise.
