@@ -4,7 +4,8 @@
 //! The rule, written out in every report: with the per-seed differences d₁…dₙ, mean Δ and standard
 //! error SE = sd(d)/√n, the claim is **held** when Δ > 2·SE, **not held** when Δ < −2·SE or a
 //! precondition fails, and **inconclusive** when |Δ| ≤ 2·SE (the difference lies inside the seed
-//! spread) or there are fewer than two seeds.
+//! spread) or there are fewer than two seeds. A claim whose runs a budget does not train is **not
+//! run**, with the reason.
 
 use serde::Serialize;
 

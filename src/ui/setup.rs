@@ -1,8 +1,8 @@
 //! The setup form: every choice of an experiment as a row whose value cycles with ←/→.
 
 use crate::config::{
-    step_choice as step, step_nearest as step_f, Arch, DatasetKind, DeviceKind, Experiment, HumanLabels, NoiseKind,
-    Regularizer, Robust, REGULARIZER_KINDS, ROBUST_KINDS,
+    step_choice, step_nearest, Arch, DatasetKind, DeviceKind, Experiment, HumanLabels, NoiseKind, Regularizer, Robust,
+    REGULARIZER_KINDS, ROBUST_KINDS,
 };
 use crate::methods::SetupParam;
 
@@ -285,33 +285,33 @@ impl SetupForm {
                 self.read_human_matrix();
             }
             Field::Dataset => {
-                e.data.dataset = step(&DatasetKind::ALL, &e.data.dataset, dir);
+                e.data.dataset = step_choice(&DatasetKind::ALL, &e.data.dataset, dir);
                 self.fit_human_noise();
             }
             Field::Path => {}
-            Field::Subset => e.data.train_subset = step(&SUBSETS, &e.data.train_subset, dir),
+            Field::Subset => e.data.train_subset = step_choice(&SUBSETS, &e.data.train_subset, dir),
             Field::NoiseKind => {
                 let kinds = self.noise_kinds();
                 let noise = &mut self.experiment.data.noise;
-                noise.kind = step(&kinds, &noise.kind, dir);
+                noise.kind = step_choice(&kinds, &noise.kind, dir);
                 self.fit_human_noise();
             }
             Field::NoiseRate if e.data.noise.kind == NoiseKind::Human => {
                 if let Some(h) = HumanLabels::of(e.data.dataset) {
-                    e.data.noise.set = step(&h.set_names(), &e.data.noise.set.as_str(), dir).to_string();
+                    e.data.noise.set = step_choice(&h.set_names(), &e.data.noise.set.as_str(), dir).to_string();
                 }
                 self.read_human_matrix();
             }
             Field::NoiseRate => {
                 e.data.noise.rate = ((e.data.noise.rate * 20.0).round() + dir as f64).clamp(0.0, 18.0) / 20.0;
             }
-            Field::Validation => e.data.val_fraction = step_f(&VALIDATION, e.data.val_fraction, dir),
+            Field::Validation => e.data.val_fraction = step_nearest(&VALIDATION, e.data.val_fraction, dir),
             Field::Regularizer => {
-                let next = step(REGULARIZER_KINDS, &e.regularizer.kind(), dir);
+                let next = step_choice(REGULARIZER_KINDS, &e.regularizer.kind(), dir);
                 e.regularizer = Regularizer::default_for(next).expect("known kind");
             }
             Field::Robust => {
-                let next = step(ROBUST_KINDS, &e.robust.kind(), dir);
+                let next = step_choice(ROBUST_KINDS, &e.robust.kind(), dir);
                 e.robust = Robust::default_for(next).expect("known kind");
             }
             Field::Param1 | Field::Param2 => {
@@ -319,11 +319,11 @@ impl SetupForm {
                     settings.step_param(usize::from(field == Field::Param2), dir);
                 }
             }
-            Field::Arch => e.model.arch = step(&Arch::ALL, &e.model.arch, dir),
-            Field::Width => e.model.width = step_f(&WIDTHS, e.model.width, dir),
-            Field::Epochs => e.train.epochs = step(&EPOCHS, &e.train.epochs, dir),
-            Field::BatchSize => e.train.batch_size = step(&BATCHES, &e.train.batch_size, dir),
-            Field::Lr => e.train.lr = step_f(&LRS, e.train.lr, dir),
+            Field::Arch => e.model.arch = step_choice(&Arch::ALL, &e.model.arch, dir),
+            Field::Width => e.model.width = step_nearest(&WIDTHS, e.model.width, dir),
+            Field::Epochs => e.train.epochs = step_choice(&EPOCHS, &e.train.epochs, dir),
+            Field::BatchSize => e.train.batch_size = step_choice(&BATCHES, &e.train.batch_size, dir),
+            Field::Lr => e.train.lr = step_nearest(&LRS, e.train.lr, dir),
             Field::Seed => e.train.seed = (e.train.seed as i64 + dir as i64).max(0) as u64,
             Field::Augment => e.data.augment = !e.data.augment,
             Field::Device => {
