@@ -441,7 +441,9 @@ pub fn cpu_description() -> String {
         .collect();
     let isa = if isa.is_empty() { "baseline".to_string() } else { isa.join(" ") };
     let caches = if caches.is_empty() { "cache sizes unknown".to_string() } else { caches.join(", ") };
-    format!("{}; {isa}; {caches}", cpu_model())
+    let sized = crate::ops::cpu::caches::caches();
+    let source = if sized.detected { "detected" } else { "not detected: assumed" };
+    format!("{}; {isa}; {caches}; kernels sized for L2 {}K ({source})", cpu_model(), sized.l2 >> 10)
 }
 
 /// The `bench` command: prints a table of figures and ratios.

@@ -811,7 +811,7 @@ const TIGHT_MAX_WIDTH: usize = 16;
 
 /// Images per group of the weight gradient: fixed groups summed in a fixed order give the same weights
 /// for the same seed, however rayon schedules the work.
-const GROUP: usize = 8;
+pub(crate) const GROUP: usize = 8;
 
 /// Which weight a backward returns the gradient of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod bn;
+pub mod caches;
 pub mod conv;
 pub mod conv_bn;
 pub mod fold_bn;

@@ -38,7 +38,7 @@
 //! - tiles in the register lanes (the forward's transforms; [`weight_grad_in_lanes`]), the products
 //!   on [`kernels::weight_grad`], which sums the lanes at the end of each call: the 32x32 maps, whose
 //!   images have 64 tiles each;
-//! - channels in the lanes ([`weight_grad_channels_last`]: maps up to 16x16), the input and dY
+//! - channels in the lanes ([`weight_grad_channels_last`]: where a call's transforms fit the L2), the input and dY
 //!   transposed to channels-last per image, the products on [`kernels::direct`] with the tiles as
 //!   its contraction (no sums across lanes). On the 8x8 maps (4 tiles an image) this took 64→64's
 //!   dW from 1.55 (F(2x2), tiles in the lanes) to 0.91-0.97 ms a batch; one thread, per image:
@@ -487,9 +487,22 @@ pub(crate) fn weight_grad_transforms(
 /// [`weight_grad_in_lanes`]); with channels in the lanes, the products sum over the tiles as the
 /// direct kernel's contraction, with no sums across lanes.
 pub(crate) fn weight_grad_channels_last(g: &Geometry) -> bool {
+    weight_grad_channels_last_within(g, super::caches::caches().l2)
+}
+
+/// [`weight_grad_channels_last`] on a CPU with `l2` bytes of L2 per core.
+fn weight_grad_channels_last_within(g: &Geometry, l2: usize) -> bool {
     let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
-    let shape = k == 3 && stride == 1 && pad == 1 && h % 4 == 0 && w % 4 == 0 && h * w <= MAX_PIXELS_CL;
-    shape && c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS && kernels::available()
+    let shape = k == 3 && stride == 1 && pad == 1 && h % 4 == 0 && w % 4 == 0;
+    let lanes = c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS;
+    shape && lanes && cl_call_bytes(g) <= l2 * CL_L2_SHARE / 2 && kernels::available()
+}
+
+/// Bytes of one channels-last weight-gradient call's transforms: a group's D (O rows) and V (C rows)
+/// for each of the 36 values.
+fn cl_call_bytes(g: &Geometry) -> usize {
+    let k_total = super::conv::GROUP * tiles(g.h, g.w);
+    VALUES * (cl_stride(k_total, g.o) + cl_stride(k_total, g.c)) * std::mem::size_of::<f32>()
 }
 
 /// Distance between the 36 matrices of a call's channels-last transforms (`k_total` tiles of C): one
@@ -499,10 +512,11 @@ pub(crate) fn cl_stride(k_total: usize, c: usize) -> usize {
     k_total * c + LANES
 }
 
-/// The largest maps whose weight gradient runs channels-last: a group's transforms of 32x32 maps
-/// (2.4 MiB with 16 channels) no longer stay in L2, and their dW measured 2.1 ms against 1.3-1.4 on
-/// the tiles-in-lanes path.
-const MAX_PIXELS_CL: usize = 256;
+/// How much of the L2, in halves, a channels-last weight-gradient call's transforms may take. On a
+/// 1 MiB L2 (AMD Zen 5) the calls of 8x8 and 16x16 maps (0.6 and 1.2 MiB) ran faster channels-last,
+/// those of 32x32 maps with 16 channels (2.4 MiB, out of L2) slower: 2.1 ms against 1.3-1.4 on the
+/// tiles-in-lanes path. Half again the L2 separates them; hardware prefetch hides the overflow.
+const CL_L2_SHARE: usize = 3;
 
 /// One CHW image into `out` channels-last, (H + 2·pad) x (W + 2·pad) pixels of C values, the image
 /// at (pad, pad). The border is not written (the caller's zeros).
@@ -764,6 +778,29 @@ mod tests {
             assert_eq!(blocks, plain, "{:?}", (c, h, w, pad));
             // Channel 3 of pixel (1, 2).
             assert_eq!(plain[((1 + pad) * (w + 2 * pad) + 2 + pad) * c + 3], x[(3 * h + 1) * w + 2]);
+        }
+    }
+
+    /// The channels-last weight gradient follows the L2: on 1 MiB (where it was measured) ResNet-20's
+    /// 8x8 and 16x16 layers take it and the 32x32 ones do not; on 2 MiB the 32x32 ones do too, on
+    /// 512 KiB only the 8x8 ones. Shapes it cannot run never take it.
+    #[test]
+    fn the_channels_last_weight_gradient_follows_the_l2() {
+        if !kernels::available() {
+            eprintln!("skipped: the channels-last weight gradient needs AVX-512");
+            return;
+        }
+        let layer = |c, size| Geometry { n: 128, c, h: size, w: size, o: c, k: 3, stride: 1, pad: 1 };
+        let takes = |l2: usize| {
+            [(64, 8), (32, 16), (16, 32)].map(|(c, size)| weight_grad_channels_last_within(&layer(c, size), l2))
+        };
+        assert_eq!(takes(1 << 20), [true, true, false]);
+        assert_eq!(takes(2 << 20), [true, true, true]);
+        assert_eq!(takes(512 << 10), [true, false, false]);
+        let strided = Geometry { stride: 2, ..layer(32, 16) };
+        let odd_channels = Geometry { c: 24, ..layer(32, 16) };
+        for g in [strided, odd_channels] {
+            assert!(!weight_grad_channels_last_within(&g, 64 << 20), "{g:?}");
         }
     }
 }
