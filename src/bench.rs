@@ -212,6 +212,52 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
     );
 }
 
+/// The fused training layers (convolution + batch norm + ReLU, forward and backward) of every
+/// convolution timed on their own, float against W4/A4 with batch norm kept and folded: where the
+/// QAT cost of a training step comes from, layer by layer.
+fn print_layer_breakdown(opts: &BenchOptions) {
+    use crate::ops::cpu::conv_bn::{layer_round_trip, LayerKind};
+    println!("\nfused training layers (conv + BN + ReLU, forward and backward), ms, median of 15");
+    println!(
+        "{:<24} {:>5} {:>9} {:>13} {:>13} {:>18}",
+        "C->O, size, stride", "count", "float", "W4/A4 keep", "W4/A4 fold", "fold ms per step"
+    );
+    let kinds = [LayerKind::Float, LayerKind::QuantKeep, LayerKind::QuantFold];
+    let mut totals = [0.0; 3];
+    for (g, count) in conv_shapes(opts.arch, opts.batch) {
+        let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+        let w: Vec<f32> = (0..g.o * g.c * g.k * g.k).map(|i| ((i % 13) as f32 - 6.0) / 20.0).collect();
+        let gb: Vec<f32> = (0..2 * g.o).map(|i| if i < g.o { 1.0 } else { 0.1 }).collect();
+        let dy: Vec<f32> = (0..g.n * g.o * g.oh() * g.ow()).map(|i| ((i % 31) as f32 - 15.0) / 30.0).collect();
+        let ms = kinds.map(|kind| time_ms(|| layer_round_trip(kind, g, (&x, &w, &gb, &dy))));
+        for (total, ms) in totals.iter_mut().zip(ms) {
+            *total += ms * count as f64;
+        }
+        println!(
+            "{:<24} {:>5} {:>9.2} {:>13} {:>13} {:>18.1}",
+            format!("{}->{}, {}x{}, s{}", g.c, g.o, g.h, g.w, g.stride),
+            count,
+            ms[0],
+            relative(ms[1], ms[0]),
+            relative(ms[2], ms[0]),
+            ms[2] * count as f64
+        );
+    }
+    println!(
+        "layers per step: float {:.0} ms, keep {:.0} ms ({:+.0}%), fold {:.0} ms ({:+.0}%)",
+        totals[0],
+        totals[1],
+        100.0 * (totals[1] / totals[0] - 1.0),
+        totals[2],
+        100.0 * (totals[2] / totals[0] - 1.0)
+    );
+}
+
+/// `ms` and its change from `base`, e.g. `2.41 (+38%)`.
+fn relative(ms: f64, base: f64) -> String {
+    format!("{ms:.2} ({:+.0}%)", 100.0 * (ms / base - 1.0))
+}
+
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_memory_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -513,6 +559,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             println!("\n--ops times the CPU kernels; it is skipped on {:?}", opts.device);
         } else {
             print_conv_breakdown(opts, &ours[0].name, 1e3 * opts.batch as f64 / ours[0].train_images_per_sec);
+            print_layer_breakdown(opts);
         }
     }
     if opts.device == DeviceKind::Cpu && opts.only.is_none() {

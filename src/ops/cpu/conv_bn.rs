@@ -134,6 +134,37 @@ impl FusedLayer for Layer {
     }
 }
 
+/// The kinds of training layer `bench --ops` times on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerKind {
+    Float,
+    /// Batch norm kept after a convolution of 4-bit inputs.
+    QuantKeep,
+    /// Batch norm folded into 4-bit weights, 4-bit inputs (two convolutions by definition).
+    QuantFold,
+}
+
+/// One forward and backward (dX, dW, dγ, dβ) of a convolution + batch norm + ReLU training layer of
+/// `kind` on slices, from the output gradient `grad`: what `bench --ops` times per layer.
+pub(crate) fn layer_round_trip(kind: LayerKind, g: Geometry, (x, w, gb, grad): (&[f32], &[f32], &[f32], &[f32])) {
+    fn run<L: FusedLayer>(layer: L, (x, w, gb, grad): (&[f32], &[f32], &[f32], &[f32])) {
+        // The stem's input is the image: no input gradient is computed for it.
+        let want_dx = layer.geometry().c != 3;
+        let (out, saved) = layer.forward(x, w, gb, None);
+        drop(layer.backward(&saved, (grad, &out), (x, w, gb), (want_dx, false)));
+    }
+    let (eps, relu, four_bits) = (1e-5, true, 7.0);
+    let grid = Some(Grid::new(1.0, four_bits));
+    let inputs = (x, w, gb, grad);
+    match kind {
+        LayerKind::Float => run(Layer { g, grid: None, eps, relu }, inputs),
+        LayerKind::QuantKeep => run(Layer { g, grid, eps, relu }, inputs),
+        LayerKind::QuantFold => {
+            run(super::fold_bn::FoldLayer { g, grid, eps, relu, weight_levels: Some(four_bits) }, inputs)
+        }
+    }
+}
+
 /// A [`FusedLayer`] as one differentiable op. Inputs: x (NCHW), w (OIHW; a folded layer quantizes
 /// it itself), γ, β and the shortcut, packed as [`Inputs`] says.
 struct LayerOp<L: FusedLayer> {
