@@ -168,6 +168,15 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
     )
 }
 
+/// Deterministic input, weight and output gradient of a convolution, in [-1, 1] (for the per-op timings).
+fn sample_data(g: &Geometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let values = |len: usize, period: usize| -> Vec<f32> {
+        let half = (period / 2) as f32;
+        (0..len).map(|i| ((i % period) as f32 - half) / (half + 2.0)).collect()
+    };
+    (values(g.n * g.c * g.h * g.w, 97), values(g.o * g.c * g.k * g.k, 13), values(g.n * g.o * g.oh() * g.ow(), 31))
+}
+
 /// The per-op breakdown: every convolution of the network timed on its own (forward; backward, i.e.
 /// input and weight gradient), its GFLOP/s, and its share of a measured training step.
 fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
@@ -178,9 +187,7 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
     );
     let mut total = 0.0;
     for (g, count) in conv_shapes(opts.arch, opts.batch) {
-        let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
-        let w: Vec<f32> = (0..g.o * g.c * g.k * g.k).map(|i| ((i % 13) as f32 - 6.0) / 20.0).collect();
-        let dy: Vec<f32> = (0..g.n * g.o * g.oh() * g.ow()).map(|i| ((i % 31) as f32 - 15.0) / 30.0).collect();
+        let (x, w, dy) = sample_data(&g);
         let fwd = time_ms(|| drop(conv::forward(g, None, &x, &w, None)));
         // The stem's input is the image: no input gradient is computed for it.
         let want_dx = g.c != 3;
@@ -225,10 +232,8 @@ fn print_layer_breakdown(opts: &BenchOptions) {
     let kinds = [LayerKind::Float, LayerKind::QuantKeep, LayerKind::QuantFold];
     let mut totals = [0.0; 3];
     for (g, count) in conv_shapes(opts.arch, opts.batch) {
-        let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
-        let w: Vec<f32> = (0..g.o * g.c * g.k * g.k).map(|i| ((i % 13) as f32 - 6.0) / 20.0).collect();
+        let (x, w, dy) = sample_data(&g);
         let gb: Vec<f32> = (0..2 * g.o).map(|i| if i < g.o { 1.0 } else { 0.1 }).collect();
-        let dy: Vec<f32> = (0..g.n * g.o * g.oh() * g.ow()).map(|i| ((i % 31) as f32 - 15.0) / 30.0).collect();
         let ms = kinds.map(|kind| time_ms(|| layer_round_trip(kind, g, (&x, &w, &gb, &dy))));
         for (total, ms) in totals.iter_mut().zip(ms) {
             *total += ms * count as f64;

@@ -154,7 +154,8 @@ pub enum Command {
         /// Measure one configuration only: float, w4a4-fold or w4a4-keep.
         #[arg(long)]
         only: Option<String>,
-        /// Also time every convolution kernel on its own (the per-op breakdown; CPU).
+        /// Also time every convolution kernel, and every fused training layer float, keep and fold, on its
+        /// own (the per-op breakdown; CPU).
         #[arg(long)]
         ops: bool,
     },

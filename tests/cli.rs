@@ -258,7 +258,8 @@ fn a_sweep_trains_the_grid_and_prints_the_tables_then_compare_and_report_read_th
 }
 
 /// `bench` as BENCHMARKS.md runs it: every configuration timed over rounds, the QAT cost, peak memory,
-/// and with `--ops` a line per convolution of the network and its share of a step.
+/// and with `--ops` a line per convolution of the network and its share of a step, then each fused
+/// training layer timed float, keep and fold, with their per-step totals.
 #[test]
 fn bench_prints_throughput_qat_cost_and_the_per_op_table() {
     let tmp = tempfile::tempdir().unwrap();
@@ -276,6 +277,8 @@ fn bench_prints_throughput_qat_cost_and_the_per_op_table() {
         assert!(out.contains(shape), "{shape} missing:\n{out}");
     }
     assert!(out.contains("float training step"), "{out}");
+    let layers = out.lines().find(|l| l.starts_with("layers per step: float")).unwrap_or_else(|| panic!("{out}"));
+    assert!(layers.contains(", keep ") && layers.contains(", fold "), "{layers}");
     // Integer inference beside the fake-quant eval, at batch 1 and 256, for both bit widths.
     assert!(out.contains("integer inference (kernel: "), "{out}");
     for (net, batch) in [("w4a4", 1), ("w4a4", 256), ("w8a8", 1), ("w8a8", 256)] {
