@@ -168,13 +168,14 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
     )
 }
 
-/// Deterministic input, weight and output gradient of a convolution, in [-1, 1] (for the per-op timings).
+/// Deterministic input, weight and output gradient of a convolution, each within ±1 (for the per-op
+/// timings).
 fn sample_data(g: &Geometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let values = |len: usize, period: usize| -> Vec<f32> {
-        let half = (period / 2) as f32;
-        (0..len).map(|i| ((i % period) as f32 - half) / (half + 2.0)).collect()
+    let values = |len: usize, period: usize, scale: f32| -> Vec<f32> {
+        (0..len).map(|i| ((i % period) as f32 - (period / 2) as f32) / scale).collect()
     };
-    (values(g.n * g.c * g.h * g.w, 97), values(g.o * g.c * g.k * g.k, 13), values(g.n * g.o * g.oh() * g.ow(), 31))
+    let (x, w) = (values(g.n * g.c * g.h * g.w, 97, 50.0), values(g.o * g.c * g.k * g.k, 13, 20.0));
+    (x, w, values(g.n * g.o * g.oh() * g.ow(), 31, 30.0))
 }
 
 /// The per-op breakdown: every convolution of the network timed on its own (forward; backward, i.e.
@@ -224,7 +225,7 @@ fn print_conv_breakdown(opts: &BenchOptions, step: &str, step_ms: f64) {
 /// QAT cost of a training step comes from, layer by layer.
 fn print_layer_breakdown(opts: &BenchOptions) {
     use crate::ops::cpu::conv_bn::{layer_round_trip, LayerKind};
-    println!("\nfused training layers (conv + BN + ReLU, forward and backward), ms, median of 15");
+    println!("\nfused training layers (conv + BN + ReLU, forward and backward), ms, median of 15 interleaved");
     println!(
         "{:<24} {:>5} {:>9} {:>13} {:>13} {:>18}",
         "C->O, size, stride", "count", "float", "W4/A4 keep", "W4/A4 fold", "fold ms per step"
@@ -234,7 +235,19 @@ fn print_layer_breakdown(opts: &BenchOptions) {
     for (g, count) in conv_shapes(opts.arch, opts.batch) {
         let (x, w, dy) = sample_data(&g);
         let gb: Vec<f32> = (0..2 * g.o).map(|i| if i < g.o { 1.0 } else { 0.1 }).collect();
-        let ms = kinds.map(|kind| time_ms(|| layer_round_trip(kind, g, (&x, &w, &gb, &dy))));
+        // Interleaved, so that the machine's drift over a layer's timings falls on all three alike.
+        let mut runs: [Vec<f64>; 3] = Default::default();
+        for repeat in 0..16 {
+            for (kind, times) in kinds.iter().zip(&mut runs) {
+                let t = Instant::now();
+                layer_round_trip(*kind, g, (&x, &w, &gb, &dy));
+                // The first round warms up.
+                if repeat > 0 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let ms = runs.map(median);
         for (total, ms) in totals.iter_mut().zip(ms) {
             *total += ms * count as f64;
         }
