@@ -265,15 +265,20 @@ fn print_layer_breakdown(opts: &BenchOptions) {
         "layers per step: float {:.0} ms, keep {:.0} ms ({:+.0}%), fold {:.0} ms ({:+.0}%)",
         totals[0],
         totals[1],
-        100.0 * (totals[1] / totals[0] - 1.0),
+        percent_change(totals[1], totals[0]),
         totals[2],
-        100.0 * (totals[2] / totals[0] - 1.0)
+        percent_change(totals[2], totals[0])
     );
 }
 
 /// `ms` and its change from `base`, e.g. `2.41 (+38%)`.
 fn relative(ms: f64, base: f64) -> String {
-    format!("{ms:.2} ({:+.0}%)", 100.0 * (ms / base - 1.0))
+    format!("{ms:.2} ({:+.0}%)", percent_change(ms, base))
+}
+
+/// How much `value` differs from `base`, in percent of `base`.
+fn percent_change(value: f64, base: f64) -> f64 {
+    100.0 * (value / base - 1.0)
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
@@ -490,24 +495,8 @@ pub fn cpu_description() -> String {
         ];
         isa.extend(detected.iter().filter(|(_, on)| *on).map(|(name, _)| *name));
     }
-    let caches: Vec<String> = (0..8)
-        .filter_map(|i| {
-            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
-            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok().map(|v| v.trim().to_string());
-            let (level, kind, size) = (read("level")?, read("type")?, read("size")?);
-            let kind = match kind.as_str() {
-                "Data" => "d",
-                "Instruction" => return None,
-                _ => "",
-            };
-            Some(format!("L{level}{kind} {size}"))
-        })
-        .collect();
     let isa = if isa.is_empty() { "baseline".to_string() } else { isa.join(" ") };
-    let caches = if caches.is_empty() { "cache sizes unknown".to_string() } else { caches.join(", ") };
-    let sized = crate::ops::cpu::caches::caches();
-    let source = if sized.detected { "detected" } else { "not detected: assumed" };
-    format!("{}; {isa}; {caches}; kernels sized for L2 {}K ({source})", cpu_model(), sized.l2 >> 10)
+    format!("{}; {isa}; {}", cpu_model(), crate::ops::cpu::caches::description())
 }
 
 /// The `bench` command: prints a table of figures and ratios.
@@ -557,8 +546,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         println!(
             "QAT cost ({}): train {:+.1}%, eval {:+.1}% vs float",
             r.name,
-            (float.train_images_per_sec / r.train_images_per_sec - 1.0) * 100.0,
-            (float.eval_images_per_sec / r.eval_images_per_sec - 1.0) * 100.0
+            // A rate's inverse is the time: float's rate over this one's is this one's time over float's.
+            percent_change(float.train_images_per_sec, r.train_images_per_sec),
+            percent_change(float.eval_images_per_sec, r.eval_images_per_sec)
         );
     }
     if let Some(mib) = peak_memory_mib() {

@@ -18,27 +18,51 @@ impl Caches {
     const ASSUMED: Caches = Caches { l2: 1 << 20, detected: false };
 }
 
-/// The caches of CPU 0, read on first use.
-pub fn caches() -> Caches {
-    static CACHES: OnceLock<Caches> = OnceLock::new();
-    *CACHES.get_or_init(|| read_sysfs(std::path::Path::new("/sys/devices/system/cpu/cpu0/cache")))
+/// What was read once: the sizes the kernels use, and every data or unified level for display.
+struct Detected {
+    caches: Caches,
+    levels: String,
 }
 
-/// The L2 size from a sysfs cache folder (`index*/{level,type,size}`), or the assumed one.
-fn read_sysfs(dir: &std::path::Path) -> Caches {
-    let mut l2 = None;
+fn detected() -> &'static Detected {
+    static DETECTED: OnceLock<Detected> = OnceLock::new();
+    DETECTED.get_or_init(|| read_sysfs(std::path::Path::new("/sys/devices/system/cpu/cpu0/cache")))
+}
+
+/// The caches of CPU 0, read on first use.
+pub fn caches() -> Caches {
+    detected().caches
+}
+
+/// The data and unified cache levels of CPU 0 and the L2 the kernels were sized for, e.g.
+/// `L1d 32K, L2 1024K, L3 32768K; kernels sized for L2 1024K (detected)`.
+pub fn description() -> String {
+    let Detected { caches, levels } = detected();
+    let source = if caches.detected { "detected" } else { "not detected: assumed" };
+    format!("{levels}; kernels sized for L2 {}K ({source})", caches.l2 >> 10)
+}
+
+/// The L2 size and the levels from a sysfs cache folder (`index*/{level,type,size}`); the assumed L2
+/// where it has none.
+fn read_sysfs(dir: &std::path::Path) -> Detected {
+    let (mut l2, mut levels) = (None, Vec::new());
     for i in 0..8 {
         let read = |f: &str| std::fs::read_to_string(dir.join(format!("index{i}/{f}"))).ok();
         let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size")) else { continue };
-        let size = parse_size(&size);
-        if level.trim() == "2" && matches!(kind.trim(), "Unified" | "Data") {
-            l2 = size;
+        let (level, kind, size) = (level.trim(), kind.trim(), size.trim());
+        let suffix = match kind {
+            "Instruction" => continue,
+            "Data" => "d",
+            _ => "",
+        };
+        levels.push(format!("L{level}{suffix} {size}"));
+        if level == "2" {
+            l2 = parse_size(size);
         }
     }
-    match l2 {
-        Some(l2) => Caches { l2, detected: true },
-        None => Caches::ASSUMED,
-    }
+    let caches = l2.map_or(Caches::ASSUMED, |l2| Caches { l2, detected: true });
+    let levels = if levels.is_empty() { "cache sizes unknown".to_string() } else { levels.join(", ") };
+    Detected { caches, levels }
 }
 
 /// A sysfs size such as `32K`, `1024K` or `2M`, in bytes.
@@ -85,8 +109,11 @@ mod tests {
                 std::fs::write(index.join(file), format!("{value}\n")).unwrap();
             }
         }
-        assert_eq!(read_sysfs(&dir), Caches { l2: 2 << 20, detected: true });
+        let found = read_sysfs(&dir);
+        assert_eq!(found.caches, Caches { l2: 2 << 20, detected: true });
+        assert_eq!(found.levels, "L1d 48K, L2 2048K, L3 105M");
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(read_sysfs(&dir), Caches::ASSUMED);
+        let missing = read_sysfs(&dir);
+        assert_eq!((missing.caches, missing.levels.as_str()), (Caches::ASSUMED, "cache sizes unknown"));
     }
 }

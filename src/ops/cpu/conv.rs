@@ -1059,7 +1059,7 @@ enum WeightGradPath {
     /// [`kernels::weight_grad`] (the 32x32 maps; see [`winograd::weight_grad_in_lanes`]): the padded
     /// input and dY, and (D, V) of each image of one call.
     Winograd { xpad: Vec<f32>, dypad: Vec<f32>, slots: Vec<(Vec<f32>, Vec<f32>)> },
-    /// Winograd's transforms channels-last, their products on the direct kernel (maps up to 16x16;
+    /// Winograd's transforms channels-last, their products on the direct kernel (where a call fits the L2;
     /// see [`winograd::weight_grad_channels_last`]): the input padded by one pixel and dY, both
     /// channels-last, and every image's D and V side by side (one call per group).
     ChannelsLast { xpad: Vec<f32>, dy: Vec<f32>, d: Vec<f32>, v: Vec<f32> },
@@ -1082,12 +1082,15 @@ impl WeightGradPath {
                 dypad: vec![0f32; p.shdy.padded_len()],
                 slots: slots((256 / p.tiles).clamp(1, GROUP), (values * p.strides.0, values * p.strides.1)),
             },
-            Self::ChannelsLast { .. } => Self::ChannelsLast {
-                xpad: vec![0f32; (g.h + 2) * (g.w + 2) * g.c],
-                dy: vec![0f32; gw.o * g.pixels()],
-                d: vec![0f32; values * winograd::cl_stride(GROUP * p.tiles, gw.o)],
-                v: vec![0f32; values * winograd::cl_stride(GROUP * p.tiles, g.c)],
-            },
+            Self::ChannelsLast { .. } => {
+                let (d, v) = winograd::cl_call_lens(gw);
+                Self::ChannelsLast {
+                    xpad: vec![0f32; (g.h + 2) * (g.w + 2) * g.c],
+                    dy: vec![0f32; gw.o * g.pixels()],
+                    d: vec![0f32; d],
+                    v: vec![0f32; v],
+                }
+            }
             Self::Direct { .. } => {
                 Self::Direct { slots: slots(p.shw.images_per_call(), (gw.o * p.shw.grid16(), p.shw.padded_len())) }
             }

@@ -38,8 +38,8 @@
 //! - tiles in the register lanes (the forward's transforms; [`weight_grad_in_lanes`]), the products
 //!   on [`kernels::weight_grad`], which sums the lanes at the end of each call: the 32x32 maps, whose
 //!   images have 64 tiles each;
-//! - channels in the lanes ([`weight_grad_channels_last`]: where a call's transforms fit the L2), the input and dY
-//!   transposed to channels-last per image, the products on [`kernels::direct`] with the tiles as
+//! - channels in the lanes ([`weight_grad_channels_last`]: where a call's transforms fit the L2), the
+//!   input and dY transposed to channels-last per image, the products on [`kernels::direct`] with the tiles as
 //!   its contraction (no sums across lanes). On the 8x8 maps (4 tiles an image) this took 64→64's
 //!   dW from 1.55 (F(2x2), tiles in the lanes) to 0.91-0.97 ms a batch; one thread, per image:
 //!   transposes 0.8 µs, transforms 1.4, products 4.7.
@@ -495,14 +495,15 @@ fn weight_grad_channels_last_within(g: &Geometry, l2: usize) -> bool {
     let Geometry { k, stride, pad, h, w, c, o, .. } = *g;
     let shape = k == 3 && stride == 1 && pad == 1 && h % 4 == 0 && w % 4 == 0;
     let lanes = c.is_multiple_of(LANES) && o.is_multiple_of(LANES) && c.min(o) >= MIN_CHANNELS;
-    shape && lanes && cl_call_bytes(g) <= l2 * CL_L2_SHARE / 2 && kernels::available()
+    let (d, v) = cl_call_lens(g);
+    shape && lanes && (d + v) * std::mem::size_of::<f32>() <= l2 * CL_L2_SHARE / 2 && kernels::available()
 }
 
-/// Bytes of one channels-last weight-gradient call's transforms: a group's D (O rows) and V (C rows)
-/// for each of the 36 values.
-fn cl_call_bytes(g: &Geometry) -> usize {
+/// Values of one channels-last weight-gradient call's transforms, a group's tiles for each of the 36
+/// values: (D, O rows; V, C rows), [`cl_stride`] apart.
+pub(crate) fn cl_call_lens(g: &Geometry) -> (usize, usize) {
     let k_total = super::conv::GROUP * tiles(g.h, g.w);
-    VALUES * (cl_stride(k_total, g.o) + cl_stride(k_total, g.c)) * std::mem::size_of::<f32>()
+    (VALUES * cl_stride(k_total, g.o), VALUES * cl_stride(k_total, g.c))
 }
 
 /// Distance between the 36 matrices of a call's channels-last transforms (`k_total` tiles of C): one
